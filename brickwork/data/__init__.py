@@ -1,0 +1,55 @@
+"""Datasets behind the registry: real data that installs offline, and the user's own files.
+
+Every loader returns a :class:`Dataset` with deterministic train / val / test splits.
+Built-in names (``brickwork ls dataset``): ``digits``, ``mnist5k``, ``fashion-mnist``
+(images), ``hamlet``, ``bible`` (character-level text), ``npz``, ``csv`` (your files).
+
+Example:
+    >>> from brickwork.data import load_dataset
+    >>> ds = load_dataset("digits", seed=0, val_fraction=0.1)
+    >>> ds.train.x.shape[1:]
+    torch.Size([1, 8, 8])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from brickwork.data import files, images, text
+from brickwork.data.base import Dataset, Split, Task, split_indices
+from brickwork.data.files import check_file
+from brickwork.data.images import read_idx
+from brickwork.data.text import encode
+
+
+def load_dataset(name: str, seed: int, **args: Any) -> Dataset:
+    """Load the registered dataset ``name`` with config arguments ``args``.
+
+    Args:
+        name: a registry name of kind ``dataset``, e.g. ``digits`` or ``csv``.
+        seed: seeds the split (injected, as brickwork does for configs).
+        **args: the dataset's own arguments, e.g. ``path=...``, ``val_fraction=0.1``.
+
+    Raises:
+        ConfigError: unknown dataset name (with close matches).
+        DataError: the data is missing or malformed.
+    """
+    from brickwork.registry import REGISTRY
+
+    entry = REGISTRY.get("dataset", name)
+    return entry.obj(seed=seed, **args)
+
+
+__all__ = [
+    "Dataset",
+    "Split",
+    "Task",
+    "check_file",
+    "encode",
+    "files",
+    "images",
+    "load_dataset",
+    "read_idx",
+    "split_indices",
+    "text",
+]

@@ -1,0 +1,287 @@
+"""YAML configs validated into typed specs; the only place configuration becomes objects.
+
+A config is data, model variants and an ordered list of stages::
+
+    name: digits-mlp
+    seed: 0
+    data: {name: digits}
+    models:                      # named variants; ``model: {...}`` is shorthand for one
+      small: {name: mlp-tiny}
+      wide:  {name: mlp, width: 256}
+    stages:
+      - {stage: train, epochs: 5}
+      - {stage: evaluate}
+
+Every ``name`` resolves through the registry, and every other key is checked against the
+typed signature of what it names. Validation fails before any work starts, with one
+:class:`~brickwork.errors.ConfigError` naming the key path, the bad value, what was
+expected and the closest valid names. Nothing in a config is ever executed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from brickwork.errors import ConfigError
+from brickwork.registry import REGISTRY, Entry, RegistryName
+
+
+class _Top(BaseModel):
+    """The top level of a config; registry-backed sections are checked by :func:`_resolve_spec`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: Annotated[int, Field(ge=1)] | None = None
+    data: dict[str, Any]
+    model: dict[str, Any] | None = None
+    models: dict[str, dict[str, Any]] | None = None
+    stages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    aux_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A registry name with its validated arguments (defaults filled in)."""
+
+    kind: str
+    name: str
+    args: dict[str, Any]
+
+    @property
+    def entry(self) -> Entry:
+        return REGISTRY.get(self.kind, self.name)
+
+    def to_dict(self, key: str = "name") -> dict[str, Any]:
+        return {key: self.name, **_plain(self.args)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated config: everything the runner needs, with defaults made explicit."""
+
+    name: str
+    seed: int
+    device: str
+    threads: int | None
+    data: Spec
+    models: dict[str, Spec]
+    stages: list[Spec]
+    aux_weights: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data; loading it again gives an equal config."""
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "device": self.device,
+            "threads": self.threads,
+            "data": self.data.to_dict(),
+            "models": {k: v.to_dict() for k, v in self.models.items()},
+            "stages": [s.to_dict("stage") for s in self.stages],
+            "aux_weights": dict(self.aux_weights),
+        }
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read (YAML path or dict), apply ``key.path=value`` overrides, validate.
+
+    Raises:
+        ConfigError: with the key path, the bad value and what was expected.
+    """
+    raw = read_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(source)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {str(path)!r} not found (paths are relative to {os.getcwd()})",
+                          show_value=False)
+    try:
+        raw = yaml.safe_load(path.read_text())  # safe_load: YAML tags cannot construct objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("", f"{path}: malformed YAML{where}: {problem}", show_value=False) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path}: expected a mapping of keys (name, data, models, stages) at the top",
+                          raw)
+    return raw
+
+
+_KEY = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b[0].c=value`` (or ``a.b.0.c=value``) in ``raw``; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError("", f"override {item!r} is not of the form key.path=value", show_value=False)
+    parts = [p.strip("[]") for p in _KEY.findall(key)]
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(here, f"override index out of range: the list has {len(node)} items", part)
+            part_key: Any = int(part)
+        elif isinstance(node, dict):
+            part_key = part
+            if not last and part_key not in node:
+                node[part_key] = {}
+        else:
+            raise ConfigError(here, "override goes into a value that is not a mapping or list", node)
+        if last:
+            node[part_key] = value
+        else:
+            node = node[part_key]
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping into a :class:`RunConfig`."""
+    try:
+        top = _Top.model_validate(raw)
+    except ValidationError as e:
+        raise _from_pydantic(e, "") from None
+    if (top.model is None) == (top.models is None):
+        raise ConfigError("models", "give exactly one of `model:` (one model) or `models:` (named variants)",
+                          show_value=False)
+    models_raw = top.models if top.models is not None else {_label(top.model): top.model}  # type: ignore[arg-type]
+    where = "models" if top.models is not None else "model"
+    if not models_raw:
+        raise ConfigError(where, "expected at least one model variant", models_raw)
+    models = {
+        label: _resolve_spec("model", spec, f"{where}.{label}" if top.models is not None else where)
+        for label, spec in models_raw.items()
+    }
+    stages = [_resolve_spec("stage", s, f"stages[{i}]", key="stage") for i, s in enumerate(top.stages)]
+    return RunConfig(
+        name=top.name,
+        seed=top.seed,
+        device=top.device,
+        threads=top.threads,
+        data=_resolve_spec("dataset", top.data, "data"),
+        models=models,
+        stages=stages,
+        aux_weights=top.aux_weights,
+    )
+
+
+def _label(spec: dict[str, Any] | None) -> str:
+    return str((spec or {}).get("name", "model"))
+
+
+def _resolve_spec(kind: str, raw: Any, path: str, key: str = "name") -> Spec:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping with `{key}:` and arguments", raw)
+    if key not in raw:
+        raise ConfigError(f"{path}.{key}", f"missing; `brickwork ls {kind}` lists the names", show_value=False)
+    name = raw[key]
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}.{key}", f"expected a {kind} name (a string)", name)
+    entry = REGISTRY.get(kind, name, path=f"{path}.{key}")
+    args = {k: v for k, v in raw.items() if k != key}
+    return Spec(kind, name, validate_args(entry, args, path))
+
+
+def validate_args(entry: Entry, args: dict[str, Any], path: str) -> dict[str, Any]:
+    """Check ``args`` against ``entry``'s typed signature; return them with defaults filled in."""
+    params = {p.name: p for p in entry.params()}
+    for k in args:
+        if k not in params:
+            expected = ", ".join(params) or "no arguments"
+            raise ConfigError(f"{path}.{k}", f"unknown argument for {entry.kind} {entry.name!r}; expected {expected}",
+                              k, choices=params)
+    out: dict[str, Any] = {}
+    for name, p in params.items():
+        where = f"{path}.{name}"
+        if name not in args:
+            if p.required:
+                raise ConfigError(where, f"required argument of {entry.kind} {entry.name!r} is missing",
+                                  show_value=False)
+            out[name] = p.default
+            continue
+        out[name] = _check_value(p.annotation, args[name], where)
+        if name == "path" and isinstance(out[name], str) and not Path(out[name]).is_file():
+            raise ConfigError(where, f"file not found (relative paths start at {os.getcwd()})", out[name])
+    return out
+
+
+def _check_value(annotation: Any, value: Any, where: str) -> Any:
+    if annotation is inspect.Parameter.empty:
+        return value
+    try:
+        checked = _adapter(annotation).validate_python(value)
+    except ValidationError as e:
+        raise _from_pydantic(e, where, value) from None
+    for meta in _metadata(annotation):
+        if isinstance(meta, RegistryName):
+            REGISTRY.get(meta.kind, checked, path=where)
+    return checked
+
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    key = repr(annotation)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = TypeAdapter(annotation)
+    return _ADAPTERS[key]
+
+
+def _metadata(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Annotated:
+        return list(getattr(annotation, "__metadata__", ()))
+    return [m for a in get_args(annotation) for m in _metadata(a)]
+
+
+def _from_pydantic(e: ValidationError, base: str, value: Any = None) -> ConfigError:
+    """The first pydantic error as one ConfigError with a dotted key path."""
+    err = e.errors()[0]
+    loc = base
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif str(part) in {"constrained-str", "function-after"} or "[" in str(part):
+            continue  # pydantic's internal names for union members / validators
+        else:
+            loc += f".{part}" if loc else str(part)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        top_keys = list(_Top.model_fields)
+        return ConfigError(loc, f"unknown key; expected one of {', '.join(top_keys)}", str(err["loc"][-1]),
+                           choices=top_keys)
+    if kind == "missing":
+        return ConfigError(loc, "required key is missing", show_value=False)
+    got = err.get("input", value)
+    return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got)
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists and other non-YAML values to plain ones, for writing resolved configs."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,40 @@
+"""What a stage receives: the model variant it works on and where to put its results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from brickwork.data.base import Dataset
+
+
+@dataclass
+class StageContext:
+    """State shared by the stages of one model variant.
+
+    Stages replace ``model`` when they transform it (convert, slice, merge, ...), add scalar
+    ``metrics``, append ``history`` rows and add ``points`` (one per model or sub-model they
+    measured: ``{"label", "accuracy", "flops", ...}``), which the report plots as accuracy
+    against compute.
+
+    Attributes:
+        label: the variant's name in the config.
+        dir: the variant's folder inside the run folder (checkpoints, stage outputs).
+        resume: the run is being resumed; stages continue from their own saved state.
+    """
+
+    label: str
+    model: nn.Module
+    data: Dataset
+    dir: Path
+    seed: int
+    device: str
+    aux_weights: dict[str, float] = field(default_factory=dict)
+    resume: bool = False
+    progress: bool | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    points: list[dict[str, Any]] = field(default_factory=list)

@@ -1,0 +1,119 @@
+"""The runner: validated config in, run folder and store entry out. Kept deliberately small.
+
+For each model variant it builds the model, then runs the stages in order. After every
+stage the variant's weights and progress are saved, so ``--resume`` skips finished stages and
+the ``train`` stage continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from brickwork.data import Dataset, load_dataset
+from brickwork.errors import BrickworkError
+from brickwork.experiment.config import RunConfig, Spec, validate
+from brickwork.experiment.context import StageContext
+from brickwork.experiment.report import results_table, write_report
+from brickwork.experiment.store import RunRecord, RunStore
+from brickwork.persist import atomic_write_text, read_json, write_json
+from brickwork.train.checkpoint import load_model, save_model
+
+
+def build_model(spec: Spec, data: Dataset) -> nn.Module:
+    """Call the model builder of ``spec`` with its arguments and the dataset's shape."""
+    entry = spec.entry
+    injected = {"in_shape": tuple(data.in_shape), "num_classes": data.num_classes}
+    return entry.obj(**{k: v for k, v in injected.items() if k in entry.injected}, **spec.args)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BrickworkError("device: 'cuda' was asked for but torch sees no CUDA device; use device: cpu or auto")
+    return device
+
+
+def execute(
+    cfg: RunConfig,
+    store: RunStore,
+    *,
+    resume: str | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunRecord:
+    """Run ``cfg`` (or continue the run ``resume``) and record it in ``store``.
+
+    Raises:
+        BrickworkError: bad input found before work started (nothing is recorded then).
+        KeyboardInterrupt: the run was interrupted; it is recorded as ``interrupted``.
+    """
+    if resume is not None:
+        record = store.get(resume)
+        if record.status == "completed":
+            raise BrickworkError(f"run {record.id} already completed; nothing to resume")
+        cfg = validate(record.config)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.args)  # bad data fails before a run exists
+    if resume is None:
+        record = store.create(store.new_id(), cfg.name, cfg.to_dict())
+        record.dir.mkdir(parents=True, exist_ok=False)
+        atomic_write_text(record.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        store.update(record.id, status="running")
+    echo(f"run {record.id}: {data.summary()}")
+    try:
+        results = {label: _run_variant(cfg, label, spec, data, record.dir, device, progress, resume is not None)
+                   for label, spec in cfg.models.items()}
+        summary = {label: r["metrics"] for label, r in results.items()}
+        write_json(record.dir / "metrics.json", summary)
+        write_report(record.dir, cfg, data, results, run_id=record.id)
+        store.update(record.id, status="completed", metrics=summary)
+    except KeyboardInterrupt:
+        store.update(record.id, status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        echo(f"run {record.id} interrupted; continue it with: brickwork run --resume {record.id}")
+        raise
+    except BaseException as e:
+        store.update(record.id, status="failed", error="".join(traceback.format_exception_only(e)).strip())
+        raise
+    echo(results_table(summary))
+    echo(f"run folder: {record.dir}")
+    return store.get(record.id)
+
+
+def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir: Path, device: str,
+                 progress: bool | None, resume: bool) -> dict[str, Any]:
+    vdir = run_dir / label
+    vdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, data).to(device)
+    state_file = vdir / "progress.json"
+    state: dict[str, Any] = read_json(state_file) if resume and state_file.exists() else {}
+    done = state.get("done", 0)
+    if done:
+        load_model(vdir / "model", model)
+    ctx = StageContext(label=label, model=model, data=data, dir=vdir, seed=cfg.seed, device=device,
+                       aux_weights=cfg.aux_weights, resume=resume, progress=progress,
+                       metrics=state.get("metrics", {}), history=state.get("history", []),
+                       points=state.get("points", []))
+    for i, stage in enumerate(cfg.stages):
+        if i < done:
+            continue
+        if ctx.progress is not False and sys.stderr.isatty():
+            print(f"[{label}] stage {i + 1}/{len(cfg.stages)}: {stage.name}", file=sys.stderr)
+        stage.entry.obj(ctx, **stage.args)
+        meta = {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
+                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1}
+        save_model(vdir / "model", ctx.model, meta)
+        write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history, "points": ctx.points})
+    return {"metrics": ctx.metrics, "history": ctx.history, "points": ctx.points}

@@ -1,0 +1,80 @@
+"""Run reports: the results table, ``report.md`` and its plots."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from brickwork.analysis.plots import plot_accuracy_vs_flops, plot_curves
+from brickwork.data.base import Dataset
+from brickwork.experiment.config import RunConfig
+from brickwork.persist import atomic_write_text
+
+# Columns of the results table: metric key, header, format.
+COLUMNS: list[tuple[str, str, str]] = [
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_loss", "test loss", "{:.4f}"),
+    ("params", "params", "{:,.0f}"),
+    ("flops_per_sample", "FLOPs/sample", "{:,.0f}"),
+    ("latency_us_per_sample", "latency µs/sample", "{:.1f}"),
+    ("train_seconds", "train s", "{:.1f}"),
+]
+
+
+def results_table(summary: Mapping[str, Mapping[str, Any]], *, first: str = "model") -> str:
+    """A Markdown table, one row per model (or run), the metrics of :data:`COLUMNS` that exist."""
+    cols = [c for c in COLUMNS if any(c[0] in m for m in summary.values())]
+    lines = ["| " + " | ".join([first] + [h for _, h, _ in cols]) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for label, metrics in summary.items():
+        cells = [fmt.format(metrics[k]) if k in metrics else "" for k, _, fmt in cols]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[str, Mapping[str, Any]],
+                 *, run_id: str) -> Path:
+    """Write ``report.md`` with the metrics table and PNG plots into ``run_dir``."""
+    summary = {label: r["metrics"] for label, r in results.items()}
+    points = [p for r in results.values() for p in r["points"]]
+    sections = [
+        f"# {cfg.name} — run {run_id}",
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Data: {data.summary()}; source: {data.source or data.name}. "
+        f"Seed {cfg.seed}, device {cfg.device}.",
+        "## Results", results_table(summary),
+        "FLOPs are executed per sample in the forward pass (matmuls, convolutions and attention, "
+        "1 multiply-accumulate = 2 FLOPs), counted on the evaluation data.",
+    ]
+    histories = {label: r["history"] for label, r in results.items() if r["history"]}
+    if histories:
+        plot_curves(histories, run_dir / "plots" / "curves.png")
+        sections += ["## Training curves", "![training curves](plots/curves.png)"]
+    if len(points) > 1:
+        plot_accuracy_vs_flops(points, run_dir / "plots" / "accuracy_vs_flops.png", title=cfg.name)
+        sections += ["## Accuracy against compute", "![accuracy vs FLOPs](plots/accuracy_vs_flops.png)"]
+    sections += ["## Config", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```"]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path
+
+
+def compare_runs(records: Sequence[Any], out_dir: Path) -> Path:
+    """A report comparing several runs: one table row and one plot point per (run, model)."""
+    summary: dict[str, dict[str, Any]] = {}
+    points = []
+    for rec in records:
+        for label, metrics in rec.metrics.items():
+            key = f"{rec.id}/{label}"
+            summary[key] = metrics
+            if "flops_per_sample" in metrics and any(k.endswith("_accuracy") for k in metrics):
+                acc = metrics.get("test_accuracy", metrics.get("val_accuracy"))
+                points.append({"label": f"{rec.name}/{label}", "accuracy": acc, "flops": metrics["flops_per_sample"]})
+    sections = ["# Run comparison", results_table(summary, first="run/model")]
+    if len(points) > 1:
+        plot_accuracy_vs_flops(points, out_dir / "accuracy_vs_flops.png", title="Runs compared")
+        sections.append("![accuracy vs FLOPs](accuracy_vs_flops.png)")
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path

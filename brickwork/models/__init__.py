@@ -1,0 +1,12 @@
+"""Reference models built from bricks: component builders and their named presets.
+
+Every model is a :class:`brickwork.nn.StackModel` (stem, tappable body, head), and takes
+``in_shape`` and ``num_classes`` from the dataset.
+"""
+
+from brickwork.models.cnn import cnn
+from brickwork.models.mlp import mlp
+from brickwork.models.presets import DATA_ARGS, preset
+from brickwork.models.transformers import transformer_lm, transformer_stack, vit
+
+__all__ = ["DATA_ARGS", "cnn", "mlp", "preset", "transformer_lm", "transformer_stack", "vit"]

@@ -1,0 +1,57 @@
+"""Multi-head self-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brickwork.registry import register
+
+
+@register("brick", "attention")
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention (Vaswani et al., 2017).
+
+    Uses :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused
+    kernel where one exists (flash / memory-efficient on CUDA).
+
+    Args:
+        dim: model width D; must be divisible by ``heads``.
+        heads: number of heads.
+        causal: mask attention to earlier positions (language models).
+        dropout: attention-probability dropout during training.
+        bias: add biases to the projections.
+
+    Shapes:
+        (B, T, D) -> (B, T, D)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention: dim {dim} is not divisible by heads {heads}")
+        kw = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias, **kw)
+        self.out = nn.Linear(dim, dim, bias=bias, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        # (B, T, 3D) -> 3 x (B, heads, T, D/heads)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, t, d))

@@ -1,0 +1,57 @@
+"""Heads: from the last hidden state to outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from brickwork.registry import register
+
+Pool = Literal["none", "tokens", "spatial"]
+
+
+def pool(x: Tensor, how: Pool) -> Tensor:
+    """Reduce a hidden state to one vector per sample.
+
+    ``tokens``: mean over T of (B, T, D); ``spatial``: mean over H, W of (B, C, H, W);
+    ``none``: keep (B, D) as is (or any shape, for per-token heads).
+    """
+    if how == "tokens":
+        return x.mean(dim=1)
+    if how == "spatial":
+        return x.mean(dim=(2, 3))
+    return x
+
+
+@register("brick", "classifier_head")
+class ClassifierHead(nn.Module):
+    """Pool, normalise, project to class logits. Also the shape of an early-exit head.
+
+    Args:
+        dim: hidden width D (channels C for spatial pooling).
+        num_classes: number of outputs K.
+        pool: how to reduce the hidden state per sample (see :func:`pool`).
+        norm: apply LayerNorm before the projection (transformers).
+
+    Shapes:
+        (B, D) | (B, T, D) | (B, C, H, W) -> (B, K); with ``pool="none"`` on (B, T, D) -> (B, T, K)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        pool: Pool = "none",
+        norm: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype) if norm else nn.Identity()
+        self.proj = nn.Linear(dim, num_classes, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(pool(x, self.pool)))

@@ -1,0 +1,37 @@
+"""Transformer blocks assembled from sub-bricks."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from brickwork.registry import register
+
+
+@register("brick", "transformer_block")
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block ``x + attn(norm(x))`` then ``x + ffn(norm(x))``.
+
+    The block takes its mixer and FFN as modules, so a mixture of experts, a nested-width FFN
+    or a sparse FFN drops in without a flag (Xiong et al., 2020, for the pre-norm placement).
+
+    Args:
+        dim: model width D.
+        attn: token mixer, (B, T, D) -> (B, T, D).
+        ffn: position-wise network, (B, T, D) -> (B, T, D).
+        dropout: dropout on each residual branch.
+
+    Shapes:
+        (B, T, D) -> (B, T, D)
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.ffn(self.norm2(x)))

@@ -1,0 +1,200 @@
+"""One generic registry: every named thing a config or the CLI can refer to.
+
+Kinds in use: ``brick``, ``model``, ``dataset``, ``router``, ``loss``, ``optimizer``,
+``op`` and ``stage``. An entry is a callable with a typed signature; its arguments are
+what a config may set. Registering never executes user code: a config only names entries.
+
+Example:
+    >>> from brickwork.registry import register, REGISTRY
+    >>> @register("loss", "my_loss")
+    ... def my_loss(logits, target): ...
+    >>> [e.name for e in REGISTRY.list("loss", "my_*")]
+    ['my_loss']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_type_hints
+
+from brickwork.errors import ConfigError
+
+KINDS = ("brick", "model", "dataset", "router", "loss", "optimizer", "op", "stage")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of a registered callable, as a config sees it."""
+
+    name: str
+    annotation: Any
+    default: Any = inspect.Parameter.empty
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def describe(self) -> str:
+        ann = _type_name(self.annotation)
+        return f"{self.name}: {ann}" if self.required else f"{self.name}: {ann} = {self.default!r}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered callable with its kind, name and one-line description."""
+
+    kind: str
+    name: str
+    obj: Callable[..., Any]
+    description: str
+    # Arguments filled in by brickwork itself (e.g. a model's ``in_shape`` from the data),
+    # so they are not the config's to set.
+    injected: tuple[str, ...] = field(default=())
+
+    def params(self, *, include_injected: bool = False) -> list[Param]:
+        """The keyword arguments a config may pass, with types and defaults."""
+        target = self.obj.__init__ if inspect.isclass(self.obj) else self.obj
+        sig = inspect.signature(target)
+        try:
+            hints = get_type_hints(target, include_extras=True)
+        except Exception:  # an unresolvable forward reference: fall back to raw annotations
+            hints = {}
+        out = []
+        for p in sig.parameters.values():
+            if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if p.name in self.injected and not include_injected:
+                continue
+            if p.kind is p.POSITIONAL_ONLY:  # runtime inputs (a model, a context), not config
+                continue
+            out.append(Param(p.name, hints.get(p.name, p.annotation), p.default))
+        return out
+
+
+class Registry:
+    """Names to callables, grouped by kind."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+
+    def add(self, entry: Entry) -> None:
+        table = self._entries.setdefault(entry.kind, {})
+        old = table.get(entry.name)
+        if old is not None and old.obj is not entry.obj:
+            raise ValueError(f"{entry.kind} {entry.name!r} is registered twice")
+        table[entry.name] = entry
+
+    def get(self, kind: str, name: str, *, path: str = "") -> Entry:
+        """The entry ``name`` of ``kind``; a :class:`ConfigError` with close matches if unknown."""
+        _load_builtins()
+        if kind not in self._entries:
+            raise ConfigError(path, f"unknown registry kind; expected one of {list(KINDS)}", kind)
+        table = self._entries[kind]
+        if name not in table:
+            raise ConfigError(
+                path, f"unknown {kind} name; `brickwork ls {kind}` lists them", name, choices=table
+            )
+        return table[name]
+
+    def names(self, kind: str) -> list[str]:
+        _load_builtins()
+        return sorted(self._entries.get(kind, {}))
+
+    def list(self, kind: str | None = None, pattern: str = "*") -> list[Entry]:
+        """Entries of ``kind`` (all kinds if None) whose name matches the glob ``pattern``."""
+        _load_builtins()
+        kinds = [kind] if kind else list(self._entries)
+        return [
+            e
+            for k in kinds
+            for name, e in sorted(self._entries.get(k, {}).items())
+            if fnmatch.fnmatchcase(name, pattern)
+        ]
+
+
+REGISTRY = Registry()
+
+
+def register(
+    kind: str, name: str, description: str | None = None, *, injected: tuple[str, ...] = ()
+) -> Callable[[F], F]:
+    """Decorator that adds a function or class to the registry under ``kind``/``name``.
+
+    Args:
+        kind: one of :data:`KINDS`.
+        name: the name configs use; lowercase, words joined by ``-`` or ``_``.
+        description: one line for ``brickwork ls``; defaults to the docstring's first line.
+        injected: argument names brickwork fills in itself (hidden from configs).
+    """
+
+    def wrap(obj: F) -> F:
+        doc = description or (inspect.getdoc(obj) or "").split("\n")[0]
+        REGISTRY.add(Entry(kind, name, obj, doc, injected))
+        return obj
+
+    return wrap
+
+
+_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import the packages whose modules register built-in entries (once, lazily).
+
+    Lazy so that ``import brickwork.nn`` stays light and free of upward imports.
+    """
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import brickwork.data  # noqa: F401
+    import brickwork.experiment.stages  # noqa: F401
+    import brickwork.models  # noqa: F401
+    import brickwork.nn  # noqa: F401
+    import brickwork.ops  # noqa: F401
+    import brickwork.train  # noqa: F401
+
+
+def _type_name(ann: Any) -> str:
+    if ann is inspect.Parameter.empty:
+        return "any"
+    if isinstance(ann, type):
+        return ann.__name__
+    text = repr(ann).replace("typing.", "")
+    # Annotated[int, Field(ge=1)] -> "int (>= 1)"; keep it short for `ls`.
+    if text.startswith("Annotated["):
+        base = getattr(ann, "__origin__", ann)
+        meta = getattr(ann, "__metadata__", ())
+        bits = [_constraint_text(m) for m in meta]
+        return _type_name(base) + "".join(f" ({b})" for b in bits if b)
+    return text
+
+
+def _constraint_text(meta: Any) -> str:
+    names = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = []
+    for m in getattr(meta, "metadata", [meta]):
+        for attr, sym in names.items():
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v}")
+    kind = getattr(meta, "kind", None)
+    if kind:
+        parts.append(f"a {kind} name")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RegistryName:
+    """Marks a ``str`` argument as a name of ``kind`` in the registry.
+
+    Use as ``Annotated[str, RegistryName("optimizer")]``: config validation then checks that
+    the name exists and suggests the closest ones when it does not.
+    """
+
+    kind: str
