@@ -7,8 +7,16 @@ from typing import Annotated
 from pydantic import Field
 
 from brickwork.models.presets import DATA_ARGS, preset
-from brickwork.nn import ClassifierHead, FeedForward, MultiHeadAttention, PatchEmbed, Stack, StackModel, TokenEmbed
-from brickwork.nn import TransformerBlock
+from brickwork.nn import (
+    ClassifierHead,
+    FeedForward,
+    MultiHeadAttention,
+    PatchEmbed,
+    Stack,
+    StackModel,
+    TokenEmbed,
+    TransformerBlock,
+)
 from brickwork.registry import register
 
 

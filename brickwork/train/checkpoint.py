@@ -33,12 +33,17 @@ def load_model(stem: str | Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: object) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{where}: weights do not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}); was it saved from a different config?"
+            f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {shapes[:5]}); was it saved from a different config?"
         )
+    model.load_state_dict(state)
 
 
 def save_training_state(

@@ -58,7 +58,9 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, loss_fn: LossFn, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split, loss_fn: LossFn, batch_size: int = 512, device: str = "cpu"
+) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``split`` (accuracy per token for language models)."""
     was_training = model.training
     model.eval()
@@ -102,7 +104,8 @@ def run_epoch(
     """Train over ``data`` once; returns the mean task loss and mean auxiliary losses."""
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
-    loss_sum, aux_sum, n = 0.0, dict[str, float](), 0
+    loss_sum, n = 0.0, 0
+    aux_sum: dict[str, float] = {}
     for i, (x, y) in enumerate(data):
         factor = lr_factor(cfg.schedule, step0 + i, total_steps, cfg.warmup_steps)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):

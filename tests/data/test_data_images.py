@@ -34,7 +34,7 @@ def test_random_split_images(loader, raw, n, hw, scale) -> None:
     assert ds.train.x.max() == 1  # scaled by the true pixel maximum
     # The splits are exactly the seeded index split of the raw data: disjoint by index.
     x, y, _ = raw()
-    for split, idx in zip((ds.train, ds.val, ds.test), split_indices(n, 0.1, 0.2, 3)):
+    for split, idx in zip((ds.train, ds.val, ds.test), split_indices(n, 0.1, 0.2, 3), strict=False):
         assert torch.equal(split.y, y[idx])
         assert torch.equal(split.x, x[idx].float().unsqueeze(1) / scale)
 
@@ -43,7 +43,7 @@ def test_split_indices_disjoint_and_seeded() -> None:
     tr, va, te = split_indices(100, 0.1, 0.2, seed=0)
     assert sorted(torch.cat([tr, va, te]).tolist()) == list(range(100))
     assert (len(tr), len(va), len(te)) == (70, 10, 20)
-    assert all(torch.equal(a, b) for a, b in zip(split_indices(100, 0.1, 0.2, 0), (tr, va, te)))
+    assert all(torch.equal(a, b) for a, b in zip(split_indices(100, 0.1, 0.2, 0), (tr, va, te), strict=False))
     assert not torch.equal(split_indices(100, 0.1, 0.2, 1)[0], tr)
 
 

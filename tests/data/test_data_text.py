@@ -33,7 +33,7 @@ def test_hamlet_vocab_shift_and_splits() -> None:
     n_val = n_test = round(n * 0.1)
     start_val, start_test = n - n_val - n_test, n - n_test
     for split, start in ((ds.val, start_val), (ds.test, start_test)):
-        windows = [_decode(torch.cat([x, y[-1:]]), ds.classes) for x, y in zip(split.x, split.y)]
+        windows = [_decode(torch.cat([x, y[-1:]]), ds.classes) for x, y in zip(split.x, split.y, strict=False)]
         assert "".join(windows) == corpus[start : start + 33 * len(split)]
     # Train is exactly the windows of the text before the val region, shuffled (no leakage).
     ids, _ = text.encode(corpus)

@@ -1,0 +1,62 @@
+"""Every registered brick: output shape, finite values, a gradient for every parameter.
+
+Each brick needs an entry in CASES (how to build it small, and an input); a brick registered
+without one fails ``test_every_brick_has_a_case``, so no brick goes untested.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from brickwork.nn import (
+    ClassifierHead,
+    ConvBlock,
+    DenseLayer,
+    FeedForward,
+    FlattenEmbed,
+    MultiHeadAttention,
+    PatchEmbed,
+    TokenEmbed,
+    TransformerBlock,
+)
+from brickwork.registry import REGISTRY
+
+# name -> (build, input, expected output shape)
+Case = tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], tuple[int, ...]]
+CASES: dict[str, Case] = {
+    "feed_forward": (lambda: FeedForward(8, 16), lambda: torch.randn(2, 5, 8), (2, 5, 8)),
+    "dense_layer": (lambda: DenseLayer(8, 6), lambda: torch.randn(3, 8), (3, 6)),
+    "attention": (lambda: MultiHeadAttention(8, 2, causal=True), lambda: torch.randn(2, 5, 8), (2, 5, 8)),
+    "transformer_block": (
+        lambda: TransformerBlock(8, MultiHeadAttention(8, 2), FeedForward(8, 16, glu=True, act="silu")),
+        lambda: torch.randn(2, 5, 8),
+        (2, 5, 8),
+    ),
+    "conv_block": (lambda: ConvBlock(3, 4, stride=2), lambda: torch.randn(2, 3, 8, 8), (2, 4, 4, 4)),
+    "patch_embed": (lambda: PatchEmbed((1, 8, 8), 6, 4), lambda: torch.randn(2, 1, 8, 8), (2, 4, 6)),
+    "token_embed": (lambda: TokenEmbed(11, 6, 7), lambda: torch.randint(0, 11, (2, 7)), (2, 7, 6)),
+    "flatten_embed": (lambda: FlattenEmbed(12, 5), lambda: torch.randn(2, 3, 4), (2, 5)),
+    "classifier_head": (lambda: ClassifierHead(6, 3, pool="tokens", norm=True), lambda: torch.randn(2, 4, 6), (2, 3)),
+}
+
+def test_every_brick_has_a_case():
+    missing = set(REGISTRY.names("brick")) - set(CASES)
+    assert not missing, f"registered bricks without a smoke case: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_brick_smoke(name):
+    build, make_input, shape = CASES[name]
+    brick = build()
+    x = make_input()
+    if x.is_floating_point():
+        x.requires_grad_(True)
+    y = brick(x)
+    assert tuple(y.shape) == shape
+    assert torch.isfinite(y).all()
+    (y.float() ** 2).mean().backward()
+    for pname, p in brick.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(p.grad).all()

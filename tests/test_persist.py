@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from brickwork.errors import CheckpointError
+from brickwork.persist import load_tensors, save_tensors
+from brickwork.train.checkpoint import load_model, save_model
+
+
+def test_round_trip_with_metadata(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    save_tensors(tmp_path / "ck", t, {"note": "hi"})
+    back, meta = load_tensors(tmp_path / "ck")
+    assert meta["note"] == "hi" and len(meta["sha256"]) == 64
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+
+
+def test_corruption_is_detected(tmp_path):
+    save_tensors(tmp_path / "ck", {"a": torch.zeros(100)})
+    path = tmp_path / "ck.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the SHA-256"):
+        load_tensors(tmp_path / "ck")
+
+
+def test_no_temporary_files_left_behind(tmp_path):
+    save_tensors(tmp_path / "ck", {"a": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]
+
+
+def test_loading_into_the_wrong_model_is_a_clear_error(tmp_path):
+    save_model(tmp_path / "m", torch.nn.Linear(3, 4))
+    with pytest.raises(CheckpointError, match="do not match the model"):
+        load_model(tmp_path / "m", torch.nn.Linear(5, 4, bias=False))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tensors(tmp_path / "nothing")
