@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from brickwork.analysis.pareto import pareto_front  # noqa: E402
 
@@ -47,6 +48,7 @@ def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path
     ax.plot([flops[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2,
             label="Pareto front", zorder=2)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
     ax.set(xlabel="FLOPs executed per sample", ylabel="accuracy", title=title or "Accuracy against compute")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

@@ -16,6 +16,7 @@ from brickwork.persist import atomic_write_text
 COLUMNS: list[tuple[str, str, str]] = [
     ("test_accuracy", "test acc", "{:.4f}"),
     ("test_loss", "test loss", "{:.4f}"),
+    ("test_bits_per_char", "bits/char", "{:.3f}"),
     ("params", "params", "{:,.0f}"),
     ("flops_per_sample", "FLOPs/sample", "{:,.0f}"),
     ("latency_us_per_sample", "latency µs/sample", "{:.1f}"),

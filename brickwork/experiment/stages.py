@@ -6,6 +6,7 @@ stage's config keys, validated from their annotations before the run starts.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated
 
@@ -78,5 +79,7 @@ def evaluate_stage(
         "flops_per_sample": compute.flops_per_sample,
         "latency_us_per_sample": latency * 1e6,
     })
+    if ctx.data.task == "lm":  # cross-entropy in nats per token -> bits per character
+        ctx.metrics[f"{split}_bits_per_char"] = metrics["loss"] / math.log(2)
     ctx.points.append({"label": ctx.label, "accuracy": metrics["accuracy"], "flops": compute.flops_per_sample,
                        "params": compute.params, "latency_us": latency * 1e6, "split": split})
