@@ -17,10 +17,21 @@ from typing import NoReturn
 from brickwork import __version__
 from brickwork.errors import BrickworkError
 
-BENCHES = {
-    "overhead": "brickwork.bench.overhead",
-    "moe": "brickwork.bench.moe",
-}
+# Modules of brickwork.bench that are helpers, not benchmarks.
+_BENCH_HELPERS = {"machine", "timing"}
+
+
+def _modules(package: str, skip: set[str] = frozenset()) -> list[str]:
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in skip and not m.ispkg)
+
+
+def benches() -> list[str]:
+    """Names of the benchmarks: modules of ``brickwork.bench`` with a ``main(argv)``."""
+    return [n.replace("_", "-") for n in _modules("brickwork.bench", _BENCH_HELPERS)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="folder for the comparison report (default: RUNS_DIR/compare-<ids>)")
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios against named baselines")
-    bench.add_argument("name", choices=sorted(BENCHES))
+    bench.add_argument("name", choices=benches())
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (try --help)")
+
+    import importlib
+
+    for name in _modules("brickwork.verbs"):
+        mod = importlib.import_module(f"brickwork.verbs.{name}")
+        verb = sub.add_parser(name.replace("_", "-"), help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(verb)
+        verb.set_defaults(verb_module=mod)
     return p
 
 
@@ -74,12 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     verb = args.verb
+    if getattr(args, "verb_module", None) is not None:
+        return int(args.verb_module.run(args) or 0)
     if verb == "ls":
         return _ls(args.kind, args.pattern)
     if verb == "bench":
         import importlib
 
-        return int(importlib.import_module(BENCHES[args.name]).main(args.args) or 0)
+        module = importlib.import_module(f"brickwork.bench.{args.name.replace('-', '_')}")
+        return int(module.main(args.args) or 0)
     from brickwork.experiment import RunStore, load_config
 
     if verb == "validate":

@@ -27,10 +27,10 @@ from brickwork.persist import atomic_write_text, read_json, write_json
 from brickwork.train.checkpoint import load_model, save_model
 
 
-def build_model(spec: Spec, data: Dataset) -> nn.Module:
-    """Call the model builder of ``spec`` with its arguments and the dataset's shape."""
+def build_model(spec: Spec, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Call the model builder of ``spec`` with its arguments and the data's shape."""
     entry = spec.entry
-    injected = {"in_shape": tuple(data.in_shape), "num_classes": data.num_classes}
+    injected = {"in_shape": tuple(in_shape), "num_classes": num_classes}
     return entry.obj(**{k: v for k, v in injected.items() if k in entry.injected}, **spec.args)
 
 
@@ -96,7 +96,7 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
     vdir = run_dir / label
     vdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = build_model(spec, data).to(device)
+    model = build_model(spec, data.in_shape, data.num_classes).to(device)
     state_file = vdir / "progress.json"
     state: dict[str, Any] = read_json(state_file) if resume and state_file.exists() else {}
     done = state.get("done", 0)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
+from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.records import collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
 from brickwork.train.data import batches, epoch_order, num_batches
@@ -37,14 +38,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     aux_weights: dict[str, float] | None = None,
     grad_clip: float | None = None,
+    progress: float | None = None,
 ) -> StepResult:
     """One step: forward, task loss plus the bricks' weighted auxiliary losses, backward, update.
 
     Auxiliary losses (load balancing, z-loss, ...) are collected from every brick that left
-    them (``nn.records``) and added with ``aux_weights[name]`` (default 1.0).
+    them (``nn.records``) and added with ``aux_weights[name]`` (default 1.0). A model with a
+    ``training_loss(x, y, loss_fn)`` method supplies its own objective (``nn.hooks``). After
+    the update, bricks' ``after_step`` / ``set_progress(progress)`` hooks run.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    objective = getattr(model, "training_loss", None)
+    loss = objective(x, y, loss_fn) if callable(objective) else loss_fn(model(x), y)
     total = loss
     aux = collect_aux_losses(model)
     if aux:
@@ -54,6 +59,7 @@ def train_step(
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    after_optimizer_step(model, progress)
     return StepResult(loss.item(), {k: v.item() for k, v in aux.items()})
 
 
@@ -110,7 +116,8 @@ def run_epoch(
         factor = lr_factor(cfg.schedule, step0 + i, total_steps, cfg.warmup_steps)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
-        r = train_step(model, x.to(cfg.device), y.to(cfg.device), loss_fn, optimizer, cfg.aux_weights, cfg.grad_clip)
+        r = train_step(model, x.to(cfg.device), y.to(cfg.device), loss_fn, optimizer, cfg.aux_weights,
+                       cfg.grad_clip, progress=(step0 + i + 1) / total_steps)
         loss_sum += r.loss
         for k, v in r.aux.items():
             aux_sum[k] = aux_sum.get(k, 0.0) + v

@@ -86,3 +86,19 @@ def test_completed_run_cannot_be_resumed(tiny_config, runs_dir):
 
     with pytest.raises(BrickworkError, match="already completed"):
         execute(None, RunStore(runs_dir), resume=rec.id, progress=False, echo=lambda s: None)
+
+
+def test_load_trained_rebuilds_the_model(tiny_config, runs_dir):
+    from brickwork.data import load_dataset
+    from brickwork.errors import CheckpointError
+    from brickwork.experiment.artifacts import load_trained
+
+    rec = run(tiny_config, runs_dir)
+    trained = load_trained(RunStore(runs_dir), rec.id)
+    assert trained.label == "mlp" and trained.spec.args["width"] == 32
+    x = load_dataset("digits", seed=0).test.x[:8]
+    trained.model.eval()
+    logits = trained.model(x)
+    assert logits.shape == (8, 10)
+    with pytest.raises(CheckpointError, match="no model 'nope'"):
+        load_trained(RunStore(runs_dir), rec.id, "nope")

@@ -1,0 +1,39 @@
+"""What the training loop tells bricks between steps, without widening any signature.
+
+Bricks that need to know about training define, as plain methods (duck-typed):
+
+* ``training_loss(x, y, loss_fn) -> Tensor`` (on the model passed to the loop): replaces
+  ``loss_fn(model(x), y)`` for models whose objective is more than one forward pass — a
+  weighted sum of early-exit losses, sub-networks sampled per step (SortedNet), a distillation
+  term. The loop still adds the bricks' auxiliary losses on top.
+* ``set_progress(fraction)``: where training is, from 0.0 to 1.0; schedules read it (a
+  dense-to-sparse gate's temperature, a pruning schedule, a capacity decay).
+* ``after_step()``: called once after every optimizer step, while the step's gradients are
+  still in ``.grad`` — load-balancing biases, prune/regrow of sparse connectivity, running
+  activation statistics.
+
+:func:`after_optimizer_step` makes both calls model-wide; ``train.train_step`` calls it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def after_optimizer_step(model: nn.Module, progress: float | None = None) -> None:
+    """Call ``after_step()`` and then ``set_progress(progress)`` on every module that has them.
+
+    Args:
+        model: the model just updated.
+        progress: fraction of training done after this step, in [0, 1]; None leaves schedules alone.
+    """
+    for module in model.modules():
+        hook = getattr(module, "after_step", None)
+        if callable(hook):
+            hook()
+    if progress is not None:
+        fraction = min(max(progress, 0.0), 1.0)
+        for module in model.modules():
+            hook = getattr(module, "set_progress", None)
+            if callable(hook):
+                hook(fraction)
