@@ -41,6 +41,9 @@ def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     flops = [float(p["flops"]) for p in points]
     acc = [float(p["accuracy"]) for p in points]
+    err = [float(p.get("accuracy_std", 0.0)) for p in points]
+    if any(err):  # mean over seeds, with one standard deviation
+        ax.errorbar(flops, acc, yerr=err, fmt="none", ecolor="gray", capsize=3, zorder=2)
     ax.scatter(flops, acc, s=36, zorder=3)
     for p, x, y in zip(points, flops, acc, strict=True):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)

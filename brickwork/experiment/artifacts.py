@@ -26,14 +26,13 @@ class TrainedModel:
     label: str
     record: RunRecord
     meta: dict[str, Any]
-
-    @property
-    def dir(self) -> Path:
-        return self.record.dir / self.label
+    dir: Path
 
 
-def load_trained(store: RunStore, ref: str, label: str | None = None) -> TrainedModel:
+def load_trained(store: RunStore, ref: str, label: str | None = None, seed: int | None = None) -> TrainedModel:
     """Rebuild variant ``label`` (default: the only one) of run ``ref`` and load its weights.
+
+    For a run over several seeds, ``seed`` picks one (default: the first).
 
     Raises:
         RunNotFoundError: no such run.
@@ -47,11 +46,17 @@ def load_trained(store: RunStore, ref: str, label: str | None = None) -> Trained
         label = labels[0]
     if label not in labels:
         raise CheckpointError(f"run {record.id} has no model {label!r}; it has {labels}")
-    stem = record.dir / label / "model"
+    seeds = record.config.get("seeds")
+    if seeds and seed is None:
+        seed = seeds[0]
+    if seeds and seed not in seeds:
+        raise CheckpointError(f"run {record.id} has seeds {seeds}, not {seed}")
+    vdir = record.dir / label / f"seed-{seed}" if seeds else record.dir / label
+    stem = vdir / "model"
     meta = read_json(stem.with_suffix(".json"))
     raw = dict(meta["model"])
     entry = REGISTRY.get("model", raw.pop("name"))
     spec = Spec("model", entry.name, validate_args(entry, raw, f"models.{label}"))
     model = build_model(spec, tuple(meta["data"]["in_shape"]), meta["data"]["num_classes"])
     load_model(stem, model)
-    return TrainedModel(model, spec, label, record, meta)
+    return TrainedModel(model, spec, label, record, meta, vdir)

@@ -5,6 +5,7 @@ A config is data, model variants and an ordered list of stages::
     name: digits-mlp
     seed: 0
     data: {name: digits}
+    seeds: [0, 1, 2]             # optional: repeat every variant per seed, report mean and std
     models:                      # named variants; ``model: {...}`` is shorthand for one
       small: {name: mlp-tiny}
       wide:  {name: mlp, width: 256}
@@ -42,6 +43,7 @@ class _Top(BaseModel):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
     seed: Annotated[int, Field(ge=0)] = 0
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: Annotated[int, Field(ge=1)] | None = None
     data: dict[str, Any]
@@ -73,6 +75,7 @@ class RunConfig:
 
     name: str
     seed: int
+    seeds: list[int] | None
     device: str
     threads: int | None
     data: Spec
@@ -80,11 +83,17 @@ class RunConfig:
     stages: list[Spec]
     aux_weights: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def run_seeds(self) -> list[int]:
+        """Seeds of model initialisation and training; the data split always uses ``seed``."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data; loading it again gives an equal config."""
         return {
             "name": self.name,
             "seed": self.seed,
+            "seeds": self.seeds,
             "device": self.device,
             "threads": self.threads,
             "data": self.data.to_dict(),
@@ -178,6 +187,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(
         name=top.name,
         seed=top.seed,
+        seeds=top.seeds,
         device=top.device,
         threads=top.threads,
         data=_resolve_spec("dataset", top.data, "data"),

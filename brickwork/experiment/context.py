@@ -22,7 +22,10 @@ class StageContext:
 
     Attributes:
         label: the variant's name in the config.
-        dir: the variant's folder inside the run folder (checkpoints, stage outputs).
+        dir: the variant's folder inside the run folder (checkpoints, stage outputs);
+            ``<run>/<label>``, or ``<run>/<label>/seed-<s>`` when the config repeats seeds.
+        run_dir: the run folder.
+        seed: the seed of this variant's initialisation and training.
         resume: the run is being resumed; stages continue from their own saved state.
     """
 
@@ -30,6 +33,7 @@ class StageContext:
     model: nn.Module
     data: Dataset
     dir: Path
+    run_dir: Path
     seed: int
     device: str
     aux_weights: dict[str, float] = field(default_factory=dict)
@@ -38,3 +42,4 @@ class StageContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     points: list[dict[str, Any]] = field(default_factory=list)
+    report: list[str] = field(default_factory=list)

@@ -1,12 +1,14 @@
 """The runner: validated config in, run folder and store entry out. Kept deliberately small.
 
-For each model variant it builds the model, then runs the stages in order. After every
-stage the variant's weights and progress are saved, so ``--resume`` skips finished stages and
-the ``train`` stage continues from its last epoch.
+For each model variant (and each seed, when the config repeats seeds) it builds the model,
+then runs the stages in order. After every stage the variant's weights and progress are
+saved, so ``--resume`` skips finished stages and the ``train`` stage continues from its last
+epoch.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -42,6 +44,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def variant_dir(run_dir: Path, cfg: RunConfig, label: str, seed: int) -> Path:
+    """Where variant ``label`` trained with ``seed`` keeps its checkpoints."""
+    return run_dir / label if cfg.seeds is None else run_dir / label / f"seed-{seed}"
+
+
 def execute(
     cfg: RunConfig,
     store: RunStore,
@@ -73,8 +80,11 @@ def execute(
         store.update(record.id, status="running")
     echo(f"run {record.id}: {data.summary()}")
     try:
-        results = {label: _run_variant(cfg, label, spec, data, record.dir, device, progress, resume is not None)
-                   for label, spec in cfg.models.items()}
+        results = {}
+        for label, spec in cfg.models.items():
+            per_seed = [_run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
+                        for seed in cfg.run_seeds]
+            results[label] = per_seed[0] if cfg.seeds is None else aggregate_seeds(per_seed, cfg.run_seeds)
         summary = {label: r["metrics"] for label, r in results.items()}
         write_json(record.dir / "metrics.json", summary)
         write_report(record.dir, cfg, data, results, run_id=record.id)
@@ -91,29 +101,54 @@ def execute(
     return store.get(record.id)
 
 
-def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir: Path, device: str,
+def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir: Path, seed: int, device: str,
                  progress: bool | None, resume: bool) -> dict[str, Any]:
-    vdir = run_dir / label
+    vdir = variant_dir(run_dir, cfg, label, seed)
     vdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = build_model(spec, data.in_shape, data.num_classes).to(device)
     state_file = vdir / "progress.json"
     state: dict[str, Any] = read_json(state_file) if resume and state_file.exists() else {}
     done = state.get("done", 0)
     if done:
         load_model(vdir / "model", model)
-    ctx = StageContext(label=label, model=model, data=data, dir=vdir, seed=cfg.seed, device=device,
+    ctx = StageContext(label=label, model=model, data=data, dir=vdir, run_dir=run_dir, seed=seed, device=device,
                        aux_weights=cfg.aux_weights, resume=resume, progress=progress,
                        metrics=state.get("metrics", {}), history=state.get("history", []),
-                       points=state.get("points", []))
+                       points=state.get("points", []), report=state.get("report", []))
     for i, stage in enumerate(cfg.stages):
         if i < done:
             continue
         if ctx.progress is not False and sys.stderr.isatty():
-            print(f"[{label}] stage {i + 1}/{len(cfg.stages)}: {stage.name}", file=sys.stderr)
+            print(f"[{label} seed {seed}] stage {i + 1}/{len(cfg.stages)}: {stage.name}", file=sys.stderr)
         stage.entry.obj(ctx, **stage.args)
         meta = {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
-                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1}
+                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1, "seed": seed}
         save_model(vdir / "model", ctx.model, meta)
-        write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history, "points": ctx.points})
-    return {"metrics": ctx.metrics, "history": ctx.history, "points": ctx.points}
+        write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history,
+                                "points": ctx.points, "report": ctx.report})
+    return {"metrics": ctx.metrics, "history": ctx.history, "points": ctx.points, "report": ctx.report}
+
+
+def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every numeric metric and point.
+
+    Metrics ``m`` become the mean, with ``m_std`` beside them (sample standard deviation);
+    the training curves and report sections shown are the first seed's.
+    """
+    metrics: dict[str, Any] = {"seeds": len(seeds)}
+    for key in results[0]["metrics"]:
+        values = [r["metrics"].get(key) for r in results]
+        if all(isinstance(v, (int, float)) for v in values):
+            metrics[key] = statistics.fmean(values)
+            metrics[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    points = []
+    for i, p in enumerate(results[0]["points"]):
+        same = [r["points"][i] for r in results if i < len(r["points"])]
+        point = dict(p)
+        for k in ("accuracy", "flops", "latency_us"):
+            if k in p:
+                point[k] = statistics.fmean(q[k] for q in same)
+        point["accuracy_std"] = statistics.stdev(q["accuracy"] for q in same) if len(same) > 1 else 0.0
+        points.append(point)
+    return {"metrics": metrics, "history": results[0]["history"], "points": points, "report": results[0]["report"]}

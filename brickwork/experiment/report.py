@@ -25,14 +25,25 @@ COLUMNS: list[tuple[str, str, str]] = [
 
 
 def results_table(summary: Mapping[str, Mapping[str, Any]], *, first: str = "model") -> str:
-    """A Markdown table, one row per model (or run), the metrics of :data:`COLUMNS` that exist."""
+    """A Markdown table, one row per model (or run), the metrics of :data:`COLUMNS` that exist.
+
+    Where a metric has a ``<key>_std`` (runs over several seeds) the cell reads ``mean ± std``.
+    """
     cols = [c for c in COLUMNS if any(c[0] in m for m in summary.values())]
-    lines = ["| " + " | ".join([first] + [h for _, h, _ in cols]) + " |",
-             "|" + "---|" * (len(cols) + 1)]
+    seeds = any("seeds" in m for m in summary.values())
+    header = [first] + (["seeds"] if seeds else []) + [h for _, h, _ in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, metrics in summary.items():
-        cells = [fmt.format(metrics[k]) if k in metrics else "" for k, _, fmt in cols]
-        lines.append("| " + " | ".join([label] + cells) + " |")
+        cells = [_cell(metrics, k, fmt) for k, _, fmt in cols]
+        lines.append("| " + " | ".join([label] + ([str(metrics.get("seeds", 1))] if seeds else []) + cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(metrics: Mapping[str, Any], key: str, fmt: str) -> str:
+    if key not in metrics:
+        return ""
+    std = metrics.get(f"{key}_std")
+    return fmt.format(metrics[key]) + (f" ± {fmt.format(std)}" if std else "")
 
 
 def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[str, Mapping[str, Any]],
@@ -55,6 +66,9 @@ def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[
     if len(points) > 1:
         plot_accuracy_vs_flops(points, run_dir / "plots" / "accuracy_vs_flops.png", title=cfg.name)
         sections += ["## Accuracy against compute", "![accuracy vs FLOPs](plots/accuracy_vs_flops.png)"]
+    for label, r in results.items():
+        if r.get("report"):
+            sections += [f"## {label}", *r["report"]]
     sections += ["## Config", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```"]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")

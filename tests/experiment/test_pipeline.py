@@ -102,3 +102,16 @@ def test_load_trained_rebuilds_the_model(tiny_config, runs_dir):
     assert logits.shape == (8, 10)
     with pytest.raises(CheckpointError, match="no model 'nope'"):
         load_trained(RunStore(runs_dir), rec.id, "nope")
+
+
+def test_several_seeds_report_mean_and_std(tiny_config, runs_dir):
+    tiny_config["seeds"] = [0, 1]
+    tiny_config["stages"][0]["epochs"] = 1
+    rec = run(tiny_config, runs_dir)
+    m = rec.metrics["mlp"]
+    assert m["seeds"] == 2 and "test_accuracy_std" in m
+    per_seed = [json.loads((rec.dir / "mlp" / f"seed-{s}" / "progress.json").read_text())["metrics"] for s in (0, 1)]
+    accs = [p["test_accuracy"] for p in per_seed]
+    assert accs[0] != accs[1]  # different initialisations
+    assert m["test_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert " ± " in (rec.dir / "report.md").read_text()
