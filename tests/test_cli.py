@@ -88,6 +88,10 @@ def test_run_runs_show_report(capsys, tiny_config, tmp_path):
     assert "## Results" in capsys.readouterr().out
     assert main(["--runs-dir", runs, "report", "tiny", "second", "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "report.md").exists()
+    before = (tmp_path / "cmp" / "report.md").read_text()
+    assert main(["--runs-dir", runs, "report", "tiny", "second", "--out", str(tmp_path / "cmp")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "report.md").read_text() == before
     assert main(["--runs-dir", runs, "show", "nope"]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
 
