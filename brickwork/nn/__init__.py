@@ -6,23 +6,31 @@ from brickwork.nn.conv import ConvBlock
 from brickwork.nn.embed import FlattenEmbed, PatchEmbed, TokenEmbed
 from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, pool
+from brickwork.nn.hooks import after_optimizer_step
+from brickwork.nn.masking import PaddingMask
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.stack import Stack, StackModel
-from brickwork.nn.transformer import TransformerBlock
+from brickwork.nn.text import BertEmbed, MeanPoolHead
+from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
 __all__ = [
+    "BertEmbed",
     "ClassifierHead",
     "ConvBlock",
     "DenseLayer",
     "FeedForward",
     "FlattenEmbed",
+    "MeanPoolHead",
     "MultiHeadAttention",
+    "PaddingMask",
     "PatchEmbed",
+    "PostNormBlock",
     "Stack",
     "StackModel",
     "TokenEmbed",
     "TransformerBlock",
     "activation",
+    "after_optimizer_step",
     "collect_aux_losses",
     "collect_records",
     "pool",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brickwork.nn.masking import PaddingMask
 from brickwork.registry import register
 
 
@@ -22,6 +23,7 @@ class MultiHeadAttention(nn.Module):
         causal: mask attention to earlier positions (language models).
         dropout: attention-probability dropout during training.
         bias: add biases to the projections.
+        padding: a shared :class:`PaddingMask`; padded keys are then not attended to.
 
     Shapes:
         (B, T, D) -> (B, T, D)
@@ -34,6 +36,7 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         bias: bool = True,
+        padding: PaddingMask | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -46,12 +49,17 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias, **kw)
         self.out = nn.Linear(dim, dim, bias=bias, **kw)
+        # A list hides the shared holder from module traversal (it is not this brick's child).
+        self._padding = [padding] if padding is not None else []
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         # (B, T, 3D) -> 3 x (B, heads, T, D/heads)
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = self._padding[0].mask if self._padding else None
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (B, 1, 1, T): every query may see the real keys
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))

@@ -35,3 +35,31 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+
+@register("brick", "post_norm_block")
+class PostNormBlock(nn.Module):
+    """Post-norm residual block ``norm(x + attn(x))`` then ``norm(x + ffn(x))`` (BERT, Vaswani et al.).
+
+    Args:
+        dim: model width D.
+        attn: token mixer, (B, T, D) -> (B, T, D).
+        ffn: position-wise network, (B, T, D) -> (B, T, D).
+        dropout: dropout on each residual branch.
+        eps: LayerNorm epsilon (1e-12 in BERT checkpoints).
+
+    Shapes:
+        (B, T, D) -> (B, T, D)
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module, dropout: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.attn = attn
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = ffn
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.attn(x)))
+        return self.norm2(x + self.drop(self.ffn(x)))

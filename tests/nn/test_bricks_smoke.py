@@ -11,13 +11,16 @@ import torch
 from torch import nn
 
 from brickwork.nn import (
+    BertEmbed,
     ClassifierHead,
     ConvBlock,
     DenseLayer,
     FeedForward,
     FlattenEmbed,
+    MeanPoolHead,
     MultiHeadAttention,
     PatchEmbed,
+    PostNormBlock,
     TokenEmbed,
     TransformerBlock,
 )
@@ -39,6 +42,13 @@ CASES: dict[str, Case] = {
     "token_embed": (lambda: TokenEmbed(11, 6, 7), lambda: torch.randint(0, 11, (2, 7)), (2, 7, 6)),
     "flatten_embed": (lambda: FlattenEmbed(12, 5), lambda: torch.randn(2, 3, 4), (2, 5)),
     "classifier_head": (lambda: ClassifierHead(6, 3, pool="tokens", norm=True), lambda: torch.randn(2, 4, 6), (2, 3)),
+    "post_norm_block": (
+        lambda: PostNormBlock(8, MultiHeadAttention(8, 2), FeedForward(8, 16)),
+        lambda: torch.randn(2, 5, 8),
+        (2, 5, 8),
+    ),
+    "bert_embed": (lambda: BertEmbed(11, 6, max_len=9), lambda: torch.randint(0, 11, (2, 7)), (2, 7, 6)),
+    "mean_pool_head": (lambda: MeanPoolHead(normalize=True), lambda: torch.randn(2, 4, 6), (2, 6)),
 }
 
 def test_every_brick_has_a_case():
