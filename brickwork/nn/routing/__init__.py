@@ -1,0 +1,38 @@
+"""Routing: routers (bricks of kind ``router``), balancing, dispatch and expert banks.
+
+Every router maps (..., D) to a :class:`Routing` (a flat list of token/expert/weight
+assignments plus its auxiliary losses); routed layers (:class:`brickwork.nn.moe.MoE`) turn it
+into computation and leave a :class:`RoutingRecord` behind.
+"""
+
+from brickwork.nn.routing.balance import SelectionBias
+from brickwork.nn.routing.dense_to_sparse import DenseToSparseRouter, activation_dense_to_sparse
+from brickwork.nn.routing.dispatch import DispatchPlan, expert_capacity, plan_dispatch
+from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
+from brickwork.nn.routing.experts import ExpertList, GroupedFFNExperts
+from brickwork.nn.routing.hash import HashRouter, feed_token_ids
+from brickwork.nn.routing.losses import load_balance_loss, router_z_loss
+from brickwork.nn.routing.schedule import anneal
+from brickwork.nn.routing.topk import TopKRouter
+from brickwork.nn.routing.types import Routing, RoutingRecord, token_choice_routing
+
+__all__ = [
+    "DenseToSparseRouter",
+    "DispatchPlan",
+    "ExpertChoiceRouter",
+    "ExpertList",
+    "GroupedFFNExperts",
+    "HashRouter",
+    "Routing",
+    "RoutingRecord",
+    "SelectionBias",
+    "TopKRouter",
+    "activation_dense_to_sparse",
+    "anneal",
+    "expert_capacity",
+    "feed_token_ids",
+    "load_balance_loss",
+    "plan_dispatch",
+    "router_z_loss",
+    "token_choice_routing",
+]

@@ -1,0 +1,222 @@
+"""MoE layer: fast path == generic path, capacity and dropping, shared experts, records, FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from brickwork.analysis.compute import FlopMeter
+from brickwork.nn.attention import MultiHeadAttention
+from brickwork.nn.ffn import FeedForward
+from brickwork.nn.moe import MoE, GatedExpert, moe_ffn
+from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
+from brickwork.nn.routing import GroupedFFNExperts, Routing, RoutingRecord, TopKRouter, token_choice_routing
+from brickwork.nn.transformer import TransformerBlock
+
+BACKENDS = ["split", "bmm"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+
+
+class FixedRouter(nn.Module):
+    """Routes token i to experts ``table[i]`` with weights ``w[i]`` (for exact capacity tests)."""
+
+    def __init__(self, table: list[list[int]], weights: list[list[float]], num_experts: int) -> None:
+        super().__init__()
+        self.table = torch.tensor(table)
+        self.w = torch.tensor(weights)
+        self.num_experts = num_experts
+
+    def forward(self, x: Tensor) -> Routing:
+        return token_choice_routing(self.table, self.w.to(x.dtype), self.num_experts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("glu,bias,dim", [(True, False, 8), (False, True, 8), (True, True, 6)])
+def test_fast_path_equals_generic_path(backend: str, glu: bool, bias: bool, dim: int) -> None:
+    if backend == "grouped_mm" and dim % 4:
+        pytest.skip("grouped_mm needs 16-byte rows; auto falls back to split there")
+    torch.manual_seed(0)
+    e, hidden = 4, 12
+    fast_experts = GroupedFFNExperts(e, dim, hidden, act="silu", glu=glu, bias=bias, backend=backend)  # type: ignore[arg-type]
+    generic_experts = [fast_experts.to_feed_forward(i) for i in range(e)]
+    router = TopKRouter(dim, e, top_k=2)
+    fast = MoE(fast_experts, router)
+    generic = MoE(generic_experts, router)
+    x = torch.randn(3, 5, dim, requires_grad=True)
+    g = torch.randn(3, 5, dim)
+
+    y_fast = fast(x)
+    y_gen = generic(x)
+    torch.testing.assert_close(y_fast, y_gen)
+    gx_fast, = torch.autograd.grad(y_fast, x, g, retain_graph=True)
+    gx_gen, = torch.autograd.grad(y_gen, x, g, retain_graph=True)
+    torch.testing.assert_close(gx_fast, gx_gen)
+
+    fast_params = dict(fast_experts.named_parameters())
+    grads_fast = torch.autograd.grad(y_fast, list(fast_params.values()) + list(router.parameters()), g)
+    grads_gen = torch.autograd.grad(
+        y_gen, [p for m in generic_experts for p in m.parameters()] + list(router.parameters()), g
+    )
+    gf = dict(zip(list(fast_params) + ["router"], grads_fast))
+    router_grad_gen = grads_gen[-1]
+    torch.testing.assert_close(gf["router"], router_grad_gen)
+    # map the stacked gradients back to per-expert FeedForward layout
+    for i, m in enumerate(generic_experts):
+        pg = dict(zip([n for n, _ in m.named_parameters()], grads_gen[i * len(list(m.parameters())):]))
+        up = gf["w_in"][i, :, :hidden].t()
+        torch.testing.assert_close(up, pg["up.weight"])
+        if glu:
+            torch.testing.assert_close(gf["w_in"][i, :, hidden:].t(), pg["gate.weight"])
+        torch.testing.assert_close(gf["w_out"][i].t(), pg["down.weight"])
+        if bias:
+            torch.testing.assert_close(gf["b_out"][i], pg["down.bias"])
+
+
+def test_from_feed_forward_round_trip() -> None:
+    torch.manual_seed(0)
+    ffs = [FeedForward(8, 12, act="gelu", glu=True) for _ in range(3)]
+    bank = GroupedFFNExperts.from_feed_forward(ffs)
+    x = torch.randn(5, 8)
+    for i, f in enumerate(ffs):
+        torch.testing.assert_close(bank.to_feed_forward(i)(x), f(x))
+        counts = torch.zeros(3, dtype=torch.long)
+        counts[i] = 5
+        torch.testing.assert_close(bank(x, counts), f(x))
+
+
+def test_top1_moe_matches_per_token_reference() -> None:
+    torch.manual_seed(0)
+    moe = moe_ffn(8, 16, num_experts=4, top_k=2, act="silu", glu=True).eval()
+    x = torch.randn(10, 8)
+    y = moe(x)
+    routing = moe.router(x)
+    ref = torch.zeros_like(x)
+    for t, e, w in zip(routing.token_idx.tolist(), routing.expert_idx.tolist(), routing.weights):
+        ref[t] += w * moe.experts.to_feed_forward(e)(x[t : t + 1])[0]
+    torch.testing.assert_close(y, ref)
+
+
+def test_capacity_drops_overflow_and_dropped_tokens_get_zero() -> None:
+    # 6 tokens, 3 experts, top-1: tokens 0-3 -> expert 0, 4 -> expert 1, 5 -> expert 2.
+    table = [[0], [0], [0], [0], [1], [2]]
+    router = FixedRouter(table, [[1.0]] * 6, 3)
+    experts = [nn.Linear(4, 4) for _ in range(3)]
+    moe = MoE(experts, router, capacity_factor=1.0, priority="position")  # C = ceil(6 / 3) = 2
+    x = torch.randn(6, 4)
+    y = moe(x)
+    rec = moe.record
+    assert rec is not None and rec.capacity == 2
+    assert rec.kept.tolist() == [True, True, False, False, True, True]
+    assert rec.load.tolist() == [2, 1, 1] and rec.dropped == 2 and rec.unrouted_tokens == 2
+    assert rec.drop_rate == pytest.approx(2 / 6)
+    torch.testing.assert_close(y[2:4], torch.zeros(2, 4))  # dropped: zero (the residual carries them)
+    torch.testing.assert_close(y[0], experts[0](x[0]))
+    # dropless: nothing dropped
+    dropless = MoE(experts, router)
+    dropless(x)
+    assert dropless.record is not None and dropless.record.dropped == 0
+
+
+def test_capacity_priorities() -> None:
+    # top-2, 4 tokens, 2 experts; every token picks (0, 1) or (1, 0); C = ceil(0.5 * 8 / 2) = 2.
+    table = [[1, 0], [0, 1], [0, 1], [0, 1]]
+    weights = [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]]
+    x = torch.randn(4, 4)
+    experts = [nn.Identity(), nn.Identity()]
+    kept = {}
+    for priority in ("position", "slot", "weight"):
+        moe = MoE(experts, FixedRouter(table, weights, 2), capacity_factor=0.5, priority=priority)
+        moe(x)
+        assert moe.record is not None
+        kept[priority] = moe.record.kept.view(4, 2).tolist()
+    # position: earlier tokens first (expert 0: tokens 0 (slot 2), 1; expert 1: tokens 0, 1)
+    assert kept["position"] == [[True, True], [True, True], [False, False], [False, False]]
+    # slot: first choices first (expert 0 first choices: tokens 1, 2; expert 1: token 0 then the
+    # second choice of token 1)
+    assert kept["slot"] == [[True, False], [True, True], [True, False], [False, False]]
+    # weight: largest weights first (expert 0: 0.7 (t3), 0.6 (t1); expert 1: 0.9 (t0), 0.8 (t2))
+    assert kept["weight"] == [[True, False], [True, False], [False, True], [True, False]]
+
+
+def test_drop_in_for_feed_forward_in_transformer_block() -> None:
+    torch.manual_seed(0)
+    block = TransformerBlock(8, MultiHeadAttention(8, 2), moe_ffn(8, 12, num_experts=4, capacity_factor=1.25))
+    x = torch.randn(2, 6, 8)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_shared_and_gated_shared_expert() -> None:
+    torch.manual_seed(0)
+    shared = FeedForward(8, 12)
+    router = TopKRouter(8, 4)
+    bank = GroupedFFNExperts(4, 8, 12)
+    x = torch.randn(7, 8)
+    plain = MoE(bank, router)(x)
+    torch.testing.assert_close(MoE(bank, router, shared=shared)(x), plain + shared(x))
+    gated = GatedExpert(shared, 8)
+    expected = plain + torch.sigmoid(gated.gate(x)) * shared(x)
+    torch.testing.assert_close(MoE(bank, router, shared=gated)(x), expected)
+    m = moe_ffn(8, 12, 4, shared_hidden=16, shared_gated=True)
+    assert isinstance(m.shared, GatedExpert)
+
+
+def test_records_and_aux_losses_collected_model_wide() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(moe_ffn(8, 12, 4), nn.GELU(), moe_ffn(8, 12, 4, router="expert_choice")).train()
+    x = torch.randn(2, 5, 8)
+    model(x)
+    records = collect_records(model)
+    assert set(records) == {"0", "2"} and all(isinstance(r, RoutingRecord) for r in records.values())
+    assert records["0"].leading_shape == (2, 5) and int(records["0"].load.sum()) == 20
+    losses = collect_aux_losses(model)
+    assert set(losses) == {"load_balance", "z_loss"}
+    torch.testing.assert_close(losses["z_loss"], model[0].aux_losses["z_loss"] + model[2].aux_losses["z_loss"])
+    total = weighted_aux_loss(model, {"load_balance": 0.01, "z_loss": 0.001})
+    assert total is not None
+    torch.testing.assert_close(total, 0.01 * losses["load_balance"] + 0.001 * losses["z_loss"])
+    model.eval()
+    model(x)
+    assert collect_aux_losses(model) == {}  # fresh every forward; none in eval
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_counted_flops_equal_active_flops(generic: bool) -> None:
+    torch.manual_seed(0)
+    n, d, h, e, k = 12, 8, 16, 4, 2
+    bank = GroupedFFNExperts(e, d, h, act="silu", glu=True)
+    experts = [bank.to_feed_forward(i) for i in range(e)] if generic else bank
+    moe = MoE(experts, TopKRouter(d, e, top_k=k)).eval()
+    meter = FlopMeter()
+    with meter, torch.no_grad():
+        moe(torch.randn(n, d))
+    expert_flops = 2 * d * (2 * h) + 2 * h * d  # fused gate/up projection, then down
+    router_flops = 2 * d * e
+    assert meter.total == n * k * expert_flops + n * router_flops
+
+
+def test_counted_flops_shrink_with_dropped_tokens() -> None:
+    router = FixedRouter([[0]] * 6, [[1.0]] * 6, 3)
+    bank = GroupedFFNExperts(3, 8, 12)
+    meter = FlopMeter()
+    with meter, torch.no_grad():
+        MoE(bank, router, capacity_factor=1.0)(torch.randn(6, 8))  # C = 2 of the 6 tokens run
+    assert meter.total == 2 * (2 * 8 * 12 * 2)
+
+
+@pytest.mark.parametrize("router", ["topk", "sigmoid", "expert_choice", "hash", "dense_to_sparse", "activation_dense_to_sparse"])
+def test_moe_ffn_smoke_every_router(router: str) -> None:
+    torch.manual_seed(0)
+    moe = moe_ffn(8, 12, 4, top_k=2, router=router, glu=True, act="silu", bias=True).train()  # type: ignore[arg-type]
+    x = torch.randn(2, 5, 8)
+    y = moe(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y.square().mean() + sum(moe.aux_losses.values())).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_router_expert_count_mismatch_is_an_error() -> None:
+    moe = MoE(GroupedFFNExperts(3, 8, 8), TopKRouter(8, 4))
+    with pytest.raises(ValueError, match="4 experts"):
+        moe(torch.randn(2, 8))
