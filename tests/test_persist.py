@@ -38,3 +38,21 @@ def test_loading_into_the_wrong_model_is_a_clear_error(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_tensors(tmp_path / "nothing")
+
+
+def test_extra_state_round_trips_without_pickle(tmp_path):
+    class Scheduled(torch.nn.Linear):
+        progress = 0.0
+
+        def get_extra_state(self):
+            return {"progress": self.progress}
+
+        def set_extra_state(self, state):
+            self.progress = state["progress"]
+
+    m = Scheduled(2, 2)
+    m.progress = 0.75
+    save_model(tmp_path / "m", m)
+    fresh = Scheduled(2, 2)
+    load_model(tmp_path / "m", fresh)
+    assert fresh.progress == 0.75 and torch.equal(fresh.weight, m.weight)

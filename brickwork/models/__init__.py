@@ -6,7 +6,8 @@ Every model is a :class:`brickwork.nn.StackModel` (stem, tappable body, head), a
 
 from brickwork.models.cnn import cnn
 from brickwork.models.mlp import mlp
+from brickwork.models.moe import moe_lm, moe_mlp
 from brickwork.models.presets import DATA_ARGS, preset
 from brickwork.models.transformers import transformer_lm, transformer_stack, vit
 
-__all__ = ["DATA_ARGS", "cnn", "mlp", "preset", "transformer_lm", "transformer_stack", "vit"]
+__all__ = ["DATA_ARGS", "cnn", "mlp", "moe_lm", "moe_mlp", "preset", "transformer_lm", "transformer_stack", "vit"]

@@ -8,6 +8,7 @@ from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, pool
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.masking import PaddingMask
+from brickwork.nn.residual import ResidualFFN
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.stack import Stack, StackModel
 from brickwork.nn.text import BertEmbed, MeanPoolHead
@@ -25,6 +26,7 @@ __all__ = [
     "PaddingMask",
     "PatchEmbed",
     "PostNormBlock",
+    "ResidualFFN",
     "Stack",
     "StackModel",
     "TokenEmbed",

@@ -20,15 +20,24 @@ from brickwork.persist import load_tensors, save_tensors
 _MODEL, _OPTIM, _RNG = "model.", "optim.", "rng.torch"
 
 
+def split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors for safetensors; the rest (modules' ``get_extra_state``, e.g. a schedule's
+    progress) must be plain JSON values and goes into the metadata. Nothing is pickled."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return tensors, extra
+
+
 def save_model(stem: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model``'s state dict (weights and buffers) with metadata."""
-    return save_tensors(stem, model.state_dict(), {"brickwork": __version__, **(meta or {})})
+    """Save ``model``'s state dict (weights, buffers, JSON extra state) with metadata."""
+    tensors, extra = split_state(model.state_dict())
+    return save_tensors(stem, tensors, {"brickwork": __version__, **(meta or {}), "extra_state": extra})
 
 
 def load_model(stem: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load weights saved by :func:`save_model` into ``model``, strictly; returns the metadata."""
     tensors, meta = load_tensors(stem)
-    _load_state(model, tensors, stem)
+    _load_state(model, {**tensors, **meta.get("extra_state", {})}, stem)
     return meta
 
 
@@ -37,7 +46,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: object)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
+              if isinstance(v, torch.Tensor) and k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -51,7 +60,8 @@ def save_training_state(
 ) -> None:
     """Save what is needed to continue training bit-for-bit: weights, optimizer, torch RNG."""
     opt = optimizer.state_dict()
-    tensors = {_MODEL + k: v for k, v in model.state_dict().items()}
+    model_tensors, extra = split_state(model.state_dict())
+    tensors = {_MODEL + k: v for k, v in model_tensors.items()}
     plain_state: dict[str, dict[str, Any]] = {}
     for pid, st in opt["state"].items():
         for k, v in st.items():
@@ -63,6 +73,7 @@ def save_training_state(
     meta = {
         "brickwork": __version__,
         "progress": progress,
+        "extra_state": extra,
         "optimizer": {"param_groups": opt["param_groups"], "plain_state": plain_state},
     }
     save_tensors(stem, tensors, meta)
@@ -73,14 +84,15 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Restore a state saved by :func:`save_training_state`; returns its ``progress``."""
     tensors, meta = load_tensors(stem)
-    _load_state(model, {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}, stem)
-    state: dict[int, dict[str, Any]] = {}
+    state = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    _load_state(model, {**state, **meta.get("extra_state", {})}, stem)
+    opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith(_OPTIM):
             pid, name = k[len(_OPTIM) :].split(".", 1)
-            state.setdefault(int(pid), {})[name] = v
+            opt_state.setdefault(int(pid), {})[name] = v
     for pid, st in meta["optimizer"]["plain_state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        opt_state.setdefault(int(pid), {}).update(st)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
     torch.set_rng_state(tensors[_RNG])
     return meta["progress"]

@@ -21,6 +21,7 @@ from brickwork.nn import (
     MultiHeadAttention,
     PatchEmbed,
     PostNormBlock,
+    ResidualFFN,
     TokenEmbed,
     TransformerBlock,
 )
@@ -60,6 +61,7 @@ CASES: dict[str, Case] = {
     ),
     "moe": (lambda: MoE([FeedForward(8, 8) for _ in range(3)], TopKRouter(8, 3, top_k=3)), lambda: torch.randn(7, 8), (7, 8)),
     "gated_expert": (lambda: GatedExpert(FeedForward(8, 16), 8), lambda: torch.randn(3, 8), (3, 8)),
+    "residual_ffn": (lambda: ResidualFFN(8, FeedForward(8, 16)), lambda: torch.randn(3, 8), (3, 8)),
 }
 
 def test_every_brick_has_a_case():

@@ -1,0 +1,114 @@
+"""Models whose FFNs are mixtures of experts, and their dense counterparts, from one builder.
+
+One builder per architecture, with the FFN chosen by flat arguments: ``num_experts: 0`` gives
+the dense model, so "dense with equal active parameters" (``hidden = top_k * expert_hidden``)
+and "dense with equal total parameters" (``hidden = num_experts * expert_hidden``) are the
+same builder with other numbers, compared on one plot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+
+from brickwork.models.presets import DATA_ARGS
+from brickwork.nn import (
+    ClassifierHead,
+    FeedForward,
+    FlattenEmbed,
+    MultiHeadAttention,
+    Stack,
+    StackModel,
+    TokenEmbed,
+    TransformerBlock,
+)
+from brickwork.nn.ffn import Activation
+from brickwork.nn.moe import RouterName, moe_ffn
+from brickwork.nn.residual import ResidualFFN
+from brickwork.registry import register
+
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+
+
+def ffn_brick(dim: int, hidden: int, num_experts: int, top_k: int, router: RouterName, act: Activation,
+              capacity_factor: float | None, balance: str) -> nn.Module:
+    """A dense FFN of inner width ``hidden`` (``num_experts == 0``), or E experts of that width."""
+    if num_experts == 0:
+        return FeedForward(dim, hidden, act=act)
+    return moe_ffn(dim, hidden, num_experts=num_experts, top_k=top_k, router=router, act=act,
+                   capacity_factor=capacity_factor, balance=balance)  # type: ignore[arg-type]
+
+
+@register("model", "moe_mlp", injected=DATA_ARGS)
+def moe_mlp(
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    width: Positive = 128,
+    depth: Positive = 2,
+    hidden: Positive = 128,
+    num_experts: Count = 8,
+    top_k: Positive = 2,
+    router: RouterName = "topk",
+    act: Activation = "gelu",
+    capacity_factor: Annotated[float, Field(gt=0)] | None = None,
+    balance: str = "aux_loss",
+) -> StackModel:
+    """Residual MLP whose body layers are ``x + FFN(LN(x))`` with a routed or dense FFN.
+
+    Args:
+        in_shape: per-sample input shape; flattened.
+        num_classes: classes K.
+        width: residual width D.
+        depth: body layers.
+        hidden: inner width of each expert (of the dense FFN when ``num_experts`` is 0).
+        num_experts: E; 0 builds the dense model.
+        top_k: experts per token.
+        router: ``topk``, ``sigmoid``, ``expert_choice``, ``hash``, ``dense_to_sparse``,
+            ``activation_dense_to_sparse``.
+        act: FFN activation.
+        capacity_factor: None for dropless routing.
+        balance: ``aux_loss``, ``aux_free`` or ``none``.
+
+    Shapes:
+        (B, *in_shape) -> (B, K)
+    """
+    layers = [ResidualFFN(width, ffn_brick(width, hidden, num_experts, top_k, router, act, capacity_factor, balance))
+              for _ in range(depth)]
+    return StackModel(FlattenEmbed(math.prod(in_shape), width), Stack(layers), ClassifierHead(width, num_classes,
+                                                                                             norm=True))
+
+
+@register("model", "moe_lm", injected=DATA_ARGS)
+def moe_lm(
+    in_shape: tuple[int],
+    num_classes: int,
+    dim: Positive = 64,
+    depth: Positive = 2,
+    heads: Positive = 4,
+    hidden: Positive = 128,
+    num_experts: Count = 8,
+    top_k: Positive = 2,
+    router: RouterName = "topk",
+    act: Activation = "gelu",
+    capacity_factor: Annotated[float, Field(gt=0)] | None = None,
+    balance: str = "aux_loss",
+) -> StackModel:
+    """Causal transformer LM whose FFNs are mixtures of experts (dense when ``num_experts`` is 0).
+
+    Args: as :func:`moe_mlp`, plus ``dim`` (width), ``heads``; ``in_shape`` is (T,) and
+    ``num_classes`` the vocabulary size.
+
+    Shapes:
+        (B, T) int64 -> (B, T, V)
+    """
+    blocks = [
+        TransformerBlock(dim, MultiHeadAttention(dim, heads, causal=True),
+                         ffn_brick(dim, hidden, num_experts, top_k, router, act, capacity_factor, balance))
+        for _ in range(depth)
+    ]
+    return StackModel(TokenEmbed(num_classes, dim, in_shape[0]), Stack(blocks),
+                      ClassifierHead(dim, num_classes, pool="none", norm=True))
