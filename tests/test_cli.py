@@ -108,7 +108,7 @@ def test_sigint_is_recorded_and_resume_matches_an_uninterrupted_run(tmp_path, ti
     proc = subprocess.Popen([sys.executable, "-m", "brickwork", "--runs-dir", str(runs), "run", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
-    while not list(runs.glob("*/mlp/train_state.json")):  # first epoch done
+    while not list(runs.glob("*/mlp/stage0-train_state.json")):  # first epoch done
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

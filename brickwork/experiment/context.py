@@ -27,6 +27,8 @@ class StageContext:
         run_dir: the run folder.
         seed: the seed of this variant's initialisation and training.
         resume: the run is being resumed; stages continue from their own saved state.
+        stage: index of the stage being run, so a stage's own files (``stage_path``) never
+            collide with those of an earlier stage of the same kind.
     """
 
     label: str
@@ -43,3 +45,8 @@ class StageContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     points: list[dict[str, Any]] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
+    stage: int = 0
+
+    def stage_path(self, name: str) -> Path:
+        """``<variant dir>/stage<k>-<name>``: a file stem private to the running stage."""
+        return self.dir / f"stage{self.stage}-{name}"

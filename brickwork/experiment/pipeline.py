@@ -122,6 +122,7 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
         if ctx.progress is not False and sys.stderr.isatty():
             who = label if cfg.seeds is None else f"{label} seed {seed}"
             print(f"[{who}] stage {i + 1}/{len(cfg.stages)}: {stage.name}", file=sys.stderr)
+        ctx.stage = i
         stage.entry.obj(ctx, **stage.args)
         meta = {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
                 "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1, "seed": seed}

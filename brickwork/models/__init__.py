@@ -4,10 +4,24 @@ Every model is a :class:`brickwork.nn.StackModel` (stem, tappable body, head), a
 ``in_shape`` and ``num_classes`` from the dataset.
 """
 
+from brickwork.models import minilm
 from brickwork.models.cnn import cnn
 from brickwork.models.mlp import mlp
 from brickwork.models.moe import moe_lm, moe_mlp
 from brickwork.models.presets import DATA_ARGS, preset
+from brickwork.models.sparse_mlp import sparse_mlp
 from brickwork.models.transformers import transformer_lm, transformer_stack, vit
 
-__all__ = ["DATA_ARGS", "cnn", "mlp", "moe_lm", "moe_mlp", "preset", "transformer_lm", "transformer_stack", "vit"]
+__all__ = [
+    "DATA_ARGS",
+    "cnn",
+    "minilm",
+    "mlp",
+    "moe_lm",
+    "moe_mlp",
+    "preset",
+    "sparse_mlp",
+    "transformer_lm",
+    "transformer_stack",
+    "vit",
+]

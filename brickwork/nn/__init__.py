@@ -8,8 +8,9 @@ from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, pool
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.masking import PaddingMask
-from brickwork.nn.residual import ResidualFFN
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
+from brickwork.nn.residual import ResidualFFN
+from brickwork.nn.sparse import GroupConv2d, GroupLinear, LinearAct, Rewiring
 from brickwork.nn.stack import Stack, StackModel
 from brickwork.nn.text import BertEmbed, MeanPoolHead
 from brickwork.nn.transformer import PostNormBlock, TransformerBlock
@@ -21,12 +22,16 @@ __all__ = [
     "DenseLayer",
     "FeedForward",
     "FlattenEmbed",
+    "GroupConv2d",
+    "GroupLinear",
+    "LinearAct",
     "MeanPoolHead",
     "MultiHeadAttention",
     "PaddingMask",
     "PatchEmbed",
     "PostNormBlock",
     "ResidualFFN",
+    "Rewiring",
     "Stack",
     "StackModel",
     "TokenEmbed",

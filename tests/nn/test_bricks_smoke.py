@@ -62,6 +62,13 @@ CASES: dict[str, Case] = {
     "moe": (lambda: MoE([FeedForward(8, 8) for _ in range(3)], TopKRouter(8, 3, top_k=3)), lambda: torch.randn(7, 8), (7, 8)),
     "gated_expert": (lambda: GatedExpert(FeedForward(8, 16), 8), lambda: torch.randn(3, 8), (3, 8)),
     "residual_ffn": (lambda: ResidualFFN(8, FeedForward(8, 16)), lambda: torch.randn(3, 8), (3, 8)),
+    "group_linear": (lambda: REGISTRY.get("brick", "group_linear").obj(8, 6, groups=2, density=0.5, edge_density=0.5),
+                     lambda: torch.randn(3, 8), (3, 6)),
+    "group_conv2d": (lambda: REGISTRY.get("brick", "group_conv2d").obj(4, 6, groups=2, density=0.5, stride=2),
+                     lambda: torch.randn(2, 4, 8, 8), (2, 6, 4, 4)),
+    "linear_act": (lambda: REGISTRY.get("brick", "linear_act").obj(
+        REGISTRY.get("brick", "group_linear").obj(8, 4, groups=2, density=0.5), act="relu"),
+        lambda: torch.randn(3, 8), (3, 4)),
 }
 
 def test_every_brick_has_a_case():

@@ -44,7 +44,7 @@ def train(
     loss_fn = build_loss(loss, label_smoothing=label_smoothing)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, schedule=schedule,
                     warmup_steps=warmup_steps, aux_weights=ctx.aux_weights, grad_clip=grad_clip, device=ctx.device)
-    state = ctx.dir / "train_state"
+    state = ctx.stage_path("train_state")
     t0 = time.perf_counter()
     history = fit(model, ctx.data.train, ctx.data.val, loss_fn, opt, cfg, state_path=state,
                   progress=ctx.progress, desc=f"train {ctx.label}")

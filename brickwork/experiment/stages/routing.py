@@ -42,7 +42,8 @@ def routing_stage(
         st = routing_stats(rec)
         peak = float(matrix.max(dim=1).values.mean())
         entropy = "" if st.entropy is None else f"{st.entropy:.3f}"
-        rows.append(f"| {path} | {st.imbalance:.2f} | {st.drop_rate:.3f} | {st.dead_experts} | {entropy} | {peak:.3f} |")
+        rows.append(f"| {path} | {st.imbalance:.2f} | {st.drop_rate:.3f} | {st.dead_experts} | {entropy} "
+                    f"| {peak:.3f} |")
         out = ctx.dir / f"routing-{path.replace('.', '_')}.png"
         names = ctx.data.classes if ctx.data.task == "classify" and len(ctx.data.classes) <= 20 else None
         plot_routing_heatmap(matrix, out, title=f"{ctx.label}: {path}", row_names=names)

@@ -1,0 +1,230 @@
+"""Dynamic sparse training of a group-connected layer: prune and regrow on a schedule.
+
+A :class:`Rewiring` is handed to :class:`~brickwork.nn.sparse.linear.GroupLinear` and driven by
+the training hooks (``brickwork.nn.hooks``): the layer calls :meth:`Rewiring.observe` on every
+training forward and :meth:`Rewiring.update` from its ``after_step``; ``set_progress`` reaches
+the rewiring directly. Density is held fixed at two levels:
+
+* ``edge``: inside the connected blocks, the edge mask (SET / RigL on unstructured weights);
+* ``group``: which input groups each output group reads; a dropped block's slot is refilled
+  with another input group, so every output group keeps its in-degree and the layer stays one
+  batched matmul.
+
+Regrowth scores:
+
+* ``random``: SET (Mocanu et al., 2018).
+* ``gradient``: RigL (Evci et al., 2020). Edges: |dL/dW| of the masked weights, read from the
+  connected blocks' gradient the kernel computes anyway (a hook on the masked weight, on update
+  steps only). Blocks: the norm of the *dense* gradient dL/dW = dy^T x of each unconnected
+  block, computed on the update step's batch from the layer's input x and output gradient dy,
+  kept just for that step: one dense (d_out, B, d_in) matmul per ``interval`` steps, e.g. 1% of
+  a dense layer's cost at interval 100, and nothing on the other steps.
+* ``hebbian``: G2GNet's rule (Konstantaropoulos et al., 2025): the most correlated activations,
+  from :class:`~brickwork.nn.sparse.stats.ActivationStats` (groups: running averages updated on
+  every training forward; edges: a window of ``window`` steps before each update).
+
+Magnitudes for dropping: |w| for edges, the RMS of a block's active weights for blocks.
+
+Optimizer state: parameters keep their shapes, so the optimizer's references stay valid. The
+forward multiplies by the mask, so masked weights get zero gradients; dropped and grown weights
+are set to zero. An adaptive optimizer's moments at a regrown position are those left from
+before it was dropped (first moments decay by beta1 each step, so they are gone after an
+interval of 100 steps; the second moment lingers and damps the regrown weight's first steps).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import pydantic
+import torch
+from torch import Tensor, nn
+
+from brickwork.nn.sparse.rewire import swap_blocks, swap_edges
+from brickwork.nn.sparse.schedule import Decay, PruneSchedule
+from brickwork.nn.sparse.stats import ActivationStats
+
+if TYPE_CHECKING:
+    from brickwork.nn.sparse.linear import GroupLinear
+
+Regrow = Literal["random", "gradient", "hebbian"]
+Level = Literal["edge", "group", "both"]
+
+
+class Rewiring(nn.Module):
+    """Prune-and-regrow policy for one :class:`GroupLinear`.
+
+    Args:
+        regrow: ``random`` (SET), ``gradient`` (RigL) or ``hebbian`` (G2GNet).
+        level: ``edge`` (needs an edge mask: ``edge_density < 1``), ``group`` or ``both``.
+        interval: optimizer steps between updates.
+        fraction: fraction of active edges / connected blocks moved at the first update.
+        decay: ``cosine`` (RigL), ``linear`` or ``constant`` (SET).
+        stop: fraction of training after which the topology is frozen.
+        window: steps before each update over which edge correlations are gathered (``hebbian``).
+        momentum: EMA factor of the group activity statistics (``hebbian``).
+    """
+
+    def __init__(
+        self,
+        regrow: Regrow = "gradient",
+        level: Level = "group",
+        interval: Annotated[int, pydantic.Field(ge=1)] = 100,
+        fraction: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.3,
+        decay: Decay = "cosine",
+        stop: Annotated[float, pydantic.Field(gt=0, le=1)] = 0.75,
+        window: Annotated[int, pydantic.Field(ge=1)] = 20,
+        momentum: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.99,
+    ) -> None:
+        super().__init__()
+        self.regrow: Regrow = regrow
+        self.level: Level = level
+        self.schedule = PruneSchedule(interval, fraction, decay, stop)
+        self.window = window
+        self.momentum = momentum
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        # Random regrowth draws from a generator seeded by (seed, step): a resumed run repeats it.
+        self.register_buffer("seed", torch.randint(0, 2**31 - 1, ()))
+        self.register_buffer("edges_moved", torch.zeros((), dtype=torch.long))
+        self.register_buffer("blocks_moved", torch.zeros((), dtype=torch.long))
+        self.stats: ActivationStats | None = None
+        self.record: dict[str, Any] | None = None
+        # Captured on an update step's forward/backward, consumed by that step's update.
+        self._pairs: list[tuple[Tensor, list[Tensor]]] = []
+        self._edge_grad: Tensor | None = None
+
+    @property
+    def edges(self) -> bool:
+        return self.level in ("edge", "both")
+
+    @property
+    def groups(self) -> bool:
+        return self.level in ("group", "both")
+
+    def bind(self, layer: GroupLinear) -> None:
+        """Size the statistics buffers for ``layer`` (called by the layer's constructor)."""
+        if self.edges and layer.mask is None:
+            raise ValueError("edge-level rewiring needs an edge mask: build the layer with edge_density < 1")
+        if self.regrow == "hebbian":
+            shape = tuple(layer.weight.shape) if self.edges else None
+            self.stats = ActivationStats(layer.groups_in, layer.groups_out, shape, layer.d_in, layer.d_out,
+                                         self.momentum).to(layer.weight.device)
+
+    def set_progress(self, fraction: float) -> None:
+        """Training hook: fraction of training done, in [0, 1]."""
+        self.progress.fill_(fraction)
+
+    def _next_due(self) -> bool:
+        return self.schedule.due(int(self.step) + 1, float(self.progress))
+
+    def _in_window(self) -> bool:
+        step = int(self.step) + 1
+        until = -step % self.schedule.interval  # steps from this one to the next update
+        return until < self.window and float(self.progress) < self.schedule.stop
+
+    @torch.no_grad()
+    def observe(self, layer: GroupLinear, x: Tensor, y: Tensor, w_eff: Tensor) -> None:
+        """Called on every training forward with the input (N, d_in), output (N, d_out), masked weight."""
+        if self.regrow == "hebbian" and self.stats is not None:
+            xt, yt = x.detach().t(), y.detach().t()
+            plan = layer.plan()
+            ordered = xt if plan.inv_perm is None else xt.index_select(0, layer.in_perm)
+            xg = ordered.reshape(layer.groups_in, layer.block_in, -1).mean(1)
+            self.stats.update_groups(xg, yt.reshape(layer.groups_out, layer.block_out, -1).mean(1))
+            if self.stats.edges and self._in_window():
+                gathered = xt.index_select(0, plan.fwd_rows).view(layer.groups_out, -1, xt.shape[1])
+                self.stats.accumulate_edges(xt, yt, gathered)
+        if self.regrow == "gradient" and self._next_due():
+            if self.groups and y.requires_grad:
+                grads: list[Tensor] = []
+                self._pairs.append((x.detach(), grads))
+                y.register_hook(lambda g: grads.append(g.detach()))
+            if self.edges and w_eff.requires_grad and w_eff is not layer.weight:
+                w_eff.register_hook(self._keep_edge_grad)
+
+    def _keep_edge_grad(self, g: Tensor) -> None:
+        self._edge_grad = g.detach().clone() if self._edge_grad is None else self._edge_grad + g.detach()
+
+    def _dense_block_grad(self, layer: GroupLinear) -> Tensor:
+        """(G_out, G_in) Frobenius norm of dL/dW_dense per block, from the captured (x, dy) pairs."""
+        total = None
+        for x, grads in self._pairs:
+            for gy in grads:
+                g = gy.t() @ x  # (d_out, d_in): the dense gradient of this forward
+                total = g if total is None else total + g
+        if total is None:
+            raise RuntimeError("rewiring: no gradient was captured on the update step (was backward run?)")
+        total = total.index_select(1, layer.in_perm)
+        blocks = total.view(layer.groups_out, layer.block_out, layer.groups_in, layer.block_in)
+        return blocks.square().sum((1, 3)).sqrt()
+
+    @torch.no_grad()
+    def update(self, layer: GroupLinear) -> None:
+        """After an optimizer step: count it and, when due, move edges and/or blocks."""
+        self.step += 1
+        step, progress = int(self.step), float(self.progress)
+        if not self.schedule.due(step, progress):
+            self._pairs, self._edge_grad = [], None
+            return
+        frac = self.schedule.fraction_at(progress)
+        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + step)
+        moved_edges = moved_blocks = 0
+        if self.edges:
+            assert layer.mask is not None
+            n = round(frac * int(layer.mask.sum()))
+            moved_edges = swap_edges(layer.weight.data, layer.mask, n, self._edge_score(layer), gen)
+        if self.groups:
+            n = round(frac * layer.sources.numel())
+            moves = swap_blocks(layer.sources, layer.groups_in, self._block_magnitude(layer), n,
+                                self._group_score(layer), gen)
+            self._apply_block_moves(layer, moves)
+            moved_blocks = len(moves)
+        if self.stats is not None and self.stats.edges:
+            self.stats.reset_edges()
+        self._pairs, self._edge_grad = [], None
+        self.edges_moved += moved_edges
+        self.blocks_moved += moved_blocks
+        self.record = {"step": step, "fraction": frac, "edges_moved": moved_edges, "blocks_moved": moved_blocks}
+
+    def _edge_score(self, layer: GroupLinear) -> Tensor | None:
+        if self.regrow == "gradient":
+            if self._edge_grad is None:
+                raise RuntimeError("rewiring: no weight gradient was captured on the update step")
+            return self._edge_grad.abs()
+        if self.regrow == "hebbian":
+            assert self.stats is not None
+            return self.stats.edge_correlation(layer.plan().fwd_rows).abs()
+        return None
+
+    def _group_score(self, layer: GroupLinear) -> Tensor | None:
+        if self.regrow == "gradient":
+            return self._dense_block_grad(layer)
+        if self.regrow == "hebbian":
+            assert self.stats is not None
+            return self.stats.group_correlation().abs()
+        return None
+
+    @staticmethod
+    def _block_magnitude(layer: GroupLinear) -> Tensor:
+        """(G_out, k) RMS of each connected block's active weights."""
+        w = layer.effective_weight().detach()
+        blocks = w.view(layer.groups_out, layer.block_out, layer.k, layer.block_in)
+        sq = blocks.square().sum((1, 3))
+        if layer.mask is None:
+            return (sq / (layer.block_out * layer.block_in)).sqrt()
+        count = layer.mask.view_as(blocks).sum((1, 3)).clamp_min(1)
+        return (sq / count).sqrt()
+
+    @staticmethod
+    def _apply_block_moves(layer: GroupLinear, moves: list[tuple[int, int, int]]) -> None:
+        """Point each moved slot at its new input group and zero its weights (RigL: grown at zero).
+
+        The slot keeps its edge-mask pattern, so the edge density is unchanged.
+        """
+        if not moves:
+            return
+        w = layer.weight.data.view(layer.groups_out, layer.block_out, layer.k, layer.block_in)
+        for o, j, g in moves:
+            layer.sources[o, j] = g
+            w[o, :, j].zero_()

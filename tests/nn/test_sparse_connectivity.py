@@ -1,0 +1,66 @@
+"""Connectivity patterns: in-degree, distinct sources, balance, and the named structures."""
+
+import pytest
+import torch
+
+from brickwork.nn.sparse import (
+    band,
+    block_diagonal,
+    from_matrix,
+    make_pattern,
+    random_pattern,
+    ring,
+    small_world,
+    to_matrix,
+    top_k,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.mark.parametrize("pattern", ["band", "ring", "small_world", "random"])
+@pytest.mark.parametrize(("g_out", "g_in", "k"), [(8, 8, 3), (4, 8, 5), (8, 4, 2)])
+def test_every_output_group_reads_k_distinct_input_groups(pattern, g_out, g_in, k):
+    src = make_pattern(pattern, g_out, g_in, k, p=0.5, generator=torch.Generator().manual_seed(0))
+    assert src.shape == (g_out, k)
+    assert all(len(set(row)) == k for row in src.tolist())
+    assert int(src.min()) >= 0 and int(src.max()) < g_in
+
+
+def test_random_pattern_reads_every_input_group_equally_often():
+    conn = to_matrix(random_pattern(16, 16, 5, torch.Generator().manual_seed(3)), 16)
+    assert conn.sum(0).tolist() == [5] * 16 and conn.sum(1).tolist() == [5] * 16
+    uneven = to_matrix(random_pattern(8, 16, 3, torch.Generator().manual_seed(3)), 16).sum(0)
+    assert int(uneven.max() - uneven.min()) <= 1
+
+
+def test_named_structures():
+    assert to_matrix(block_diagonal(4, 4), 4).equal(torch.eye(4, dtype=torch.bool))
+    assert block_diagonal(2, 4).tolist() == [[0, 1], [2, 3]]
+    assert band(4, 4, 2).tolist() == [[0, 1], [1, 2], [2, 3], [3, 0]]
+    assert ring(4, 4, 3).tolist() == [[3, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 0]]
+    assert small_world(6, 6, 2, p=0.0).equal(ring(6, 6, 2).sort(1).values)
+    rewired = small_world(16, 16, 2, p=1.0, generator=torch.Generator().manual_seed(0))
+    assert not to_matrix(rewired, 16).equal(to_matrix(ring(16, 16, 2), 16))
+
+
+def test_user_matrix_round_trips_with_padded_slots_marked():
+    conn = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    src, real = from_matrix(conn)
+    assert src.shape == (3, 3) and real.sum(1).tolist() == [2, 1, 3]
+    rebuilt = torch.zeros_like(conn)
+    for o in range(3):
+        rebuilt[o, src[o][real[o]]] = True
+    assert rebuilt.equal(conn)
+    assert all(len(set(row)) == 3 for row in src.tolist())
+
+
+def test_top_k_picks_the_highest_scores():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [3.0, 1.0, 2.0, 4.0]])
+    assert top_k(scores, 2).tolist() == [[1, 2], [0, 3]]

@@ -1,0 +1,118 @@
+"""Group-connected layers equal their masked-dense reference (outputs and gradients), and cost only connected blocks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brickwork.analysis.compute import FlopMeter
+from brickwork.nn.sparse import GroupConv2d, GroupLinear, in_degree
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+CASES = {
+    "random": dict(groups=4, density=0.5),
+    "ring, more input groups": dict(groups=4, groups_in=8, density=0.25, pattern="ring"),
+    "band, fewer input groups": dict(groups=8, groups_in=4, density=0.5, pattern="band"),
+    "ring (banded views both ways)": dict(groups=4, density=0.75, pattern="ring"),
+    "band past both ends (gather fallback)": dict(
+        groups=4, connectivity=(torch.tensor([[3, 0, 1, 2]]) + torch.arange(4)[:, None]) % 4),
+    "small world": dict(groups=4, density=0.5, pattern="small_world", small_world_p=0.5),
+    "edge mask": dict(groups=4, density=0.25, edge_density=0.5),
+    "input permutation": dict(groups=2, groups_in=4, density=0.75, in_perm=torch.randperm(16)),
+    "uneven user matrix": dict(groups=4, connectivity=torch.tensor(
+        [[1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)),
+}
+
+
+def reference(layer: GroupLinear, x: torch.Tensor):
+    """The masked-dense computation: a dense leaf weight times the 0/1 connectivity mask."""
+    w = layer.dense_weight().clone().requires_grad_(True)
+    return F.linear(x, w * layer.connectivity_mask(), layer.bias), w
+
+
+def scatter_grad(layer: GroupLinear, grad: torch.Tensor) -> torch.Tensor:
+    """A compressed (G_out, b_out, K) weight gradient as a dense (d_out, d_in) matrix."""
+    rows = layer.plan().fwd_rows.view(layer.groups_out, 1, -1).expand_as(layer.weight)
+    if layer.mask is not None:
+        grad = grad * layer.mask
+    dense = torch.zeros(layer.groups_out, layer.block_out, layer.d_in).scatter_(2, rows, grad)
+    return dense.view(layer.d_out, layer.d_in)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_masked_dense_outputs_and_gradients(name):
+    layer = GroupLinear(16, 8, **CASES[name])
+    x = torch.randn(5, 16, requires_grad=True)
+    y = layer(x)
+    y_ref, w_ref = reference(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x, w_ref, layer.bias), g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scatter_grad(layer, gw), gw_ref * layer.connectivity_mask(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, gb_ref)
+
+
+def test_banded_wiring_runs_without_a_gather():
+    ring = GroupLinear(16, 16, groups=4, density=0.5, pattern="ring").plan()
+    assert ring.fwd_band is not None and ring.bwd_band is not None
+    strided = GroupLinear(16, 8, groups=4, groups_in=8, density=0.25, pattern="ring").plan()
+    assert strided.fwd_band is not None and strided.bwd_band is None  # step 2: gradient takes the gather
+
+
+def test_stacked_layers_and_token_inputs_match_reference():
+    """The second layer reads the first one's transposed-view output; (B, T, D) inputs work."""
+    a, b = GroupLinear(12, 8, groups=4, density=0.5), GroupLinear(8, 12, groups=2, groups_in=4, density=0.5)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    y = b(torch.relu(a(x)))
+    y_ref = reference(b, torch.relu(reference(a, x)[0]))[0]
+    assert y.shape == (3, 5, 12)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_count_only_connected_blocks():
+    layer = GroupLinear(64, 32, groups=8, density=0.25)
+    meter = FlopMeter()
+    with meter, torch.no_grad():
+        layer(torch.randn(10, 64))
+    assert meter.total == 2 * 10 * (64 * 32) // 4
+    assert layer.density == 0.25
+
+
+def test_density_is_fraction_of_weights_kept():
+    assert GroupLinear(32, 32, groups=8, density=0.25, edge_density=0.5).density == pytest.approx(0.25)
+    assert in_degree(0.25, 0.5, 8) == 4
+    with pytest.raises(ValueError, match="integer j"):
+        GroupLinear(32, 32, groups=8, density=0.3)
+
+
+def test_loaded_connectivity_rebuilds_the_plan():
+    src, dst = GroupLinear(16, 16, groups=4, density=0.5), GroupLinear(16, 16, groups=4, density=0.5)
+    x = torch.randn(3, 16)
+    dst(x)  # builds a plan for dst's own connectivity first
+    dst.load_state_dict(src.state_dict())
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_group_conv_matches_dense_conv_with_zeroed_kernel():
+    conv = GroupConv2d(8, 12, groups=4, groups_in=4, density=0.5, stride=2)
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    w = conv.dense_weight().clone().requires_grad_(True)
+    y, y_ref = conv(x), F.conv2d(x, w, conv.bias, 2, 1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
+                               rtol=1e-5, atol=1e-5)
+    zero = (w == 0).view(12, 8, 9).all(-1)
+    assert zero.float().mean() == 0.5  # half of the channel pairs are unconnected

@@ -1,0 +1,149 @@
+"""Dynamic sparse training: density held through prune/regrow, Hebbian and RigL choices, exact resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brickwork.nn.hooks import after_optimizer_step
+from brickwork.nn.sparse import GroupLinear, PruneSchedule, Rewiring
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def masked_reference(layer: GroupLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.dense_weight() * layer.connectivity_mask(), layer.bias)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, total: int, check=None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)) for _ in range(total)]
+    for step in steps:
+        x, y = data[step]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        after_optimizer_step(model, (step + 1) / (2 * total))
+        if check is not None:
+            check(x)
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient", "hebbian"])
+def test_prune_regrow_cycles_hold_density_and_in_degree(regrow):
+    layer = GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5,
+                        rewiring=Rewiring(regrow, "both", interval=2, fraction=0.5, window=2))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
+    edges, sources0, mask0 = int(layer.mask.sum()), layer.sources.clone(), layer.mask.clone()
+    before = {"sources": layer.sources.clone(), "mask": layer.mask.clone()}
+
+    def check(x: torch.Tensor) -> None:
+        assert int(layer.mask.sum()) == edges and layer.density == 0.25
+        assert all(len(set(row)) == 2 for row in layer.sources.tolist())
+        w = layer.weight.detach().view(4, 4, 2, 4)
+        moved = layer.sources != before["sources"]
+        assert (w[moved.nonzero(as_tuple=True)[0], :, moved.nonzero(as_tuple=True)[1]] == 0).all()  # grown at zero
+        grown = (layer.mask & ~before["mask"]).view(4, 4, 2, 4) & ~moved[:, None, :, None]
+        assert (w[grown] == 0).all()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), masked_reference(layer, x))
+        before.update(sources=layer.sources.clone(), mask=layer.mask.clone())
+
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train(model, opt, range(10), 10, check)
+    assert int(layer.rewiring.blocks_moved) > 0 and int(layer.rewiring.edges_moved) > 0
+    assert not layer.sources.equal(sources0) and not layer.mask.equal(mask0)
+
+
+def test_schedule_decays_like_rigl_and_stops():
+    s = PruneSchedule(interval=10, fraction=0.4, decay="cosine", stop=0.5)
+    assert s.fraction_at(0.0) == pytest.approx(0.4)
+    assert s.fraction_at(0.25) == pytest.approx(0.2)
+    assert s.fraction_at(0.5) == 0.0
+    assert s.due(20, 0.3) and not s.due(21, 0.3) and not s.due(20, 0.6)
+
+
+def test_hebbian_regrows_the_most_correlated_input_group():
+    # Block-diagonal wiring; input group 2 is a copy of group 0, so output group 0 (which reads
+    # group 0) is most correlated with input group 2 among the groups it does not read.
+    layer = GroupLinear(16, 8, groups=4, density=0.25, pattern="block_diagonal",
+                        rewiring=Rewiring("hebbian", "group", interval=1, fraction=0.25))
+    with torch.no_grad():
+        layer.weight[0] *= 0.01  # the weakest block: the one dropped
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(64, 16, generator=gen)
+        x[:, 8:12] = x[:, 0:4]
+        layer(x)
+    layer.after_step()
+    assert layer.sources.tolist() == [[2], [1], [2], [3]]
+
+
+def test_hebbian_regrows_the_most_correlated_edge():
+    layer = GroupLinear(8, 4, groups=1, density=5 / 32, edge_density=5 / 32,
+                        rewiring=Rewiring("hebbian", "edge", interval=1, fraction=0.2, window=5))
+    with torch.no_grad():
+        layer.mask.zero_()
+        layer.weight.zero_()
+        layer.bias.zero_()
+        for j in range(4):
+            layer.mask[0, j, j] = True
+            layer.weight[0, j, j] = 1.0
+        layer.mask[0, 3, 5] = True
+        layer.weight[0, 3, 5] = 1e-3  # the weakest edge: the one dropped
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(64, 8, generator=gen)
+        x[:, 6] = x[:, 0]  # y_0 = x_0 = x_6: edge (0, 6) is the most correlated inactive one
+        layer(x)
+    layer.after_step()
+    assert layer.mask[0, 0, 6] and not layer.mask[0, 3, 5] and int(layer.mask.sum()) == 5
+    assert layer.weight[0, 0, 6] == 0.0
+
+
+def test_rigl_block_scores_are_the_dense_gradient_and_pick_its_largest_block():
+    layer = GroupLinear(16, 16, groups=4, density=0.5,
+                        rewiring=Rewiring("gradient", "group", interval=1, fraction=0.125))
+    x = torch.randn(32, 16)
+    target = torch.randn(32, 16)
+    (layer(x) - target).square().sum().backward()
+    w = layer.dense_weight().clone().requires_grad_(True)
+    (F.linear(x, w, layer.bias) - target).square().sum().backward()
+    expected = w.grad.view(4, 4, 4, 4).square().sum((1, 3)).sqrt()
+    torch.testing.assert_close(layer.rewiring._dense_block_grad(layer), expected, rtol=1e-4, atol=1e-5)
+    rms = Rewiring._block_magnitude(layer)
+    o, j = divmod(int(rms.argmin()), 2)
+    unconnected = expected[o].clone()
+    unconnected[layer.sources[o]] = -1
+    layer.after_step()
+    assert int(layer.sources[o, j]) == int(unconnected.argmax())
+
+
+def test_resume_from_a_checkpoint_reproduces_the_topology_exactly():
+    def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        layer = GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5,
+                            rewiring=Rewiring("random", "both", interval=2, fraction=0.5))
+        model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    straight, opt = build(0)
+    train(straight, opt, range(8), 8)
+    first, opt = build(0)
+    train(first, opt, range(4), 8)
+    state, opt_state = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed, opt2 = build(1)  # a different initial topology, overwritten by the checkpoint
+    resumed.load_state_dict(state)
+    opt2.load_state_dict(opt_state)
+    train(resumed, opt2, range(4, 8), 8)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert math.isclose(float(straight[0].rewiring.progress), 0.5)

@@ -1,0 +1,69 @@
+"""``sparsify``: the function is kept at full connectivity, the input is not modified, units cluster by correlation."""
+
+import pytest
+import torch
+from torch import nn
+
+from brickwork.models.mlp import mlp
+from brickwork.nn import FeedForward
+from brickwork.nn.sparse import GroupLinear, cluster_units
+from brickwork.ops.sparsify import plan_sparsify, sparsify
+from brickwork.registry import REGISTRY
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def test_full_connectivity_preserves_an_mlp_with_absorbed_permutations():
+    model = mlp((1, 8, 8), 10, width=32, depth=2).eval()
+    x = torch.randn(128, 1, 8, 8)
+    _, choices = plan_sparsify(model, [x], groups=4, density=1.0)
+    # Hidden units are regrouped with the permutation absorbed by the next layer; pixels use in_perm.
+    assert [c.out_perm is not None for c in choices] == [True, True, True]
+    assert not torch.equal(choices[0].in_perm, torch.arange(64))
+    new = sparsify(model, [x], groups=4, density=1.0)
+    assert sum(isinstance(m, GroupLinear) for m in new.modules()) == 3
+    torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_full_connectivity_preserves_a_block_with_layer_norms():
+    # The FFN's hidden units may move (absorbed by `down`); its outputs feed a LayerNorm and may not.
+    model = nn.Sequential(nn.LayerNorm(16), FeedForward(16, 32), nn.LayerNorm(16)).eval()
+    x = torch.randn(4, 6, 16)
+    _, choices = plan_sparsify(model, [x], groups=4, density=1.0, exclude=())
+    assert {c.path: c.out_perm is not None for c in choices} == {"1.up": True, "1.down": False}
+    torch.testing.assert_close(sparsify(model, [x], groups=4, density=1.0, exclude=[])(x), model(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_copies_and_keeps_the_heaviest_blocks():
+    model = mlp((1, 8, 8), 10, width=32, depth=1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 1, 8, 8)
+    new = sparsify(model, [x], groups=4, density=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    layers = [m for m in new.modules() if isinstance(m, GroupLinear)]
+    assert len(layers) == 2 and all(m.density == 0.5 for m in layers)
+    assert isinstance(new.head.proj, nn.Linear)  # the classifier stays dense by default
+    _, choices = plan_sparsify(model, [x], groups=4, density=0.5, criterion="weight")
+    for c in choices:
+        assert 0.5 <= c.kept_mass < 1.0  # the two heaviest of four blocks hold at least half the mass
+
+
+def test_cluster_units_recovers_planted_ensembles():
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(500, 4, generator=gen)
+    acts = latent.repeat_interleave(6, dim=1) + 0.3 * torch.randn(500, 24, generator=gen)
+    shuffle = torch.randperm(24, generator=gen)
+    perm = cluster_units(acts[:, shuffle], 4)
+    planted = (shuffle // 6)[perm].view(4, 6)  # the ensemble of each unit, by found group
+    assert all(len(set(row)) == 1 for row in planted.tolist())
+
+
+def test_registered_as_an_op():
+    assert REGISTRY.get("op", "sparsify").obj is sparsify
