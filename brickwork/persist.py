@@ -66,6 +66,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _paths(stem: str | Path) -> tuple[Path, Path]:
+    """``(stem.safetensors, stem.json)``; a stem may contain dots (``slice-w0.25``) and may be
+    given with either file's suffix."""
+    stem = Path(stem)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
 def save_tensors(
     stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
 ) -> Path:
@@ -77,8 +86,7 @@ def save_tensors(
     Returns:
         The path of the ``.safetensors`` file.
     """
-    stem = Path(stem)
-    st_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    st_path, meta_path = _paths(stem)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=st_path.parent, prefix=f".{st_path.name}.", suffix=".tmp")
@@ -101,10 +109,7 @@ def load_tensors(stem: str | Path, *, verify: bool = True) -> tuple[dict[str, to
     Raises:
         CheckpointError: a file is missing, or the tensor file does not match its hash.
     """
-    stem = Path(stem)
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    st_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    st_path, meta_path = _paths(stem)
     meta = read_json(meta_path)
     if not st_path.exists():
         raise CheckpointError(f"{st_path}: weights file not found (metadata is at {meta_path})")

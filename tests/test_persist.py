@@ -56,3 +56,10 @@ def test_extra_state_round_trips_without_pickle(tmp_path):
     fresh = Scheduled(2, 2)
     load_model(tmp_path / "m", fresh)
     assert fresh.progress == 0.75 and torch.equal(fresh.weight, m.weight)
+
+
+def test_stems_with_dots(tmp_path):
+    save_tensors(tmp_path / "slice-w0.25-d2", {"a": torch.ones(1)})
+    assert (tmp_path / "slice-w0.25-d2.safetensors").exists() and (tmp_path / "slice-w0.25-d2.json").exists()
+    back, _ = load_tensors(tmp_path / "slice-w0.25-d2")
+    assert torch.equal(back["a"], torch.ones(1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from brickwork.data import files, images, text
+from brickwork.data import files, images, sentences, text
 from brickwork.data.base import Dataset, Split, Task, split_indices
 from brickwork.data.files import check_file
 from brickwork.data.images import read_idx
@@ -49,6 +49,7 @@ __all__ = [
     "files",
     "images",
     "load_dataset",
+    "sentences",
     "read_idx",
     "split_indices",
     "text",

@@ -4,13 +4,13 @@ Bricks call these functions and never pick a backend themselves; the choice (and
 measurements behind it) lives here.
 """
 
+from brickwork.kernels.glu import fused_glu
 from brickwork.kernels.grouped import (
     GroupedBackend,
     choose_grouped_backend,
     grouped_linear,
     grouped_mm_supported,
 )
-from brickwork.kernels.glu import fused_glu
 from brickwork.kernels.malloc import tune_glibc_malloc
 
 __all__ = [

@@ -8,6 +8,7 @@ from brickwork.models import minilm
 from brickwork.models.cnn import cnn
 from brickwork.models.mlp import mlp
 from brickwork.models.moe import moe_lm, moe_mlp
+from brickwork.models.nested import early_exit, nested_cnn, nested_lm, nested_mlp, nested_vit
 from brickwork.models.presets import DATA_ARGS, preset
 from brickwork.models.sparse_mlp import sparse_mlp
 from brickwork.models.transformers import transformer_lm, transformer_stack, vit
@@ -15,10 +16,15 @@ from brickwork.models.transformers import transformer_lm, transformer_stack, vit
 __all__ = [
     "DATA_ARGS",
     "cnn",
+    "early_exit",
     "minilm",
     "mlp",
     "moe_lm",
     "moe_mlp",
+    "nested_cnn",
+    "nested_lm",
+    "nested_mlp",
+    "nested_vit",
     "preset",
     "sparse_mlp",
     "transformer_lm",

@@ -1,9 +1,11 @@
 """Bricks: torch-native modules, usable alone with plain PyTorch and no config."""
 
+from brickwork.nn import nested  # noqa: E402  (nested bricks; imports the ones above)
 from brickwork.nn.activations import activation
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.conv import ConvBlock
 from brickwork.nn.embed import FlattenEmbed, PatchEmbed, TokenEmbed
+from brickwork.nn.exits import EarlyExit, ExitGate  # noqa: E402
 from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, pool
 from brickwork.nn.hooks import after_optimizer_step
@@ -20,6 +22,8 @@ __all__ = [
     "ClassifierHead",
     "ConvBlock",
     "DenseLayer",
+    "EarlyExit",
+    "ExitGate",
     "FeedForward",
     "FlattenEmbed",
     "GroupConv2d",
@@ -38,6 +42,7 @@ __all__ = [
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
+    "nested",
     "collect_aux_losses",
     "collect_records",
     "pool",

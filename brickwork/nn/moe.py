@@ -70,7 +70,7 @@ class MoE(nn.Module):
         self.shared = shared
         self.capacity_factor = capacity_factor
         self.priority: Priority = priority
-        self.num_experts = int(getattr(experts, "num_experts"))
+        self.num_experts = int(experts.num_experts)
         self.aux_losses: dict[str, Tensor] = {}
         self.record: RoutingRecord | None = None
 

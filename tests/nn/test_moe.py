@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from brickwork.analysis.compute import FlopMeter
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.ffn import FeedForward
-from brickwork.nn.moe import MoE, GatedExpert, moe_ffn
+from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.routing import GroupedFFNExperts, Routing, RoutingRecord, TopKRouter, token_choice_routing
 from brickwork.nn.transformer import TransformerBlock

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.moe import MoE
 from brickwork.nn.routing import (
     DenseToSparseRouter,
@@ -19,7 +20,6 @@ from brickwork.nn.routing import (
     anneal,
     feed_token_ids,
 )
-from brickwork.nn.hooks import after_optimizer_step
 
 D, E = 8, 4
 

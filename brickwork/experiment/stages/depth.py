@@ -1,0 +1,280 @@
+"""Stages for depth operations on a trained stack (skip / loop chains, layer importance), and the
+measuring and plotting helpers shared by the exit, nested and stitching stages.
+
+Every model or sub-model a stage measures becomes a point ``{label, accuracy, flops,
+latency_us, ...}``; a stage plots its own points against FLOPs and against measured latency,
+Pareto front marked, and adds the key ones to ``ctx.points`` (the run's overall plot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from brickwork.analysis.compute import FlopMeter, count_params
+from brickwork.analysis.latency import measure_latency
+from brickwork.analysis.pareto import pareto_front
+from brickwork.analysis.plots import plot_accuracy_vs_flops
+from brickwork.data.base import Split
+from brickwork.experiment.context import StageContext
+from brickwork.nn.stack import StackModel
+from brickwork.ops.chain import (
+    ChainModel,
+    Part,
+    beam_search_chain,
+    chain_correct,
+    chain_cost,
+    drop_attention,
+    drop_layers,
+    enumerate_chains,
+    has_attention,
+    layer_importance,
+    least_important,
+    per_sample_oracle,
+)
+from brickwork.registry import register
+
+SplitName = Annotated[str, Field(pattern="^(val|test)$")]
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+def inputs(split: Split, batch_size: int, device: str, limit: int | None = None) -> Iterator[Tensor]:
+    n = len(split) if limit is None else min(limit, len(split))
+    for s in range(0, n, batch_size):
+        yield split.x[s : min(s + batch_size, n)].to(device)
+
+
+@torch.no_grad()
+def accuracy_and_flops(model: nn.Module, split: Split, batch_size: int = 256, device: str = "cpu",
+                       limit: int | None = None) -> tuple[float, float]:
+    """Accuracy (per token for sequences) and mean FLOPs executed per sample, in one eval pass."""
+    was = model.training
+    model.eval()
+    correct = count = flops = samples = 0
+    try:
+        n = len(split) if limit is None else min(limit, len(split))
+        for s in range(0, n, batch_size):
+            x, y = split.x[s : min(s + batch_size, n)].to(device), split.y[s : min(s + batch_size, n)].to(device)
+            meter = FlopMeter(depth=1)
+            with meter:
+                out = model(x)
+            flops += meter.total
+            samples += len(x)
+            correct += int((out.argmax(-1) == y).sum())
+            count += y.numel()
+    finally:
+        model.train(was)
+    return correct / max(count, 1), flops / max(samples, 1)
+
+
+def measure_point(model: nn.Module, split: Split, label: str, *, batch_size: int = 256, device: str = "cpu",
+                  latency_repeats: int = 5, **extra: Any) -> dict[str, Any]:
+    """Accuracy, FLOPs per sample, latency per sample (batch of ``batch_size``) and parameters."""
+    acc, flops = accuracy_and_flops(model, split, batch_size, device)
+    latency = measure_latency(model, split.x[:batch_size].to(device), repeats=latency_repeats)
+    return {"label": label, "accuracy": acc, "flops": flops, "latency_us": latency * 1e6,
+            "params": count_params(model), **extra}
+
+
+@torch.no_grad()
+def layer_costs(model: StackModel, x: Tensor) -> list[float]:
+    """FLOPs per sample of each body layer, run in order on ``x``."""
+    was = model.training
+    model.eval()
+    costs = []
+    try:
+        h = model.stem(x)
+        for layer in model.body.layers:
+            meter = FlopMeter(depth=1)
+            with meter:
+                h = layer(h)
+            costs.append(meter.total / len(x))
+    finally:
+        model.train(was)
+    return costs
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: Path, *, x_key: str, x_label: str,
+                  title: str) -> Path:
+    """Accuracy against ``points[x_key]`` (log scale), labelled, Pareto front dashed."""
+    import matplotlib.pyplot as plt  # after analysis.plots chose the Agg backend
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [float(p[x_key]) for p in points]
+    ys = [float(p["accuracy"]) for p in points]
+    ax.scatter(xs, ys, s=30, zorder=3)
+    for p, x, y in zip(points, xs, ys, strict=True):
+        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    front = pareto_front(xs, ys)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", lw=1.2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(xlabel=x_label, ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], name: str, title: str) -> list[str]:
+    """Save accuracy-vs-FLOPs and accuracy-vs-latency plots of ``points``; Markdown image lines."""
+    stem = f"{name}-{ctx.label}" + ("" if ctx.dir.parent == ctx.run_dir else f"-{ctx.dir.name}")
+    plots = ctx.run_dir / "plots"
+    plot_accuracy_vs_flops(points, plots / f"{stem}-flops.png", title=f"{title}: accuracy against FLOPs")
+    lines = [f"![{title}: accuracy vs FLOPs](plots/{stem}-flops.png)"]
+    if all("latency_us" in p for p in points):
+        plot_tradeoff(points, plots / f"{stem}-latency.png", x_key="latency_us",
+                      x_label="measured latency per sample (µs, batched)", title=f"{title}: accuracy against latency")
+        lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
+    return lines
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table: one row per mapping, ``columns`` as (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r and r[k] is not None else "" for k, _, fmt in columns)
+                     + " |")
+    return "\n".join(lines)
+
+
+POINT_COLUMNS = [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("flops", "FLOPs/sample", "{:,.0f}"),
+                 ("latency_us", "latency µs/sample", "{:.2f}"), ("params", "params", "{:,}")]
+
+
+def stack_of(model: nn.Module) -> StackModel:
+    if not isinstance(model, StackModel):
+        raise TypeError(f"this stage needs a StackModel (stem, body, head), not {type(model).__name__}")
+    return model
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+
+def _chain_label(chain: Sequence[int]) -> str:
+    return "[" + ",".join(map(str, chain)) + "]"
+
+
+@register("stage", "chains")
+def chains(
+    ctx: StageContext,
+    /,
+    max_drop: Annotated[float, Field(ge=0, lt=1)] = 0.01,
+    beam: Annotated[int, Field(ge=1)] = 4,
+    max_repeat: Annotated[int, Field(ge=1)] = 2,
+    search_samples: Annotated[int, Field(ge=1)] = 1024,
+    oracle_samples: Annotated[int, Field(ge=0)] = 256,
+    max_candidates: Annotated[int, Field(ge=1)] = 729,
+    split: SplitName = "test",
+    batch_size: Annotated[int, Field(ge=1)] = 256,
+    latency_repeats: Annotated[int, Field(ge=1)] = 5,
+) -> None:
+    """Skip or loop layers: the cheapest chain of layers within an accuracy budget, and per sample.
+
+    Beam search on validation data for the cheapest chain within ``max_drop`` of the full
+    chain's accuracy; the Pareto-optimal chains it explored are measured on ``split``; then the
+    per-sample oracle (the best chain for each sample) over all bounded chains.
+    """
+    model = stack_of(ctx.model)
+    n = len(model.body)
+    val, test = ctx.data.val, getattr(ctx.data, split)
+    xv, yv = val.x[:search_samples].to(ctx.device), val.y[:search_samples].to(ctx.device)
+    costs = layer_costs(model, xv[:batch_size])
+    full = tuple(range(n))
+    full_acc = float(chain_correct(model, full, xv, yv, batch_size).mean())
+    best, explored = beam_search_chain(model, xv, yv, min_accuracy=full_acc - max_drop, costs=costs, beam=beam,
+                                       max_repeat=max_repeat, batch_size=batch_size)
+    front = [explored[i] for i in pareto_front([r.cost for r in explored], [r.accuracy for r in explored])]
+    chosen = {r.chain: r for r in [*front, best]}
+    chosen.setdefault(full, next(r for r in explored if r.chain == full))
+    points = []
+    for chain in sorted(chosen, key=lambda c: chain_cost(c, costs)):
+        p = measure_point(ChainModel(model, chain), test, f"chain {_chain_label(chain)}", batch_size=batch_size,
+                          device=ctx.device, latency_repeats=latency_repeats,
+                          val_accuracy=chosen[chain].accuracy, chain=list(chain))
+        points.append(p)
+    full_point = next(p for p in points if tuple(p["chain"]) == full)
+    best_point = next(p for p in points if tuple(p["chain"]) == best.chain)
+    ctx.metrics.update(chain_best=_chain_label(best.chain),
+                       chain_flops_saving=1 - best_point["flops"] / full_point["flops"],
+                       chain_accuracy_drop=full_point["accuracy"] - best_point["accuracy"])
+    ctx.points.extend([best_point] if best.chain != full else [])
+    report = [f"### Skip or loop layers ({split}; chains searched on {len(xv)} validation samples)",
+              f"Beam search (beam {beam}, each layer at most {max_repeat}x) explored {len(explored)} chains; "
+              f"required validation accuracy {full_acc - max_drop:.4f} (full chain {full_acc:.4f} - {max_drop}). "
+              f"Best: {_chain_label(best.chain)}. Below: the Pareto-optimal chains on validation, measured on {split}.",
+              table(points, [*POINT_COLUMNS[:4], ("val_accuracy", "val accuracy", "{:.4f}")]),
+              *tradeoff_section(ctx, points, "chains", "Chains of layers")]
+    if oracle_samples:
+        cands = enumerate_chains(n, max_repeat)
+        exhaustive = len(cands) <= max_candidates
+        cands = cands if exhaustive else [r.chain for r in explored]
+        xo, yo = test.x[:oracle_samples].to(ctx.device), test.y[:oracle_samples].to(ctx.device)
+        oracle = per_sample_oracle(model, xo, yo, cands, costs, batch_size)
+        shorter = float((oracle.relative_cost < 1).float().mean())
+        improved = float((oracle.oracle_correct > oracle.full_correct).float().mean())
+        ctx.metrics.update(chain_oracle_accuracy=float(oracle.oracle_correct.mean()),
+                           chain_oracle_relative_flops=float(oracle.relative_cost.mean()))
+        unit = "per-token accuracy on it" if yo.dim() > 1 else "its answer right"
+        report += [f"Per-sample oracle on {len(xo)} {split} samples over "
+                   f"{'all ' if exhaustive else 'the beam-explored '}{len(cands)} chains. Cheapest chain keeping "
+                   f"{unit} at least as high as the full chain's: a cheaper one exists for {shorter:.1%} of the "
+                   f"samples, {float(oracle.relative_cost.mean()):.1%} of the full chain's body FLOPs on average. "
+                   f"Most accurate chain: better than the full chain for {improved:.1%} of the samples, accuracy "
+                   f"{float(oracle.oracle_correct.mean()):.4f} against {float(oracle.full_correct.mean()):.4f}. "
+                   "(An oracle knows the labels: an upper bound for a per-sample chain router, "
+                   "not a deployable model.)"]
+    ctx.report.extend(report)
+
+
+@register("stage", "layer_importance")
+def layer_importance_stage(
+    ctx: StageContext,
+    /,
+    parts: list[Part] = ["block", "attention"],  # noqa: B006 - read only
+    max_drop_layers: Annotated[int, Field(ge=1)] | None = None,
+    samples: Annotated[int, Field(ge=1)] = 512,
+    split: SplitName = "test",
+    batch_size: Annotated[int, Field(ge=1)] = 256,
+    latency_repeats: Annotated[int, Field(ge=1)] = 5,
+) -> None:
+    """Score layers by 1 - cos(input, output) and measure the model with the least important dropped.
+
+    Scores blocks (or only their attention sublayers) on validation data, then drops the 1, 2,
+    ... least important and measures each pruned model on ``split``.
+    """
+    model = stack_of(ctx.model)
+    n = len(model.body)
+    test = getattr(ctx.data, split)
+    points = [measure_point(model, test, "full", batch_size=batch_size, device=ctx.device,
+                            latency_repeats=latency_repeats)]
+    rows: list[dict[str, Any]] = []
+    for part in parts:
+        if part == "attention" and not any(has_attention(m) for m in model.body.layers):
+            continue
+        scores = layer_importance(model, inputs(ctx.data.val, batch_size, ctx.device, samples), part)
+        rows += [{"part": part, "layer": i, "importance": s} for i, s in enumerate(scores)]
+        droppable = sum(s == s for s in scores)
+        for k in range(1, min(droppable, max_drop_layers or n - 1) + 1):
+            drop = least_important(scores, k)
+            pruned = drop_layers(model, drop) if part == "block" else drop_attention(model, drop)
+            points.append(measure_point(pruned, test, f"-{part} {_chain_label(drop)}", batch_size=batch_size,
+                                        device=ctx.device, latency_repeats=latency_repeats))
+    ctx.points.extend(points[1:])
+    ctx.report.extend([
+        f"### Layer importance (1 - cos(input, output), {samples} validation samples)",
+        table(rows, [("part", "part", "{}"), ("layer", "layer", "{}"), ("importance", "importance", "{:.4f}")]),
+        f"Dropping the least important blocks or attention sublayers, measured on {split}:",
+        table(points, POINT_COLUMNS), *tradeoff_section(ctx, points, "importance", "Dropped layers"),
+    ])

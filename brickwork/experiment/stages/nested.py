@@ -1,0 +1,167 @@
+"""Stages for nested (SortedNet) models: measure every sub-network, slice it out, and compare it
+with a separately trained model of the same size."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import torch
+import yaml
+from pydantic import Field
+
+from brickwork.analysis.compute import count_params
+from brickwork.analysis.latency import measure_latency
+from brickwork.experiment.config import Spec, validate_args
+from brickwork.experiment.context import StageContext
+from brickwork.experiment.pipeline import build_model
+from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, table, tradeoff_section
+from brickwork.models.nested import sliced_args
+from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix, subnet_label
+from brickwork.ops.slice import slice_error, slice_model
+from brickwork.registry import REGISTRY, RegistryName, register
+from brickwork.train import FitConfig, build_loss, build_optimizer, fit
+from brickwork.train.checkpoint import save_model
+from brickwork.train.optim import Schedule
+
+
+def _nested(ctx: StageContext) -> NestedModel:
+    if not isinstance(ctx.model, NestedModel):
+        raise TypeError(f"this stage needs a nested model (nested_mlp, nested_cnn, ...), "
+                        f"not {type(ctx.model).__name__}")
+    return ctx.model
+
+
+@register("stage", "nested")
+def nested(
+    ctx: StageContext,
+    /,
+    split: SplitName = "test",
+    batch_size: Annotated[int, Field(ge=1)] = 256,
+    latency_repeats: Annotated[int, Field(ge=1)] = 5,
+) -> None:
+    """Accuracy, FLOPs and latency of every sub-network, in the supernet and sliced out.
+
+    Each sub-network runs inside the supernet (weights as views) and as its sliced standalone
+    copy; the report gives the largest difference between the two outputs.
+    """
+    model = _nested(ctx)
+    data = getattr(ctx.data, split)
+    x = data.x[:batch_size].to(ctx.device)
+    points, worst = [], 0.0
+    for w, d in model.subnetworks():
+        with model.at(w, d):
+            p = measure_point(model, data, subnet_label(w, d), batch_size=batch_size, device=ctx.device,
+                              latency_repeats=latency_repeats, width=w, depth=d)
+        sliced = slice_model(model, w, d)
+        p["slice_error"] = slice_error(model, sliced, x, w, d)
+        p["params"] = count_params(sliced)
+        p["sliced_latency_us"] = measure_latency(sliced, x, repeats=latency_repeats) * 1e6
+        worst = max(worst, p["slice_error"])
+        points.append(p)
+    ctx.points.extend(points)
+    ctx.metrics.update(nested_subnetworks=len(points), nested_min_accuracy=min(p["accuracy"] for p in points),
+                       nested_slice_max_error=worst)
+    report = [
+        f"### Sub-networks ({split})",
+        "Latency in the supernet (weights sliced as views) and of the sliced standalone model, batch "
+        f"{len(x)}; `slice error` is the largest |difference| between the two outputs.",
+        table(points, [*POINT_COLUMNS, ("sliced_latency_us", "sliced µs/sample", "{:.2f}"),
+                       ("slice_error", "slice error", "{:.1e}")]),
+        *tradeoff_section(ctx, points, "nested", "Nested sub-networks"),
+    ]
+    if model.matryoshka:
+        report += ["Matryoshka: accuracy of the full network's head on the first m features:",
+                   table(_matryoshka_rows(model, data, batch_size, ctx.device),
+                         [("size", "m", "{}"), ("accuracy", "accuracy", "{:.4f}")])]
+    ctx.report.extend(report)
+
+
+@torch.no_grad()
+def _matryoshka_rows(model: NestedModel, data: Any, batch_size: int, device: str) -> list[dict[str, Any]]:
+    was = model.training
+    model.eval()
+    try:
+        hs = [(model.hidden(data.x[s : s + batch_size].to(device)), data.y[s : s + batch_size].to(device))
+              for s in range(0, len(data), batch_size)]
+        full = hs[0][0].shape[1] if hs[0][0].dim() == 4 else hs[0][0].shape[-1]
+        rows = []
+        for m in matryoshka_sizes(model.matryoshka, full):
+            hit = sum(int((model.head(prefix(h, m)).argmax(-1) == y).sum()) for h, y in hs)
+            rows.append({"size": m, "accuracy": hit / sum(y.numel() for _, y in hs)})
+        return rows
+    finally:
+        model.train(was)
+
+
+def _variant_spec(ctx: StageContext) -> Spec:
+    """The model spec of this variant, from the run's resolved config."""
+    raw = dict(yaml.safe_load((ctx.run_dir / "config.yaml").read_text())["models"][ctx.label])
+    entry = REGISTRY.get("model", raw.pop("name"))
+    return Spec("model", entry.name, validate_args(entry, raw, f"models.{ctx.label}"))
+
+
+@register("stage", "nested_baselines")
+def nested_baselines(
+    ctx: StageContext,
+    /,
+    epochs: Annotated[int, Field(ge=1)] = 10,
+    batch_size: Annotated[int, Field(ge=1)] = 64,
+    optimizer: Annotated[str, RegistryName("optimizer")] = "adamw",
+    lr: Annotated[float, Field(gt=0)] = 1e-3,
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01,
+    schedule: Schedule = "cosine",
+    warmup_steps: Annotated[int, Field(ge=0)] = 0,
+    grad_clip: Annotated[float, Field(gt=0)] | None = None,
+    target: Annotated[float, Field(gt=0, le=1)] = 0.96,
+    split: SplitName = "test",
+    eval_batch_size: Annotated[int, Field(ge=1)] = 256,
+) -> None:
+    """Train a separate model of each sub-network's size and report the accuracy ratios.
+
+    Each separate model is built from scratch with the sub-network's architecture and trained
+    with the given settings (use the ``train`` stage's); the report gives each sub-network's
+    accuracy as a fraction of it (SortedNet: every sub-network keeps >= 96%).
+    """
+    model = _nested(ctx)
+    spec = _variant_spec(ctx)
+    data = getattr(ctx.data, split)
+    loss_fn = build_loss("cross_entropy")
+    rows, points = [], []
+    for w, d in model.subnetworks():
+        label = subnet_label(w, d)
+        torch.manual_seed(ctx.seed)
+        args = validate_args(spec.entry, sliced_args(spec.name, spec.args, w, d), f"models.{ctx.label}")
+        base = build_model(Spec("model", spec.name, args), ctx.data.in_shape, ctx.data.num_classes).to(ctx.device)
+        folder = ctx.stage_path(f"baseline-{label}")  # this stage's own folder: resumable, no collisions
+        folder.mkdir(exist_ok=True)
+        opt = build_optimizer(optimizer, base.parameters(), lr=lr, weight_decay=weight_decay)
+        cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, schedule=schedule,
+                        warmup_steps=warmup_steps, grad_clip=grad_clip, device=ctx.device)
+        t0 = time.perf_counter()
+        fit(base, ctx.data.train, ctx.data.val, loss_fn, opt, cfg, state_path=folder / "train_state",
+            progress=ctx.progress, desc=f"baseline {label}")
+        save_model(folder / "model", base, {"model": {"name": spec.name, **args}, "baseline_of": label})
+        p = measure_point(base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device,
+                          latency_repeats=1)
+        with model.at(w, d):
+            nested_p = measure_point(model, data, label, batch_size=eval_batch_size, device=ctx.device,
+                                     latency_repeats=1)
+        rows.append({"subnet": label, "params": p["params"], "flops": p["flops"], "nested": nested_p["accuracy"],
+                     "separate": p["accuracy"], "ratio": nested_p["accuracy"] / max(p["accuracy"], 1e-12),
+                     "seconds": time.perf_counter() - t0})
+        points.append(p)
+    met = sum(r["ratio"] >= target for r in rows)
+    ctx.points.extend(points)
+    ctx.metrics.update(nested_min_ratio=min(r["ratio"] for r in rows), nested_subnets_at_target=met)
+    ctx.report.extend([
+        f"### Sub-networks against separately trained models ({split})",
+        f"Each separate model has the sub-network's exact architecture, is initialised from seed {ctx.seed} and "
+        f"trained alone with the same recipe ({epochs} epochs, batch {batch_size}, {optimizer} lr {lr}). "
+        f"**{met} of {len(rows)} sub-networks keep at least {target:.0%} of the separate model's accuracy** "
+        f"(lowest ratio {min(r['ratio'] for r in rows):.4f}).",
+        table(rows, [("subnet", "sub-network", "{}"), ("params", "params", "{:,}"),
+                     ("flops", "FLOPs/sample", "{:,.0f}"),
+                     ("nested", "nested acc", "{:.4f}"), ("separate", "separate acc", "{:.4f}"),
+                     ("ratio", "ratio", "{:.4f}"), ("seconds", "train s", "{:.1f}")]),
+    ])

@@ -1,0 +1,289 @@
+"""Skip or loop layers of a trained stack, search the chain of layers, score layer importance.
+
+* :class:`ChainModel` runs any chain of a stack model's body layers (skip, repeat, reorder),
+  sharing the model's modules (no copy).
+* :func:`beam_search_chain` finds, for a data set, the cheapest chain whose accuracy stays at a
+  required level; :func:`per_sample_oracle` finds the cheapest chain per sample. Both search
+  order-preserving chains where a layer may be skipped or looped (repeated), the action space
+  of chain-of-layers test-time depth adaptation (Li et al., 2025, "Skip a Layer or Loop it?",
+  who search it per sample with Monte Carlo tree search; we use beam search for the data set
+  and, per sample, an exhaustive search over a bounded chain space evaluated in batches).
+* :func:`layer_importance` scores each layer (or only its attention sublayer) by
+  ``1 - cos(input, output)`` of the hidden states (He et al., 2024, "What Matters in
+  Transformers? Not All Attention Is Needed"): a layer that barely changes its input can be
+  dropped; :func:`drop_layers` and :func:`drop_attention` return the pruned copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brickwork.nn.stack import Stack, StackModel
+
+Chain = tuple[int, ...]
+
+
+class ChainModel(nn.Module):
+    """``head(body(stem(x), chain))``: a stack model run along ``chain`` (shares its modules).
+
+    Shapes:
+        as the model.
+    """
+
+    def __init__(self, model: StackModel, chain: Sequence[int]) -> None:
+        super().__init__()
+        self.model, self.chain = model, tuple(chain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        return m.head(m.body(m.stem(x), chain=self.chain))
+
+
+def chain_cost(chain: Sequence[int], costs: Sequence[float]) -> float:
+    """Cost of the body along ``chain`` given per-layer ``costs`` (e.g. FLOPs per sample)."""
+    return float(sum(costs[i] for i in chain))
+
+
+@torch.no_grad()
+def chain_correct(model: StackModel, chain: Sequence[int], x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
+    """Per-sample accuracy of ``model`` along ``chain``, (N,) floats (per-token mean for (N, T) targets)."""
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for s in range(0, len(x), batch_size):
+            h = model.body(model.stem(x[s : s + batch_size]), chain=chain)
+            pred = model.head(h).argmax(-1)
+            hit = (pred == y[s : s + batch_size]).float()
+            out.append(hit.reshape(hit.shape[0], -1).mean(1))
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """A chain with its accuracy on the search data and its cost."""
+
+    chain: Chain
+    accuracy: float
+    cost: float
+
+
+def _neighbours(chain: Chain, num_layers: int, max_repeat: int, max_len: int) -> list[Chain]:
+    """Chains one edit away: skip one position, or loop one layer once more (next to itself)."""
+    out = [chain[:k] + chain[k + 1 :] for k in range(len(chain))]
+    if len(chain) < max_len:
+        out += [chain[: k + 1] + (chain[k],) + chain[k + 1 :] for k in range(len(chain))
+                if chain.count(chain[k]) < max_repeat]
+    return list(dict.fromkeys(c for c in out if c != chain))
+
+
+def beam_search_chain(
+    model: StackModel,
+    x: Tensor,
+    y: Tensor,
+    *,
+    min_accuracy: float,
+    costs: Sequence[float] | None = None,
+    beam: int = 4,
+    steps: int | None = None,
+    max_repeat: int = 2,
+    max_len: int | None = None,
+    batch_size: int = 512,
+) -> tuple[ChainResult, list[ChainResult]]:
+    """The cheapest chain with accuracy >= ``min_accuracy`` on ``(x, y)``, by beam search.
+
+    Starting from the full chain, each step expands every chain of the beam by one edit (skip a
+    position, or repeat a layer up to ``max_repeat`` times) and keeps the ``beam`` best: chains
+    that meet the accuracy first, cheapest first; if too few meet it, the most accurate others
+    (a loop can bring back what a skip lost).
+
+    Args:
+        costs: per-layer cost (default 1 per layer: chain length).
+        steps: expansion steps (default: the number of layers).
+        max_len: longest chain (default: number of layers + 2).
+
+    Returns:
+        The best chain found (the full chain if nothing cheaper meets the accuracy) and every
+        chain evaluated, for accuracy-against-cost curves.
+    """
+    n = len(model.body)
+    costs = [1.0] * n if costs is None else list(costs)
+    max_len = n + 2 if max_len is None else max_len
+    seen: dict[Chain, ChainResult] = {}
+
+    def score(c: Chain) -> ChainResult:
+        if c not in seen:
+            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
+        return seen[c]
+
+    full = score(tuple(range(n)))
+    best = full
+    frontier = [full]
+    for _ in range(n if steps is None else steps):
+        cands = {c: score(c) for r in frontier for c in _neighbours(r.chain, n, max_repeat, max_len)}
+        if not cands:
+            break
+        ok = sorted((r for r in cands.values() if r.accuracy >= min_accuracy), key=lambda r: (r.cost, -r.accuracy))
+        rest = sorted((r for r in cands.values() if r.accuracy < min_accuracy), key=lambda r: (-r.accuracy, r.cost))
+        frontier = (ok + rest)[:beam]
+        if ok and (ok[0].cost, -ok[0].accuracy) < (best.cost, -best.accuracy):
+            best = ok[0]
+    return best, list(seen.values())
+
+
+def enumerate_chains(num_layers: int, max_repeat: int = 2) -> list[Chain]:
+    """Every order-preserving chain in which each layer appears 0..``max_repeat`` times (not empty)."""
+    chains = []
+    for reps in itertools.product(range(max_repeat + 1), repeat=num_layers):
+        chain = tuple(i for i, r in enumerate(reps) for _ in range(r))
+        if chain:
+            chains.append(chain)
+    return chains
+
+
+@dataclass
+class OracleResult:
+    """Per-sample chains (chain-of-layers' oracle analysis), two ways.
+
+    Attributes:
+        cheapest: per sample, the cheapest candidate at least as accurate on it as the full chain
+            (the full chain if none is cheaper).
+        relative_cost: (N,) cost of ``cheapest`` / cost of the full chain.
+        best: per sample, the most accurate candidate on it (the cheapest among equals; the full
+            chain competes).
+        full_correct: (N,) per-sample accuracy of the full chain (per-token mean for sequences).
+        oracle_correct: (N,) per-sample accuracy along ``best``.
+    """
+
+    cheapest: list[Chain]
+    relative_cost: Tensor
+    best: list[Chain]
+    full_correct: Tensor
+    oracle_correct: Tensor
+
+
+@torch.no_grad()
+def per_sample_oracle(
+    model: StackModel,
+    x: Tensor,
+    y: Tensor,
+    candidates: Iterable[Sequence[int]],
+    costs: Sequence[float] | None = None,
+    batch_size: int = 512,
+) -> OracleResult:
+    """For each sample, the cheapest candidate chain no worse than the full one, and the most
+    accurate candidate chain.
+
+    Every candidate runs on all samples in batches (exhaustive over ``candidates``, e.g.
+    :func:`enumerate_chains`): for small stacks this is exact where a per-sample tree search is
+    approximate. It answers Li et al.'s (2025) two questions: how much depth a sample needs, and
+    whether some chain corrects what the full chain gets wrong.
+    """
+    n = len(model.body)
+    costs = [1.0] * n if costs is None else list(costs)
+    full = tuple(range(n))
+    full_cost = chain_cost(full, costs)
+    full_hit = chain_correct(model, full, x, y, batch_size)
+    low_cost, low_chain = torch.full_like(full_hit, full_cost), [full] * len(x)
+    top_cost, top_hit, top_chain = low_cost.clone(), full_hit.clone(), [full] * len(x)
+    for cand in dict.fromkeys(tuple(c) for c in candidates):
+        c_cost = torch.full_like(full_hit, chain_cost(cand, costs))
+        hit = chain_correct(model, cand, x, y, batch_size)
+        cheaper = (hit >= full_hit) & (c_cost < low_cost)
+        better = (hit > top_hit) | ((hit == top_hit) & (c_cost < top_cost))
+        for i in cheaper.nonzero().flatten().tolist():
+            low_chain[i] = cand
+        for i in better.nonzero().flatten().tolist():
+            top_chain[i] = cand
+        low_cost = torch.where(cheaper, c_cost, low_cost)
+        top_cost, top_hit = torch.where(better, c_cost, top_cost), torch.where(better, hit, top_hit)
+    return OracleResult(low_chain, low_cost / full_cost, top_chain, full_hit, top_hit)
+
+
+# -- layer importance and dropping ------------------------------------------------------------------
+
+Part = Literal["block", "attention"]
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Mean cosine similarity of feature vectors: channels of (B, C, H, W), last dim otherwise."""
+    if a.dim() == 4:
+        a, b = a.movedim(1, -1), b.movedim(1, -1)
+    return F.cosine_similarity(a.flatten(0, -2).float(), b.flatten(0, -2).float(), dim=-1).mean()
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a pre-norm residual block with an ``attn`` sublayer after ``norm1``."""
+    return isinstance(getattr(layer, "attn", None), nn.Module) and isinstance(getattr(layer, "norm1", None), nn.Module)
+
+
+@torch.no_grad()
+def layer_importance(model: StackModel, batches: Iterable[Tensor], part: Part = "block") -> list[float]:
+    """``1 - mean cos(h_in, h_out)`` per body layer, over the samples of ``batches``.
+
+    For ``part="attention"`` the output is the residual stream after the attention sublayer
+    only, ``h + attn(norm1(h))``. Layers whose output has another shape than their input
+    (a stride or a channel change), or without attention, score NaN: they cannot be dropped.
+    """
+    n = len(model.body)
+    sums, count = torch.zeros(n, dtype=torch.float64), 0
+    was = model.training
+    model.eval()
+    try:
+        for x in batches:
+            h = model.stem(x)
+            for i, layer in enumerate(model.body.layers):
+                if part == "attention":
+                    out = h + layer.attn(layer.norm1(h)) if has_attention(layer) else None
+                    nxt = layer(h)
+                else:
+                    out = nxt = layer(h)
+                sums[i] += float("nan") if out is None or out.shape != h.shape else float(1 - _cosine(h, out))
+                h = nxt
+            count += 1
+    finally:
+        model.train(was)
+    return (sums / max(count, 1)).tolist()
+
+
+def least_important(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the ``k`` lowest finite scores (the layers to drop first)."""
+    finite = [i for i, s in enumerate(scores) if s == s]
+    return sorted(sorted(finite, key=lambda i: scores[i])[:k])
+
+
+def drop_layers(model: StackModel, drop: Iterable[int]) -> StackModel:
+    """A copy of ``model`` without the body layers ``drop`` (Block Drop)."""
+    drop = {i % len(model.body) for i in drop}
+    kept = [copy.deepcopy(layer) for i, layer in enumerate(model.body.layers) if i not in drop]
+    return StackModel(copy.deepcopy(model.stem), Stack(kept), copy.deepcopy(model.head))
+
+
+class ZeroBranch(nn.Module):
+    """A residual branch that contributes nothing (a dropped sublayer): no FLOPs. (..., D) -> zeros."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def drop_attention(model: StackModel, drop: Iterable[int]) -> StackModel:
+    """A copy of ``model`` whose blocks ``drop`` keep their FFN but lose attention (Attention Drop)."""
+    out = drop_layers(model, [])
+    for i in drop:
+        layer = out.body.layers[i]
+        if not has_attention(layer):
+            raise ValueError(f"drop_attention: layer {i} ({type(layer).__name__}) has no attention sublayer")
+        layer.attn = ZeroBranch()
+    return out
+
+

@@ -1,0 +1,93 @@
+"""The depth stages end to end on real data (digits): nested sub-networks with their separately
+trained baselines, early exits, chains and layer importance, stitching."""
+
+import json
+
+import pytest
+import torch
+
+from brickwork.experiment import RunStore, execute, validate
+from brickwork.experiment.artifacts import load_trained
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The runs below ask for one thread (config ``threads: 1``); give other tests torch's setting back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run(runs_dir, models, stages):
+    cfg = {"name": "depth", "seed": 0, "threads": 1, "data": {"name": "digits"}, "models": models, "stages": stages}
+    rec = execute(validate(cfg), RunStore(runs_dir), progress=False, echo=lambda s: None)
+    assert rec.status == "completed"
+    return rec, json.loads((rec.dir / "metrics.json").read_text()), (rec.dir / "report.md").read_text()
+
+
+def test_nested_subnetworks_and_separate_baselines(runs_dir):
+    model = {"name": "nested_mlp", "width": 32, "depth": 2, "widths": [0.5, 1.0], "depths": [1, 2], "samples": 3}
+    rec, metrics, report = run(runs_dir, {"sn": model}, [
+        {"stage": "train", "epochs": 3, "lr": 0.01},
+        {"stage": "nested", "latency_repeats": 1},
+        {"stage": "nested_baselines", "epochs": 3, "lr": 0.01},
+    ])
+    m = metrics["sn"]
+    assert m["nested_subnetworks"] == 4 and m["nested_slice_max_error"] <= 1e-5
+    assert m["nested_min_accuracy"] > 0.5  # far above chance (0.1) on digits
+    assert 0.5 < m["nested_min_ratio"] <= 1.5 and 0 <= m["nested_subnets_at_target"] <= 4
+    assert "separately trained" in report and "| w0.5-d1 |" in report
+    assert (rec.dir / "plots" / "nested-sn-latency.png").exists()
+    assert (rec.dir / "sn" / "stage2-baseline-w0.5-d1" / "model.safetensors").exists()
+
+
+def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
+    model = {"name": "early_exit", "base": {"name": "mlp", "width": 32, "depth": 3}, "objective": "jei"}
+    rec, metrics, report = run(runs_dir, {"ee": model}, [
+        {"stage": "train", "epochs": 3, "lr": 0.01},
+        {"stage": "exits", "thresholds": [0.99, 0.9, 0.5], "latency_repeats": 1, "max_drop": 0.02},
+        {"stage": "evaluate", "latency_repeats": 1},
+    ])
+    m = metrics["ee"]
+    assert m["exit_accuracy_drop"] <= 0.05 and 0 <= m["exit_flops_saving"] < 1
+    # The threshold sweep's per-path prices equal what the dispatcher counts in the compacting forward.
+    assert m["exit_sweep_flops_error"] < 1e-9 and m["exit_sweep_accuracy_error"] < 2e-3
+    assert "ECE" in report and "| gate |" in report
+    trained = load_trained(RunStore(runs_dir), rec.id, "ee")
+    assert float(trained.model.threshold) == m["exit_threshold"]  # the operating point is in the checkpoint
+    assert m["test_accuracy"] == pytest.approx(m["exit_accuracy"])  # evaluate measures that operating point
+
+
+def test_chains_and_layer_importance(runs_dir):
+    model = {"name": "vit", "dim": 16, "depth": 3, "heads": 2, "patch": 4}
+    rec, metrics, report = run(runs_dir, {"vit": model}, [
+        {"stage": "train", "epochs": 2, "lr": 0.01},
+        {"stage": "chains", "search_samples": 128, "oracle_samples": 64, "latency_repeats": 1, "max_repeat": 1},
+        {"stage": "layer_importance", "samples": 64, "latency_repeats": 1, "max_drop_layers": 1},
+    ])
+    m = metrics["vit"]
+    assert m["chain_flops_saving"] >= 0 and 0 <= m["chain_oracle_relative_flops"] <= 1
+    assert "Per-sample oracle" in report and "| attention | 2 |" in report
+    assert (rec.dir / "plots" / "chains-vit-flops.png").exists()
+
+
+def test_stitching_two_variants_of_a_run(runs_dir):
+    rec, metrics, report = run(runs_dir, {"small": {"name": "mlp", "width": 16, "depth": 2},
+                                          "large": {"name": "mlp", "width": 32, "depth": 4}}, [
+        {"stage": "train", "epochs": 2, "lr": 0.01},
+        {"stage": "stitch", "front": "small", "fit_samples": 256, "epochs": 1, "latency_repeats": 1},
+    ])
+    assert "Stitched family between small and large" in report
+    assert "| small[:1]+large[2:] |" in report and "| large[:2]+small[1:] |" in report  # both directions
+    assert report.count("### Stitched family") == 1  # the front variant itself does nothing
+
+
+def test_operating_point_selection_by_accuracy_or_by_budget():
+    from brickwork.experiment.stages.exits import select
+
+    sweep = [{"threshold": t, "val_accuracy": a, "val_flops": f} for t, a, f in
+             [(1.0, 0.90, 100), (0.9, 0.899, 70), (0.8, 0.897, 55), (0.7, 0.894, 45), (0.6, 0.88, 30)]]
+    assert select(sweep, 0.005, None)["threshold"] == 0.8  # fewest FLOPs within 0.5 points
+    assert select(sweep, 0.005, 0.4)["threshold"] == 0.8  # most accurate saving >= 40%
+    assert select(sweep, 0.005, 0.5)["threshold"] == 0.7
+    assert select(sweep, 0.005, 0.9)["threshold"] == 0.8  # no threshold saves 90%: the accuracy rule

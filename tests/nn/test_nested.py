@@ -1,0 +1,155 @@
+"""Nested bricks: in-place sliced gradients equal autograd's, full width equals the standard
+bricks, SortedNet's accumulated gradient equals the mean of its sub-networks' gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brickwork.models import cnn, mlp
+from brickwork.models.nested import nested_cnn, nested_mlp
+from brickwork.nn import MultiHeadAttention
+from brickwork.nn.nested import (
+    NestedAttention,
+    NestedConv2d,
+    NestedLinear,
+    NestedModel,
+    matryoshka_loss,
+    nested_modules,
+    prefix,
+    sliced_linear,
+    units,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread is faster, and immune to other processes competing for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_units_rounds_half_up_within_bounds():
+    assert [units(w, 10) for w in (0.01, 0.25, 0.5, 1.0)] == [1, 3, 5, 10]
+    with pytest.raises(ValueError):
+        units(0.0, 4)
+
+
+def _grads(module, make_input, widths, inplace):
+    module.zero_grad(set_to_none=True)
+    x = make_input().requires_grad_(True)
+    module.inplace_grad = inplace
+    for w in widths:  # two sub-networks in one step: gradients accumulate
+        module.width = w
+        module(x).square().sum().backward()
+    return x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_inplace_sliced_gradients_equal_autograd_through_views(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        module, make = NestedLinear(12, 10), (lambda: torch.ones(3, 12).cumsum(1) / 12)
+    else:
+        module, make = NestedConv2d(5, 6, stride=2), (lambda: torch.linspace(-1, 1, 2 * 5 * 6 * 6).view(2, 5, 6, 6))
+    gx_a, g_a = _grads(module, make, [0.5, 0.8], inplace=False)
+    gx_b, g_b = _grads(module, make, [0.5, 0.8], inplace=True)
+    torch.testing.assert_close(gx_a, gx_b)
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name])
+    assert g_b["weight"][-1].abs().sum() == 0  # the last output row is in neither sub-network
+
+
+def test_sliced_linear_without_grad_is_a_view_product():
+    w, b = torch.randn(6, 4), torch.randn(6)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(sliced_linear(x, w, b, 5, 3), F.linear(x, w[:5, :3], b[:5]))
+
+
+def test_nested_models_at_full_width_are_the_standard_models():
+    x = torch.randn(4, 1, 8, 8)
+    pairs = [(nested_mlp((1, 8, 8), 5, width=16, depth=2), mlp((1, 8, 8), 5, width=16, depth=2)),
+             (nested_cnn((1, 8, 8), 5, channels=(4, 8)), cnn((1, 8, 8), 5, channels=(4, 8), norm="group"))]
+    for nested, plain in pairs:
+        plain.load_state_dict(nested.state_dict())  # same parameter names and shapes
+        nested.eval()
+        plain.eval()
+        torch.testing.assert_close(nested(x), plain(x))
+
+
+def test_nested_attention_at_full_width_is_multi_head_attention():
+    torch.manual_seed(0)
+    d, h = 12, 3
+    nested, mha = NestedAttention(d, h, causal=True), MultiHeadAttention(d, h, causal=True)
+    # Head-major rows [h0: q k v, h1: ...] vs MultiHeadAttention's [q: h0 h1 .., k .., v ..].
+    perm = torch.arange(3 * d).view(3, h, d // h).transpose(0, 1).reshape(-1)
+    with torch.no_grad():
+        nested.qkv_weight.copy_(mha.qkv.weight[perm])
+        nested.qkv_bias.copy_(mha.qkv.bias[perm])
+        nested.out_weight.copy_(mha.out.weight)
+        nested.out_bias.copy_(mha.out.bias)
+    x = torch.randn(2, 5, d)
+    torch.testing.assert_close(nested(x), mha(x))
+    nested.width = 0.34  # one head: only the first head's rows and the first out columns matter
+    with torch.no_grad():
+        nested.qkv_weight[3 * d // h :] = float("nan")
+        nested.out_weight[:, d // h :] = float("nan")
+    assert torch.isfinite(nested(x)).all()
+
+
+def test_configure_sets_every_nested_brick_and_validates():
+    model = nested_mlp((1, 8, 8), 5, width=16, depth=3, depths=[1, 3])
+    model.configure(0.5, 1)
+    assert all(m.width == 0.5 for m in nested_modules(model))
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 5)
+    with model.at(0.25, 3):
+        assert model.width == 0.25
+    assert (model.width, model.depth) == (0.5, 1)
+    with pytest.raises(ValueError):
+        model.configure(0.5, 4)
+    with pytest.raises(ValueError):
+        NestedModel(model, widths=[1.5])
+
+
+def test_sampling_is_sorted_and_sandwiched():
+    model = nested_mlp((1, 8, 8), 5, width=16, depth=3, widths=[0.25, 0.5, 0.75, 1.0], depths=[2, 3],
+                       sampling="sandwich", samples=4)
+    subnets = model.subnetworks()
+    assert subnets == sorted(subnets, reverse=True) and len(subnets) == 8
+    for _ in range(5):
+        s = model.sample()
+        assert len(s) == 4 and s == sorted(s, reverse=True)
+        assert s[0] == (1.0, 3) and s[-1] == (0.25, 2)
+
+
+def test_sortednet_accumulated_gradient_is_the_mean_of_the_subnetworks():
+    torch.manual_seed(0)
+    model = nested_mlp((1, 8, 8), 5, width=12, depth=2, widths=[0.5, 1.0], depths=[1, 2], sampling="all")
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
+    model.zero_grad(set_to_none=True)
+    loss = model.training_loss(x, y, F.cross_entropy)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = 0.0
+    for w, d in model.subnetworks():
+        with model.at(w, d):
+            ref = ref + F.cross_entropy(model(x), y) / 4
+    for m in nested_modules(model):
+        m.inplace_grad = False
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=n)
+    assert (model.width, model.depth) == (1.0, 2)  # training leaves the full setting
+
+
+def test_matryoshka_loss_is_the_mean_over_nested_prefixes():
+    torch.manual_seed(0)
+    model = nested_mlp((1, 8, 8), 5, width=16, depth=1, widths=[1.0], matryoshka=[4, 8, 32])
+    x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 5, (3,))
+    h = model.hidden(x)
+    manual = sum(F.cross_entropy(model.head(prefix(h, m)), y) for m in (4, 8, 16)) / 3
+    torch.testing.assert_close(matryoshka_loss(h, model.head, y, F.cross_entropy, [4, 8, 32]), manual)
+    torch.testing.assert_close(model.training_loss(x, y, F.cross_entropy), manual)

