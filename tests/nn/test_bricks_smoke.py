@@ -25,6 +25,7 @@ from brickwork.nn import (
     TokenEmbed,
     TransformerBlock,
 )
+from brickwork.nn.mod import MixtureOfDepths, mod_transformer_block
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.routing import GroupedFFNExperts, TopKRouter
 from brickwork.registry import REGISTRY
@@ -62,6 +63,13 @@ CASES: dict[str, Case] = {
     "moe": (lambda: MoE([FeedForward(8, 8) for _ in range(3)], TopKRouter(8, 3, top_k=3)), lambda: torch.randn(7, 8), (7, 8)),
     "gated_expert": (lambda: GatedExpert(FeedForward(8, 16), 8), lambda: torch.randn(3, 8), (3, 8)),
     "residual_ffn": (lambda: ResidualFFN(8, FeedForward(8, 16)), lambda: torch.randn(3, 8), (3, 8)),
+    "mixture_of_depths": (
+        lambda: MixtureOfDepths(TransformerBlock(8, MultiHeadAttention(8, 2), FeedForward(8, 16)), 8, capacity=0.5),
+        lambda: torch.randn(2, 6, 8),
+        (2, 6, 8),
+    ),
+    "mod_transformer_block": (lambda: mod_transformer_block(8, 2, 16, capacity=0.5), lambda: torch.randn(2, 6, 8),
+                              (2, 6, 8)),
     "nested_linear": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedLinear(8, 6),
                       lambda: torch.randn(3, 8), (3, 6)),
     "nested_conv2d": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedConv2d(3, 4, stride=2),
