@@ -263,10 +263,15 @@ def least_important(scores: Sequence[float], k: int) -> list[int]:
 
 
 def drop_layers(model: StackModel, drop: Iterable[int]) -> StackModel:
-    """A copy of ``model`` without the body layers ``drop`` (Block Drop)."""
-    drop = {i % len(model.body) for i in drop}
-    kept = [copy.deepcopy(layer) for i, layer in enumerate(model.body.layers) if i not in drop]
-    return StackModel(copy.deepcopy(model.stem), Stack(kept), copy.deepcopy(model.head))
+    """A copy of ``model`` without the body layers ``drop`` (Block Drop).
+
+    The model is copied in one piece, so bricks shared between its parts (a padding mask the
+    stem writes and the attention layers read) stay shared in the copy.
+    """
+    out = copy.deepcopy(model)
+    gone = {i % len(out.body) for i in drop}
+    out.body = Stack([layer for i, layer in enumerate(out.body.layers) if i not in gone])
+    return out
 
 
 class ZeroBranch(nn.Module):

@@ -9,9 +9,8 @@ encoder whose bricks share a :class:`~brickwork.nn.PaddingMask`:
   that ``chain`` assumes; :func:`attention_importance` scores that sublayer, and
   :func:`drop_attention` removes all of it (attention and its norm: the sublayer becomes the
   identity, the change its score measured);
-* ``chain.drop_layers`` deep-copies stem, layers and head one by one, which gives each copy its
-  own padding mask that the stem never writes (attention and pooling would then see padding);
-  :func:`drop_layers` copies the model in one piece so the copies keep sharing it.
+* whole blocks are dropped by :func:`brickwork.ops.chain.drop_layers`, which copies the model
+  in one piece so the copies keep sharing the padding mask.
 
 Scores need padding-free batches (:func:`brickwork.data.sentences.token_batches`): a padded
 position would count as a token. Both drops return copies.
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.nn.stack import Stack, StackModel
+from brickwork.nn.stack import StackModel
 from brickwork.nn.transformer import PostNormBlock
 from brickwork.ops.chain import ZeroBranch
 
@@ -53,14 +52,6 @@ def attention_importance(model: StackModel, batches: Iterable[Tensor]) -> list[f
     finally:
         model.train(was)
     return (sums / max(tokens, 1)).tolist()
-
-
-def drop_layers(model: StackModel, drop: Iterable[int]) -> StackModel:
-    """A copy of ``model`` without the body layers ``drop``; shared bricks (padding masks) stay shared."""
-    out = copy.deepcopy(model)
-    gone = {i % len(out.body) for i in drop}
-    out.body = Stack([layer for i, layer in enumerate(out.body.layers) if i not in gone])
-    return out
 
 
 def drop_attention(model: StackModel, drop: Iterable[int]) -> StackModel:

@@ -36,10 +36,10 @@ from brickwork.data.sentences import rotten_tomatoes, token_batches, wordsim353
 from brickwork.errors import BrickworkError
 from brickwork.experiment.stages.depth import table
 from brickwork.experiment.stages.moefy import finetune_classifier
-from brickwork.ops.chain import layer_importance, least_important
+from brickwork.ops.chain import drop_layers, layer_importance, least_important
 from brickwork.ops.moefy import ffn_inputs, moefy, moefy_like, partition_ffn, set_top_k
 from brickwork.ops.moefy_cluster import coactivation_counts, partition_to_labels
-from brickwork.ops.moefy_layers import attention_importance, drop_attention, drop_layers
+from brickwork.ops.moefy_layers import attention_importance, drop_attention
 from brickwork.train.checkpoint import load_model, save_model
 
 HELP = "split MiniLM's FFNs into experts (MoEfication / EMoE) and report fidelity, cost, fine-tuning, modularity"
