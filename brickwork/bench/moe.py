@@ -140,6 +140,21 @@ class Timing:
         return statistics.median(self.clean(max_foreign) or self.seconds)
 
 
+def paired_ratio(a: Timing, b: Timing, max_foreign: float) -> float:
+    """Median over rounds of ``a / b`` for the rounds where both samples are clean.
+
+    Both candidates ran in the same round, moments apart, so a ratio per round cancels slow
+    drifts of the machine that a ratio of two medians keeps; falls back to the ratio of medians
+    when no round is clean for both.
+    """
+    pairs = [
+        ta / tb
+        for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign)
+        if fa <= max_foreign and fb <= max_foreign
+    ]
+    return statistics.median(pairs) if pairs else a.median(max_foreign) / b.median(max_foreign)
+
+
 def contention_aware_interleaved(
     candidates: Mapping[str, Callable[[], object]],
     *,
@@ -189,12 +204,11 @@ class Result:
     top_k: int
     mode: str
     seconds: dict[str, float]  # median over clean samples
+    ratios: dict[tuple[str, str], float]  # paired per-round ratios
     clean: int  # fewest clean samples any candidate got
 
     def ratio(self, name: str, base: str) -> float | None:
-        if name not in self.seconds or base not in self.seconds:
-            return None
-        return self.seconds[name] / self.seconds[base]
+        return self.ratios.get((name, base))
 
 
 def _step(module: nn.Module, x: Tensor, grad: Tensor | None) -> Callable[[], None]:
@@ -245,8 +259,10 @@ def bench_one(
         candidates, repeats=repeats, warmup=warmup, max_foreign=max_foreign, max_rounds=max_rounds
     )
     seconds = {n: t.median(max_foreign) for n, t in timings.items()}
+    pairs = [("moe", "dense")] + [(b, "moe") for b in baselines]
+    ratios = {(a, b): paired_ratio(timings[a], timings[b], max_foreign) for a, b in pairs}
     clean = min(len(t.clean(max_foreign)) for t in timings.values())
-    return Result(tokens, dim, experts, top_k, mode, seconds, clean)
+    return Result(tokens, dim, experts, top_k, mode, seconds, ratios, clean)
 
 
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
@@ -315,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("expert hidden = 2 * d_model; SwiGLU experts; dense hidden = top_k * expert hidden")
     print(
-        f"medians of clean samples (other processes under {args.max_foreign:.0%} of the CPUs); "
+        f"times: medians of clean samples (other processes under {args.max_foreign:.0%} of the CPUs); "
+        "ratios: medians of per-round ratios over rounds clean for both; "
         "'clean' = fewest clean samples of any candidate\n",
         flush=True,
     )

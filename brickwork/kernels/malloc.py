@@ -22,7 +22,8 @@ _M_MMAP_MAX = -4
 
 # glibc caps the mmap threshold at HEAP_MAX/2 (32 MiB on 64-bit); larger values are rejected.
 DEFAULT_MMAP_THRESHOLD = 32 * 1024 * 1024
-DEFAULT_TRIM_THRESHOLD = 1 << 30
+# The largest value mallopt's int argument takes: freed heap memory is never returned to the OS.
+DEFAULT_TRIM_THRESHOLD = 2**31 - 1
 
 
 def tune_glibc_malloc(
