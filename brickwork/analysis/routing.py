@@ -58,9 +58,7 @@ def routing_stats(record: RoutingRecord) -> RoutingStats:
 
 def routing_summary(model: nn.Module) -> dict[str, RoutingStats]:
     """:class:`RoutingStats` of every routed layer of ``model`` from its latest forward, by module path."""
-    return {
-        path: routing_stats(rec) for path, rec in collect_records(model).items() if isinstance(rec, RoutingRecord)
-    }
+    return {path: routing_stats(rec) for path, rec in collect_records(model).items() if isinstance(rec, RoutingRecord)}
 
 
 def token_labels(record: RoutingRecord, labels: Tensor) -> Tensor:

@@ -134,7 +134,7 @@ class Timing:
     foreign: list[float] = field(default_factory=list)
 
     def clean(self, max_foreign: float) -> list[float]:
-        return [t for t, f in zip(self.seconds, self.foreign) if f <= max_foreign]
+        return [t for t, f in zip(self.seconds, self.foreign, strict=True) if f <= max_foreign]
 
     def median(self, max_foreign: float) -> float:
         return statistics.median(self.clean(max_foreign) or self.seconds)
@@ -149,7 +149,7 @@ def paired_ratio(a: Timing, b: Timing, max_foreign: float) -> float:
     """
     pairs = [
         ta / tb
-        for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign)
+        for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign, strict=True)
         if fa <= max_foreign and fb <= max_foreign
     ]
     return statistics.median(pairs) if pairs else a.median(max_foreign) / b.median(max_foreign)
@@ -337,9 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = []
-    for tokens, dim, experts, top_k, mode in itertools.product(args.tokens, args.dims, args.experts, args.top_k, args.modes):
+    grid = itertools.product(args.tokens, args.dims, args.experts, args.top_k, args.modes)
+    for tokens, dim, experts, top_k, mode in grid:
         r = bench_one(
-            tokens, dim, experts, top_k, mode, args.repeats, args.warmup, args.loops, args.max_foreign,
+            tokens,
+            dim,
+            experts,
+            top_k,
+            mode,
+            args.repeats,
+            args.warmup,
+            args.loops,
+            args.max_foreign,
             args.max_rounds or 3 * args.repeats,
         )
         results.append(r)

@@ -140,7 +140,7 @@ def _split(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     sizes = counts.tolist()
     # One split and one unbind per call: each chunk and each matrix is a view whose gradient
     # autograd accumulates without a full-size zero tensor per group.
-    outs = [xs @ w for xs, w, n in zip(x.split(sizes), weight.unbind(0), sizes) if n > 0]
+    outs = [xs @ w for xs, w, n in zip(x.split(sizes), weight.unbind(0), sizes, strict=True) if n > 0]
     if not outs:
         return x.new_zeros(0, weight.shape[2]) + 0 * weight.sum()
     return torch.cat(outs) if len(outs) > 1 else outs[0]

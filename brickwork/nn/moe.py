@@ -199,8 +199,14 @@ def moe_ffn(
         r = HashRouter(dim, num_experts, top_k=top_k, key="input", **kw)
     else:
         activation = "tanh" if router == "activation_dense_to_sparse" else "none"
-        r = DenseToSparseRouter(dim, num_experts, activation=activation, gumbel=activation == "none",
-                                load_balance=balance == "aux_loss", **kw)
+        r = DenseToSparseRouter(
+            dim,
+            num_experts,
+            activation=activation,
+            gumbel=activation == "none",
+            load_balance=balance == "aux_loss",
+            **kw,
+        )
     shared: nn.Module | None = None
     if shared_hidden > 0:
         shared = FeedForward(dim, shared_hidden, act, glu, bias=bias, **kw)

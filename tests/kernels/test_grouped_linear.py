@@ -40,7 +40,7 @@ def test_backends_match_reference_values_and_grads(backend: str, transposed: boo
     params = [x, base] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(y, params, g)
     ref_grads = torch.autograd.grad(ref, params, g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

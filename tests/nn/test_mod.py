@@ -100,7 +100,7 @@ def test_pmod_capacities_shifted_cosine() -> None:
     caps = pmod_capacities(8, mean=0.5, schedule="cosine", min_capacity=0.1)
     assert len(caps) == 8
     assert caps[0] == pytest.approx(1.0) and caps[-1] == pytest.approx(0.1)  # 0.5 + 0.5, max(0.1, 0.5 - 0.5)
-    assert all(a >= b for a, b in zip(caps, caps[1:]))
+    assert all(a >= b for a, b in zip(caps, caps[1:], strict=False))
     assert caps[3] == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 3 / 7))
     lin = pmod_capacities(5, mean=0.4, schedule="linear")
     assert lin == pytest.approx([0.9, 0.65, 0.4, 0.15, 1e-6])

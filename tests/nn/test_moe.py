@@ -48,8 +48,8 @@ def test_fast_path_equals_generic_path(backend: str, glu: bool, bias: bool, dim:
     y_fast = fast(x)
     y_gen = generic(x)
     torch.testing.assert_close(y_fast, y_gen)
-    gx_fast, = torch.autograd.grad(y_fast, x, g, retain_graph=True)
-    gx_gen, = torch.autograd.grad(y_gen, x, g, retain_graph=True)
+    (gx_fast,) = torch.autograd.grad(y_fast, x, g, retain_graph=True)
+    (gx_gen,) = torch.autograd.grad(y_gen, x, g, retain_graph=True)
     torch.testing.assert_close(gx_fast, gx_gen)
 
     fast_params = dict(fast_experts.named_parameters())
@@ -57,12 +57,12 @@ def test_fast_path_equals_generic_path(backend: str, glu: bool, bias: bool, dim:
     grads_gen = torch.autograd.grad(
         y_gen, [p for m in generic_experts for p in m.parameters()] + list(router.parameters()), g
     )
-    gf = dict(zip(list(fast_params) + ["router"], grads_fast))
+    gf = dict(zip(list(fast_params) + ["router"], grads_fast, strict=True))
     router_grad_gen = grads_gen[-1]
     torch.testing.assert_close(gf["router"], router_grad_gen)
     # map the stacked gradients back to per-expert FeedForward layout
     for i, m in enumerate(generic_experts):
-        pg = dict(zip([n for n, _ in m.named_parameters()], grads_gen[i * len(list(m.parameters())):]))
+        pg = dict(zip([n for n, _ in m.named_parameters()], grads_gen[i * len(list(m.parameters())) :], strict=False))
         up = gf["w_in"][i, :, :hidden].t()
         torch.testing.assert_close(up, pg["up.weight"])
         if glu:
@@ -91,7 +91,7 @@ def test_top1_moe_matches_per_token_reference() -> None:
     y = moe(x)
     routing = moe.router(x)
     ref = torch.zeros_like(x)
-    for t, e, w in zip(routing.token_idx.tolist(), routing.expert_idx.tolist(), routing.weights):
+    for t, e, w in zip(routing.token_idx.tolist(), routing.expert_idx.tolist(), routing.weights, strict=True):
         ref[t] += w * moe.experts.to_feed_forward(e)(x[t : t + 1])[0]
     torch.testing.assert_close(y, ref)
 
@@ -204,7 +204,10 @@ def test_counted_flops_shrink_with_dropped_tokens() -> None:
     assert meter.total == 2 * (2 * 8 * 12 * 2)
 
 
-@pytest.mark.parametrize("router", ["topk", "sigmoid", "expert_choice", "hash", "dense_to_sparse", "activation_dense_to_sparse"])
+ROUTERS = ["topk", "sigmoid", "expert_choice", "hash", "dense_to_sparse", "activation_dense_to_sparse"]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 def test_moe_ffn_smoke_every_router(router: str) -> None:
     torch.manual_seed(0)
     moe = moe_ffn(8, 12, 4, top_k=2, router=router, glu=True, act="silu", bias=True).train()  # type: ignore[arg-type]

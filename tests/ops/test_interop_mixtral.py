@@ -41,7 +41,7 @@ def _mixtral_reference(sd: dict[str, Tensor], x: Tensor, top_k: int) -> Tensor:
     top_p = top_p / top_p.sum(-1, keepdim=True)
     out = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
-        for p, e in zip(top_p[t], top_i[t].tolist()):
+        for p, e in zip(top_p[t], top_i[t].tolist(), strict=True):
             w1, w3, w2 = (sd[f"experts.{e}.w{i}.weight"] for i in (1, 3, 2))
             out[t] += p * (w2 @ (F.silu(w1 @ flat[t]) * (w3 @ flat[t])))
     return out.reshape(x.shape)

@@ -95,7 +95,10 @@ class DenseToSparseRouter(nn.Module):
         self.progress = 0.0
 
     def set_progress(self, fraction: float) -> None:
-        """Training-loop hook (``brickwork.nn.hooks``): where training is, 0.0 (start, ``tau_start``) to 1.0 (end, ``tau_end``)."""
+        """Training-loop hook (``brickwork.nn.hooks``): where training is, 0.0 to 1.0.
+
+        Progress 0 gives ``tau_start``, progress 1 gives ``tau_end``.
+        """
         self.progress = min(max(float(fraction), 0.0), 1.0)
 
     @property

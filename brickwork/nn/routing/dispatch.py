@@ -54,9 +54,7 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
 
 
-def plan_dispatch(
-    routing: Routing, capacity_factor: float | None = None, priority: Priority = "slot"
-) -> DispatchPlan:
+def plan_dispatch(routing: Routing, capacity_factor: float | None = None, priority: Priority = "slot") -> DispatchPlan:
     """Sort the assignments by expert and apply the capacity limit.
 
     Args:

@@ -44,7 +44,7 @@ class ExpertList(nn.ModuleList):
         sizes = counts.tolist()
         # One split into views; an expert with no rows is not called (user modules such as
         # BatchNorm may reject empty batches).
-        outs = [expert(chunk) for expert, chunk, n in zip(self, x_sorted.split(sizes), sizes) if n > 0]
+        outs = [expert(chunk) for expert, chunk, n in zip(self, x_sorted.split(sizes), sizes, strict=True) if n > 0]
         if not outs:
             return x_sorted * 0
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -113,15 +113,19 @@ class GroupedFFNExperts(nn.Module):
         return grouped_linear(h, self.w_out, counts, self.b_out, backend=self.backend)
 
     @classmethod
-    def from_feed_forward(
-        cls, experts: Sequence[FeedForward], backend: GroupedBackend = "auto"
-    ) -> GroupedFFNExperts:
+    def from_feed_forward(cls, experts: Sequence[FeedForward], backend: GroupedBackend = "auto") -> GroupedFFNExperts:
         """Stack E identical-shape :class:`FeedForward` experts (weights copied; dropout not carried)."""
         first = experts[0]
         dim, hidden = first.up.in_features, first.up.out_features
         glu, bias = first.gate is not None, first.up.bias is not None
         for f in experts:
-            if (f.up.in_features, f.up.out_features, f.gate is not None, f.act_name) != (dim, hidden, glu, first.act_name):
+            same = (f.up.in_features, f.up.out_features, f.gate is not None, f.act_name) == (
+                dim,
+                hidden,
+                glu,
+                first.act_name,
+            )
+            if not same:
                 raise ValueError("GroupedFFNExperts.from_feed_forward: experts differ in shape, act or glu")
         p = first.up.weight
         out = cls(len(experts), dim, hidden, first.act_name, glu, bias, backend, device=p.device, dtype=p.dtype)
@@ -139,8 +143,9 @@ class GroupedFFNExperts(nn.Module):
     def to_feed_forward(self, e: int) -> FeedForward:
         """Expert ``e`` as a standalone :class:`FeedForward` (weights copied)."""
         p = self.w_in
-        ff = FeedForward(self.dim, self.hidden, self.act_name, self.glu, bias=self.b_in is not None,
-                         device=p.device, dtype=p.dtype)
+        ff = FeedForward(
+            self.dim, self.hidden, self.act_name, self.glu, bias=self.b_in is not None, device=p.device, dtype=p.dtype
+        )
         h = self.hidden
         with torch.no_grad():
             ff.up.weight.copy_(self.w_in[e, :, :h].t())
@@ -159,4 +164,3 @@ class GroupedFFNExperts(nn.Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, act={self.act_name}, "
             f"glu={self.glu}, bias={self.b_in is not None}, backend={self.backend}"
         )
-

@@ -85,7 +85,9 @@ class HashRouter(nn.Module):
             if self.token_ids is None:
                 raise RuntimeError("HashRouter(key='token_id'): call set_token_ids(ids) or feed_token_ids(model)")
             if tuple(self.token_ids.shape) != tuple(lead):
-                raise ValueError(f"HashRouter: token ids {tuple(self.token_ids.shape)} do not match input {tuple(lead)}")
+                raise ValueError(
+                    f"HashRouter: token ids {tuple(self.token_ids.shape)} do not match input {tuple(lead)}"
+                )
             return self.token_ids.reshape(-1).to(x.device)
         if self.key == "position":
             t = lead[-1] if lead else 1
