@@ -2,9 +2,15 @@
 
 A checkpoint is two files side by side: ``NAME.safetensors`` (tensors only; safetensors
 never unpickles, so loading a user's file cannot execute code) and ``NAME.json`` (the
-metadata plus a SHA-256 of the tensor file, checked on load). Both are written to a
-temporary file in the same folder and moved into place with :func:`os.replace`, so a crash
-leaves either the old checkpoint or the new one, never a torn file.
+metadata plus a SHA-256 of the tensor file, checked on load). Each file is written to a
+temporary file in the same folder and moved into place with :func:`os.replace`.
+
+The pair is committed by one rename, that of the JSON: new tensors first go to
+``NAME.safetensors.pending``, then the JSON naming their hash replaces the old one, then the
+pending file replaces ``NAME.safetensors``. A crash (or Ctrl-C) before the JSON rename leaves
+the old checkpoint intact; one after it leaves a pending file whose hash the JSON names, and
+:func:`load_tensors` rolls it forward. Either way a reader sees the old checkpoint or the
+new one, never new tensors with old metadata.
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pending(st_path: Path) -> Path:
+    return st_path.with_name(st_path.name + ".pending")
+
+
 def _paths(stem: str | Path) -> tuple[Path, Path]:
     """``(stem.safetensors, stem.json)``; a stem may contain dots (``slice-w0.25``) and may be
     given with either file's suffix."""
@@ -94,12 +104,15 @@ def save_tensors(
     try:
         save_file(flat, tmp)
         digest = _sha256(Path(tmp))
-        os.replace(tmp, st_path)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, _pending(st_path))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # The metadata goes last: a checkpoint counts as written once its JSON names its hash.
+    # The commit point: once the JSON names the new hash, the pending file is the checkpoint.
     write_json(meta_path, {"format": FORMAT_VERSION, "sha256": digest, **(meta or {})})
+    os.replace(_pending(st_path), st_path)
     return st_path
 
 
@@ -111,6 +124,9 @@ def load_tensors(stem: str | Path, *, verify: bool = True) -> tuple[dict[str, to
     """
     st_path, meta_path = _paths(stem)
     meta = read_json(meta_path)
+    pending = _pending(st_path)
+    if pending.exists() and meta.get("sha256") == _sha256(pending):
+        os.replace(pending, st_path)  # a save was cut off after its commit point: finish it
     if not st_path.exists():
         raise CheckpointError(f"{st_path}: weights file not found (metadata is at {meta_path})")
     if verify and meta.get("sha256") != _sha256(st_path):

@@ -63,3 +63,37 @@ def test_stems_with_dots(tmp_path):
     assert (tmp_path / "slice-w0.25-d2.safetensors").exists() and (tmp_path / "slice-w0.25-d2.json").exists()
     back, _ = load_tensors(tmp_path / "slice-w0.25-d2")
     assert torch.equal(back["a"], torch.ones(1))
+
+
+def _interrupt_at(monkeypatch, n_replace: int):
+    """Make the ``n_replace``-th ``os.replace`` inside save_tensors raise KeyboardInterrupt."""
+    import brickwork.persist as persist
+
+    calls = {"n": 0}
+    real = persist.os.replace
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == n_replace:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(persist.os, "replace", replace)
+
+
+@pytest.mark.parametrize("cut_at, expect", [(1, "old"), (2, "old"), (3, "new")])
+def test_an_interrupted_save_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, cut_at, expect):
+    # save_tensors renames three times: tensors -> pending, JSON into place (the commit
+    # point), pending -> tensors. A Ctrl-C at any of them must not pair new tensors with old
+    # metadata (which is what a resumed run tripped over before this was a two-phase commit).
+    old, new = {"a": torch.zeros(4)}, {"a": torch.ones(4)}
+    save_tensors(tmp_path / "ck", old, {"step": 1})
+    with monkeypatch.context() as m:
+        _interrupt_at(m, cut_at)
+        with pytest.raises(KeyboardInterrupt):
+            save_tensors(tmp_path / "ck", new, {"step": 2})
+    back, meta = load_tensors(tmp_path / "ck")
+    want, step = (old, 1) if expect == "old" else (new, 2)
+    assert torch.equal(back["a"], want["a"]) and meta["step"] == step
+    save_tensors(tmp_path / "ck", new, {"step": 3})  # a later save cleans up after the cut one
+    assert {p.name for p in tmp_path.iterdir()} == {"ck.json", "ck.safetensors"}
