@@ -38,21 +38,30 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
 
 def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Accuracy against FLOPs per sample (log scale), each point labelled, Pareto front drawn."""
+    return plot_accuracy_vs(points, path, x_key="flops", x_label="FLOPs executed per sample",
+                            title=title or "Accuracy against compute")
+
+
+def plot_accuracy_vs(
+    points: Sequence[Mapping[str, Any]], path: str | Path, *, x_key: str, x_label: str, title: str
+) -> Path:
+    """Accuracy against any cost ``points[x_key]`` (FLOPs, latency; log scale), each point
+    labelled, the Pareto front dashed, error bars where points carry ``accuracy_std``."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    flops = [float(p["flops"]) for p in points]
+    xs = [float(p[x_key]) for p in points]
     acc = [float(p["accuracy"]) for p in points]
     err = [float(p.get("accuracy_std", 0.0)) for p in points]
     if any(err):  # mean over seeds, with one standard deviation
-        ax.errorbar(flops, acc, yerr=err, fmt="none", ecolor="gray", capsize=3, zorder=2)
-    ax.scatter(flops, acc, s=36, zorder=3)
-    for p, x, y in zip(points, flops, acc, strict=True):
+        ax.errorbar(xs, acc, yerr=err, fmt="none", ecolor="gray", capsize=3, zorder=2)
+    ax.scatter(xs, acc, s=36, zorder=3)
+    for p, x, y in zip(points, xs, acc, strict=True):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = pareto_front(flops, acc)
-    ax.plot([flops[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2,
+    front = pareto_front(xs, acc)
+    ax.plot([xs[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2,
             label="Pareto front", zorder=2)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
-    ax.set(xlabel="FLOPs executed per sample", ylabel="accuracy", title=title or "Accuracy against compute")
+    ax.set(xlabel=x_label, ylabel="accuracy", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from brickwork.analysis.compute import measure_compute
 from brickwork.analysis.latency import measure_latency
@@ -19,6 +21,36 @@ from brickwork.experiment.context import StageContext
 from brickwork.registry import RegistryName, register
 from brickwork.train import FitConfig, build_loss, build_optimizer, evaluate, fit
 from brickwork.train.optim import Schedule
+
+
+def train_model(
+    ctx: StageContext,
+    model: nn.Module,
+    state_path: Path,
+    desc: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    schedule: Schedule = "cosine",
+    warmup_steps: int = 0,
+    loss: str = "cross_entropy",
+    label_smoothing: float = 0.0,
+    grad_clip: float | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` on ``ctx``'s data as the ``train`` stage does, resumable from ``state_path``.
+
+    Stages that train more than the variant's own model (separately trained baselines) call
+    this with their own model and state path. Returns the per-epoch history.
+    """
+    opt = build_optimizer(optimizer, model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = build_loss(loss, label_smoothing=label_smoothing)
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, schedule=schedule,
+                    warmup_steps=warmup_steps, aux_weights=ctx.aux_weights, grad_clip=grad_clip, device=ctx.device)
+    return fit(model, ctx.data.train, ctx.data.val, loss_fn, opt, cfg, state_path=state_path,
+               progress=ctx.progress, desc=desc)
 
 
 @register("stage", "train")
@@ -38,16 +70,11 @@ def train(
 ) -> None:
     """Train the model on the train split, validating after every epoch; resumable."""
     torch.manual_seed(ctx.seed)
-    model = ctx.model
-    opt_args = {"lr": lr, "weight_decay": weight_decay}
-    opt = build_optimizer(optimizer, model.parameters(), **opt_args)
-    loss_fn = build_loss(loss, label_smoothing=label_smoothing)
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, schedule=schedule,
-                    warmup_steps=warmup_steps, aux_weights=ctx.aux_weights, grad_clip=grad_clip, device=ctx.device)
-    state = ctx.stage_path("train_state")
     t0 = time.perf_counter()
-    history = fit(model, ctx.data.train, ctx.data.val, loss_fn, opt, cfg, state_path=state,
-                  progress=ctx.progress, desc=f"train {ctx.label}")
+    history = train_model(ctx, ctx.model, ctx.stage_path("train_state"), f"train {ctx.label}", epochs=epochs,
+                          batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          schedule=schedule, warmup_steps=warmup_steps, loss=loss,
+                          label_smoothing=label_smoothing, grad_clip=grad_clip)
     ctx.history.extend(history)
     # Time of this process plus what earlier (interrupted) processes spent on the same stage.
     ctx.metrics["train_seconds"] = sum(row["seconds"] for row in history)

@@ -9,7 +9,6 @@ Pareto front marked, and adds the key ones to ``ctx.points`` (the run's overall 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from brickwork.analysis.compute import FlopMeter, count_params
 from brickwork.analysis.latency import measure_latency
 from brickwork.analysis.pareto import pareto_front
-from brickwork.analysis.plots import plot_accuracy_vs_flops
+from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops
 from brickwork.data.base import Split
 from brickwork.experiment.context import StageContext
 from brickwork.nn.stack import StackModel
@@ -103,30 +102,6 @@ def layer_costs(model: StackModel, x: Tensor) -> list[float]:
 # -- reporting ----------------------------------------------------------------------------------
 
 
-def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: Path, *, x_key: str, x_label: str,
-                  title: str) -> Path:
-    """Accuracy against ``points[x_key]`` (log scale), labelled, Pareto front dashed."""
-    import matplotlib.pyplot as plt  # after analysis.plots chose the Agg backend
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = [float(p[x_key]) for p in points]
-    ys = [float(p["accuracy"]) for p in points]
-    ax.scatter(xs, ys, s=30, zorder=3)
-    for p, x, y in zip(points, xs, ys, strict=True):
-        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    front = pareto_front(xs, ys)
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", lw=1.2, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set(xlabel=x_label, ylabel="accuracy", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], name: str, title: str) -> list[str]:
     """Save accuracy-vs-FLOPs and accuracy-vs-latency plots of ``points``; Markdown image lines."""
     stem = f"{name}-{ctx.label}" + ("" if ctx.dir.parent == ctx.run_dir else f"-{ctx.dir.name}")
@@ -134,8 +109,9 @@ def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], nam
     plot_accuracy_vs_flops(points, plots / f"{stem}-flops.png", title=f"{title}: accuracy against FLOPs")
     lines = [f"![{title}: accuracy vs FLOPs](plots/{stem}-flops.png)"]
     if all("latency_us" in p for p in points):
-        plot_tradeoff(points, plots / f"{stem}-latency.png", x_key="latency_us",
-                      x_label="measured latency per sample (µs, batched)", title=f"{title}: accuracy against latency")
+        plot_accuracy_vs(points, plots / f"{stem}-latency.png", x_key="latency_us",
+                         x_label="measured latency per sample (µs, batched)",
+                         title=f"{title}: accuracy against latency")
         lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
     return lines
 

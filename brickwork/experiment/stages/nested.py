@@ -15,12 +15,12 @@ from brickwork.analysis.latency import measure_latency
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.pipeline import build_model
+from brickwork.experiment.stages.core import train_model
 from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, table, tradeoff_section
 from brickwork.models.nested import sliced_args
 from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix, subnet_label
 from brickwork.ops.slice import slice_error, slice_model
 from brickwork.registry import REGISTRY, RegistryName, register
-from brickwork.train import FitConfig, build_loss, build_optimizer, fit
 from brickwork.train.checkpoint import save_model
 from brickwork.train.optim import Schedule
 
@@ -126,7 +126,6 @@ def nested_baselines(
     model = _nested(ctx)
     spec = _variant_spec(ctx)
     data = getattr(ctx.data, split)
-    loss_fn = build_loss("cross_entropy")
     rows, points = [], []
     for w, d in model.subnetworks():
         label = subnet_label(w, d)
@@ -135,12 +134,10 @@ def nested_baselines(
         base = build_model(Spec("model", spec.name, args), ctx.data.in_shape, ctx.data.num_classes).to(ctx.device)
         folder = ctx.stage_path(f"baseline-{label}")  # this stage's own folder: resumable, no collisions
         folder.mkdir(exist_ok=True)
-        opt = build_optimizer(optimizer, base.parameters(), lr=lr, weight_decay=weight_decay)
-        cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, schedule=schedule,
-                        warmup_steps=warmup_steps, grad_clip=grad_clip, device=ctx.device)
         t0 = time.perf_counter()
-        fit(base, ctx.data.train, ctx.data.val, loss_fn, opt, cfg, state_path=folder / "train_state",
-            progress=ctx.progress, desc=f"baseline {label}")
+        train_model(ctx, base, folder / "train_state", f"baseline {label}", epochs=epochs, batch_size=batch_size,
+                    optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                    warmup_steps=warmup_steps, grad_clip=grad_clip)
         save_model(folder / "model", base, {"model": {"name": spec.name, **args}, "baseline_of": label})
         p = measure_point(base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device,
                           latency_repeats=1)
