@@ -210,7 +210,9 @@ def _report(store: object, refs: list[str], out: str | None) -> int:
         return 0
     out_dir = Path(out) if out else Path(store.root) / ("compare-" + "-".join(r.id for r in records))  # type: ignore[attr-defined]
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise BrickworkError(f"--out {out_dir}: folder exists and is not empty; name a new one (nothing is overwritten)")
+        raise BrickworkError(
+            f"--out {out_dir}: folder exists and is not empty; name a new one (nothing is overwritten)"
+        )
     path = compare_runs(records, out_dir)
     print(path.read_text())
     print(f"written to {path}")

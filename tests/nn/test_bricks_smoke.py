@@ -53,14 +53,22 @@ CASES: dict[str, Case] = {
     ),
     "bert_embed": (lambda: BertEmbed(11, 6, max_len=9), lambda: torch.randint(0, 11, (2, 7)), (2, 7, 6)),
     "mean_pool_head": (lambda: MeanPoolHead(normalize=True), lambda: torch.randn(2, 4, 6), (2, 6)),
-    "moe_ffn": (lambda: moe_ffn(8, 8, num_experts=4, top_k=2, shared_hidden=8), lambda: torch.randn(2, 5, 8), (2, 5, 8)),
+    "moe_ffn": (
+        lambda: moe_ffn(8, 8, num_experts=4, top_k=2, shared_hidden=8),
+        lambda: torch.randn(2, 5, 8),
+        (2, 5, 8),
+    ),
     # Stacked experts take (rows sorted by expert, counts): smoke-tested through the MoE layer.
     "grouped_ffn_experts": (
         lambda: MoE(GroupedFFNExperts(4, 8, 8, glu=True, act="silu"), TopKRouter(8, 4, top_k=1)),
         lambda: torch.randn(6, 8),
         (6, 8),
     ),
-    "moe": (lambda: MoE([FeedForward(8, 8) for _ in range(3)], TopKRouter(8, 3, top_k=3)), lambda: torch.randn(7, 8), (7, 8)),
+    "moe": (
+        lambda: MoE([FeedForward(8, 8) for _ in range(3)], TopKRouter(8, 3, top_k=3)),
+        lambda: torch.randn(7, 8),
+        (7, 8),
+    ),
     "gated_expert": (lambda: GatedExpert(FeedForward(8, 16), 8), lambda: torch.randn(3, 8), (3, 8)),
     "residual_ffn": (lambda: ResidualFFN(8, FeedForward(8, 16)), lambda: torch.randn(3, 8), (3, 8)),
     "mixture_of_depths": (
