@@ -52,3 +52,9 @@ def test_moefy_stage_in_a_pipeline(tmp_path):
     assert metrics["moefy_fidelity"] == pytest.approx(1.0, abs=1e-6)  # top-k = E: the dense encoder
     assert metrics["moefy_ffn_flops_ratio"] == pytest.approx(1.0, abs=0.01)
     assert "MoEfication" in (rec.dir / "report.md").read_text()
+    # The converted model reloads: the stage's structure is replayed before its weights load.
+    from brickwork.experiment.artifacts import load_trained
+
+    trained = load_trained(RunStore(tmp_path / "runs"), rec.id)
+    assert trained.meta["structure"] == [{"op": "moefy", "experts": 8, "top_k": 8, "router": "emoe"}]
+    assert sum(type(m).__name__ == "MoE" for m in trained.model.modules()) == 6

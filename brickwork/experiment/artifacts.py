@@ -11,6 +11,7 @@ from torch import nn
 from brickwork.errors import CheckpointError
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.experiment.pipeline import build_model
+from brickwork.experiment.rebuild import apply_structure
 from brickwork.experiment.store import RunRecord, RunStore
 from brickwork.persist import read_json
 from brickwork.registry import REGISTRY
@@ -58,5 +59,6 @@ def load_trained(store: RunStore, ref: str, label: str | None = None, seed: int 
     entry = REGISTRY.get("model", raw.pop("name"))
     spec = Spec("model", entry.name, validate_args(entry, raw, f"models.{label}"))
     model = build_model(spec, tuple(meta["data"]["in_shape"]), meta["data"]["num_classes"])
+    model = apply_structure(model, meta.get("structure", []))
     load_model(stem, model)
     return TrainedModel(model, spec, label, record, meta, vdir)

@@ -27,6 +27,9 @@ class StageContext:
         run_dir: the run folder.
         seed: the seed of this variant's initialisation and training.
         resume: the run is being resumed; stages continue from their own saved state.
+        structure: recipes of the structural changes made so far (``experiment.rebuild``);
+            a stage that replaces layers by others of a different shape appends one, so that
+            the saved weights can be loaded into a rebuilt model.
         stage: index of the stage being run, so a stage's own files (``stage_path``) never
             collide with those of an earlier stage of the same kind.
     """
@@ -45,6 +48,7 @@ class StageContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     points: list[dict[str, Any]] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
+    structure: list[dict[str, Any]] = field(default_factory=list)
     stage: int = 0
 
     def stage_path(self, name: str) -> Path:

@@ -23,6 +23,7 @@ from brickwork.data import Dataset, load_dataset
 from brickwork.errors import BrickworkError
 from brickwork.experiment.config import RunConfig, Spec, validate
 from brickwork.experiment.context import StageContext
+from brickwork.experiment.rebuild import apply_structure
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore
 from brickwork.persist import atomic_write_text, read_json, write_json
@@ -110,12 +111,14 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
     state_file = vdir / "progress.json"
     state: dict[str, Any] = read_json(state_file) if resume and state_file.exists() else {}
     done = state.get("done", 0)
+    structure = state.get("structure", [])
     if done:
+        model = apply_structure(model, structure)
         load_model(vdir / "model", model)
     ctx = StageContext(label=label, model=model, data=data, dir=vdir, run_dir=run_dir, seed=seed, device=device,
                        aux_weights=cfg.aux_weights, resume=resume, progress=progress,
                        metrics=state.get("metrics", {}), history=state.get("history", []),
-                       points=state.get("points", []), report=state.get("report", []))
+                       points=state.get("points", []), report=state.get("report", []), structure=structure)
     for i, stage in enumerate(cfg.stages):
         if i < done:
             continue
@@ -125,10 +128,11 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
         ctx.stage = i
         stage.entry.obj(ctx, **stage.args)
         meta = {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
-                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1, "seed": seed}
+                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1, "seed": seed,
+                "structure": ctx.structure}
         save_model(vdir / "model", ctx.model, meta)
         write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history,
-                                "points": ctx.points, "report": ctx.report})
+                                "points": ctx.points, "report": ctx.report, "structure": ctx.structure})
     return {"metrics": ctx.metrics, "history": ctx.history, "points": ctx.points, "report": ctx.report}
 
 

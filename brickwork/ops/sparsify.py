@@ -34,13 +34,13 @@ import copy
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
 from torch import Tensor, nn
 
-from brickwork.nn.sparse import GroupLinear, cluster_units, in_degree, top_k
+from brickwork.nn.sparse import GroupLinear, Rewiring, cluster_units, in_degree, top_k
 from brickwork.registry import register
 
 Criterion = Literal["weight", "correlation"]
@@ -218,6 +218,35 @@ def apply_sparsify(model: nn.Module, choices: Sequence[LayerChoice]) -> nn.Modul
                           device=dense.weight.device, dtype=dense.weight.dtype)
         new.copy_dense_(dense.weight, dense.bias)
         parent, _, name = c.path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, new)
+    return model
+
+
+def sparse_layout(model: nn.Module, paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The shapes of the :class:`GroupLinear` layers at ``paths`` (plain JSON), for :func:`sparsify_like`."""
+    out = []
+    for path in paths:
+        m: GroupLinear = model.get_submodule(path)
+        out.append({"path": path, "d_in": m.d_in, "d_out": m.d_out, "groups": m.groups_out,
+                    "groups_in": m.groups_in, "k": m.k, "mask": m.mask is not None, "bias": m.bias is not None,
+                    "rewiring": None if m.rewiring is None else m.rewiring.config()})
+    return out
+
+
+@torch.no_grad()
+def sparsify_like(model: nn.Module, layout: Sequence[dict[str, Any]]) -> nn.Module:
+    """``model`` (edited in place) with the layers of ``layout`` replaced by :class:`GroupLinear`
+    skeletons of the same shapes, into which the state dict of the sparsified model loads
+    (wiring, input order and edge masks are buffers, so they come with the weights)."""
+    for lay in layout:
+        old = model.get_submodule(lay["path"])
+        p = next(old.parameters())
+        new = GroupLinear(lay["d_in"], lay["d_out"], groups=lay["groups"], groups_in=lay["groups_in"],
+                          connectivity=torch.arange(lay["k"]).expand(lay["groups"], -1),
+                          edge_density=0.5 if lay["mask"] else 1.0, bias=lay["bias"],
+                          rewiring=Rewiring(**lay["rewiring"]) if lay["rewiring"] else None,
+                          device=p.device, dtype=p.dtype)
+        parent, _, name = lay["path"].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, new)
     return model
 

@@ -12,6 +12,7 @@ from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.experiment.artifacts import load_trained
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.experiment.pipeline import build_model
+from brickwork.experiment.rebuild import apply_structure
 from brickwork.experiment.store import RunStore
 from brickwork.models.nested import sliced_args
 from brickwork.nn.nested import NestedModel
@@ -49,6 +50,7 @@ def load_checkpoint_model(stem: str | Path) -> nn.Module:
     entry = REGISTRY.get("model", raw.pop("name"))
     model = build_model(Spec("model", entry.name, validate_args(entry, raw, "model")),
                         tuple(data["in_shape"]), data["num_classes"])
+    model = apply_structure(model, meta.get("structure", []))
     load_model(stem, model)
     return model
 

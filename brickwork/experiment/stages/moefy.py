@@ -78,6 +78,7 @@ def moefy_stage(
         rows.append({"label": label, "accuracy": _accuracy(o, y, ctx.data.num_classes), **cost})
     recall = [s["recall"] for s in stats.values() if "recall" in s]
     ctx.model = conv
+    ctx.structure.append({"op": "moefy", "experts": experts, "top_k": top_k, "router": router})
     ctx.metrics.update(moefy_fidelity=fid, moefy_accuracy=rows[1]["accuracy"], dense_accuracy=rows[0]["accuracy"],
                        moefy_ffn_flops_ratio=rows[1]["ffn_flops"] / rows[0]["ffn_flops"])
     if recall:

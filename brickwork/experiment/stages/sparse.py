@@ -11,7 +11,7 @@ from brickwork.analysis.compute import count_params
 from brickwork.experiment.context import StageContext
 from brickwork.nn.sparse import GroupLinear, Level, Rewiring
 from brickwork.nn.sparse.schedule import Decay
-from brickwork.ops.sparsify import Criterion, apply_sparsify, linear_targets, plan_sparsify
+from brickwork.ops.sparsify import Criterion, apply_sparsify, linear_targets, plan_sparsify, sparse_layout
 from brickwork.registry import register
 from brickwork.train import build_loss, evaluate
 
@@ -58,6 +58,7 @@ def sparsify_stage(
             if isinstance(m, GroupLinear):
                 m.set_rewiring(Rewiring(regrow, level, interval, fraction, decay, stop).to(ctx.device))
     ctx.model = model
+    ctx.structure.append({"op": "sparsify", "layers": sparse_layout(model, [c.path for c in choices])})
     kept = [c.kept_mass for c in choices]
     ctx.metrics.update({
         "sparsify_params_before": params_before,

@@ -94,6 +94,12 @@ class Rewiring(nn.Module):
         self._pairs: list[tuple[Tensor, list[Tensor]]] = []
         self._edge_grad: Tensor | None = None
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments of this policy (plain JSON): rebuilds an equal, unbound one."""
+        sch = self.schedule
+        return {"regrow": self.regrow, "level": self.level, "interval": sch.interval, "fraction": sch.fraction,
+                "decay": sch.decay, "stop": sch.stop, "window": self.window, "momentum": self.momentum}
+
     @property
     def edges(self) -> bool:
         return self.level in ("edge", "both")
