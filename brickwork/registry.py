@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
@@ -161,18 +163,25 @@ def _load_builtins() -> None:
 
 
 def _type_name(ann: Any) -> str:
+    """A short, readable type for ``brickwork ls``: ``int (>= 1) | None``, ``list[float (>= 0)]``."""
     if ann is inspect.Parameter.empty:
         return "any"
+    if ann is type(None):
+        return "None"
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        bits = [_constraint_text(m) for m in ann.__metadata__]
+        return _type_name(args[0]) + "".join(f" ({b})" for b in bits if b)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None and args:
+        name = getattr(origin, "__name__", repr(origin).replace("typing.", ""))
+        return f"{name}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
     if isinstance(ann, type):
         return ann.__name__
-    text = repr(ann).replace("typing.", "")
-    # Annotated[int, Field(ge=1)] -> "int (>= 1)"; keep it short for `ls`.
-    if text.startswith("Annotated["):
-        base = getattr(ann, "__origin__", ann)
-        meta = getattr(ann, "__metadata__", ())
-        bits = [_constraint_text(m) for m in meta]
-        return _type_name(base) + "".join(f" ({b})" for b in bits if b)
-    return text
+    return repr(ann).replace("typing.", "")
 
 
 def _constraint_text(meta: Any) -> str:

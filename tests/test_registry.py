@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import Field
@@ -39,6 +39,20 @@ def test_describe_shows_constraints():
 
     (p,) = Entry("brick", "f", f, "").params()
     assert p.describe() == "width: int (>= 1) = 3"
+
+
+def test_describe_shows_nested_constraints_readably():
+    def f(
+        cap: Annotated[float, Field(gt=0)] | None = None,
+        weights: list[Annotated[float, Field(ge=0)]] | None = None,
+        mode: Literal["a", "b"] = "a",
+    ) -> None: ...
+
+    assert [p.describe() for p in Entry("brick", "f", f, "").params()] == [
+        "cap: float (> 0) | None = None",
+        "weights: list[float (>= 0)] | None = None",
+        "mode: Literal['a', 'b'] = 'a'",
+    ]
 
 
 def test_double_registration_of_a_different_object_fails():
