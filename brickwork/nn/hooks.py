@@ -12,11 +12,18 @@ Bricks that need to know about training define, as plain methods (duck-typed):
   still in ``.grad`` — load-balancing biases, prune/regrow of sparse connectivity, running
   activation statistics.
 
-:func:`after_optimizer_step` makes both calls model-wide; ``train.train_step`` calls it.
+* ``take_regrown() -> list[(parameter, bool mask)]``: positions of a parameter that were just
+  regrown (sparse rewiring), so the loop zeroes the optimizer's state there: a regrown weight
+  starts at zero and should not inherit the moments of the connection that used to sit in its
+  slot (RigL, Evci et al., 2020, resets them too). Returns each position once, then forgets it.
+
+:func:`after_optimizer_step` makes the first two calls model-wide and
+:func:`reset_regrown_state` the third; ``train.train_step`` calls both.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -37,3 +44,20 @@ def after_optimizer_step(model: nn.Module, progress: float | None = None) -> Non
             hook = getattr(module, "set_progress", None)
             if callable(hook):
                 hook(fraction)
+
+
+@torch.no_grad()
+def reset_regrown_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Zero ``optimizer``'s per-element state (Adam's moments, SGD's momentum buffer) at the
+    positions bricks report through ``take_regrown()``; returns how many positions were reset."""
+    n = 0
+    for module in model.modules():
+        take = getattr(module, "take_regrown", None)
+        if not callable(take):
+            continue
+        for param, where in take():
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.masked_fill_(where, 0)
+            n += int(where.sum())
+    return n

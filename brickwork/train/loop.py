@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
-from brickwork.nn.hooks import after_optimizer_step
+from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
 from brickwork.train.data import batches, epoch_order, num_batches
@@ -45,7 +45,8 @@ def train_step(
     Auxiliary losses (load balancing, z-loss, ...) are collected from every brick that left
     them (``nn.records``) and added with ``aux_weights[name]`` (default 1.0). A model with a
     ``training_loss(x, y, loss_fn)`` method supplies its own objective (``nn.hooks``). After
-    the update, bricks' ``after_step`` / ``set_progress(progress)`` hooks run.
+    the update, bricks' ``after_step`` / ``set_progress(progress)`` hooks run, and the
+    optimizer's state is zeroed where sparse layers regrew weights.
     """
     optimizer.zero_grad(set_to_none=True)
     objective = getattr(model, "training_loss", None)
@@ -60,6 +61,7 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     after_optimizer_step(model, progress)
+    reset_regrown_state(model, optimizer)
     return StepResult(loss.item(), {k: v.item() for k, v in aux.items()})
 
 

@@ -147,3 +147,29 @@ def test_resume_from_a_checkpoint_reproduces_the_topology_exactly():
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert math.isclose(float(straight[0].rewiring.progress), 0.5)
+
+
+@pytest.mark.parametrize("level", ["edge", "group"])
+def test_train_step_zeroes_the_optimizer_state_of_regrown_weights(level):
+    from brickwork.train.loop import train_step
+
+    layer = GroupLinear(16, 16, groups=4, density=0.5, edge_density=0.5 if level == "edge" else 1.0,
+                        rewiring=Rewiring("random", level, interval=3, fraction=0.5))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):  # the third step is an update
+        before = (layer.sources.clone(), layer.mask.clone() if layer.mask is not None else None)
+        train_step(model, torch.randn(8, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen),
+                   F.cross_entropy, opt, progress=(step + 1) / 10)
+    state = opt.state[layer.weight]
+    if level == "edge":
+        grown = layer.mask & ~before[1]
+    else:
+        moved = layer.sources != before[0]
+        grown = moved[:, None, :, None].expand(4, 4, 2, 4).reshape(layer.weight.shape)  # (G, b_out, k, b_in)
+    assert grown.any() and layer.take_regrown() == []  # taken once, by the step
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert (state[name][grown] == 0).all(), name
+        live = ~grown if layer.mask is None else layer.mask & ~grown
+        assert (state[name][live] != 0).any(), name  # only the regrown positions were reset

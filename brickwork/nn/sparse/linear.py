@@ -184,6 +184,12 @@ class GroupLinear(nn.Module):
         if self.rewiring is not None:
             self.rewiring.update(self)
 
+    def take_regrown(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """Training hook: the weight positions regrown by the last update (once), for the loop to
+        reset the optimizer's state there (``nn.hooks``)."""
+        grown = None if self.rewiring is None else self.rewiring.pop_regrown()
+        return [] if grown is None else [(self.weight, grown)]
+
     @property
     def density(self) -> float:
         """Fraction of the dense layer's weights that are kept (active edges / (d_out * d_in))."""

@@ -27,9 +27,10 @@ Magnitudes for dropping: |w| for edges, the RMS of a block's active weights for 
 
 Optimizer state: parameters keep their shapes, so the optimizer's references stay valid. The
 forward multiplies by the mask, so masked weights get zero gradients; dropped and grown weights
-are set to zero. An adaptive optimizer's moments at a regrown position are those left from
-before it was dropped (first moments decay by beta1 each step, so they are gone after an
-interval of 100 steps; the second moment lingers and damps the regrown weight's first steps).
+are set to zero, and the training loop zeroes the optimizer's moments at the grown positions
+(``GroupLinear.take_regrown``, as RigL does): otherwise a regrown weight would inherit the second moment
+of the connection that last used its slot (another input group's, for a moved block), which
+damps its first steps.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Rewiring(nn.Module):
         # Captured on an update step's forward/backward, consumed by that step's update.
         self._pairs: list[tuple[Tensor, list[Tensor]]] = []
         self._edge_grad: Tensor | None = None
+        self._regrown: Tensor | None = None  # (G_out, b_out, K) bool, until taken by the loop
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this policy (plain JSON): rebuilds an equal, unbound one."""
@@ -176,22 +178,34 @@ class Rewiring(nn.Module):
         frac = self.schedule.fraction_at(progress)
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + step)
         moved_edges = moved_blocks = 0
+        grown = torch.zeros(layer.weight.shape, dtype=torch.bool, device=layer.weight.device)
         if self.edges:
             assert layer.mask is not None
             n = round(frac * int(layer.mask.sum()))
+            before = layer.mask.clone()
             moved_edges = swap_edges(layer.weight.data, layer.mask, n, self._edge_score(layer), gen)
+            grown |= layer.mask & ~before
         if self.groups:
             n = round(frac * layer.sources.numel())
             moves = swap_blocks(layer.sources, layer.groups_in, self._block_magnitude(layer), n,
                                 self._group_score(layer), gen)
             self._apply_block_moves(layer, moves)
             moved_blocks = len(moves)
+            slots = grown.view(layer.groups_out, layer.block_out, layer.k, layer.block_in)
+            for o, j, _ in moves:
+                slots[o, :, j] = True
+        self._regrown = grown if (moved_edges or moved_blocks) else None
         if self.stats is not None and self.stats.edges:
             self.stats.reset_edges()
         self._pairs, self._edge_grad = [], None
         self.edges_moved += moved_edges
         self.blocks_moved += moved_blocks
         self.record = {"step": step, "fraction": frac, "edges_moved": moved_edges, "blocks_moved": moved_blocks}
+
+    def pop_regrown(self) -> Tensor | None:
+        """(G_out, b_out, K) bool: weight positions regrown by the last update, or None; once."""
+        grown, self._regrown = self._regrown, None
+        return grown
 
     def _edge_score(self, layer: GroupLinear) -> Tensor | None:
         if self.regrow == "gradient":
