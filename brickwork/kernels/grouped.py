@@ -22,7 +22,7 @@ rows ``x[o_{e-1}:o_e]`` are multiplied by ``weight[e]``. Three implementations:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -126,50 +126,12 @@ def grouped_linear(
     return y
 
 
-class _GroupedMMCPU(torch.autograd.Function):
-    """``torch._grouped_mm`` forward and input gradient; the weight gradient one ``mm`` per group
-    written straight into a single (G, K, M) buffer.
-
-    Why: on the CPU, ``_grouped_mm``'s own weight gradient (and ``bmm`` on the same shapes) ran
-    at 2.2-2.4x the time of one dense product of equal FLOPs with 64 rows per group (64 groups,
-    512 x 2048 and 1024 x 512 weights, one thread), the per-group ``mm(out=)`` at 1.0-1.3x;
-    forward and input-gradient products are within noise of the loop. Measured in
-    ``docs/moe-notes.md``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, offs: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight, offs)
-        ctx.sizes = sizes
-        return torch._grouped_mm(x, weight, offs=offs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        x, weight, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad, weight.transpose(1, 2), offs=offs)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight.new_empty(weight.shape)
-            for xs, gs, out, n in zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_w.unbind(0), ctx.sizes,
-                                      strict=True):
-                if n:
-                    torch.mm(xs.t(), gs, out=out)
-                else:
-                    out.zero_()
-        return grad_x, grad_w, None, None
-
-
 def _grouped_mm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[2]) + 0 * weight.sum()
     # Offsets are cumulative row ends and must be int32; the last equals A, so no output row
     # is left uninitialised.
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _GroupedMMCPU.apply(x.contiguous(), weight, offs, counts.tolist())
     y = torch._grouped_mm(x.contiguous(), weight, offs=offs)
     return _ContiguousGrad.apply(y)
 
