@@ -26,11 +26,14 @@ def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
     out = tmp_path / "mf"
     args = ["moefy", "--experts", "8", "--top-k", "2", "--clustering", "random", "--out", str(out),
             "--calib-sentences", "40", "--eval-sentences", "40", "--sweep-experts", "--compare-ratios",
-            "--finetune-seeds", "0", "--no-modularity", "--max-drop", "0", "--threads", "1"]
+            "--finetune-seeds", "1", "--finetune-train", "16", "--finetune-top-k", "2", "8",
+            "--no-modularity", "--max-drop", "0", "--threads", "1"]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "| dense | 1.0000 |" in report and "random+emoe E=8 k=2" in report
+    # One fine-tuning row per encoder: the dense one and the converted one at each top-k.
+    assert all(f"| {m} |" in report for m in ("dense", "moefy k=2", "moefy k=8"))
     model = load_converted(out / "model")
     assert len(model.body.layers[0].ffn.experts.neurons) == 8
     # Never overwritten; bad input is one line with exit status 2.
@@ -40,6 +43,8 @@ def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
     assert main(["moefy", "--experts", "7", "--out", str(tmp_path / "x")]) == 2
     assert main(["moefy", "--experts", "8", "--top-k", "9", "--out", str(tmp_path / "x")]) == 2
     assert "--top-k" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["moefy", "--experts", "8", "--finetune-top-k", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--finetune-top-k" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_moefy_stage_in_a_pipeline(tmp_path):

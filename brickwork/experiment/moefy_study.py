@@ -11,6 +11,7 @@ WordSim-353); each method measures one part of the report and returns plain rows
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -155,14 +156,20 @@ class Study:
                          "moefy": lambda: self.encode(self.main, texts)}, repeats=3, warmup=1)
         return {"sentences": len(texts), "dense_s": t["dense"], "moefy_s": t["moefy"], "ratio": t["moefy"] / t["dense"]}
 
-    def finetune(self, seeds: int, n_train: int, epochs: int) -> dict[str, Any]:
+    def finetune(self, seeds: int, n_train: int, epochs: int, top_ks: list[int]) -> dict[str, Any]:
+        """Dense and converted encoders (the latter at each of ``top_ks``) fine-tuned with one budget."""
         from brickwork.models.minilm import Tokenizer
 
         tok64 = Tokenizer(64)
         train = Split(tok64(self.ft_texts), torch.tensor(self.ft_labels))
         test = Split(tok64(self.sets.texts), torch.from_numpy(self.sets.labels).long())
         out: dict[str, Any] = {"train": len(train), "test": len(test), "epochs": epochs, "runs": []}
-        for name, enc in (("dense", self.model), ("moefy", self.main)):
+        encoders = [("dense", self.model)]
+        for k in top_ks:
+            conv = copy.deepcopy(self.main)
+            set_top_k(conv, k)
+            encoders.append((f"moefy k={k}", conv))
+        for name, enc in encoders:
             for seed in range(seeds):
                 t0 = time.perf_counter()
                 r = finetune_classifier(enc, 384, train, test, epochs=epochs, seed=seed)
@@ -248,7 +255,7 @@ class Study:
         if "finetune" in results:
             f = results["finetune"]
             summary = []
-            for name in ("dense", "moefy"):
+            for name in dict.fromkeys(r["model"] for r in f["runs"]):
                 accs = torch.tensor([r["accuracy"] for r in f["runs"] if r["model"] == name])
                 summary.append({"label": name, "mean": float(accs.mean()),
                                 "std": float(accs.std()) if len(accs) > 1 else 0.0,
@@ -258,7 +265,9 @@ class Study:
                       f"Each encoder plus a linear head on its pooled embedding, fine-tuned with the same budget "
                       f"({f['epochs']} epoch over {f['train']} snippets, batch 16, AdamW lr 3e-5 / head 1e-3, cosine, "
                       f"max 64 tokens), tested on the {f['test']} evaluation snippets; "
-                      f"{len(f['runs']) // 2} seeds each.",
+                      f"{max(r['seed'] for r in f['runs']) + 1} seeds each; `moefy k=K` is the converted model "
+                      f"(E = {a.experts}) fine-tuned computing K experts per token (EMoE fine-tunes its "
+                      "converted model the same way: experts, keys and avg-k gate together).",
                       table(summary, [("label", "model", "{}"), ("mean", "test accuracy", "{:.4f}"),
                                       ("std", "std", "{:.4f}"), ("runs", "per seed", "{}"), ("steps", "steps", "{}")])]
         if "modularity" in results:

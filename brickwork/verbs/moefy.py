@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-seeds", type=int, default=3, help="0 skips fine-tuning")
     parser.add_argument("--finetune-train", type=int, default=3000, help="fine-tuning training snippets")
     parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--finetune-top-k", type=int, nargs="+", metavar="K",
+                        help="top-k values at which the converted model is fine-tuned (default: --top-k)")
     parser.add_argument("--no-modularity", action="store_true")
     parser.add_argument("--max-drop", type=int, default=3, help="drop up to this many layers (0: skip importance)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         raise BrickworkError(f"--experts must divide MiniLM's 1536 FFN neurons, got {args.experts}")
     if not 1 <= args.top_k <= args.experts:
         raise BrickworkError(f"--top-k must be in 1..{args.experts}, got {args.top_k}")
+    bad_k = [k for k in args.finetune_top_k or [] if not 1 <= k <= args.experts]
+    if bad_k:
+        raise BrickworkError(f"--finetune-top-k must be in 1..{args.experts}, got {bad_k}")
     bad = [e for e in args.sweep_experts if e < 1 or 1536 % e]
     if bad:
         raise BrickworkError(f"--sweep-experts must divide 1536, got {bad}")
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         results["compare"] = study.compare(args.compare_ratios)
     results["timing"] = study.timing()
     if args.finetune_seeds:
-        results["finetune"] = study.finetune(args.finetune_seeds, args.finetune_train, args.finetune_epochs)
+        results["finetune"] = study.finetune(args.finetune_seeds, args.finetune_train, args.finetune_epochs,
+                                             args.finetune_top_k or [args.top_k])
     if not args.no_modularity:
         results["modularity"] = study.modularity(out)
     if args.max_drop:
