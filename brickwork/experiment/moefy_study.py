@@ -33,10 +33,9 @@ from brickwork.data.base import Split
 from brickwork.data.sentences import rotten_tomatoes, token_batches, wordsim353
 from brickwork.experiment.stages.depth import table
 from brickwork.experiment.stages.moefy import finetune_classifier
-from brickwork.ops.chain import drop_layers, layer_importance, least_important
+from brickwork.ops.chain import drop_attention, drop_layers, layer_importance, least_important
 from brickwork.ops.moefy import ffn_inputs, moefy, moefy_like, partition_ffn, set_top_k
 from brickwork.ops.moefy_cluster import coactivation_counts, partition_to_labels
-from brickwork.ops.moefy_layers import attention_importance, drop_attention
 from brickwork.train.checkpoint import load_model, save_model
 
 COLUMNS = [("label", "model", "{}"), ("fidelity", "fidelity", "{:.4f}"),
@@ -206,7 +205,7 @@ class Study:
     def importance(self, max_drop: int) -> dict[str, Any]:
         batches = [b for b, _ in token_batches(self.eval_ids[:256], 64)]
         scores = {"block": layer_importance(self.model, batches, "block"),
-                  "attention": attention_importance(self.model, batches)}
+                  "attention": layer_importance(self.model, batches, "attention")}
         rows = []
         print("layer dropping:", flush=True)
         for part, s in scores.items():

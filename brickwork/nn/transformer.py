@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from brickwork.registry import register
+
+
+class ZeroBranch(nn.Module):
+    """A residual branch that contributes nothing (a dropped sublayer): no FLOPs. (..., D) -> zeros."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
 
 
 @register("brick", "transformer_block")
@@ -36,6 +44,14 @@ class TransformerBlock(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
+    def after_attention(self, x: Tensor) -> Tensor:
+        """The residual stream after the attention sublayer only, ``x + attn(norm1(x))`` (for scoring it)."""
+        return x + self.drop(self.attn(self.norm1(x)))
+
+    def drop_attention_(self) -> None:
+        """Remove the attention sublayer in place: the block becomes ``x + ffn(norm2(x))`` (Attention Drop)."""
+        self.attn = ZeroBranch()
+
 
 @register("brick", "post_norm_block")
 class PostNormBlock(nn.Module):
@@ -63,3 +79,13 @@ class PostNormBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm1(x + self.drop(self.attn(x)))
         return self.norm2(x + self.drop(self.ffn(x)))
+
+    def after_attention(self, x: Tensor) -> Tensor:
+        """The hidden state after the attention sublayer only, ``norm1(x + attn(x))`` (for scoring it)."""
+        return self.norm1(x + self.drop(self.attn(x)))
+
+    def drop_attention_(self) -> None:
+        """Remove the whole attention sublayer in place, its norm included (the sublayer becomes the
+        identity, the change its score measured): the block becomes ``norm2(x + ffn(x))``."""
+        self.attn = ZeroBranch()
+        self.norm1 = nn.Identity()

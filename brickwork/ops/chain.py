@@ -215,45 +215,55 @@ def per_sample_oracle(
 Part = Literal["block", "attention"]
 
 
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Mean cosine similarity of feature vectors: channels of (B, C, H, W), last dim otherwise."""
+def _dissimilarity(a: Tensor, b: Tensor) -> tuple[float, int]:
+    """Sum over feature vectors (channels of (B, C, H, W), the last dim otherwise) of
+    ``1 - cos(a, b)``, and how many vectors there were."""
     if a.dim() == 4:
         a, b = a.movedim(1, -1), b.movedim(1, -1)
-    return F.cosine_similarity(a.flatten(0, -2).float(), b.flatten(0, -2).float(), dim=-1).mean()
+    cos = F.cosine_similarity(a.flatten(0, -2).double(), b.flatten(0, -2).double(), dim=-1)
+    return float((1 - cos).sum()), cos.numel()
 
 
 def has_attention(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a pre-norm residual block with an ``attn`` sublayer after ``norm1``."""
-    return isinstance(getattr(layer, "attn", None), nn.Module) and isinstance(getattr(layer, "norm1", None), nn.Module)
+    """Whether ``layer`` has an attention sublayer that can be scored and dropped on its own
+    (``after_attention`` / ``drop_attention_``: pre-norm and post-norm transformer blocks)."""
+    return callable(getattr(layer, "after_attention", None)) and callable(getattr(layer, "drop_attention_", None))
 
 
 @torch.no_grad()
 def layer_importance(model: StackModel, batches: Iterable[Tensor], part: Part = "block") -> list[float]:
-    """``1 - mean cos(h_in, h_out)`` per body layer, over the samples of ``batches``.
+    """``1 - mean cos(h_in, h_out)`` per body layer, over every feature vector of ``batches``
+    (token, pixel or sample: batches of different sizes weigh by their vectors).
 
-    For ``part="attention"`` the output is the residual stream after the attention sublayer
-    only, ``h + attn(norm1(h))``. Layers whose output has another shape than their input
-    (a stride or a channel change), or without attention, score NaN: they cannot be dropped.
+    For ``part="attention"`` the output is the hidden state after the attention sublayer only
+    (the block's ``after_attention``: ``h + attn(norm1(h))`` pre-norm, ``norm1(h + attn(h))``
+    post-norm). Layers whose output has another shape than their input (a stride or a channel
+    change), or without attention, score NaN: they cannot be dropped. Sequence batches must be
+    free of padding (:func:`brickwork.data.sentences.token_batches`), or padded positions count.
     """
     n = len(model.body)
-    sums, count = torch.zeros(n, dtype=torch.float64), 0
+    sums, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     was = model.training
     model.eval()
     try:
         for x in batches:
             h = model.stem(x)
             for i, layer in enumerate(model.body.layers):
+                nxt = layer(h)
                 if part == "attention":
-                    out = h + layer.attn(layer.norm1(h)) if has_attention(layer) else None
-                    nxt = layer(h)
+                    out = layer.after_attention(h) if has_attention(layer) else None
                 else:
-                    out = nxt = layer(h)
-                sums[i] += float("nan") if out is None or out.shape != h.shape else float(1 - _cosine(h, out))
+                    out = nxt
+                if out is None or out.shape != h.shape:
+                    sums[i] = float("nan")
+                else:
+                    total, vectors = _dissimilarity(h, out)
+                    sums[i] += total
+                    count[i] += vectors
                 h = nxt
-            count += 1
     finally:
         model.train(was)
-    return (sums / max(count, 1)).tolist()
+    return (sums / count.clamp_min(1)).tolist()
 
 
 def least_important(scores: Sequence[float], k: int) -> list[int]:
@@ -274,21 +284,13 @@ def drop_layers(model: StackModel, drop: Iterable[int]) -> StackModel:
     return out
 
 
-class ZeroBranch(nn.Module):
-    """A residual branch that contributes nothing (a dropped sublayer): no FLOPs. (..., D) -> zeros."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.zeros_like(x)
-
-
 def drop_attention(model: StackModel, drop: Iterable[int]) -> StackModel:
-    """A copy of ``model`` whose blocks ``drop`` keep their FFN but lose attention (Attention Drop)."""
+    """A copy of ``model`` whose blocks ``drop`` keep their FFN but lose attention (Attention Drop;
+    each block knows what its sublayer is: ``drop_attention_``)."""
     out = drop_layers(model, [])
     for i in drop:
         layer = out.body.layers[i]
         if not has_attention(layer):
             raise ValueError(f"drop_attention: layer {i} ({type(layer).__name__}) has no attention sublayer")
-        layer.attn = ZeroBranch()
+        layer.drop_attention_()
     return out
-
-

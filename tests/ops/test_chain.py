@@ -93,3 +93,30 @@ def test_importance_of_shape_changing_layers_is_nan_and_attention_needs_attentio
     assert all(s != s for s in layer_importance(m, [torch.randn(4, 1, 8, 8)], "attention"))
     with pytest.raises(ValueError, match="no attention"):
         drop_attention(m, [0])
+
+
+def test_post_norm_blocks_score_and_drop_their_whole_attention_sublayer():
+    from brickwork.nn import ClassifierHead, FeedForward, PostNormBlock, Stack, StackModel
+    from brickwork.nn.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    blocks = [PostNormBlock(8, MultiHeadAttention(8, 2), FeedForward(8, 16)) for _ in range(2)]
+    m = StackModel(torch.nn.Identity(), Stack(blocks), ClassifierHead(8, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        after = blocks[0].norm1(x + blocks[0].attn(x))
+        cos = torch.nn.functional.cosine_similarity(x.flatten(0, 1), after.flatten(0, 1), dim=-1)
+        # Post-norm: the sublayer is norm1(h + attn(h)), not the pre-norm h + attn(norm1(h)).
+        assert layer_importance(m, [x], "attention")[0] == pytest.approx(float((1 - cos).mean()), abs=1e-6)
+        dropped = drop_attention(m, [0])
+        b = blocks[0]
+        torch.testing.assert_close(dropped.body.layers[0](x), b.norm2(x + b.ffn(x)))  # attention and its norm gone
+    assert isinstance(blocks[0].norm1, torch.nn.LayerNorm)  # the original is untouched
+
+
+def test_importance_weighs_batches_by_their_vectors():
+    torch.manual_seed(0)
+    m = mlp((1, 8, 8), 3, width=8, depth=2)
+    x = torch.randn(10, 1, 8, 8)
+    whole, split = layer_importance(m, [x]), layer_importance(m, [x[:1], x[1:]])
+    assert whole == pytest.approx(split, abs=1e-6)  # a 1-sample batch does not count as much as 9
