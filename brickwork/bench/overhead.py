@@ -21,7 +21,7 @@ from brickwork.bench.timing import interleaved
 from brickwork.data import load_dataset
 from brickwork.registry import REGISTRY
 from brickwork.train import FitConfig, build_loss, run_epoch
-from brickwork.train.data import batches, epoch_order, num_batches
+from brickwork.data.batching import batches, epoch_order, num_batches
 
 
 def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, float]:

@@ -31,7 +31,7 @@ from brickwork.analysis.routing import plot_routing_heatmap
 from brickwork.bench.timing import interleaved
 from brickwork.data.base import Split
 from brickwork.data.sentences import rotten_tomatoes, token_batches, wordsim353
-from brickwork.experiment.stages.depth import table
+from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.stages.moefy import finetune_classifier
 from brickwork.ops.chain import drop_attention, drop_layers, layer_importance, least_important
 from brickwork.ops.moefy import ffn_inputs, moefy, moefy_like, partition_ffn, set_top_k

@@ -24,6 +24,22 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+#: A table column: the row key, the header, and a ``str.format`` pattern for the value.
+Column = tuple[str, str, str]
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """A Markdown table: one row per mapping, ``columns`` as (key, header, format).
+
+    A missing or ``None`` value leaves its cell empty. Where a row also has ``<key>_std`` (a mean
+    over several seeds), the cell reads ``mean ± std``. Every report table goes through here.
+    """
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
 def results_table(summary: Mapping[str, Mapping[str, Any]], *, first: str = "model") -> str:
     """A Markdown table, one row per model (or run), the metrics of :data:`COLUMNS` that exist.
 
@@ -31,19 +47,16 @@ def results_table(summary: Mapping[str, Mapping[str, Any]], *, first: str = "mod
     """
     cols = [c for c in COLUMNS if any(c[0] in m for m in summary.values())]
     seeds = any("seeds" in m for m in summary.values())
-    header = [first] + (["seeds"] if seeds else []) + [h for _, h, _ in cols]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, metrics in summary.items():
-        cells = [_cell(metrics, k, fmt) for k, _, fmt in cols]
-        lines.append("| " + " | ".join([label] + ([str(metrics.get("seeds", 1))] if seeds else []) + cells) + " |")
-    return "\n".join(lines)
+    rows = [{"_label": label, "_seeds": metrics.get("seeds", 1), **metrics} for label, metrics in summary.items()]
+    lead: list[Column] = [("_label", first, "{}")] + ([("_seeds", "seeds", "{}")] if seeds else [])
+    return markdown_table(rows, lead + cols)
 
 
-def _cell(metrics: Mapping[str, Any], key: str, fmt: str) -> str:
-    if key not in metrics:
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    if row.get(key) is None:
         return ""
-    std = metrics.get(f"{key}_std")
-    return fmt.format(metrics[key]) + (f" ± {fmt.format(std)}" if std else "")
+    std = row.get(f"{key}_std")
+    return fmt.format(row[key]) + (f" ± {fmt.format(std)}" if std else "")
 
 
 def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[str, Mapping[str, Any]],

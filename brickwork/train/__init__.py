@@ -1,7 +1,7 @@
 """Training: a readable loop, its step functions, losses, optimizers and checkpoints."""
 
 from brickwork.train.checkpoint import load_model, load_training_state, save_model, save_training_state
-from brickwork.train.data import batches, epoch_order
+from brickwork.data.batching import batches, epoch_order
 from brickwork.train.loop import FitConfig, StepResult, evaluate, fit, run_epoch, train_step
 from brickwork.train.losses import build_loss, cross_entropy
 from brickwork.train.optim import build_optimizer, lr_factor

@@ -17,7 +17,7 @@ from brickwork.data.base import Split
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
-from brickwork.train.data import batches, epoch_order, num_batches
+from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.train.losses import LossFn
 from brickwork.train.optim import Schedule, lr_factor
 

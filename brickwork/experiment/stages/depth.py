@@ -21,6 +21,7 @@ from brickwork.analysis.pareto import pareto_front
 from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops
 from brickwork.data.base import Split
 from brickwork.experiment.context import StageContext
+from brickwork.experiment.report import markdown_table as table
 from brickwork.nn.stack import StackModel
 from brickwork.ops.chain import (
     ChainModel,
@@ -114,15 +115,6 @@ def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], nam
                          title=f"{title}: accuracy against latency")
         lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
     return lines
-
-
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A Markdown table: one row per mapping, ``columns`` as (key, header, format)."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r and r[k] is not None else "" for k, _, fmt in columns)
-                     + " |")
-    return "\n".join(lines)
 
 
 POINT_COLUMNS = [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("flops", "FLOPs/sample", "{:,.0f}"),

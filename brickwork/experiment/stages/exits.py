@@ -17,7 +17,8 @@ from brickwork.analysis.latency import measure_latency
 from brickwork.analysis.pareto import pareto_front
 from brickwork.data.base import Split
 from brickwork.experiment.context import StageContext
-from brickwork.experiment.stages.depth import SplitName, accuracy_and_flops, table
+from brickwork.experiment.report import markdown_table as table
+from brickwork.experiment.stages.depth import SplitName, accuracy_and_flops
 from brickwork.nn.exits import EarlyExit, ExitPolicy
 from brickwork.persist import write_json
 from brickwork.registry import register

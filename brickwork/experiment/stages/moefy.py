@@ -22,7 +22,8 @@ from brickwork.analysis.embedding_eval import module_flops, probe_accuracy
 from brickwork.data.base import Split
 from brickwork.data.sentences import token_batches
 from brickwork.experiment.context import StageContext
-from brickwork.experiment.stages.depth import stack_of, table
+from brickwork.experiment.report import markdown_table as table
+from brickwork.experiment.stages.depth import stack_of
 from brickwork.models import minilm as _minilm  # noqa: F401 - registers the model "minilm-l6" for configs
 from brickwork.ops.moefy import Clustering, RouterKind, moefy
 from brickwork.registry import register

@@ -15,8 +15,9 @@ from brickwork.analysis.latency import measure_latency
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.pipeline import build_model
+from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.stages.core import train_model
-from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, table, tradeoff_section
+from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, tradeoff_section
 from brickwork.models.nested import sliced_args
 from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix, subnet_label
 from brickwork.ops.slice import slice_error, slice_model

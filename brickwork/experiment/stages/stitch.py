@@ -11,7 +11,8 @@ from torch import nn
 from brickwork.errors import BrickworkError
 from brickwork.experiment.artifacts import load_trained
 from brickwork.experiment.context import StageContext
-from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, stack_of, table, tradeoff_section
+from brickwork.experiment.report import markdown_table as table
+from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, stack_of, tradeoff_section
 from brickwork.experiment.store import RunStore
 from brickwork.nn.stack import StackModel
 from brickwork.ops.stitch import default_cuts, stitched
