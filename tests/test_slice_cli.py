@@ -7,7 +7,7 @@ import torch
 from brickwork.cli import main
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.artifacts import load_trained
-from brickwork.verbs.slice import load_checkpoint_model
+from brickwork.experiment.build import load
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def test_slice_writes_a_standalone_checkpoint_that_equals_the_supernet(trained_r
     assert "wrote" in out and "max |sliced - supernet| = 0.00e+00" in out
     stem = rec.dir / "sn" / "slice-w0p5-d2"
     assert stem.with_name("slice-w0p5-d2.safetensors").exists() and stem.with_name("slice-w0p5-d2.json").exists()
-    small = load_checkpoint_model(stem).eval()
+    small = load(stem).model.eval()
     supernet = load_trained(RunStore(runs), rec.id, "sn").model.eval()
     x = torch.rand(16, 1, 8, 8) * 16
     with torch.no_grad(), supernet.at(0.5, 2):
@@ -52,7 +52,7 @@ def test_slice_to_a_chosen_path_and_bad_input(trained_run, tmp_path, capsys):
     runs, rec = trained_run
     out = tmp_path / "small.safetensors"
     assert main(["--runs-dir", str(runs), "slice", rec.id, "--model", "sn", "--width", "0.25", "--out", str(out)]) == 0
-    assert len(load_checkpoint_model(tmp_path / "small").body) == 3
+    assert len(load(tmp_path / "small").model.body) == 3
     capsys.readouterr()
     for args, message in [(["--model", "plain", "--width", "0.5"], "not a nested model"),
                           (["--model", "sn", "--width", "0.5", "--out", str(tmp_path / "a.b")], "without dots"),

@@ -1,4 +1,4 @@
-"""Trained models of recorded runs, rebuilt from their saved spec and weights."""
+"""Trained models of recorded runs: a lookup of the variant's folder, loaded by :mod:`~brickwork.experiment.build`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ from typing import Any
 from torch import nn
 
 from brickwork.errors import CheckpointError
-from brickwork.experiment.config import Spec, validate_args
-from brickwork.experiment.pipeline import build_model
-from brickwork.experiment.rebuild import apply_structure
+from brickwork.experiment.build import load
+from brickwork.experiment.config import Spec
 from brickwork.experiment.store import RunRecord, RunStore
-from brickwork.persist import read_json
-from brickwork.registry import REGISTRY
-from brickwork.train.checkpoint import load_model
 
 
 @dataclass
@@ -53,12 +49,5 @@ def load_trained(store: RunStore, ref: str, label: str | None = None, seed: int 
     if seeds and seed not in seeds:
         raise CheckpointError(f"run {record.id} has seeds {seeds}, not {seed}")
     vdir = record.dir / label / f"seed-{seed}" if seeds else record.dir / label
-    stem = vdir / "model"
-    meta = read_json(stem.with_suffix(".json"))
-    raw = dict(meta["model"])
-    entry = REGISTRY.get("model", raw.pop("name"))
-    spec = Spec("model", entry.name, validate_args(entry, raw, f"models.{label}"))
-    model = build_model(spec, tuple(meta["data"]["in_shape"]), meta["data"]["num_classes"])
-    model = apply_structure(model, meta.get("structure", []))
-    load_model(stem, model)
-    return TrainedModel(model, spec, label, record, meta, vdir)
+    ckpt = load(vdir / "model", where=f"models.{label}")
+    return TrainedModel(ckpt.model, ckpt.spec, label, record, ckpt.meta, vdir)

@@ -17,24 +17,16 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 from brickwork.data import Dataset, load_dataset
 from brickwork.errors import BrickworkError
+from brickwork.experiment.build import apply_structure, build_model, model_meta
 from brickwork.experiment.config import RunConfig, Spec, validate
 from brickwork.experiment.context import StageContext
-from brickwork.experiment.rebuild import apply_structure
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore
 from brickwork.persist import atomic_write_text, read_json, write_json
 from brickwork.train.checkpoint import load_model, save_model
-
-
-def build_model(spec: Spec, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Call the model builder of ``spec`` with its arguments and the data's shape."""
-    entry = spec.entry
-    injected = {"in_shape": tuple(in_shape), "num_classes": num_classes}
-    return entry.obj(**{k: v for k, v in injected.items() if k in entry.injected}, **spec.args)
 
 
 def resolve_device(device: str) -> str:
@@ -127,9 +119,7 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
             print(f"[{who}] stage {i + 1}/{len(cfg.stages)}: {stage.name}", file=sys.stderr)
         ctx.stage = i
         stage.entry.obj(ctx, **stage.args)
-        meta = {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
-                "num_classes": data.num_classes}, "metrics": ctx.metrics, "stage": i + 1, "seed": seed,
-                "structure": ctx.structure}
+        meta = model_meta(spec, data, ctx.structure, metrics=ctx.metrics, stage=i + 1, seed=seed)
         save_model(vdir / "model", ctx.model, meta)
         write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history,
                                 "points": ctx.points, "report": ctx.report, "structure": ctx.structure})

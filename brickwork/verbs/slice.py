@@ -8,18 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brickwork.errors import BrickworkError, CheckpointError
+from brickwork.errors import BrickworkError
 from brickwork.experiment.artifacts import load_trained
-from brickwork.experiment.config import Spec, validate_args
-from brickwork.experiment.pipeline import build_model
-from brickwork.experiment.rebuild import apply_structure
+from brickwork.experiment.build import load, sliced_spec
 from brickwork.experiment.store import RunStore
-from brickwork.models.nested import sliced_args
 from brickwork.nn.nested import NestedModel
 from brickwork.ops.slice import slice_error, slice_model
-from brickwork.persist import read_json
-from brickwork.registry import REGISTRY
-from brickwork.train.checkpoint import load_model, save_model
+from brickwork.train.checkpoint import save_model
 
 HELP = "slice a nested sub-network (width, depth) out of a trained run as a standalone checkpoint"
 
@@ -33,26 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="checkpoint to write, e.g. small.safetensors (default: "
                         "<run>/<model>/slice-w<W>-d<D>, the width's dot written as p); an existing file is "
                         "never overwritten")
-
-
-def load_checkpoint_model(stem: str | Path) -> nn.Module:
-    """Rebuild the model a checkpoint's metadata names (``model`` spec, ``data`` shapes), load its weights.
-
-    Raises:
-        CheckpointError: the metadata or weights are missing or do not match.
-    """
-    stem = Path(stem)
-    try:
-        meta = read_json(stem.with_suffix(".json"))
-        raw, data = dict(meta["model"]), meta["data"]
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{stem}: no readable model metadata ({e})") from None
-    entry = REGISTRY.get("model", raw.pop("name"))
-    model = build_model(Spec("model", entry.name, validate_args(entry, raw, "model")),
-                        tuple(data["in_shape"]), data["num_classes"])
-    model = apply_structure(model, meta.get("structure", []))
-    load_model(stem, model)
-    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for f in (out.with_suffix(".safetensors"), out.with_suffix(".json")):
         if f.exists():
             raise BrickworkError(f"{f} exists; choose another --out (brickwork never overwrites a file)")
-    args_small = validate_args(trained.spec.entry, sliced_args(trained.spec.name, trained.spec.args, args.width, depth),
-                               "slice")
+    small_spec = sliced_spec(trained.spec, args.width, depth, "slice")
     sliced = slice_model(model, args.width, depth)
     # The probe input: zeros of the data's shape (token id 0 for language models) reach every layer.
     shape = tuple(trained.meta["data"]["in_shape"])
@@ -87,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise BrickworkError(f"depth {depth} leaves a hidden state the head cannot read; this model was trained "
                              f"at depths {model.depths} ({str(e).splitlines()[0]})") from None
-    meta = {"model": {"name": trained.spec.name, **args_small}, "data": trained.meta["data"],
+    meta = {"model": small_spec.to_dict(), "data": trained.meta["data"],
             "sliced_from": {"run": trained.record.id, "model": trained.label, "width": args.width, "depth": depth},
             "max_abs_error": error}
     save_model(out, sliced, meta)
-    load_checkpoint_model(out)  # it must load back into a freshly built standalone model
+    load(out)  # it must load back into a freshly built standalone model
     trained_subnet = (args.width, depth) in model.subnetworks()
     full, small = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in sliced.parameters())
     print(f"wrote {out.with_suffix('.safetensors')} (+ .json): width {args.width:g}, depth {depth}/{n}, "

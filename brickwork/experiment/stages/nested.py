@@ -4,24 +4,22 @@ with a separately trained model of the same size."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
-import yaml
 from pydantic import Field
 
 from brickwork.analysis.compute import count_params
-from brickwork.analysis.latency import measure_latency
-from brickwork.experiment.config import Spec, validate_args
+from brickwork.analysis.timing import measure_latency
+from brickwork.analysis.matryoshka import matryoshka_accuracy
+from brickwork.experiment.build import build_model, model_meta, sliced_spec, variant_spec
 from brickwork.experiment.context import StageContext
-from brickwork.experiment.pipeline import build_model
 from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.stages.core import train_model
 from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, tradeoff_section
-from brickwork.models.nested import sliced_args
-from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix, subnet_label
+from brickwork.nn.nested import NestedModel, subnet_label
 from brickwork.ops.slice import slice_error, slice_model
-from brickwork.registry import REGISTRY, RegistryName, register
+from brickwork.registry import RegistryName, register
 from brickwork.train.checkpoint import save_model
 from brickwork.train.optim import Schedule
 
@@ -73,33 +71,9 @@ def nested(
     ]
     if model.matryoshka:
         report += ["Matryoshka: accuracy of the full network's head on the first m features:",
-                   table(_matryoshka_rows(model, data, batch_size, ctx.device),
+                   table(matryoshka_accuracy(model, data, batch_size, ctx.device),
                          [("size", "m", "{}"), ("accuracy", "accuracy", "{:.4f}")])]
     ctx.report.extend(report)
-
-
-@torch.no_grad()
-def _matryoshka_rows(model: NestedModel, data: Any, batch_size: int, device: str) -> list[dict[str, Any]]:
-    was = model.training
-    model.eval()
-    try:
-        hs = [(model.hidden(data.x[s : s + batch_size].to(device)), data.y[s : s + batch_size].to(device))
-              for s in range(0, len(data), batch_size)]
-        full = hs[0][0].shape[1] if hs[0][0].dim() == 4 else hs[0][0].shape[-1]
-        rows = []
-        for m in matryoshka_sizes(model.matryoshka, full):
-            hit = sum(int((model.head(prefix(h, m)).argmax(-1) == y).sum()) for h, y in hs)
-            rows.append({"size": m, "accuracy": hit / sum(y.numel() for _, y in hs)})
-        return rows
-    finally:
-        model.train(was)
-
-
-def _variant_spec(ctx: StageContext) -> Spec:
-    """The model spec of this variant, from the run's resolved config."""
-    raw = dict(yaml.safe_load((ctx.run_dir / "config.yaml").read_text())["models"][ctx.label])
-    entry = REGISTRY.get("model", raw.pop("name"))
-    return Spec("model", entry.name, validate_args(entry, raw, f"models.{ctx.label}"))
 
 
 @register("stage", "nested_baselines")
@@ -125,21 +99,21 @@ def nested_baselines(
     accuracy as a fraction of it (SortedNet: every sub-network keeps >= 96%).
     """
     model = _nested(ctx)
-    spec = _variant_spec(ctx)
+    spec = variant_spec(ctx.run_dir, ctx.label)
     data = getattr(ctx.data, split)
     rows, points = [], []
     for w, d in model.subnetworks():
         label = subnet_label(w, d)
         torch.manual_seed(ctx.seed)
-        args = validate_args(spec.entry, sliced_args(spec.name, spec.args, w, d), f"models.{ctx.label}")
-        base = build_model(Spec("model", spec.name, args), ctx.data.in_shape, ctx.data.num_classes).to(ctx.device)
+        small = sliced_spec(spec, w, d, f"models.{ctx.label}")
+        base = build_model(small, ctx.data.in_shape, ctx.data.num_classes).to(ctx.device)
         folder = ctx.stage_path(f"baseline-{label}")  # this stage's own folder: resumable, no collisions
         folder.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         train_model(ctx, base, folder / "train_state", f"baseline {label}", epochs=epochs, batch_size=batch_size,
                     optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
                     warmup_steps=warmup_steps, grad_clip=grad_clip)
-        save_model(folder / "model", base, {"model": {"name": spec.name, **args}, "baseline_of": label})
+        save_model(folder / "model", base, model_meta(small, ctx.data, baseline_of=label))
         p = measure_point(base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device,
                           latency_repeats=1)
         with model.at(w, d):
