@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from brickwork import __version__
+from brickwork._version import __version__
 from brickwork.errors import BrickworkError
 
 # Modules of brickwork.bench that are helpers, not benchmarks.
@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from brickwork.experiment.builtins import load_builtins
+
+    load_builtins()  # every verb may name a registered entry (`ls`, a config, a bench's model)
     verb = args.verb
     if getattr(args, "verb_module", None) is not None:
         return int(args.verb_module.run(args) or 0)

@@ -4,6 +4,12 @@ Kinds in use: ``brick``, ``model``, ``dataset``, ``router``, ``loss``, ``optimiz
 ``op`` and ``stage``. An entry is a callable with a typed signature; its arguments are
 what a config may set. Registering never executes user code: a config only names entries.
 
+The registry sits below every layer and imports nothing of brickwork but ``errors``. An entry
+exists once the module defining it is imported: the layer that resolves names from configs
+loads them all (``brickwork.experiment.builtins.load_builtins``, called when
+``brickwork.experiment`` is imported and by the CLI); a lookup below it finds what its own
+imports registered.
+
 Example:
     >>> from brickwork.registry import register, REGISTRY
     >>> @register("loss", "my_loss")
@@ -93,7 +99,6 @@ class Registry:
 
     def get(self, kind: str, name: str, *, path: str = "") -> Entry:
         """The entry ``name`` of ``kind``; a :class:`ConfigError` with close matches if unknown."""
-        _load_builtins()
         if kind not in self._entries:
             raise ConfigError(path, f"unknown registry kind; expected one of {list(KINDS)}", kind)
         table = self._entries[kind]
@@ -104,12 +109,11 @@ class Registry:
         return table[name]
 
     def names(self, kind: str) -> list[str]:
-        _load_builtins()
+        """The registered names of ``kind``, sorted."""
         return sorted(self._entries.get(kind, {}))
 
     def list(self, kind: str | None = None, pattern: str = "*") -> list[Entry]:
         """Entries of ``kind`` (all kinds if None) whose name matches the glob ``pattern``."""
-        _load_builtins()
         kinds = [kind] if kind else list(self._entries)
         return [
             e
@@ -140,26 +144,6 @@ def register(
         return obj
 
     return wrap
-
-
-_LOADED = False
-
-
-def _load_builtins() -> None:
-    """Import the packages whose modules register built-in entries (once, lazily).
-
-    Lazy so that ``import brickwork.nn`` stays light and free of upward imports.
-    """
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import brickwork.data  # noqa: F401
-    import brickwork.experiment.stages  # noqa: F401
-    import brickwork.models  # noqa: F401
-    import brickwork.nn  # noqa: F401
-    import brickwork.ops  # noqa: F401
-    import brickwork.train  # noqa: F401
 
 
 def _type_name(ann: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brickwork import __version__
+from brickwork._version import __version__
 from brickwork.errors import CheckpointError
 from brickwork.persist import load_tensors, save_tensors
 

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from brickwork.analysis import count_params, measure_compute
+from brickwork.experiment.builtins import load_builtins
 from brickwork.models import cnn, mlp, transformer_lm, vit
 from brickwork.nn import StackModel
 from brickwork.registry import REGISTRY
+
+load_builtins()  # every registered entry, not only those this file's imports happen to register
 
 IMAGE = (1, 8, 8)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from brickwork.experiment.builtins import load_builtins
 from brickwork.nn import (
     BertEmbed,
     ClassifierHead,
@@ -29,6 +30,8 @@ from brickwork.nn.mod import MixtureOfDepths, mod_transformer_block
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.routing import GroupedFFNExperts, TopKRouter
 from brickwork.registry import REGISTRY
+
+load_builtins()  # every registered entry, not only those this file's imports happen to register
 
 # name -> (build, input, expected output shape)
 Case = tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], tuple[int, ...]]
