@@ -1,4 +1,5 @@
-"""Plots a person would rather look at than read: training curves, accuracy against compute.
+"""Plots a person would rather look at than read: training curves, accuracy against compute,
+early-exit threshold sweeps.
 
 Uses matplotlib's Agg backend (files only, no display needed).
 """
@@ -64,6 +65,31 @@ def plot_accuracy_vs(
     ax.set(xlabel=x_label, ylabel="accuracy", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_exit_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], marks: Sequence[Mapping[str, Any]],
+                     path: str | Path, *, x_key: str, x_label: str, title: str) -> Path:
+    """One accuracy-against-cost curve per exit policy (a threshold sweep, the ``chosen`` point
+    starred), fixed exits (every sample at one exit) as labelled marks, Pareto front of all dashed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    every = [p for ps in curves.values() for p in ps] + list(marks)
+    for name, ps in curves.items():
+        ps = sorted(ps, key=lambda p: p[x_key])
+        ax.plot([p[x_key] for p in ps], [p["accuracy"] for p in ps], marker=".", label=f"{name} threshold sweep")
+        star = [p for p in ps if p.get("chosen")]
+        ax.scatter([p[x_key] for p in star], [p["accuracy"] for p in star], marker="*", s=160, zorder=4)
+    ax.scatter([p[x_key] for p in marks], [p["accuracy"] for p in marks], marker="s", color="k", s=25, zorder=3,
+               label="every sample at one exit")
+    for p in marks:
+        ax.annotate(p["label"], (p[x_key], p["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    xs, ys = [p[x_key] for p in every], [p["accuracy"] for p in every]
+    front = pareto_front(xs, ys)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", lw=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(xlabel=x_label, ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

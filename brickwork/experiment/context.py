@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 from torch import nn
 
 from brickwork.data.base import Dataset
+
+#: The evaluation split a stage measures on, as a config names it.
+SplitName = Annotated[str, Field(pattern="^(val|test)$")]
 
 
 @dataclass

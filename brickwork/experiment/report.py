@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from brickwork.analysis.plots import plot_accuracy_vs_flops, plot_curves
+from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops, plot_curves
 from brickwork.data.base import Dataset
 from brickwork.experiment.config import RunConfig
+from brickwork.experiment.context import StageContext
 from brickwork.persist import atomic_write_text
 
 # Columns of the results table: metric key, header, format.
@@ -38,6 +39,32 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
     for r in rows:
         lines.append("| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines)
+
+
+#: Columns of a table of trade-off points (:func:`brickwork.analysis.tradeoff.measure_point`).
+POINT_COLUMNS: list[Column] = [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"),
+                               ("flops", "FLOPs/sample", "{:,.0f}"), ("latency_us", "latency µs/sample", "{:.2f}"),
+                               ("params", "params", "{:,}")]
+
+
+def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], name: str, title: str) -> list[str]:
+    """Save accuracy-vs-FLOPs and (where every point has a latency) accuracy-vs-latency plots of
+    ``points`` under ``<run>/plots``; the Markdown image lines of a stage's report section."""
+    stem = stage_plot_stem(ctx, name)
+    plots = ctx.run_dir / "plots"
+    plot_accuracy_vs_flops(points, plots / f"{stem}-flops.png", title=f"{title}: accuracy against FLOPs")
+    lines = [f"![{title}: accuracy vs FLOPs](plots/{stem}-flops.png)"]
+    if all("latency_us" in p for p in points):
+        plot_accuracy_vs(points, plots / f"{stem}-latency.png", x_key="latency_us",
+                         x_label="measured latency per sample (µs, batched)",
+                         title=f"{title}: accuracy against latency")
+        lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
+    return lines
+
+
+def stage_plot_stem(ctx: StageContext, name: str) -> str:
+    """File stem of a stage's plots: ``<name>-<variant>``, and ``-seed-<s>`` in a repeated-seed run."""
+    return f"{name}-{ctx.label}" + ("" if ctx.dir.parent == ctx.run_dir else f"-{ctx.dir.name}")
 
 
 def results_table(summary: Mapping[str, Mapping[str, Any]], *, first: str = "model") -> str:

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import AfterValidator, Field, TypeAdapter
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from brickwork.analysis.compute import stack_flops
 from brickwork.models.presets import DATA_ARGS, preset
 from brickwork.nn import (
     ClassifierHead,
@@ -289,23 +289,13 @@ def _exit_head(base_head: nn.Module, shape: tuple[int, ...], num_classes: int, h
     return nn.Sequential(first, ClassifierHead(hidden, num_classes, pool=base_head.pool, norm=norm))
 
 
-@torch.no_grad()
 def _exit_costs(model: StackModel, exits: dict[int, nn.Module], x: torch.Tensor) -> list[float]:
-    """FLOPs of leaving at each exit, then of the full model, relative to the full model."""
-    with FlopCounterMode(display=False) as counter:
-        h = model.stem(x)
-    running, costs = counter.get_total_flops(), []
-    for i, layer in enumerate(model.body.layers):
-        with FlopCounterMode(display=False) as counter:
-            h = layer(h)
-        running += counter.get_total_flops()
-        if i in exits:
-            with FlopCounterMode(display=False) as counter:
-                exits[i](h)
-            costs.append(running + counter.get_total_flops())
-    with FlopCounterMode(display=False) as counter:
-        model.head(h)
-    full = running + counter.get_total_flops()
+    """FLOPs of the model cut at each exit (answering there), then of the full model, relative to
+    the full model: the JEI-DNN costs ``c_k``. Counted with the registered formulas, so attention
+    and grouped-matmul experts are priced (a raw ``FlopCounterMode`` prices them at 0 on the CPU)."""
+    pieces = stack_flops(model, x, exits=exits)  # eval mode: one probe sample leaves no batch-norm trace
+    full = pieces.full
+    costs = [pieces.truncated(i) for i in sorted(exits)]
     return [c / full for c in costs] + [1.0] if full else [0.0] * len(costs) + [1.0]
 
 

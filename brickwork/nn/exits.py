@@ -16,7 +16,8 @@ Training (:meth:`EarlyExit.training_loss`, called by the training loop):
   heads' losses detached, the two levels of JEI-DNN's bi-level problem taken in one step.
 
 Inference (eval mode): a sample leaves at the first exit whose score exceeds ``threshold``:
-softmax confidence, ``1 - normalised entropy``, or the learned gate. Exited samples are
+softmax confidence, ``1 - normalised entropy``, or the learned gate (:func:`choose_exit`, the one
+exit rule: the brick's forward and any offline simulation of it call it). Exited samples are
 removed from the batch (it is compacted), so later layers really run on fewer samples: the
 dispatcher counts fewer FLOPs and wall-clock falls too. Every score is in [0, 1] and the test
 is strict, so ``threshold = 1.0`` never exits: the model is then its full-depth self.
@@ -56,6 +57,37 @@ def prediction_features(logits: Tensor) -> Tensor:
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(margin)
     feats = torch.stack([top[..., 0], margin, 1.0 - entropy], dim=-1)
     return feats.reshape(feats.shape[0], -1, 3).mean(1)
+
+
+def can_exit(threshold: float) -> bool:
+    """Whether any sample can leave early at ``threshold``: scores are in [0, 1] and the test is
+    strict, so at 1.0 nobody does and the exits need not even be run."""
+    return threshold < 1.0
+
+
+def choose_exit(scores: Sequence[Tensor], threshold: float) -> Tensor:
+    """The exit rule: each sample takes the first exit whose score exceeds ``threshold``.
+
+    The compacting forward calls it one exit at a time on the rows still in the batch (a row's
+    choice depends only on its own scores, in depth order), an offline simulation once with
+    every exit's scores: both decide the same.
+
+    Args:
+        scores: per exit in depth order, (B,) scores in [0, 1] (:meth:`EarlyExit.score`).
+        threshold: in [0, 1]; compared in the scores' dtype.
+
+    Returns:
+        (B,) int64 index into ``scores`` of the exit taken; ``len(scores)`` where none is taken
+        (the sample goes on, to the final head after the last exit).
+    """
+    if not scores:
+        raise ValueError("choose_exit: no exit scores")
+    where = torch.full(scores[0].shape, len(scores), dtype=torch.long, device=scores[0].device)
+    if not can_exit(threshold):
+        return where
+    for k in range(len(scores) - 1, -1, -1):  # deepest first, so the first exit taken wins
+        where[scores[k] > threshold] = k
+    return where
 
 
 @register("brick", "exit_gate")
@@ -192,10 +224,10 @@ class EarlyExit(StackModel):
         threshold = float(self.threshold)
         for i, layer in enumerate(self.body.layers):
             h = layer(h)
-            if str(i) not in self.exits or threshold >= 1.0:
+            if str(i) not in self.exits or not can_exit(threshold):
                 continue
             logits = self.exits[str(i)](h)
-            leave = self.score(i, logits) > threshold
+            leave = choose_exit([self.score(i, logits)], threshold) == 0
             if not bool(leave.any()):
                 continue
             if out is None:
@@ -253,3 +285,21 @@ class EarlyExit(StackModel):
             survive = survive * (1 - g)
         q = torch.stack([*probs, survive], dim=1)  # (B, exits + 1), rows sum to 1
         return (q * (ce + self.cost_weight * self.costs.to(ce.dtype))).sum(1).mean()
+
+
+class ExitAt(nn.Module):
+    """An early-exit model cut after body layer ``layer``, answering from that exit for every
+    sample (the final head after the last layer); no other exit is run.
+
+    Shapes:
+        as the wrapped model.
+    """
+
+    def __init__(self, model: EarlyExit, layer: int) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        h = m.body.taps(m.stem(x), [self.layer])[0]
+        return m.head(h) if self.layer == len(m.body) - 1 else m.exits[str(self.layer)](h)

@@ -89,3 +89,14 @@ class StackModel(nn.Module):
     def layer_shapes(self, x: Tensor) -> list[tuple[int, ...]]:
         """Per-sample shape of the hidden state after each body layer, for input ``x``."""
         return [tuple(h.shape[1:]) for h in self.taps(x, range(len(self.body)))]
+
+
+def stack_of(model: nn.Module) -> StackModel:
+    """``model`` itself, checked to be a :class:`StackModel`, for operations that act on depth.
+
+    Raises:
+        TypeError: ``model`` has no (stem, body, head) shape.
+    """
+    if not isinstance(model, StackModel):
+        raise TypeError(f"this needs a StackModel (stem, body, head), not {type(model).__name__}")
+    return model

@@ -83,7 +83,7 @@ def test_stitching_two_variants_of_a_run(runs_dir):
 
 
 def test_operating_point_selection_by_accuracy_or_by_budget():
-    from brickwork.experiment.stages.exits import select
+    from brickwork.analysis.exits import select
 
     sweep = [{"threshold": t, "val_accuracy": a, "val_flops": f} for t, a, f in
              [(1.0, 0.90, 100), (0.9, 0.899, 70), (0.8, 0.897, 55), (0.7, 0.894, 45), (0.6, 0.88, 30)]]

@@ -1,28 +1,26 @@
-"""Stages for depth operations on a trained stack (skip / loop chains, layer importance), and the
-measuring and plotting helpers shared by the exit, nested and stitching stages.
+"""Stages for depth operations on a trained stack: skip / loop chains, layer importance.
 
 Every model or sub-model a stage measures becomes a point ``{label, accuracy, flops,
-latency_us, ...}``; a stage plots its own points against FLOPs and against measured latency,
-Pareto front marked, and adds the key ones to ``ctx.points`` (the run's overall plot).
+latency_us, ...}`` (:func:`brickwork.analysis.tradeoff.measure_point`); a stage plots its own
+points against FLOPs and against measured latency, Pareto front marked, and adds the key ones
+to ``ctx.points`` (the run's overall plot).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
-from brickwork.analysis.compute import FlopMeter, count_params
-from brickwork.analysis.latency import measure_latency
+from brickwork.analysis.compute import stack_flops
 from brickwork.analysis.pareto import pareto_front
-from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops
-from brickwork.data.base import Split
-from brickwork.experiment.context import StageContext
+from brickwork.analysis.tradeoff import measure_point
+from brickwork.data.batching import input_batches
+from brickwork.experiment.context import SplitName, StageContext
+from brickwork.experiment.report import POINT_COLUMNS, tradeoff_section
 from brickwork.experiment.report import markdown_table as table
-from brickwork.nn.stack import StackModel
+from brickwork.nn.stack import stack_of
 from brickwork.ops.chain import (
     ChainModel,
     Part,
@@ -38,94 +36,6 @@ from brickwork.ops.chain import (
     per_sample_oracle,
 )
 from brickwork.registry import register
-
-SplitName = Annotated[str, Field(pattern="^(val|test)$")]
-
-# -- measuring ----------------------------------------------------------------------------------
-
-
-def inputs(split: Split, batch_size: int, device: str, limit: int | None = None) -> Iterator[Tensor]:
-    n = len(split) if limit is None else min(limit, len(split))
-    for s in range(0, n, batch_size):
-        yield split.x[s : min(s + batch_size, n)].to(device)
-
-
-@torch.no_grad()
-def accuracy_and_flops(model: nn.Module, split: Split, batch_size: int = 256, device: str = "cpu",
-                       limit: int | None = None) -> tuple[float, float]:
-    """Accuracy (per token for sequences) and mean FLOPs executed per sample, in one eval pass."""
-    was = model.training
-    model.eval()
-    correct = count = flops = samples = 0
-    try:
-        n = len(split) if limit is None else min(limit, len(split))
-        for s in range(0, n, batch_size):
-            x, y = split.x[s : min(s + batch_size, n)].to(device), split.y[s : min(s + batch_size, n)].to(device)
-            meter = FlopMeter(depth=1)
-            with meter:
-                out = model(x)
-            flops += meter.total
-            samples += len(x)
-            correct += int((out.argmax(-1) == y).sum())
-            count += y.numel()
-    finally:
-        model.train(was)
-    return correct / max(count, 1), flops / max(samples, 1)
-
-
-def measure_point(model: nn.Module, split: Split, label: str, *, batch_size: int = 256, device: str = "cpu",
-                  latency_repeats: int = 5, **extra: Any) -> dict[str, Any]:
-    """Accuracy, FLOPs per sample, latency per sample (batch of ``batch_size``) and parameters."""
-    acc, flops = accuracy_and_flops(model, split, batch_size, device)
-    latency = measure_latency(model, split.x[:batch_size].to(device), repeats=latency_repeats)
-    return {"label": label, "accuracy": acc, "flops": flops, "latency_us": latency * 1e6,
-            "params": count_params(model), **extra}
-
-
-@torch.no_grad()
-def layer_costs(model: StackModel, x: Tensor) -> list[float]:
-    """FLOPs per sample of each body layer, run in order on ``x``."""
-    was = model.training
-    model.eval()
-    costs = []
-    try:
-        h = model.stem(x)
-        for layer in model.body.layers:
-            meter = FlopMeter(depth=1)
-            with meter:
-                h = layer(h)
-            costs.append(meter.total / len(x))
-    finally:
-        model.train(was)
-    return costs
-
-
-# -- reporting ----------------------------------------------------------------------------------
-
-
-def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], name: str, title: str) -> list[str]:
-    """Save accuracy-vs-FLOPs and accuracy-vs-latency plots of ``points``; Markdown image lines."""
-    stem = f"{name}-{ctx.label}" + ("" if ctx.dir.parent == ctx.run_dir else f"-{ctx.dir.name}")
-    plots = ctx.run_dir / "plots"
-    plot_accuracy_vs_flops(points, plots / f"{stem}-flops.png", title=f"{title}: accuracy against FLOPs")
-    lines = [f"![{title}: accuracy vs FLOPs](plots/{stem}-flops.png)"]
-    if all("latency_us" in p for p in points):
-        plot_accuracy_vs(points, plots / f"{stem}-latency.png", x_key="latency_us",
-                         x_label="measured latency per sample (µs, batched)",
-                         title=f"{title}: accuracy against latency")
-        lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
-    return lines
-
-
-POINT_COLUMNS = [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("flops", "FLOPs/sample", "{:,.0f}"),
-                 ("latency_us", "latency µs/sample", "{:.2f}"), ("params", "params", "{:,}")]
-
-
-def stack_of(model: nn.Module) -> StackModel:
-    if not isinstance(model, StackModel):
-        raise TypeError(f"this stage needs a StackModel (stem, body, head), not {type(model).__name__}")
-    return model
-
 
 # -- stages -------------------------------------------------------------------------------------
 
@@ -158,7 +68,7 @@ def chains(
     n = len(model.body)
     val, test = ctx.data.val, getattr(ctx.data, split)
     xv, yv = val.x[:search_samples].to(ctx.device), val.y[:search_samples].to(ctx.device)
-    costs = layer_costs(model, xv[:batch_size])
+    costs = stack_flops(model, xv[:batch_size]).layers
     full = tuple(range(n))
     full_acc = float(chain_correct(model, full, xv, yv, batch_size).mean())
     best, explored = beam_search_chain(model, xv, yv, min_accuracy=full_acc - max_drop, costs=costs, beam=beam,
@@ -231,7 +141,8 @@ def layer_importance_stage(
     for part in parts:
         if part == "attention" and not any(has_attention(m) for m in model.body.layers):
             continue
-        scores = layer_importance(model, inputs(ctx.data.val, batch_size, ctx.device, samples), part)
+        scores = layer_importance(model, input_batches(ctx.data.val.x, batch_size, limit=samples, device=ctx.device),
+                                  part)
         rows += [{"part": part, "layer": i, "importance": s} for i, s in enumerate(scores)]
         droppable = sum(s == s for s in scores)
         for k in range(1, min(droppable, max_drop_layers or n - 1) + 1):

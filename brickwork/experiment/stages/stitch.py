@@ -8,13 +8,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from brickwork.analysis.tradeoff import measure_point
 from brickwork.errors import BrickworkError
 from brickwork.experiment.artifacts import load_trained
-from brickwork.experiment.context import StageContext
+from brickwork.experiment.context import SplitName, StageContext
+from brickwork.experiment.report import POINT_COLUMNS, tradeoff_section
 from brickwork.experiment.report import markdown_table as table
-from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, stack_of, tradeoff_section
 from brickwork.experiment.store import RunStore
-from brickwork.nn.stack import StackModel
+from brickwork.nn.stack import StackModel, stack_of
 from brickwork.ops.stitch import default_cuts, stitched
 from brickwork.registry import register
 from brickwork.train import FitConfig, build_loss, fit
