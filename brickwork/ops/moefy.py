@@ -13,7 +13,7 @@ divides it by k inside every expert, which is exact only while every token has e
 experts with weight 1).
 
 Pipeline: collect the FFN inputs of each layer on real text (:func:`ffn_inputs`), partition
-the neurons (:mod:`~brickwork.ops.moefy_cluster`), build the router
+the neurons (:mod:`~brickwork.analysis.clustering`), build the router
 (:mod:`~brickwork.ops.moefy_router`), and swap ``layer.ffn`` for the MoE. :func:`moefy` returns
 a converted **copy**; the model passed in is not changed. :func:`dense_ffn` turns an MoEfied
 FFN back into the exact dense one (the operation is reversible).
@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brickwork.analysis.clustering import check_partition, coactivation_partition, kmeans_partition, random_partition
 from brickwork.kernels import GroupedBackend, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
 from brickwork.nn.moe import MoE
 from brickwork.nn.stack import StackModel
-from brickwork.ops.moefy_cluster import check_partition, coactivation_partition, kmeans_partition, random_partition
 from brickwork.ops.moefy_router import (
     KeyRouter,
     MLPRouter,

@@ -8,7 +8,7 @@ Steps (:func:`plan_sparsify` then :func:`apply_sparsify`; :func:`sparsify` does 
    assumed: P's output units and C's input units are permuted together at random and the
    model's output on a batch must not change. A residual stream or a LayerNorm in between
    fails the test, and such a representation is left in its order.
-3. Group units by correlation of their activations (:func:`brickwork.nn.sparse.cluster_units`):
+3. Group units by correlation of their activations (:func:`brickwork.analysis.clustering.cluster_units`):
    the units of a permutable hidden representation are reordered so each group is contiguous,
    with the permutation *absorbed* into P's rows (and bias) and C's columns, so no runtime
    permutation is added. A target's input that is not permutable this way (the raw input, a
@@ -40,7 +40,8 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
-from brickwork.nn.sparse import GroupLinear, Rewiring, cluster_units, in_degree, top_k
+from brickwork.analysis.clustering import cluster_units
+from brickwork.nn.sparse import GroupLinear, Rewiring, in_degree, top_k
 from brickwork.registry import register
 
 Criterion = Literal["weight", "correlation"]

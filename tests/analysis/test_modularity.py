@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from brickwork.analysis.clustering import coactivation_counts, coactivation_partition, partition_to_labels
 from brickwork.analysis.modularity import js_divergence, layer_modularity, newman_modularity, random_modularity
-from brickwork.ops.moefy_cluster import coactivation_counts, coactivation_partition, partition_to_labels
 
 
 def two_cliques(n: int = 8) -> torch.Tensor:

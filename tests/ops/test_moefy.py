@@ -5,17 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from brickwork.analysis.embedding_eval import module_flops
-from brickwork.nn import FeedForward, MultiHeadAttention, PostNormBlock, Stack, StackModel
-from brickwork.nn.moe import MoE
-from brickwork.ops.moefy import NeuronExperts, dense_ffn, moefy, moefy_like, set_top_k
-from brickwork.ops.moefy_cluster import (
+from brickwork.analysis.clustering import (
     balanced_kmeans,
     check_partition,
     coactivation_partition,
     kmeans_partition,
     labels_to_partition,
 )
+from brickwork.analysis.embedding_eval import module_flops
+from brickwork.nn import FeedForward, MultiHeadAttention, PostNormBlock, Stack, StackModel
+from brickwork.nn.moe import MoE
+from brickwork.ops.moefy import NeuronExperts, dense_ffn, moefy, moefy_like, set_top_k
 from brickwork.ops.moefy_router import MLPRouter
 from brickwork.train.checkpoint import load_model, save_model
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from brickwork.analysis.clustering import cluster_units
 from brickwork.models.mlp import mlp
 from brickwork.nn import FeedForward
-from brickwork.nn.sparse import GroupLinear, cluster_units
+from brickwork.nn.sparse import GroupLinear
 from brickwork.ops.sparsify import plan_sparsify, sparsify
 from brickwork.registry import REGISTRY
 

@@ -5,10 +5,11 @@
   grouped matmuls so time and FLOPs fall with density.
 * :class:`Rewiring`: prune-and-regrow at fixed density, at edge or group level, regrowing at
   random (SET), by gradient (RigL) or by activation correlation (G2GNet's Hebbian rule).
-* :func:`cluster_units`: groups of correlated units, for connectivity derived from data.
+
+Grouping units by the correlation of their activations is a measurement of a trained model, so it
+lives in :func:`brickwork.analysis.clustering.cluster_units` (used by :mod:`brickwork.ops.sparsify`).
 """
 
-from brickwork.nn.sparse.cluster import balanced_kmeans, cluster_units, correlation
 from brickwork.nn.sparse.connectivity import (
     Pattern,
     band,
@@ -40,13 +41,10 @@ __all__ = [
     "PruneSchedule",
     "Regrow",
     "Rewiring",
-    "balanced_kmeans",
     "band",
     "block_diagonal",
     "block_sparse_linear",
     "build_plan",
-    "cluster_units",
-    "correlation",
     "from_matrix",
     "in_degree",
     "make_pattern",
