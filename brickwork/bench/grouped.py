@@ -25,8 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from brickwork.bench.machine import describe
-from brickwork.bench.timing import interleaved
+from brickwork.analysis.timing import describe_machine, interleaved
 from brickwork.kernels.malloc import tune_glibc_malloc
 
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc(disable_mmap=True)
-    print(f"machine: {describe(malloc)}")
+    print(f"machine: {describe_machine(malloc)}")
     print(f"{args.experts} experts; SwiGLU shapes: up {args.dim} x {4 * args.dim} (fused gate and up), "
           f"down {2 * args.dim} x {args.dim}; median of {args.repeats} interleaved repeats; ratio = time / dense")
     d = args.dim

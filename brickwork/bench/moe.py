@@ -20,7 +20,7 @@ times faster brickwork is than each loop). ``moe`` and ``dense`` are interleaved
 instead of fresh zero-filled mmap pages (see :mod:`brickwork.kernels.malloc`; with 64 experts the
 expert weight gradients alone are 384 MiB per step at d_model 512); the header states the
 setting in force. Samples taken while other processes used the CPUs are discarded
-(:func:`contention_aware_interleaved`).
+(:func:`brickwork.analysis.timing.time_rounds` with ``max_foreign``).
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.bench.machine import describe
+from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
 from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE, moe_ffn
@@ -115,89 +113,6 @@ def brickwork_from_loop(loop: LoopMoE) -> MoE:
     return moe
 
 
-def _busy_jiffies() -> tuple[int, int]:
-    """(all CPUs' busy jiffies, this process's user + system jiffies) from /proc; (0, 0) off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            cpu = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0, 0
-    busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)  # minus idle and iowait
-    return busy, int(fields[11]) + int(fields[12])
-
-
-@dataclass
-class Timing:
-    """Samples of one candidate: wall seconds and, per sample, the CPU share used by *other* processes."""
-
-    seconds: list[float] = field(default_factory=list)
-    foreign: list[float] = field(default_factory=list)
-
-    def clean(self, max_foreign: float) -> list[float]:
-        return [t for t, f in zip(self.seconds, self.foreign, strict=True) if f <= max_foreign]
-
-    def median(self, max_foreign: float) -> float:
-        return statistics.median(self.clean(max_foreign) or self.seconds)
-
-
-def paired_ratio(a: Timing, b: Timing, max_foreign: float) -> float:
-    """Median over rounds of ``a / b`` for the rounds where both samples are clean.
-
-    Both candidates ran in the same round, moments apart, so a ratio per round cancels slow
-    drifts of the machine that a ratio of two medians keeps; falls back to the ratio of medians
-    when no round is clean for both.
-    """
-    pairs = [
-        ta / tb
-        for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign, strict=True)
-        if fa <= max_foreign and fb <= max_foreign
-    ]
-    return statistics.median(pairs) if pairs else a.median(max_foreign) / b.median(max_foreign)
-
-
-def contention_aware_interleaved(
-    candidates: Mapping[str, Callable[[], object]],
-    *,
-    repeats: int = 5,
-    warmup: int = 2,
-    max_foreign: float = 0.05,
-    max_rounds: int | None = None,
-) -> dict[str, Timing]:
-    """Interleaved timing that discards samples taken while other processes used the CPU.
-
-    On a shared machine another process's burst lands on whichever candidate is running and
-    shifts a ratio by 1.5x or more (we saw the dense baseline alone vary from 0.9 s to 1.5 s).
-    For every sample the busy time of all CPUs minus this process's own CPU time is read from
-    ``/proc``; a sample is *clean* when that foreign share of the machine stays below
-    ``max_foreign``. Rounds (each calling every candidate once, in rotating order) continue
-    until every candidate has ``repeats`` clean samples or ``max_rounds`` is reached; medians
-    are then taken over clean samples (over all samples for a candidate that got none).
-    """
-    names = list(candidates)
-    out = {n: Timing() for n in names}
-    hz = os.sysconf("SC_CLK_TCK")
-    ncpu = os.cpu_count() or 1
-    rounds = max_rounds if max_rounds is not None else 4 * repeats
-    for _ in range(warmup):
-        for n in names:
-            candidates[n]()
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            busy0, own0 = _busy_jiffies()
-            t0 = time.perf_counter()
-            candidates[n]()
-            dt = time.perf_counter() - t0
-            busy1, own1 = _busy_jiffies()
-            foreign = max(0, (busy1 - busy0) - (own1 - own0)) / hz
-            out[n].seconds.append(dt)
-            out[n].foreign.append(foreign / (dt * ncpu))
-        if all(len(t.clean(max_foreign)) >= repeats for t in out.values()):
-            break
-    return out
-
-
 @dataclass
 class Result:
     tokens: int
@@ -264,8 +179,8 @@ def bench_one(
     rotations = [{"moe": run_moe, "dense": _step(dense.train(), x, grad)}]
     if baselines:
         rotations.append({"moe": run_moe, **{name: _step(b.train(), x, grad) for name, b in baselines.items()}})
-    timings_per = [contention_aware_interleaved(c, repeats=repeats, warmup=warmup, max_foreign=max_foreign,
-                                                max_rounds=max_rounds) for c in rotations]
+    timings_per = [time_rounds(c, repeats=repeats, warmup=warmup, max_foreign=max_foreign, max_rounds=max_rounds)
+                   for c in rotations]
     ratios = {("moe", "dense"): paired_ratio(timings_per[0]["moe"], timings_per[0]["dense"], max_foreign)}
     for b in baselines:
         ratios[(b, "moe")] = paired_ratio(timings_per[1][b], timings_per[1]["moe"], max_foreign)
@@ -337,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"machine: {describe(malloc)}")
+    print(f"machine: {describe_machine(malloc)}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("expert hidden = 2 * d_model; SwiGLU experts; dense hidden = top_k * expert hidden")
     print(

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from brickwork.bench.machine import describe
-from brickwork.bench.timing import interleaved
+import brickwork.models  # noqa: F401  (registers the model names bench_model looks up)
+from brickwork.analysis.timing import describe_machine, interleaved
 from brickwork.data import load_dataset
+from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.registry import REGISTRY
 from brickwork.train import FitConfig, build_loss, run_epoch
-from brickwork.data.batching import batches, epoch_order, num_batches
 
 
 def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, float]:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    print(f"machine: {describe()}")
+    print(f"machine: {describe_machine()}")
     print(f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, median of {args.repeats}")
     print("| model | runner ms/step | hand-written ms/step | ratio (runner / hand) |")
     print("|---|---|---|---|")

@@ -27,8 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from brickwork.bench.machine import describe
-from brickwork.bench.timing import interleaved
+from brickwork.analysis.timing import describe_machine, interleaved
 from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.nn.sparse import GroupLinear, Pattern
 
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # Large gathers and gradients are above glibc's 32 MiB mmap cap; serve them from the heap.
     malloc = tune_glibc_malloc(disable_mmap=True)
-    print(f"machine: {describe(malloc)}")
+    print(f"machine: {describe_machine(malloc)}")
     split = f"{args.groups} groups" if args.groups else f"groups of {args.block} units"
     print(f"load average before: {os.getloadavg()[0]:.2f}; {split}; "
           f"median of {args.repeats} or more rounds (small shapes: up to 50), 1 warm-up round; "

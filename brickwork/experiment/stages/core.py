@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from brickwork.analysis.compute import measure_compute
-from brickwork.analysis.latency import measure_latency
+from brickwork.analysis.timing import measure_latency
 from brickwork.experiment.context import StageContext
 from brickwork.registry import RegistryName, register
 from brickwork.train import FitConfig, build_loss, build_optimizer, evaluate, fit
