@@ -4,14 +4,21 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 demo: $(STAMP)
 	$(BIN)/brickwork run configs/default.yaml
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite.
-test: $(STAMP)
+# Lint, formatting and types first (ruff and mypy, pinned in the dev extra; configured in
+# pyproject.toml), then the tests. pytest exits 5 when it collects no tests; that is not a
+# failure of the suite.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(BIN)/ruff check brickwork tests
+	$(BIN)/ruff format --check brickwork tests
+	$(BIN)/mypy
 
 setup: $(STAMP)
 

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,7 +22,7 @@ from brickwork.errors import BrickworkError
 _BENCH_HELPERS = {"machine", "timing"}
 
 
-def _modules(package: str, skip: set[str] = frozenset()) -> list[str]:
+def _modules(package: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
     import importlib
     import pkgutil
 
@@ -147,7 +148,7 @@ def _ls(kind: str | None, pattern: str) -> int:
     from brickwork.registry import KINDS, REGISTRY
 
     if kind is not None and kind not in KINDS:
-        kind, pattern = None, kind  # `brickwork ls 'mlp*'`
+        pattern, kind = kind, None  # `brickwork ls 'mlp*'`: the first argument was the pattern
     entries = REGISTRY.list(kind, pattern)
     if not entries:
         print(f"nothing registered matches {pattern!r}" + (f" in {kind}" if kind else ""))

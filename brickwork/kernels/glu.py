@@ -24,7 +24,7 @@ _FUSED: dict[str, tuple[Callable[[Tensor], Tensor], Callable[..., Tensor]]] = {
 
 class _FusedGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, act: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, act: str) -> Tensor:
         a, b = z.chunk(2, dim=-1)
         act_a = _FUSED[act][0](a)
         ctx.save_for_backward(z, act_a)
@@ -32,7 +32,7 @@ class _FusedGLU(torch.autograd.Function):
         return act_a * b
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         z, act_a = ctx.saved_tensors  # type: ignore[attr-defined]
         a, b = z.chunk(2, dim=-1)
         grad_z = torch.empty_like(z)

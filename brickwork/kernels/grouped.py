@@ -40,11 +40,11 @@ class _ContiguousGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: object, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: object, grad: Tensor) -> Tensor:
         return grad.contiguous()
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
@@ -204,7 +204,7 @@ def mod_transformer_block(
     Shapes:
         (B, T, D) -> (B, T, D)
     """
-    kw = {"device": device, "dtype": dtype}
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
     block = TransformerBlock(
         dim, MultiHeadAttention(dim, heads, causal=causal, **kw), FeedForward(dim, hidden, act, **kw)
     )

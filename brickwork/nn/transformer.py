@@ -71,7 +71,7 @@ class PostNormBlock(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module, dropout: float = 0.0, eps: float = 1e-5) -> None:
         super().__init__()
         self.attn = attn
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1: nn.Module = nn.LayerNorm(dim, eps=eps)  # drop_attention_ makes it the identity
         self.ffn = ffn
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class NestedAttention(nn.Module):
             if dim % heads:
                 raise ValueError(f"nested_attention: dim {dim} is not divisible by heads {heads}; give head_dim")
             head_dim = dim // heads
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.causal, self.dropout, self.inplace_grad = causal, dropout, inplace_grad
         self.width = 1.0
@@ -76,6 +77,7 @@ class NestedAttention(nn.Module):
         new.qkv_weight.copy_(self.qkv_weight[: 3 * h * e])
         new.out_weight.copy_(self.out_weight[:, : h * e])
         if self.qkv_bias is not None:
+            assert new.qkv_bias is not None and new.out_bias is not None and self.out_bias is not None
             new.qkv_bias.copy_(self.qkv_bias[: 3 * h * e])
             new.out_bias.copy_(self.out_bias)
         return new

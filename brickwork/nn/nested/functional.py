@@ -18,6 +18,7 @@ not see it. Outside of grad mode, or at full width, the plain functional ops run
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +46,17 @@ def _grad_buffer(p: Tensor) -> Tensor:
 class _SlicedLinear(torch.autograd.Function):
     """``F.linear(x, W[:rows, :cols], b[:rows])`` with gradients written into ``W.grad`` in place."""
 
+    # ``ctx`` is typed Any: it carries the parameters and slice sizes as ad-hoc attributes.
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, cols: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, cols: int) -> Tensor:
         ctx.save_for_backward(x)
         # The parameters themselves (not saved copies): backward writes their .grad.
         ctx.weight, ctx.bias, ctx.rows, ctx.cols = weight, bias, rows, cols
         return F.linear(x, weight[:rows, :cols], None if bias is None else bias[:rows])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (x,) = ctx.saved_tensors
         weight, bias, rows, cols = ctx.weight, ctx.bias, ctx.rows, ctx.cols
         grad_x = grad @ weight[:rows, :cols] if ctx.needs_input_grad[0] else None
@@ -69,7 +72,7 @@ class _SlicedConv2d(torch.autograd.Function):
     """``F.conv2d(x, W[:out, :in], b[:out])`` with gradients written into ``W.grad`` in place."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_ch: int, in_ch: int,  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, out_ch: int, in_ch: int,
                 stride: int, padding: int) -> Tensor:
         ctx.save_for_backward(x)
         ctx.weight, ctx.bias, ctx.out_ch, ctx.in_ch = weight, bias, out_ch, in_ch
@@ -77,7 +80,7 @@ class _SlicedConv2d(torch.autograd.Function):
         return F.conv2d(x, weight[:out_ch, :in_ch], None if bias is None else bias[:out_ch], stride, padding)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         weight, bias, o, i = ctx.weight, ctx.bias, ctx.out_ch, ctx.in_ch
         need_b = bias is not None and ctx.needs_input_grad[2]

@@ -75,7 +75,7 @@ class NestedLinear(nn.Module):
         new = NestedLinear(i, o, self.bias is not None, self.nest_in, self.nest_out, self.inplace_grad,
                            device=self.weight.device, dtype=self.weight.dtype)
         new.weight.copy_(self.weight[:o, :i])
-        if self.bias is not None:
+        if self.bias is not None and new.bias is not None:
             new.bias.copy_(self.bias[:o])
         return new
 
@@ -127,7 +127,7 @@ class NestedConv2d(nn.Module):
         new = NestedConv2d(i, o, self.kernel_size, self.stride, self.padding, self.bias is not None, self.nest_in,
                            self.nest_out, self.inplace_grad, device=self.weight.device, dtype=self.weight.dtype)
         new.weight.copy_(self.weight[:o, :i])
-        if self.bias is not None:
+        if self.bias is not None and new.bias is not None:
             new.bias.copy_(self.bias[:o])
         return new
 

@@ -84,7 +84,7 @@ class NestedModel(StackModel):
         if not 0 < width <= 1 or not 1 <= depth <= len(self.body):
             raise ValueError(f"configure: width {width} must be in (0, 1] and depth {depth} in 1..{len(self.body)}")
         for m in nested_modules(self):
-            m.width = width
+            m.width = width  # type: ignore[assignment]  # a plain float attribute; torch's stub admits tensors only
         self.width, self.depth = width, depth
 
     @contextmanager
