@@ -111,6 +111,8 @@ def time_rounds(
         name -> :class:`Samples`, one per recorded round.
     """
     names = list(candidates)
+    if not names:
+        raise ValueError("time_rounds: no candidates to time")
     out = {n: Samples() for n in names}
     rounds = repeats if max_foreign is None else (max_rounds if max_rounds is not None else 4 * repeats)
     for r in range(warmup + rounds):

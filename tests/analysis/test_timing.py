@@ -40,6 +40,8 @@ def test_rounds_rotate_and_warmup_runs_in_the_rotation():
     cands = {n: m.candidate(n, [1.0] * 3) for n in "abc"}
     time_rounds(cands, repeats=2, warmup=1, clock=m.clock)
     assert m.calls == list("abc" + "bca" + "cab")
+    with pytest.raises(ValueError, match="no candidates"):
+        time_rounds({}, clock=m.clock)
 
 
 def test_each_candidate_called_warmup_plus_repeats_times_and_warmup_not_recorded():
