@@ -20,11 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
 
@@ -35,13 +36,28 @@ KINDS = ("brick", "model", "dataset", "router", "loss", "optimizer", "op", "stag
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Flatten:
+    """Marks an argument whose type is a settings dataclass: a config sets its fields, flat.
+
+    Use as ``settings: Annotated[TrainSettings, Flatten] = TrainSettings()``: the config keys
+    are the dataclass's fields at the level of the other arguments (``{stage: train, lr: 3e-3}``),
+    :meth:`Entry.params` lists them with their types and defaults, and config validation builds
+    the settings object from them. The callable itself receives the object.
+    """
+
+
 @dataclass(frozen=True)
 class Param:
-    """One argument of a registered callable, as a config sees it."""
+    """One argument of a registered callable, as a config sees it.
+
+    ``group`` names the settings argument (marked :class:`Flatten`) the key belongs to, or is
+    None for an argument of the callable itself.
+    """
 
     name: str
     annotation: Any
     default: Any = inspect.Parameter.empty
+    group: str | None = None
 
     @property
     def required(self) -> bool:
@@ -65,14 +81,15 @@ class Entry:
     injected: tuple[str, ...] = field(default=())
 
     def params(self, *, include_injected: bool = False) -> list[Param]:
-        """The keyword arguments a config may pass, with types and defaults."""
+        """The keyword arguments a config may pass, with types and defaults.
+
+        A settings argument (``Annotated[T, Flatten]``) is listed as the fields of ``T``, with
+        the argument's default object (or the field's own default) as their defaults.
+        """
         target = self.obj.__init__ if inspect.isclass(self.obj) else self.obj
         sig = inspect.signature(target)
-        try:
-            hints = get_type_hints(target, include_extras=True)
-        except Exception:  # an unresolvable forward reference: fall back to raw annotations
-            hints = {}
-        out = []
+        hints = _hints(target)
+        out: list[Param] = []
         for p in sig.parameters.values():
             if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
@@ -80,8 +97,100 @@ class Entry:
                 continue
             if p.kind is p.POSITIONAL_ONLY:  # runtime inputs (a model, a context), not config
                 continue
-            out.append(Param(p.name, hints.get(p.name, p.annotation), p.default))
+            ann = hints.get(p.name, p.annotation)
+            settings = settings_type(ann)
+            out += _fields(settings, p.name, p.default) if settings else [Param(p.name, ann, p.default)]
+        seen: set[str] = set()
+        for q in out:
+            if q.name in seen:
+                raise TypeError(f"{self.kind} {self.name!r}: config key {q.name!r} is defined twice "
+                                "(a settings field shadows another argument)")
+            seen.add(q.name)
         return out
+
+    def call_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``args`` with the flat keys of each settings argument gathered into its object.
+
+        Keys that are not settings fields pass through; a settings object already present
+        (``args[group]``) is completed by its given fields. Raises ``TypeError`` or pydantic's
+        ``ValidationError`` from the settings type for bad values (config validation checks
+        each field before, with the key path).
+        """
+        params = self.params(include_injected=True)
+        out = {k: v for k, v in args.items() if k not in {p.name for p in params if p.group}}
+        for group, fields in _by_group(params).items():
+            given = {p.name: args[p.name] for p in fields if p.name in args}
+            base = out.pop(group, None)
+            if base is None and not given:
+                continue  # the callable's own default object applies
+            if base is None:
+                base = fields[0].default_object
+            out[group] = dataclasses.replace(base, **given) if base is not None else fields[0].settings(**given)
+        return out
+
+    def flat_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`call_args`: settings objects spread into their fields (the config's view)."""
+        groups = _by_group(self.params(include_injected=True))
+        out: dict[str, Any] = {}
+        for k, v in args.items():
+            if k in groups and dataclasses.is_dataclass(v) and not isinstance(v, type):
+                out.update({f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
+            else:
+                out[k] = v
+        return out
+
+
+def settings_type(annotation: Any) -> type | None:
+    """The dataclass ``T`` of an ``Annotated[T, Flatten]`` annotation, else None."""
+    if typing.get_origin(annotation) is not typing.Annotated:
+        return None
+    base = typing.get_args(annotation)[0]
+    marked = any(m is Flatten or isinstance(m, Flatten) for m in annotation.__metadata__)
+    if not marked:
+        return None
+    if not (isinstance(base, type) and dataclasses.is_dataclass(base)):
+        raise TypeError(f"Flatten marks a dataclass type, not {base!r}")
+    return base
+
+
+@dataclass(frozen=True)
+class _Field(Param):
+    """A :class:`Param` that is a field of a settings argument (knows its type and default object)."""
+
+    settings: Any = None
+    default_object: Any = None
+
+
+def _hints(target: Any) -> dict[str, Any]:
+    try:
+        return get_type_hints(target, include_extras=True)
+    except Exception:  # an unresolvable forward reference: fall back to raw annotations
+        return {}
+
+
+def _fields(settings: type, group: str, default: Any) -> list[Param]:
+    obj = None if default is inspect.Parameter.empty else default
+    hints = _hints(settings)
+    out: list[Param] = []
+    for f in dataclasses.fields(settings):
+        if obj is not None:
+            value = getattr(obj, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = inspect.Parameter.empty
+        out.append(_Field(f.name, hints.get(f.name, f.type), value, group, settings, obj))
+    return out
+
+
+def _by_group(params: list[Param]) -> dict[str, list[_Field]]:
+    groups: dict[str, list[_Field]] = {}
+    for p in params:
+        if isinstance(p, _Field) and p.group:
+            groups.setdefault(p.group, []).append(p)
+    return groups
 
 
 class Registry:

@@ -39,6 +39,7 @@ from brickwork.analysis.timing import describe_machine, paired_ratio, time_round
 from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE, moe_ffn
+from brickwork.nn.routing import MoESettings
 from brickwork.nn.routing.experts import GroupedFFNExperts
 
 
@@ -105,7 +106,7 @@ def stacked_from_modules(loop: LoopMoE) -> LoopMoE:
 def brickwork_from_loop(loop: LoopMoE) -> MoE:
     """brickwork's MoE with a ModuleList loop block's exact weights (so both compute the same function)."""
     bank = GroupedFFNExperts.from_feed_forward(list(loop.experts))  # type: ignore[arg-type]
-    moe = moe_ffn(bank.dim, bank.hidden, loop.num_experts, loop.top_k, act="silu", glu=True)
+    moe = moe_ffn(bank.dim, bank.hidden, loop.num_experts, MoESettings(top_k=loop.top_k), act="silu", glu=True)
     with torch.no_grad():
         moe.router.proj.weight.copy_(loop.gate.weight)  # type: ignore[union-attr]
         moe.experts.w_in.copy_(bank.w_in)  # type: ignore[union-attr]

@@ -66,7 +66,8 @@ class Spec:
         return REGISTRY.get(self.kind, self.name)
 
     def to_dict(self, key: str = "name") -> dict[str, Any]:
-        return {key: self.name, **_plain(self.args)}
+        """The spec as a config writes it: settings objects spread back into flat keys."""
+        return {key: self.name, **_plain(self.entry.flat_args(self.args))}
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,15 @@ def _resolve_spec(kind: str, raw: Any, path: str, key: str = "name") -> Spec:
 
 
 def validate_args(entry: Entry, args: dict[str, Any], path: str) -> dict[str, Any]:
-    """Check ``args`` against ``entry``'s typed signature; return them with defaults filled in."""
+    """Check ``args`` against ``entry``'s typed signature; return them with defaults filled in.
+
+    ``args`` are the config's flat keys; the fields of a settings argument (``Annotated[T,
+    Flatten]``) are among them. The result is what the callable takes: each settings object
+    built from its fields and checked (its ``check(path)`` method, where it has one, rejects
+    combinations no single field shows, such as a setting the chosen router does not use).
+    A settings object already built (re-validating a :class:`Spec`'s ``args``) is taken apart.
+    """
+    args = entry.flat_args(args)
     params = {p.name: p for p in entry.params()}
     for k in args:
         if k not in params:
@@ -234,7 +243,12 @@ def validate_args(entry: Entry, args: dict[str, Any], path: str) -> dict[str, An
         out[name] = _check_value(p.annotation, args[name], where)
         if name == "path" and isinstance(out[name], str) and not Path(out[name]).is_file():
             raise ConfigError(where, f"file not found (relative paths start at {os.getcwd()})", out[name])
-    return out
+    grouped = entry.call_args(out)
+    for group in {p.group for p in params.values() if p.group}:
+        check = getattr(grouped.get(group), "check", None)
+        if callable(check):
+            check(path)
+    return grouped
 
 
 def _check_value(annotation: Any, value: Any, where: str) -> Any:
@@ -243,11 +257,19 @@ def _check_value(annotation: Any, value: Any, where: str) -> Any:
     try:
         checked = _adapter(annotation).validate_python(value)
     except ValidationError as e:
-        raise _from_pydantic(e, where, value) from None
+        raise _from_pydantic(e, where, value, choices=_literals(annotation)) from None
     for meta in _metadata(annotation):
         if isinstance(meta, RegistryName):
             REGISTRY.get(meta.kind, checked, path=where)
     return checked
+
+
+def _literals(annotation: Any) -> list[str] | None:
+    """The string values of the ``Literal`` in ``annotation`` (inside Annotated / unions), for close matches."""
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    found = [v for a in get_args(annotation) for v in (_literals(a) or [])]
+    return found or None
 
 
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
@@ -266,7 +288,8 @@ def _metadata(annotation: Any) -> list[Any]:
     return [m for a in get_args(annotation) for m in _metadata(a)]
 
 
-def _from_pydantic(e: ValidationError, base: str, value: Any = None) -> ConfigError:
+def _from_pydantic(e: ValidationError, base: str, value: Any = None,
+                   choices: list[str] | None = None) -> ConfigError:
     """The first pydantic error as one ConfigError with a dotted key path."""
     err = e.errors()[0]
     loc = base
@@ -285,7 +308,8 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None) -> ConfigEr
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
     got = err.get("input", value)
-    return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got)
+    close = choices if kind == "literal_error" and isinstance(got, str) else None
+    return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got, choices=close)
 
 
 def _plain(obj: Any) -> Any:

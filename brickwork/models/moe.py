@@ -26,21 +26,22 @@ from brickwork.nn import (
     TransformerBlock,
 )
 from brickwork.nn.ffn import Activation
-from brickwork.nn.moe import RouterName, moe_ffn
+from brickwork.nn.moe import moe_ffn
 from brickwork.nn.residual import ResidualFFN
-from brickwork.registry import register
+from brickwork.nn.routing import MoESettings
+from brickwork.registry import Flatten, register
 
 Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
+Routing = Annotated[MoESettings, Flatten]
+_ROUTING = MoESettings()  # frozen: safe to share as a default
 
 
-def ffn_brick(dim: int, hidden: int, num_experts: int, top_k: int, router: RouterName, act: Activation,
-              capacity_factor: float | None, balance: str) -> nn.Module:
+def ffn_brick(dim: int, hidden: int, num_experts: int, routing: MoESettings, act: Activation) -> nn.Module:
     """A dense FFN of inner width ``hidden`` (``num_experts == 0``), or E experts of that width."""
     if num_experts == 0:
         return FeedForward(dim, hidden, act=act)
-    return moe_ffn(dim, hidden, num_experts=num_experts, top_k=top_k, router=router, act=act,
-                   capacity_factor=capacity_factor, balance=balance)  # type: ignore[arg-type]
+    return moe_ffn(dim, hidden, num_experts=num_experts, routing=routing, act=act)
 
 
 @register("model", "moe_mlp", injected=DATA_ARGS)
@@ -51,11 +52,8 @@ def moe_mlp(
     depth: Positive = 2,
     hidden: Positive = 128,
     num_experts: Count = 8,
-    top_k: Positive = 2,
-    router: RouterName = "topk",
+    routing: Routing = _ROUTING,
     act: Activation = "gelu",
-    capacity_factor: Annotated[float, Field(gt=0)] | None = None,
-    balance: str = "aux_loss",
 ) -> StackModel:
     """Residual MLP whose body layers are ``x + FFN(LN(x))`` with a routed or dense FFN.
 
@@ -65,18 +63,17 @@ def moe_mlp(
         width: residual width D.
         depth: body layers.
         hidden: inner width of each expert (of the dense FFN when ``num_experts`` is 0).
-        num_experts: E; 0 builds the dense model.
-        top_k: experts per token.
-        router: ``topk``, ``sigmoid``, ``expert_choice``, ``hash``, ``dense_to_sparse``,
-            ``activation_dense_to_sparse``.
+        num_experts: E; 0 builds the dense model (which has nothing to route: the routing
+            settings are then not used).
+        routing: router (a registered name), ``top_k``, ``capacity_factor``, ``balance``,
+            ``balance_rate``, ``noise`` (:class:`~brickwork.nn.routing.MoESettings`; flat keys
+            in a config).
         act: FFN activation.
-        capacity_factor: None for dropless routing.
-        balance: ``aux_loss``, ``aux_free`` or ``none``.
 
     Shapes:
         (B, *in_shape) -> (B, K)
     """
-    layers = [ResidualFFN(width, ffn_brick(width, hidden, num_experts, top_k, router, act, capacity_factor, balance))
+    layers = [ResidualFFN(width, ffn_brick(width, hidden, num_experts, routing, act))
               for _ in range(depth)]
     return StackModel(FlattenEmbed(math.prod(in_shape), width), Stack(layers), ClassifierHead(width, num_classes,
                                                                                              norm=True))
@@ -91,11 +88,8 @@ def moe_lm(
     heads: Positive = 4,
     hidden: Positive = 128,
     num_experts: Count = 8,
-    top_k: Positive = 2,
-    router: RouterName = "topk",
+    routing: Routing = _ROUTING,
     act: Activation = "gelu",
-    capacity_factor: Annotated[float, Field(gt=0)] | None = None,
-    balance: str = "aux_loss",
 ) -> StackModel:
     """Causal transformer LM whose FFNs are mixtures of experts (dense when ``num_experts`` is 0).
 
@@ -107,7 +101,7 @@ def moe_lm(
     """
     blocks = [
         TransformerBlock(dim, MultiHeadAttention(dim, heads, causal=True),
-                         ffn_brick(dim, hidden, num_experts, top_k, router, act, capacity_factor, balance))
+                         ffn_brick(dim, hidden, num_experts, routing, act))
         for _ in range(depth)
     ]
     return StackModel(TokenEmbed(num_classes, dim, in_shape[0]), Stack(blocks),

@@ -334,7 +334,7 @@ def early_exit(
     spec = dict(base or {"name": "cnn"})
     entry = REGISTRY.get("model", spec.pop("name"))
     injected = {"in_shape": tuple(in_shape), "num_classes": num_classes}
-    model = entry.obj(**{k: v for k, v in injected.items() if k in entry.injected}, **spec)
+    model = entry.obj(**{k: v for k, v in injected.items() if k in entry.injected}, **entry.call_args(spec))
     if not isinstance(model, StackModel):
         raise ValueError(f"early_exit: {entry.name!r} does not build a StackModel")
     n = len(model.body)

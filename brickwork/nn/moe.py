@@ -16,7 +16,7 @@ and against the loop-over-experts design in ``docs/moe-notes.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pydantic
 import torch
@@ -24,14 +24,11 @@ from torch import Tensor, nn
 
 from brickwork.kernels import GroupedBackend
 from brickwork.nn.ffn import Activation, FeedForward
-from brickwork.nn.routing.dense_to_sparse import DenseToSparseRouter
 from brickwork.nn.routing.dispatch import Priority, plan_dispatch
-from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
 from brickwork.nn.routing.experts import ExpertList, GroupedFFNExperts
-from brickwork.nn.routing.hash import HashRouter
-from brickwork.nn.routing.topk import Noise, TopKRouter
+from brickwork.nn.routing.settings import MoESettings, build_router
 from brickwork.nn.routing.types import Routing, RoutingRecord
-from brickwork.registry import register
+from brickwork.registry import Flatten, register
 
 
 @register("brick", "moe")
@@ -133,7 +130,7 @@ class GatedExpert(nn.Module):
         return torch.sigmoid(self.gate(x)) * self.expert(x)
 
 
-RouterName = Literal["topk", "sigmoid", "expert_choice", "hash", "dense_to_sparse", "activation_dense_to_sparse"]
+_ROUTING = MoESettings()  # frozen: safe to share as a default
 
 
 @register("brick", "moe_ffn")
@@ -141,75 +138,47 @@ def moe_ffn(
     dim: int,
     hidden: int,
     num_experts: Annotated[int, pydantic.Field(ge=1)],
-    top_k: Annotated[int, pydantic.Field(ge=1)] = 2,
-    router: RouterName = "topk",
+    routing: Annotated[MoESettings, Flatten] = _ROUTING,
     act: Activation = "gelu",
     glu: bool = False,
     bias: bool = False,
-    capacity_factor: Annotated[float, pydantic.Field(gt=0)] | None = None,
-    balance: Literal["aux_loss", "aux_free", "none"] = "aux_loss",
-    balance_rate: Annotated[float, pydantic.Field(gt=0)] = 1e-3,
-    noise: Noise = "none",
     shared_hidden: Annotated[int, pydantic.Field(ge=0)] = 0,
     shared_gated: bool = False,
     backend: GroupedBackend = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> MoE:
-    """Mixture-of-experts FFN from flat arguments: stacked FFN experts plus a named router.
+    """Mixture-of-experts FFN from flat arguments: stacked FFN experts plus a router named in the registry.
 
     Args:
         dim: model width D.
         hidden: inner width H of each expert (fine-grained experts: a fraction of a dense FFN's).
         num_experts: E.
-        top_k: experts per token (token-choice routers); for ``expert_choice`` it is the
-            capacity factor (average experts per token).
-        router: ``topk`` (softmax then top-k, renormalised), ``sigmoid`` (DeepSeek-V3 sigmoid
-            affinities), ``expert_choice``, ``hash`` (input LSH), ``dense_to_sparse`` (EvoMoE),
-            ``activation_dense_to_sparse`` (Nguyen et al., 2024; tanh).
+        routing: router, top-k, balancing, noise and capacity (:class:`MoESettings`; in a config
+            its fields are keys of their own). ``routing.router`` is any registered router
+            (``brickwork ls router``): ``topk`` (softmax then top-k, renormalised), ``sigmoid``
+            (DeepSeek-V3 sigmoid affinities), ``expert_choice``, ``hash`` (input LSH),
+            ``dense_to_sparse`` (EvoMoE), ``activation_dense_to_sparse`` (Nguyen et al., 2024;
+            tanh), ``emoe`` (avg-k gate on the experts' keys) or ``mlp`` (MoEfication's router;
+            it gets no task gradient, so here it stays at its initialisation).
         act: expert activation; glu: gated experts; bias: expert biases.
-        capacity_factor: None for dropless; otherwise tokens beyond capacity are dropped.
-        balance: ``aux_loss`` (Switch loss), ``aux_free`` (DeepSeek-V3 bias, no loss) or ``none``.
-        balance_rate: update rate of the ``aux_free`` bias.
-        noise: router exploration noise for token-choice routers.
         shared_hidden: > 0 adds an always-on shared FFN expert of this inner width.
         shared_gated: gate the shared expert with a sigmoid (Qwen-MoE).
         backend: grouped-matmul backend.
+
+    Raises:
+        ConfigError: an unknown router name, or a setting the router does not use that is not
+            at its default (:meth:`MoESettings.check`).
 
     Shapes:
         (..., D) -> (..., D)
     """
     kw = {"device": device, "dtype": dtype}
     experts = GroupedFFNExperts(num_experts, dim, hidden, act, glu, bias, backend, **kw)
-    r: nn.Module
-    if router in ("topk", "sigmoid"):
-        r = TopKRouter(
-            dim,
-            num_experts,
-            top_k,
-            gate="softmax_topk_renorm" if router == "topk" else "sigmoid_topk_renorm",
-            noise=noise,
-            balance_rate=balance_rate if balance == "aux_free" else 0.0,
-            load_balance=balance == "aux_loss",
-            **kw,
-        )
-    elif router == "expert_choice":
-        r = ExpertChoiceRouter(dim, num_experts, capacity_factor=float(top_k), **kw)
-    elif router == "hash":
-        r = HashRouter(dim, num_experts, top_k=top_k, key="input", **kw)
-    else:
-        activation = "tanh" if router == "activation_dense_to_sparse" else "none"
-        r = DenseToSparseRouter(
-            dim,
-            num_experts,
-            activation=activation,
-            gumbel=activation == "none",
-            load_balance=balance == "aux_loss",
-            **kw,
-        )
+    router = build_router(routing, dim, num_experts, bank=experts, **kw)
     shared: nn.Module | None = None
     if shared_hidden > 0:
         shared = FeedForward(dim, shared_hidden, act, glu, bias=bias, **kw)
         if shared_gated:
             shared = GatedExpert(shared, dim, **kw)
-    return MoE(experts, r, shared=shared, capacity_factor=capacity_factor)
+    return MoE(experts, router, shared=shared, capacity_factor=routing.capacity_factor)

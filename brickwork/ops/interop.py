@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from brickwork.kernels import GroupedBackend
-from brickwork.nn.moe import MoE
-from brickwork.nn.routing.experts import GroupedFFNExperts
-from brickwork.nn.routing.topk import TopKRouter
+from brickwork.nn.moe import MoE, moe_ffn
+from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter
 
 MixtralLayout = Literal["per_expert", "fused"]
 
@@ -114,10 +113,8 @@ def moe_from_mixtral(
     """
     router, w_in, w_out = _mixtral_tensors(state_dict, prefix)
     num_experts, dim = router.shape
-    hidden = w_out.shape[1]
-    kw = {"device": router.device, "dtype": router.dtype}
-    moe = MoE(
-        GroupedFFNExperts(num_experts, dim, hidden, act="silu", glu=True, bias=False, backend=backend, **kw),
-        TopKRouter(dim, num_experts, top_k, gate="softmax_topk_renorm", bias=False, **kw),
-    )
+    # Mixtral's block is moe_ffn's default router (softmax, top-k, renormalised, no bias) over
+    # bias-free SwiGLU experts: build it the one way, then copy the weights in.
+    moe = moe_ffn(dim, w_out.shape[1], num_experts, MoESettings(top_k=top_k), act="silu", glu=True, bias=False,
+                  backend=backend, device=router.device, dtype=router.dtype)
     return load_mixtral_moe(moe, state_dict, prefix)

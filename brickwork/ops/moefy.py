@@ -13,8 +13,9 @@ divides it by k inside every expert, which is exact only while every token has e
 experts with weight 1).
 
 Pipeline: collect the FFN inputs of each layer on real text (:func:`ffn_inputs`), partition
-the neurons (:mod:`~brickwork.analysis.clustering`), build the router
-(:mod:`~brickwork.ops.moefy_router`), and swap ``layer.ffn`` for the MoE. :func:`moefy` returns
+the neurons (:mod:`~brickwork.analysis.clustering`), build the router by its registry name
+(:mod:`~brickwork.nn.routing.key_routers`; the MLP router trained by
+:mod:`~brickwork.ops.moefy_router`), and swap ``layer.ffn`` for the MoE. :func:`moefy` returns
 a converted **copy**; the model passed in is not changed. :func:`dense_ffn` turns an MoEfied
 FFN back into the exact dense one (the operation is reversible).
 """
@@ -35,17 +36,14 @@ from brickwork.kernels import GroupedBackend, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
 from brickwork.nn.moe import MoE
+from brickwork.nn.routing import MLPRouter, MoESettings, build_router
 from brickwork.nn.stack import StackModel
-from brickwork.ops.moefy_router import (
-    KeyRouter,
-    MLPRouter,
-    expert_activation_sums,
-    router_recall,
-    train_mlp_router,
-)
+from brickwork.ops.moefy_router import expert_activation_sums, router_recall, train_mlp_router
 from brickwork.registry import register
 
 Clustering = Literal["kmeans", "coactivation", "random"]
+# The registered routers built from a neuron bank's keys (``nn/routing/key_routers.py``); any
+# other router would start untrained, and the conversion trains none but ``mlp``.
 RouterKind = Literal["emoe", "mlp"]
 
 
@@ -206,13 +204,11 @@ def partition_ffn(ffn: FeedForward, num_experts: int, clustering: Clustering, x:
 
 
 def make_router(bank: NeuronExperts, kind: RouterKind, top_k: int) -> nn.Module:
-    """An untrained router for ``bank``: EMoE's avg-k gate, or MoEfication's MLP at its key init."""
-    if kind == "emoe":
-        return KeyRouter(bank, top_k)
-    keys = F.normalize(bank.w_in.detach().transpose(1, 2), dim=-1).mean(1)  # mean normalised key (E, D)
-    router = MLPRouter(bank.dim, bank.num_experts, top_k, device=keys.device, dtype=keys.dtype)
-    router.init_from_keys(keys)
-    return router
+    """An untrained router for ``bank``, by registry name: EMoE's avg-k gate (``emoe``), or
+    MoEfication's MLP router (``mlp``) at its key initialisation."""
+    w = bank.w_in
+    return build_router(MoESettings(top_k=top_k, router=kind), bank.dim, bank.num_experts, bank=bank,
+                        device=w.device, dtype=w.dtype)
 
 
 @register("op", "moefy")

@@ -16,7 +16,7 @@ from brickwork.analysis.routing import (
     token_labels,
 )
 from brickwork.nn.moe import MoE, moe_ffn
-from brickwork.nn.routing import GroupedFFNExperts, TopKRouter
+from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter
 
 
 def _class_routed_model() -> MoE:
@@ -64,7 +64,8 @@ def test_class_expert_counts_and_token_labels() -> None:
 
 def test_routing_summary() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(moe_ffn(8, 12, 4, top_k=2, capacity_factor=0.5), moe_ffn(8, 12, 4, router="hash"))
+    model = nn.Sequential(moe_ffn(8, 12, 4, MoESettings(top_k=2, capacity_factor=0.5)),
+                          moe_ffn(8, 12, 4, MoESettings(router="hash")))
     model(torch.randn(3, 4, 8))
     summary = routing_summary(model)
     assert set(summary) == {"0", "1"}

@@ -28,7 +28,7 @@ from brickwork.nn import (
 )
 from brickwork.nn.mod import MixtureOfDepths, mod_transformer_block
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
-from brickwork.nn.routing import GroupedFFNExperts, TopKRouter
+from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter
 from brickwork.registry import REGISTRY
 
 load_builtins()  # every registered entry, not only those this file's imports happen to register
@@ -57,7 +57,7 @@ CASES: dict[str, Case] = {
     "bert_embed": (lambda: BertEmbed(11, 6, max_len=9), lambda: torch.randint(0, 11, (2, 7)), (2, 7, 6)),
     "mean_pool_head": (lambda: MeanPoolHead(normalize=True), lambda: torch.randn(2, 4, 6), (2, 6)),
     "moe_ffn": (
-        lambda: moe_ffn(8, 8, num_experts=4, top_k=2, shared_hidden=8),
+        lambda: moe_ffn(8, 8, num_experts=4, routing=MoESettings(top_k=2), shared_hidden=8),
         lambda: torch.randn(2, 5, 8),
         (2, 5, 8),
     ),

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import torch
 from torch import Tensor, nn
 
 from brickwork.analysis.compute import FlopMeter
+from brickwork.errors import ConfigError
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
-from brickwork.nn.routing import GroupedFFNExperts, Routing, RoutingRecord, TopKRouter, token_choice_routing
+from brickwork.nn.routing import (
+    GroupedFFNExperts,
+    MoESettings,
+    Routing,
+    RoutingRecord,
+    TopKRouter,
+    token_choice_routing,
+)
 from brickwork.nn.transformer import TransformerBlock
+from brickwork.registry import REGISTRY, register
 
 BACKENDS = ["split", "bmm"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
 
@@ -86,7 +96,7 @@ def test_from_feed_forward_round_trip() -> None:
 
 def test_top1_moe_matches_per_token_reference() -> None:
     torch.manual_seed(0)
-    moe = moe_ffn(8, 16, num_experts=4, top_k=2, act="silu", glu=True).eval()
+    moe = moe_ffn(8, 16, num_experts=4, routing=MoESettings(top_k=2), act="silu", glu=True).eval()
     x = torch.randn(10, 8)
     y = moe(x)
     routing = moe.router(x)
@@ -140,7 +150,8 @@ def test_capacity_priorities() -> None:
 
 def test_drop_in_for_feed_forward_in_transformer_block() -> None:
     torch.manual_seed(0)
-    block = TransformerBlock(8, MultiHeadAttention(8, 2), moe_ffn(8, 12, num_experts=4, capacity_factor=1.25))
+    moe = moe_ffn(8, 12, num_experts=4, routing=MoESettings(capacity_factor=1.25))
+    block = TransformerBlock(8, MultiHeadAttention(8, 2), moe)
     x = torch.randn(2, 6, 8)
     y = block(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -163,7 +174,7 @@ def test_shared_and_gated_shared_expert() -> None:
 
 def test_records_and_aux_losses_collected_model_wide() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(moe_ffn(8, 12, 4), nn.GELU(), moe_ffn(8, 12, 4, router="expert_choice")).train()
+    model = nn.Sequential(moe_ffn(8, 12, 4), nn.GELU(), moe_ffn(8, 12, 4, MoESettings(router="expert_choice"))).train()
     x = torch.randn(2, 5, 8)
     model(x)
     records = collect_records(model)
@@ -204,19 +215,80 @@ def test_counted_flops_shrink_with_dropped_tokens() -> None:
     assert meter.total == 2 * (2 * 8 * 12 * 2)
 
 
-ROUTERS = ["topk", "sigmoid", "expert_choice", "hash", "dense_to_sparse", "activation_dense_to_sparse"]
+# Routers whose combine weights are constant 1 (MoEfication's): the task loss gives their own
+# parameters no gradient (the MLP router is trained apart, by ops.moefy_router).
+NO_TASK_GRADIENT = {"mlp"}
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-def test_moe_ffn_smoke_every_router(router: str) -> None:
+@pytest.mark.parametrize("router", REGISTRY.names("router"))
+def test_moe_ffn_smoke_every_registered_router(router: str) -> None:
     torch.manual_seed(0)
-    moe = moe_ffn(8, 12, 4, top_k=2, router=router, glu=True, act="silu", bias=True).train()  # type: ignore[arg-type]
+    moe = moe_ffn(8, 12, 4, MoESettings(router=router), glu=True, act="silu", bias=True).train()
     x = torch.randn(2, 5, 8)
     y = moe(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     (y.square().mean() + sum(moe.aux_losses.values())).backward()
     for name, p in moe.named_parameters():
+        if router in NO_TASK_GRADIENT and name.startswith("router."):
+            continue
         assert p.grad is not None, name
+
+
+def test_moe_ffn_resolves_routers_by_registry_name_only() -> None:
+    with pytest.raises(ConfigError, match="unknown router name.*did you mean 'topk'"):
+        moe_ffn(8, 12, 4, MoESettings(router="topkk"))
+
+    @register("router", "test_fixed")
+    class Fixed(nn.Module):  # a router of one's own becomes a name moe_ffn accepts by registering it
+        def __init__(self, dim: int, num_experts: int, top_k: int = 2) -> None:
+            super().__init__()
+            self.top_k = top_k
+
+        def forward(self, x: Tensor) -> Routing:
+            n = x.reshape(-1, x.shape[-1]).shape[0]
+            return token_choice_routing(torch.arange(self.top_k).repeat(n, 1), torch.ones(n, self.top_k), 4)
+
+    try:
+        moe = moe_ffn(8, 12, 4, MoESettings(router="test_fixed", top_k=3))
+        assert isinstance(moe.router, Fixed) and moe.router.top_k == 3
+        assert moe(torch.randn(5, 8)).shape == (5, 8)
+    finally:
+        REGISTRY._entries["router"].pop("test_fixed")
+
+
+def test_router_settings_reach_the_router() -> None:
+    topk = moe_ffn(8, 12, 4, MoESettings(top_k=3, balance="aux_free", balance_rate=0.01, noise="jitter")).router
+    assert (topk.top_k, topk.noise, topk.load_balance) == (3, "jitter", False)
+    assert topk.selection_bias is not None and topk.selection_bias.rate == 0.01
+    sig = moe_ffn(8, 12, 4, MoESettings(router="sigmoid", balance="none")).router
+    assert sig.gate == "sigmoid_topk_renorm" and not sig.load_balance and sig.selection_bias is None
+    ec = moe_ffn(8, 12, 4, MoESettings(router="expert_choice", top_k=3)).router
+    assert ec.capacity_factor == 3.0
+    assert moe_ffn(8, 12, 4, MoESettings(router="hash", top_k=3)).router.top_k == 3
+    dts = moe_ffn(8, 12, 4, MoESettings(router="dense_to_sparse", balance="none")).router
+    assert (dts.activation, dts.gumbel, dts.load_balance) == ("none", True, False)
+    act = moe_ffn(8, 12, 4, MoESettings(router="activation_dense_to_sparse")).router
+    assert (act.activation, act.gumbel, act.load_balance) == ("tanh", False, True)
+
+
+@pytest.mark.parametrize(("settings", "key"), [
+    ({"router": "dense_to_sparse", "top_k": 1}, "top_k"),  # chooses by threshold, not top-k
+    ({"router": "activation_dense_to_sparse", "top_k": 4}, "top_k"),
+    ({"router": "expert_choice", "noise": "gaussian"}, "noise"),
+    ({"router": "hash", "balance": "aux_free"}, "balance"),
+    ({"router": "dense_to_sparse", "balance": "aux_free"}, "balance"),
+    ({"router": "topk", "balance_rate": 0.01}, "balance_rate"),  # the rate of aux_free only
+])
+def test_a_setting_the_router_ignores_is_rejected(settings: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: .*(does not use|aux_free)"):
+        moe_ffn(8, 12, 4, MoESettings(**settings))  # type: ignore[arg-type]
+
+
+def test_settings_reject_bad_values() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        MoESettings(top_k=0)
+    with pytest.raises(pydantic.ValidationError):
+        MoESettings(balance="aux_los")  # type: ignore[arg-type]
 
 
 def test_router_expert_count_mismatch_is_an_error() -> None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from brickwork.nn.moe import moe_ffn
+from brickwork.nn.routing import MoESettings
 from brickwork.ops.interop import load_mixtral_moe, mixtral_layout, moe_from_mixtral
 
 E, D, H, K = 4, 8, 12, 2
@@ -59,7 +60,7 @@ def test_matches_hand_written_mixtral_block(layout: str) -> None:
 
 def test_load_into_existing_moe_and_prefix() -> None:
     sd = {f"model.layers.3.block_sparse_moe.{k}": v for k, v in _per_expert_state(1).items()}
-    moe = moe_ffn(D, H, E, top_k=K, act="silu", glu=True)
+    moe = moe_ffn(D, H, E, MoESettings(top_k=K), act="silu", glu=True)
     load_mixtral_moe(moe, sd, prefix="model.layers.3.block_sparse_moe.")
     x = torch.randn(7, D)
     plain = {k.split("block_sparse_moe.")[1]: v for k, v in sd.items()}

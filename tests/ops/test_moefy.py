@@ -15,8 +15,8 @@ from brickwork.analysis.clustering import (
 from brickwork.analysis.embedding_eval import module_flops
 from brickwork.nn import FeedForward, MultiHeadAttention, PostNormBlock, Stack, StackModel
 from brickwork.nn.moe import MoE
+from brickwork.nn.routing import MLPRouter
 from brickwork.ops.moefy import NeuronExperts, dense_ffn, moefy, moefy_like, set_top_k
-from brickwork.ops.moefy_router import MLPRouter
 from brickwork.train.checkpoint import load_model, save_model
 
 D, H = 16, 64

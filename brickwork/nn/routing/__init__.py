@@ -2,7 +2,9 @@
 
 Every router maps (..., D) to a :class:`Routing` (a flat list of token/expert/weight
 assignments plus its auxiliary losses); routed layers (:class:`brickwork.nn.moe.MoE`) turn it
-into computation and leave a :class:`RoutingRecord` behind.
+into computation and leave a :class:`RoutingRecord` behind. Every router lives here and is
+registered under kind ``router``; :class:`MoESettings` and :func:`build_router` are the one way
+a name becomes a router.
 """
 
 from brickwork.nn.routing.balance import SelectionBias
@@ -11,28 +13,38 @@ from brickwork.nn.routing.dispatch import DispatchPlan, expert_capacity, plan_di
 from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
 from brickwork.nn.routing.experts import ExpertList, GroupedFFNExperts
 from brickwork.nn.routing.hash import HashRouter, feed_token_ids
+from brickwork.nn.routing.key_routers import KeyBank, KeyRouter, MLPRouter
 from brickwork.nn.routing.losses import load_balance_loss, router_z_loss
 from brickwork.nn.routing.schedule import anneal
-from brickwork.nn.routing.topk import TopKRouter
+from brickwork.nn.routing.settings import Balance, MoESettings, RouterName, build_router
+from brickwork.nn.routing.topk import TopKRouter, sigmoid_topk
 from brickwork.nn.routing.types import Routing, RoutingRecord, token_choice_routing
 
 __all__ = [
+    "Balance",
     "DenseToSparseRouter",
     "DispatchPlan",
     "ExpertChoiceRouter",
     "ExpertList",
     "GroupedFFNExperts",
     "HashRouter",
+    "KeyBank",
+    "KeyRouter",
+    "MLPRouter",
+    "MoESettings",
     "Routing",
+    "RouterName",
     "RoutingRecord",
     "SelectionBias",
     "TopKRouter",
     "activation_dense_to_sparse",
     "anneal",
+    "build_router",
     "expert_capacity",
     "feed_token_ids",
     "load_balance_loss",
     "plan_dispatch",
     "router_z_loss",
+    "sigmoid_topk",
     "token_choice_routing",
 ]

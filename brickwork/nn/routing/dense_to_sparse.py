@@ -172,10 +172,16 @@ def activation_dense_to_sparse(
     schedule: Schedule = "exponential",
     threshold: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.02,
     gumbel: bool = False,
+    eval_top_k: Annotated[int, pydantic.Field(ge=0)] = 0,
+    load_balance: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> DenseToSparseRouter:
-    """Activation dense-to-sparse gate ``softmax(act(W x + b) / tau)`` (Nguyen et al., 2024)."""
+    """Activation dense-to-sparse gate ``softmax(act(W x + b) / tau)`` (Nguyen et al., 2024).
+
+    A :class:`DenseToSparseRouter` with a non-linear ``activation`` and, by default, no Gumbel
+    noise; the arguments are its own.
+    """
     if activation == "none":
         raise ValueError("activation_dense_to_sparse: pick a non-linear activation (the identity is DTS-Gate)")
     return DenseToSparseRouter(
@@ -187,6 +193,8 @@ def activation_dense_to_sparse(
         threshold=threshold,
         activation=activation,
         gumbel=gumbel,
+        eval_top_k=eval_top_k,
+        load_balance=load_balance,
         device=device,
         dtype=dtype,
     )

@@ -132,3 +132,26 @@ class TopKRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, gate={self.gate}, noise={self.noise}"
+
+
+@register("router", "sigmoid")
+def sigmoid_topk(
+    dim: int,
+    num_experts: int,
+    top_k: Annotated[int, pydantic.Field(ge=1)] = 2,
+    noise: Noise = "none",
+    noise_scale: Annotated[float, pydantic.Field(ge=0)] = 1e-2,
+    balance_rate: Annotated[float, pydantic.Field(ge=0)] = 0.0,
+    load_balance: bool = True,
+    z_loss: bool = True,
+    bias: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TopKRouter:
+    """Sigmoid affinities, top-k, renormalised over the chosen k (DeepSeek-V3's gate).
+
+    A :class:`TopKRouter` with ``gate="sigmoid_topk_renorm"``; the arguments are its own.
+    """
+    return TopKRouter(dim, num_experts, top_k, gate="sigmoid_topk_renorm", noise=noise, noise_scale=noise_scale,
+                      balance_rate=balance_rate, load_balance=load_balance, z_loss=z_loss, bias=bias,
+                      device=device, dtype=dtype)
