@@ -25,9 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from brickwork.analysis.compute import FlopMeter
-from brickwork.bench.machine import describe
-from brickwork.bench.timing import interleaved
+from brickwork.analysis.compute import measure_compute
+from brickwork.analysis.timing import describe_machine, interleaved
 from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.models.nested import early_exit
 from brickwork.nn.exits import EarlyExit
@@ -40,14 +39,6 @@ CASES: dict[str, Callable[[], tuple[EarlyExit, Tensor]]] = {
         early_exit((1, 28, 28), 10, base={"name": "vit", "dim": 128, "depth": 6, "heads": 4, "patch": 4},
                    exits=[1]), torch.randn(256, 1, 28, 28)),
 }
-
-
-@torch.no_grad()
-def _flops(model: torch.nn.Module, x: Tensor) -> int:
-    meter = FlopMeter(depth=1)
-    with meter:
-        model(x)
-    return meter.total
 
 
 def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, float]]:
@@ -85,9 +76,9 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, fl
         with torch.no_grad():
             torch.testing.assert_close(no_compaction(), model(x))  # the same answers, at different costs
             stay = int((model.record.layer != layer).sum())
-            flops = _flops(model, x)
+            flops = measure_compute(model, [x]).total_flops
             model.threshold.fill_(1.0)
-            full_flops = _flops(model, x)
+            full_flops = measure_compute(model, [x]).total_flops
             model.threshold.fill_(min(t, 1.0))
 
             def full() -> Tensor:
@@ -116,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc()
-    print(f"machine: {describe(malloc)}")
+    print(f"machine: {describe_machine(malloc)}")
     print(f"median of {args.repeats} interleaved repeats after warm-up")
     print("| case | samples exiting early | FLOPs saved | wall-clock saved | time saving / FLOPs saving "
           "| compaction / ideal | no compaction / full | full ms |")

@@ -23,9 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from brickwork.analysis.compute import FlopMeter
-from brickwork.bench.machine import describe
-from brickwork.bench.timing import interleaved
+from brickwork.analysis.compute import subnet_flops
+from brickwork.analysis.timing import describe_machine, interleaved
 from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.models.nested import nested_cnn, nested_lm, nested_mlp
 from brickwork.nn.nested import NestedModel, nested_modules
@@ -38,13 +37,6 @@ CASES: dict[str, Callable[[], tuple[NestedModel, Tensor]]] = {
     "cnn 64-128-256 channels, 32x32, batch 64": lambda: (
         nested_cnn((3, 32, 32), 10, channels=(64, 128, 256)), torch.randn(64, 3, 32, 32)),
 }
-
-
-def _flops(model: torch.nn.Module, x: Tensor) -> int:
-    meter = FlopMeter(depth=1)
-    with torch.no_grad(), meter:
-        model(x)
-    return meter.total
 
 
 def _train_step(model: torch.nn.Module, x: Tensor) -> Callable[[], None]:
@@ -75,7 +67,9 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
     torch.manual_seed(0)
     model, x = CASES[name]()
     sliced = {w: slice_model(model, w) for w in widths}
-    flops = {w: _flops(sliced[w].eval(), x) for w in widths}
+    flops = {w: f for (w, _), f in subnet_flops(model, [x], [(w, None) for w in widths]).items()}
+    for s in sliced.values():
+        s.eval()
 
     def supernet_fwd(w: float) -> Callable[[], object]:
         def run() -> object:
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc()
-    print(f"machine: {describe(malloc)}")
+    print(f"machine: {describe_machine(malloc)}")
     print(f"median of {args.repeats} repeats after warm-up, every width and variant of a case interleaved in one "
           "rotation; ratios < 1 are faster than the baseline")
     print("| case | width | FLOPs(w)/FLOPs(1) | fwd latency(w)/latency(1) | fwd ms | fwd supernet / sliced "

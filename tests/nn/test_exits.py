@@ -9,7 +9,7 @@ from brickwork.analysis.compute import FlopMeter
 from brickwork.models import mlp
 from brickwork.models.nested import early_exit
 from brickwork.nn import ClassifierHead
-from brickwork.nn.exits import EarlyExit, ExitGate, prediction_features
+from brickwork.nn.exits import EarlyExit, ExitAt, ExitGate, choose_exit, prediction_features
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +71,23 @@ def test_compaction_gives_the_answers_of_computing_everything_and_exited_samples
     gate = 3 if policy == "gate" else 0  # the gate's Linear(3, 1) per scored sample
     expected = 2 * (64 * IN * W + sum(reach) * W * W + (reach[0] + reach[2]) * (W * K + gate) + reach[3] * W * K)
     assert meter.total == expected
+
+
+def test_the_exit_rule_takes_the_first_exit_strictly_above_the_threshold():
+    scores = [torch.tensor([0.9, 0.5, 0.2, 0.7, 1.0]), torch.tensor([0.95, 0.8, 0.3, 0.7, 1.0])]
+    assert choose_exit(scores, 0.7).tolist() == [0, 1, 2, 2, 0]  # 2: no exit (0.7 is not above 0.7)
+    assert choose_exit(scores, 0.0).tolist() == [0, 0, 0, 0, 0]
+    assert choose_exit(scores, 1.0).tolist() == [2] * 5  # nobody leaves at 1.0, even with a score of 1.0
+    with pytest.raises(ValueError, match="no exit"):
+        choose_exit([], 0.5)
+
+
+def test_exit_at_answers_from_one_exit_for_every_sample():
+    m = model().eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ExitAt(m, 2)(x), m.all_exits(x)[1])
+        torch.testing.assert_close(ExitAt(m, 3)(x), m.all_exits(x)[2])
 
 
 def test_prediction_features_are_in_unit_range_and_per_sample_for_sequences():
