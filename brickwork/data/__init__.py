@@ -17,9 +17,12 @@ from typing import Any
 
 from brickwork.data import files, images, sentences, text
 from brickwork.data.base import Dataset, Split, Task, split_indices
+from brickwork.data.batching import batches, epoch_order, input_batches, num_batches
 from brickwork.data.files import check_file
 from brickwork.data.images import read_idx
 from brickwork.data.text import encode
+from brickwork.data.tokenizer import Tokenizer
+from brickwork.registry import REGISTRY
 
 
 def load_dataset(name: str, seed: int, **args: Any) -> Dataset:
@@ -34,9 +37,7 @@ def load_dataset(name: str, seed: int, **args: Any) -> Dataset:
         ConfigError: unknown dataset name (with close matches).
         DataError: the data is missing or malformed.
     """
-    from brickwork.registry import REGISTRY
-
-    entry = REGISTRY.get("dataset", name)
+    entry = REGISTRY.get("dataset", name)  # every dataset module is imported above
     return entry.obj(seed=seed, **args)
 
 
@@ -44,13 +45,18 @@ __all__ = [
     "Dataset",
     "Split",
     "Task",
+    "Tokenizer",
+    "batches",
     "check_file",
     "encode",
+    "epoch_order",
     "files",
     "images",
+    "input_batches",
     "load_dataset",
-    "sentences",
+    "num_batches",
     "read_idx",
+    "sentences",
     "split_indices",
     "text",
 ]

@@ -1,19 +1,40 @@
-"""Bricks: torch-native modules, usable alone with plain PyTorch and no config."""
+"""Bricks: torch-native modules, usable alone with plain PyTorch and no config.
 
-from brickwork.nn import nested  # noqa: E402  (nested bricks; imports the ones above)
+Subpackages: :mod:`~brickwork.nn.routing` (routers, dispatch, expert banks),
+:mod:`~brickwork.nn.sparse` (group-to-group wiring and rewiring) and
+:mod:`~brickwork.nn.nested` (bricks usable at any prefix width); their main names are
+re-exported here too.
+"""
+
+from brickwork.nn import nested, routing, sparse
 from brickwork.nn.activations import activation
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.conv import ConvBlock
 from brickwork.nn.embed import FlattenEmbed, PatchEmbed, TokenEmbed
-from brickwork.nn.exits import EarlyExit, ExitGate  # noqa: E402
+from brickwork.nn.exits import EarlyExit, ExitAt, ExitGate, ExitRecord, choose_exit
 from brickwork.nn.ffn import DenseLayer, FeedForward
-from brickwork.nn.heads import ClassifierHead, pool
+from brickwork.nn.heads import ClassifierHead, SentenceClassifier, pool
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.masking import PaddingMask
+from brickwork.nn.mod import DepthRecord, MixtureOfDepths, mod_transformer_block
+from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
+from brickwork.nn.nested import NestedAttention, NestedConv2d, NestedGroupNorm, NestedLinear, NestedModel
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.residual import ResidualFFN
+from brickwork.nn.routing import (
+    DenseToSparseRouter,
+    ExpertChoiceRouter,
+    ExpertList,
+    GroupedFFNExperts,
+    HashRouter,
+    KeyRouter,
+    MLPRouter,
+    Routing,
+    RoutingRecord,
+    TopKRouter,
+)
 from brickwork.nn.sparse import GroupConv2d, GroupLinear, LinearAct, Rewiring
-from brickwork.nn.stack import Stack, StackModel
+from brickwork.nn.stack import Stack, StackModel, stack_of
 from brickwork.nn.text import BertEmbed, MeanPoolHead
 from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
@@ -22,29 +43,57 @@ __all__ = [
     "ClassifierHead",
     "ConvBlock",
     "DenseLayer",
+    "DenseToSparseRouter",
+    "DepthRecord",
     "EarlyExit",
+    "ExitAt",
     "ExitGate",
+    "ExitRecord",
+    "ExpertChoiceRouter",
+    "ExpertList",
     "FeedForward",
     "FlattenEmbed",
+    "GatedExpert",
     "GroupConv2d",
     "GroupLinear",
+    "GroupedFFNExperts",
+    "HashRouter",
+    "KeyRouter",
     "LinearAct",
+    "MLPRouter",
     "MeanPoolHead",
+    "MixtureOfDepths",
+    "MoE",
     "MultiHeadAttention",
+    "NestedAttention",
+    "NestedConv2d",
+    "NestedGroupNorm",
+    "NestedLinear",
+    "NestedModel",
     "PaddingMask",
     "PatchEmbed",
     "PostNormBlock",
     "ResidualFFN",
     "Rewiring",
+    "Routing",
+    "RoutingRecord",
+    "SentenceClassifier",
     "Stack",
     "StackModel",
     "TokenEmbed",
+    "TopKRouter",
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
-    "nested",
+    "choose_exit",
     "collect_aux_losses",
     "collect_records",
+    "mod_transformer_block",
+    "moe_ffn",
+    "nested",
     "pool",
+    "routing",
+    "sparse",
+    "stack_of",
     "weighted_aux_loss",
 ]

@@ -1,1 +1,55 @@
-"""Model-to-model operations (convert, merge, grow, slice, ...): each copies or edits in place, as it says."""
+"""Model-to-model operations (convert, sparsify, slice, stitch, chain, drop): each says whether it
+copies or edits in place, and each has a test that the function it computes is preserved (or
+changed exactly as intended).
+
+* :func:`moefy`: dense FFNs into mixtures of neuron experts (MoEfication); :func:`dense_ffn` back.
+* :func:`sparsify`: dense linears into group-to-group sparse ones, chosen on data.
+* :func:`slice_model`: the sub-network of a nested model at a width and depth.
+* :func:`stitch`: the front of one model joined to the back of another by a fitted linear map.
+* :class:`ChainModel`, :func:`beam_search_chain`: running a stack's layers in another order.
+* :func:`drop_layers`, :func:`drop_attention`: removing whole layers or attention sublayers.
+* :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks.
+"""
+
+from brickwork.ops.chain import (
+    ChainModel,
+    beam_search_chain,
+    drop_attention,
+    drop_layers,
+    enumerate_chains,
+    layer_importance,
+    least_important,
+    per_sample_oracle,
+)
+from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
+from brickwork.ops.moefy import dense_ffn, moe_layers, moefy, moefy_like, set_top_k
+from brickwork.ops.slice import slice_error, slice_model
+from brickwork.ops.sparsify import apply_sparsify, plan_sparsify, sparsify, sparsify_like
+from brickwork.ops.stitch import StitchLayer, stitch, stitched
+
+__all__ = [
+    "ChainModel",
+    "StitchLayer",
+    "apply_sparsify",
+    "beam_search_chain",
+    "dense_ffn",
+    "drop_attention",
+    "drop_layers",
+    "enumerate_chains",
+    "layer_importance",
+    "least_important",
+    "load_mixtral_moe",
+    "moe_from_mixtral",
+    "moe_layers",
+    "moefy",
+    "moefy_like",
+    "per_sample_oracle",
+    "plan_sparsify",
+    "set_top_k",
+    "slice_error",
+    "slice_model",
+    "sparsify",
+    "sparsify_like",
+    "stitch",
+    "stitched",
+]

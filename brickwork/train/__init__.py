@@ -1,20 +1,26 @@
-"""Training: a readable loop, its step functions, losses, optimizers and checkpoints."""
+"""Training: a readable loop, its step functions, losses, optimizers and checkpoints.
+
+Batches come from :mod:`brickwork.data.batching` (``batches``, ``epoch_order``): the order of an
+epoch is a pure function of (seed, epoch), so a resumed run needs no sampler state.
+"""
 
 from brickwork.train.checkpoint import load_model, load_training_state, save_model, save_training_state
-from brickwork.data.batching import batches, epoch_order
+from brickwork.train.finetune import finetune_classifier
 from brickwork.train.loop import FitConfig, StepResult, evaluate, fit, run_epoch, train_step
 from brickwork.train.losses import build_loss, cross_entropy
 from brickwork.train.optim import build_optimizer, lr_factor
+from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 
 __all__ = [
+    "DEFAULT_TRAINING",
     "FitConfig",
     "StepResult",
-    "batches",
+    "TrainSettings",
     "build_loss",
     "build_optimizer",
     "cross_entropy",
-    "epoch_order",
     "evaluate",
+    "finetune_classifier",
     "fit",
     "load_model",
     "load_training_state",
@@ -23,4 +29,5 @@ __all__ = [
     "save_model",
     "save_training_state",
     "train_step",
+    "train_with",
 ]
