@@ -1,31 +1,37 @@
 """``brickwork moefy --experts 16 --top-k 4 --clustering kmeans --router emoe --out DIR``: MiniLM's
 FFNs into neuron experts (MoEfication / EMoE), with a report on real text.
 
-Writes ``DIR/model.safetensors`` + ``DIR/model.json`` (the converted all-MiniLM-L6-v2, reloadable
-with :func:`load_converted`), ``DIR/report.md`` with plots, and ``DIR/results.json``. The report
-has: fidelity and cost over E in {8, 16, 32} and top-k from E/8 to E; clusterings and routers
-compared; dense vs converted fine-tuning on Rotten Tomatoes over several seeds; modularity of
-the co-activation graphs and expert specialisation; layer importance and the effect of dropping
-layers. Each part can be switched off. Rotten Tomatoes snippets are split once (seed 0) into
-calibration, evaluation and fine-tuning-training sentences, disjoint.
+The flags become one ``moefy_study`` stage of a run config (:func:`study_config`), run and
+recorded like any config (``configs/minilm/moefy-study.yaml`` is the default study), then the
+run's results are copied to ``DIR``: ``model.safetensors`` + ``model.json`` (the converted
+all-MiniLM-L6-v2, reloadable with :func:`load_converted`), ``report.md`` with ``plots/``, and
+``results.json``. The report has: fidelity and cost over E in {8, 16, 32} and top-k from E/8 to
+E; clusterings and routers compared; dense vs converted fine-tuning on Rotten Tomatoes over
+several seeds; modularity of the co-activation graphs and expert specialisation; layer
+importance and the effect of dropping layers. Each part can be switched off.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 from brickwork.errors import BrickworkError
-from brickwork.experiment.moefy_study import Study, load_converted
+from brickwork.experiment import RunStore, execute, validate
+from brickwork.experiment.build import load, read_meta
 
-__all__ = ["HELP", "add_arguments", "load_converted", "run"]
+__all__ = ["HELP", "add_arguments", "load_converted", "run", "study_config"]
 
 HELP = "split MiniLM's FFNs into experts (MoEfication / EMoE) and report fidelity, cost, fine-tuning, modularity"
+#: MiniLM's FFN width: E must divide it.
+FFN_NEURONS = 1536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,43 +58,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists():
-        raise BrickworkError(f"{out} exists; choose another --out (brickwork never overwrites a folder)")
-    if args.experts < 1 or 1536 % args.experts:
-        raise BrickworkError(f"--experts must divide MiniLM's 1536 FFN neurons, got {args.experts}")
+def study_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config the flags stand for: MiniLM, one ``moefy_study`` stage (validated by ``validate``)."""
+    stage = {"stage": "moefy_study", "experts": args.experts, "top_k": args.top_k, "clustering": args.clustering,
+             "router": args.router, "calib_sentences": args.calib_sentences, "eval_sentences": args.eval_sentences,
+             "sweep_experts": list(args.sweep_experts), "sweep_ratios": list(args.sweep_ratios),
+             "compare_ratios": list(args.compare_ratios), "finetune_seeds": args.finetune_seeds,
+             "finetune_train": args.finetune_train, "finetune_epochs": args.finetune_epochs,
+             "finetune_top_k": args.finetune_top_k, "modularity": not args.no_modularity, "max_drop": args.max_drop,
+             "seed": args.seed}
+    return {"name": "moefy-minilm-study", "seed": args.seed, "threads": args.threads,
+            "data": {"name": "rotten-tomatoes"}, "model": {"name": "minilm-l6"}, "stages": [stage]}
+
+
+def load_converted(stem: str | Path) -> nn.Module:
+    """A model written by ``brickwork moefy``, rebuilt and loaded (weights checked by hash), in eval mode.
+
+    Files of earlier versions (``model.json`` with ``"model": "minilm-l6"`` and a ``moefy`` section
+    instead of a spec and a recipe) are read too.
+    """
+    meta = read_meta(stem)
+    if isinstance(meta.get("model"), str):
+        mf = meta["moefy"]
+        meta = {**meta, "model": {"name": meta["model"]}, "data": {"in_shape": [128], "num_classes": 2},
+                "structure": [{"op": "moefy", "experts": mf["experts"], "top_k": mf["top_k"], "router": mf["router"]}]}
+    return load(stem, meta).model.eval()
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.experts < 1 or FFN_NEURONS % args.experts:
+        raise BrickworkError(f"--experts must divide MiniLM's {FFN_NEURONS} FFN neurons, got {args.experts}")
     if not 1 <= args.top_k <= args.experts:
         raise BrickworkError(f"--top-k must be in 1..{args.experts}, got {args.top_k}")
     bad_k = [k for k in args.finetune_top_k or [] if not 1 <= k <= args.experts]
     if bad_k:
         raise BrickworkError(f"--finetune-top-k must be in 1..{args.experts}, got {bad_k}")
-    bad = [e for e in args.sweep_experts if e < 1 or 1536 % e]
+    bad = [e for e in args.sweep_experts if e < 1 or FFN_NEURONS % e]
     if bad:
-        raise BrickworkError(f"--sweep-experts must divide 1536, got {bad}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    study = Study.load(args)  # raises DataError (one line, exit 2) when MiniLM or the data sets are missing
-    out.mkdir(parents=True)
+        raise BrickworkError(f"--sweep-experts must divide {FFN_NEURONS}, got {bad}")
+
+
+def _place(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s content: a hard link where the file system allows (the model is 90 MB)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists():
+        raise BrickworkError(f"{out} exists; choose another --out (brickwork never overwrites a folder)")
+    _check(args)
+    cfg = validate(study_config(args))  # bad flags fail here, before a run exists
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("verb_module", "func")}}
-    results["main"] = study.convert_and_save(out)
-    print(f"wrote {out / 'model.safetensors'} (+ .json): {results['main']['label']}, fidelity "
-          f"{results['main']['fidelity']:.4f}, FFN FLOPs x{results['main']['ffn_ratio']:.3f} of dense")
-    if args.sweep_experts:
-        results["sweep"] = study.sweep(args.sweep_experts, args.sweep_ratios)
-    if args.compare_ratios:
-        results["compare"] = study.compare(args.compare_ratios)
-    results["timing"] = study.timing()
-    if args.finetune_seeds:
-        results["finetune"] = study.finetune(args.finetune_seeds, args.finetune_train, args.finetune_epochs,
-                                             args.finetune_top_k or [args.top_k])
-    if not args.no_modularity:
-        results["modularity"] = study.modularity(out)
-    if args.max_drop:
-        results["importance"] = study.importance(args.max_drop)
-    results["seconds"] = time.perf_counter() - t0
+    # Raises DataError (one line, exit 2) when MiniLM or the data sets are missing.
+    rec = execute(cfg, RunStore(args.runs_dir), progress=False)
+    vdir = rec.dir / next(iter(cfg.models))
+    parts = json.loads((vdir / "stage0-results.json").read_text())
+    out.mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        _place(vdir.joinpath("model").with_suffix(suffix), out.joinpath("model").with_suffix(suffix))
+    if (rec.dir / "plots").is_dir():
+        shutil.copytree(rec.dir / "plots", out / "plots")
+    shutil.copy2(rec.dir / "report.md", out / "report.md")
+    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("verb_module", "func")},
+                               "run": rec.id, **parts, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    (out / "report.md").write_text(study.report(results, out))
+    m = results["main"]
+    print(f"wrote {out / 'model.safetensors'} (+ .json): {m['label']}, fidelity {m['fidelity']:.4f}, "
+          f"FFN FLOPs x{m['ffn_ratio']:.3f} of dense")
     print(f"report: {out / 'report.md'} ({results['seconds'] / 60:.1f} min)")
     return 0
