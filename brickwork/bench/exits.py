@@ -75,6 +75,7 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, fl
         model.threshold.fill_(min(t, 1.0))
         with torch.no_grad():
             torch.testing.assert_close(no_compaction(), model(x))  # the same answers, at different costs
+            assert model.record is not None
             stay = int((model.record.layer != layer).sum())
             flops = measure_compute(model, [x]).total_flops
             model.threshold.fill_(1.0)

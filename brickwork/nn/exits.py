@@ -152,6 +152,9 @@ class EarlyExit(StackModel):
         as the wrapped model, e.g. (B, C, H, W) -> (B, K) or (B, T) -> (B, T, V).
     """
 
+    threshold: Tensor  # () buffer
+    costs: Tensor  # (exits + 1,) buffer
+
     def __init__(
         self,
         model: StackModel,
