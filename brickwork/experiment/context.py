@@ -31,7 +31,7 @@ class StageContext:
         run_dir: the run folder.
         seed: the seed of this variant's initialisation and training.
         resume: the run is being resumed; stages continue from their own saved state.
-        structure: recipes of the structural changes made so far (``experiment.rebuild``);
+        structure: recipes of the structural changes made so far (``experiment.build``);
             a stage that replaces layers by others of a different shape appends one, so that
             the saved weights can be loaded into a rebuilt model.
         stage: index of the stage being run, so a stage's own files (``stage_path``) never

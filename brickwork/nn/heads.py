@@ -55,3 +55,28 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.norm(pool(x, self.pool)))
+
+
+class SentenceClassifier(nn.Module):
+    """A linear classifier on a sentence encoder's pooled embedding, for fine-tuning.
+
+    Trailing columns that are padding (id 0) in every row are cut before encoding, so a batch
+    padded to a fixed length costs only its longest sentence.
+
+    Args:
+        encoder: (B, T) int64 ids -> (B, dim) sentence embeddings.
+        dim: embedding size.
+        num_classes: classes of the linear head.
+
+    Shapes:
+        (B, T) int64 ids -> (B, num_classes) logits
+    """
+
+    def __init__(self, encoder: nn.Module, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        keep = int((ids != 0).any(0).nonzero().max()) + 1 if bool((ids != 0).any()) else 1
+        return self.head(self.encoder(ids[:, :keep]))
