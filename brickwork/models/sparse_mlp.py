@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 from torch import nn
@@ -11,11 +11,11 @@ from torch import nn
 from brickwork.models.presets import DATA_ARGS
 from brickwork.nn import ClassifierHead, Stack, StackModel
 from brickwork.nn.ffn import Activation
-from brickwork.nn.sparse import GroupLinear, Level, LinearAct, Pattern, Rewiring
-from brickwork.nn.sparse.schedule import Decay
-from brickwork.registry import register
+from brickwork.nn.sparse import GroupLinear, LinearAct, Pattern, RewiringSettings
+from brickwork.registry import Flatten, register
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
+_STATIC = RewiringSettings()  # frozen: safe to share as a default
 
 
 @register("model", "sparse_mlp", injected=DATA_ARGS)
@@ -31,13 +31,7 @@ def sparse_mlp(
     density: Fraction = 0.25,
     edge_density: Fraction = 1.0,
     pattern: Pattern = "random",
-    regrow: Literal["none", "random", "gradient", "hebbian"] = "none",
-    level: Level = "group",
-    interval: Annotated[int, Field(ge=1)] = 100,
-    fraction: Annotated[float, Field(ge=0, le=1)] = 0.3,
-    decay: Decay = "cosine",
-    stop: Annotated[float, Field(gt=0, le=1)] = 0.75,
-    window: Annotated[int, Field(ge=1)] = 20,
+    rewiring: Annotated[RewiringSettings, Flatten] = _STATIC,
 ) -> StackModel:
     """MLP whose stem and body layers are :class:`GroupLinear` (the classifier head stays dense).
 
@@ -57,13 +51,9 @@ def sparse_mlp(
         edge_density: fraction kept inside connected blocks (an edge mask; needed for edge rewiring).
         pattern: initial group connectivity (``random``, ``ring``, ``band``, ``small_world``,
             ``block_diagonal``).
-        regrow: ``none`` (static), ``random`` (SET), ``gradient`` (RigL) or ``hebbian`` (G2GNet).
-        level: what is rewired: ``edge``, ``group`` or ``both``.
-        interval: steps between topology updates.
-        fraction: fraction moved at the first update (then decayed by ``decay``).
-        decay: ``cosine``, ``linear`` or ``constant``.
-        stop: fraction of training after which the topology is frozen.
-        window: steps of edge statistics before each update (Hebbian, edge level).
+        rewiring: dynamic sparse training of every group-connected layer
+            (:class:`~brickwork.nn.sparse.RewiringSettings`: regrow, level, interval, fraction,
+            decay, stop, window, momentum; flat keys in a config). ``regrow: none`` is static.
 
     Shapes:
         (B, *in_shape) -> (B, K)
@@ -71,9 +61,8 @@ def sparse_mlp(
     d_in = math.prod(in_shape)
 
     def layer(a: int, b: int, g_in: int) -> GroupLinear:
-        rewiring = None if regrow == "none" else Rewiring(regrow, level, interval, fraction, decay, stop, window)
         return GroupLinear(a, b, groups=groups, groups_in=g_in, density=density, edge_density=edge_density,
-                           pattern=pattern, rewiring=rewiring)
+                           pattern=pattern, rewiring=rewiring.policy())
 
     stem = nn.Sequential(nn.Flatten(1), LinearAct(layer(d_in, width, in_groups or groups), act))
     body = Stack([LinearAct(layer(width, width, groups), act, dropout) for _ in range(depth)])

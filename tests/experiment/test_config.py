@@ -1,12 +1,18 @@
 """Bad configs fail before any work with one clear message: key path, bad value, expectation."""
 
+import dataclasses
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import yaml
 
 from brickwork.errors import ConfigError
 from brickwork.experiment.config import apply_override, load_config, validate
+from brickwork.nn.routing import MoESettings
+from brickwork.nn.sparse import RewiringSettings
+from brickwork.registry import REGISTRY, Entry, Flatten
+from brickwork.train import TrainSettings
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))
 
@@ -23,7 +29,7 @@ def test_there_are_shipped_configs():
 
 def test_defaults_are_filled_in(tiny_config):
     cfg = validate(tiny_config)
-    assert cfg.stages[0].args["weight_decay"] == 0.01
+    assert cfg.stages[0].args["settings"].weight_decay == 0.01  # a TrainSettings, built from flat keys
     assert cfg.models["mlp"].args["width"] == 32
     assert cfg.data.args["val_fraction"] == 0.1
     # The resolved config is itself a valid config that resolves to the same thing.
@@ -119,7 +125,7 @@ def test_yaml_tags_never_construct_objects(tmp_path):
 
 def test_overrides(tiny_config):
     cfg = load_config(tiny_config, ["stages[0].epochs=7", "models.mlp.width=8", "seed=3", "stages.1.split=val"])
-    assert cfg.stages[0].args["epochs"] == 7 and cfg.models["mlp"].args["width"] == 8 and cfg.seed == 3
+    assert cfg.stages[0].args["settings"].epochs == 7 and cfg.models["mlp"].args["width"] == 8 and cfg.seed == 3
     assert cfg.stages[1].args["split"] == "val"
 
 
@@ -135,3 +141,124 @@ def test_bad_overrides(tiny_config):
 def test_config_round_trips_through_yaml(tiny_config):
     cfg = validate(tiny_config)
     assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+# -- settings types: flat keys in a config, one typed object in the callable ------------------------
+
+MOE = {"name": "moe_mlp", "width": 16, "depth": 1, "hidden": 8, "num_experts": 4}
+G2G = {"name": "sparse_mlp", "width": 32, "depth": 1, "groups": 4, "density": 0.5}
+
+
+def with_model(tiny_config, spec):
+    tiny_config["models"] = {"m": spec}
+    return tiny_config
+
+
+def test_settings_are_built_from_flat_keys_and_written_back_flat(tiny_config):
+    tiny_config["models"]["moe"] = {**MOE, "router": "hash", "top_k": 1}
+    tiny_config["models"]["g2g"] = {**G2G, "regrow": "hebbian", "window": 5}
+    cfg = validate(tiny_config)
+    assert cfg.stages[0].args["settings"] == TrainSettings(epochs=3, batch_size=64, lr=0.01)
+    assert cfg.models["moe"].args["routing"] == MoESettings(router="hash", top_k=1)
+    assert cfg.models["g2g"].args["rewiring"] == RewiringSettings(regrow="hebbian", window=5)
+    flat = cfg.to_dict()
+    assert flat["stages"][0] == {"stage": "train", "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.01,
+                                 "weight_decay": 0.01, "schedule": "cosine", "warmup_steps": 0,
+                                 "loss": "cross_entropy", "label_smoothing": 0.0, "grad_clip": None}
+    assert flat["models"]["moe"]["router"] == "hash" and "routing" not in flat["models"]["moe"]
+    assert validate(yaml.safe_load(yaml.safe_dump(flat))) == cfg  # the resolved config re-validates
+
+
+def test_a_settings_group_is_not_a_config_key(tiny_config):
+    tiny_config["stages"][0] = {"stage": "train", "settings": {"epochs": 2}}
+    msg = error(tiny_config)
+    assert msg.startswith("stages[0].settings: unknown argument") and "epochs" in msg
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("epochs", 0, "greater than or equal to 1"),
+    ("batch_size", "big", "integer"),
+    ("lr", 0, "greater than 0"),
+    ("label_smoothing", 1.0, "less than 1"),
+    ("schedule", "cosin", "did you mean 'cosine'"),
+    ("optimizer", "sgdd", "did you mean 'sgd'"),
+    ("grad_clip", -1, "greater than 0"),
+    ("epoch", 3, "did you mean 'epochs'"),
+])
+def test_train_settings_reject_bad_values_with_the_key_path(tiny_config, key, value, expected):
+    tiny_config["stages"][0][key] = value
+    msg = error(tiny_config)
+    assert msg.startswith(f"stages[0].{key}:") and expected in msg
+
+
+def test_nested_baselines_take_the_same_train_settings(tiny_config):
+    tiny_config["stages"].append({"stage": "nested_baselines", "epochs": 2, "lr": 0.5, "label_smoothing": 0.1})
+    assert validate(tiny_config).stages[2].args["training"] == TrainSettings(epochs=2, lr=0.5, label_smoothing=0.1)
+    tiny_config["stages"][2]["lr"] = -1
+    assert error(tiny_config).startswith("stages[2].lr:")
+
+
+@pytest.mark.parametrize(("extra", "key", "expected"), [
+    ({"balance": "aux_los"}, "balance", "did you mean 'aux_loss'"),  # was a `str`: balancing silently off
+    ({"router": "hsah"}, "router", "did you mean 'hash'"),
+    ({"router": "dense_to_sparse", "top_k": 1}, "top_k", "router 'dense_to_sparse' does not use this setting"),
+    ({"router": "expert_choice", "noise": "jitter"}, "noise", "does not use this setting"),
+    ({"router": "hash", "balance": "aux_free"}, "balance", "does not use this setting"),
+    ({"balance_rate": 0.01}, "balance_rate", "aux_free"),
+    ({"top_k": 0}, "top_k", "greater than or equal to 1"),
+    ({"capacity_factor": 0}, "capacity_factor", "greater than 0"),
+])
+def test_moe_settings_reject_bad_values_with_the_key_path(tiny_config, extra, key, expected):
+    msg = error(with_model(tiny_config, {**MOE, **extra}))
+    assert msg.startswith(f"models.m.{key}:") and expected in msg
+
+
+def test_moe_settings_a_router_uses_pass(tiny_config):
+    for extra in ({"router": "expert_choice", "top_k": 3},
+                  {"router": "topk", "balance": "aux_free", "balance_rate": 0.01},
+                  {"router": "sigmoid", "noise": "gaussian"}, {"router": "dense_to_sparse", "balance": "none"}):
+        validate(with_model(tiny_config, {**MOE, **extra}))
+
+
+@pytest.mark.parametrize(("extra", "key", "expected"), [
+    ({"regrow": "hebian"}, "regrow", "did you mean 'hebbian'"),
+    ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
+    ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
+    ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
+])
+def test_rewiring_settings_reject_bad_values_with_the_key_path(tiny_config, extra, key, expected):
+    msg = error(with_model(tiny_config, {**G2G, **extra}))
+    assert msg.startswith(f"models.m.{key}:") and expected in msg
+
+
+def test_the_sparsify_stage_takes_every_rewiring_setting_of_sparse_mlp(tiny_config):
+    """The two copies had drifted: the stage could not set ``window``. Now both take RewiringSettings."""
+    stage = {"stage": "sparsify", "regrow": "hebbian", "window": 7, "momentum": 0.9}
+    tiny_config["stages"].insert(1, stage)
+    assert validate(tiny_config).stages[1].args["rewiring"] == RewiringSettings(regrow="hebbian", window=7,
+                                                                                momentum=0.9)
+    stage_keys = {p.name for p in REGISTRY.get("stage", "sparsify").params() if p.group == "rewiring"}
+    model_keys = {p.name for p in REGISTRY.get("model", "sparse_mlp").params() if p.group == "rewiring"}
+    assert stage_keys == model_keys == {f.name for f in dataclasses.fields(RewiringSettings)}
+
+
+def test_ls_lists_settings_fields_with_types_and_defaults():
+    described = [p.describe() for p in REGISTRY.get("stage", "train").params()]
+    assert "lr: float (> 0) = 0.001" in described and "epochs: int (>= 1) = 10" in described
+    described = {p.name: p.describe() for p in REGISTRY.get("model", "moe_mlp").params()}
+    assert described["balance"] == "balance: Literal['aux_loss', 'aux_free', 'none'] = 'aux_loss'"
+    assert described["router"] == "router: str (a router name) = 'topk'"
+
+
+def test_a_settings_default_object_gives_the_defaults():
+    @dataclasses.dataclass(frozen=True)
+    class S:
+        a: int = 1
+        b: str = "x"
+
+    def f(n: int = 0, s: Annotated[S, Flatten] = S(a=5)) -> None: ...  # noqa: B008
+
+    entry = Entry("brick", "f", f, "")
+    assert [(p.name, p.default, p.group) for p in entry.params()] == [("n", 0, None), ("a", 5, "s"), ("b", "x", "s")]
+    assert entry.call_args({"n": 1, "b": "y"}) == {"n": 1, "s": S(a=5, b="y")}
+    assert entry.flat_args({"n": 1, "s": S(a=2, b="z")}) == {"n": 1, "a": 2, "b": "z"}

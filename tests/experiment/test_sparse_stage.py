@@ -91,3 +91,26 @@ def test_resume_and_load_after_a_structural_stage(runs_dir, one_thread, tmp_path
     with torch.no_grad():
         accuracy = float((trained(test.x).argmax(1) == test.y).float().mean())
     assert accuracy == pytest.approx(resumed.metrics["dense"]["test_accuracy"], abs=1e-6)  # float32 vs 64
+
+
+def test_sparsify_stage_attaches_the_rewiring_it_is_given(tmp_path):
+    """Every rewiring setting reaches the layers (``window`` and ``momentum`` could not be set before)."""
+    from brickwork.data import load_dataset
+    from brickwork.experiment.context import StageContext
+    from brickwork.models import mlp
+    from brickwork.nn.sparse import GroupLinear, RewiringSettings
+    from brickwork.registry import REGISTRY
+
+    data = load_dataset("digits", seed=0)
+    settings = RewiringSettings(regrow="hebbian", level="group", interval=7, fraction=0.2, decay="linear", stop=0.5,
+                                window=3, momentum=0.9)
+    ctx = StageContext(label="m", model=mlp(data.in_shape, data.num_classes, width=32, depth=1), data=data,
+                       dir=tmp_path, run_dir=tmp_path, seed=0, device="cpu")
+    REGISTRY.get("stage", "sparsify").obj(ctx, groups=4, density=0.5, rewiring=settings)
+    layers = [m for m in ctx.model.modules() if isinstance(m, GroupLinear)]
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.rewiring is not None
+        assert layer.rewiring.config() == {"regrow": "hebbian", "level": "group", "interval": 7, "fraction": 0.2,
+                                           "decay": "linear", "stop": 0.5, "window": 3, "momentum": 0.9}
+    assert layers[0].rewiring is not layers[1].rewiring  # each layer keeps its own statistics

@@ -10,18 +10,18 @@ import torch
 from pydantic import Field
 
 from brickwork.analysis.compute import count_params
-from brickwork.analysis.timing import measure_latency
 from brickwork.analysis.matryoshka import matryoshka_accuracy
+from brickwork.analysis.timing import measure_latency
+from brickwork.analysis.tradeoff import measure_point
 from brickwork.experiment.build import build_model, model_meta, sliced_spec, variant_spec
-from brickwork.experiment.context import StageContext
+from brickwork.experiment.context import SplitName, StageContext
+from brickwork.experiment.report import POINT_COLUMNS, tradeoff_section
 from brickwork.experiment.report import markdown_table as table
-from brickwork.experiment.stages.core import train_model
-from brickwork.experiment.stages.depth import POINT_COLUMNS, SplitName, measure_point, tradeoff_section
 from brickwork.nn.nested import NestedModel, subnet_label
 from brickwork.ops.slice import slice_error, slice_model
-from brickwork.registry import RegistryName, register
+from brickwork.registry import Flatten, register
 from brickwork.train.checkpoint import save_model
-from brickwork.train.optim import Schedule
+from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 
 
 def _nested(ctx: StageContext) -> NestedModel:
@@ -80,14 +80,7 @@ def nested(
 def nested_baselines(
     ctx: StageContext,
     /,
-    epochs: Annotated[int, Field(ge=1)] = 10,
-    batch_size: Annotated[int, Field(ge=1)] = 64,
-    optimizer: Annotated[str, RegistryName("optimizer")] = "adamw",
-    lr: Annotated[float, Field(gt=0)] = 1e-3,
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01,
-    schedule: Schedule = "cosine",
-    warmup_steps: Annotated[int, Field(ge=0)] = 0,
-    grad_clip: Annotated[float, Field(gt=0)] | None = None,
+    training: Annotated[TrainSettings, Flatten] = DEFAULT_TRAINING,
     target: Annotated[float, Field(gt=0, le=1)] = 0.96,
     split: SplitName = "test",
     eval_batch_size: Annotated[int, Field(ge=1)] = 256,
@@ -95,7 +88,8 @@ def nested_baselines(
     """Train a separate model of each sub-network's size and report the accuracy ratios.
 
     Each separate model is built from scratch with the sub-network's architecture and trained
-    with the given settings (use the ``train`` stage's); the report gives each sub-network's
+    with ``training`` (:class:`~brickwork.train.recipe.TrainSettings`, the ``train`` stage's keys;
+    use the same values as that stage); the report gives each sub-network's
     accuracy as a fraction of it (SortedNet: every sub-network keeps >= 96%).
     """
     model = _nested(ctx)
@@ -110,9 +104,9 @@ def nested_baselines(
         folder = ctx.stage_path(f"baseline-{label}")  # this stage's own folder: resumable, no collisions
         folder.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        train_model(ctx, base, folder / "train_state", f"baseline {label}", epochs=epochs, batch_size=batch_size,
-                    optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                    warmup_steps=warmup_steps, grad_clip=grad_clip)
+        train_with(base, ctx.data.train, ctx.data.val, training, seed=ctx.seed, aux_weights=ctx.aux_weights,
+                   device=ctx.device, state_path=folder / "train_state", progress=ctx.progress,
+                   desc=f"baseline {label}")
         save_model(folder / "model", base, model_meta(small, ctx.data, baseline_of=label))
         p = measure_point(base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device,
                           latency_repeats=1)
@@ -129,7 +123,8 @@ def nested_baselines(
     ctx.report.extend([
         f"### Sub-networks against separately trained models ({split})",
         f"Each separate model has the sub-network's exact architecture, is initialised from seed {ctx.seed} and "
-        f"trained alone with the same recipe ({epochs} epochs, batch {batch_size}, {optimizer} lr {lr}). "
+        f"trained alone with the same recipe ({training.epochs} epochs, batch {training.batch_size}, "
+        f"{training.optimizer} lr {training.lr}). "
         f"**{met} of {len(rows)} sub-networks keep at least {target:.0%} of the separate model's accuracy** "
         f"(lowest ratio {min(r['ratio'] for r in rows):.4f}).",
         table(rows, [("subnet", "sub-network", "{}"), ("params", "params", "{:,}"),

@@ -26,7 +26,7 @@ from brickwork.nn.sparse.conv import GroupConv2d
 from brickwork.nn.sparse.kernel import BlockPlan, block_sparse_linear, build_plan
 from brickwork.nn.sparse.layer import LinearAct
 from brickwork.nn.sparse.linear import GroupLinear, in_degree
-from brickwork.nn.sparse.rewiring import Level, Regrow, Rewiring
+from brickwork.nn.sparse.rewiring import Level, Regrow, Rewiring, RewiringSettings
 from brickwork.nn.sparse.schedule import PruneSchedule
 from brickwork.nn.sparse.stats import ActivationStats
 
@@ -41,6 +41,7 @@ __all__ = [
     "PruneSchedule",
     "Regrow",
     "Rewiring",
+    "RewiringSettings",
     "band",
     "block_diagonal",
     "block_sparse_linear",

@@ -38,9 +38,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
+import pydantic.dataclasses
 import torch
 from torch import Tensor, nn
 
+from brickwork.errors import ConfigError
 from brickwork.nn.sparse.rewire import swap_blocks, swap_edges
 from brickwork.nn.sparse.schedule import Decay, PruneSchedule
 from brickwork.nn.sparse.stats import ActivationStats
@@ -50,6 +52,59 @@ if TYPE_CHECKING:
 
 Regrow = Literal["random", "gradient", "hebbian"]
 Level = Literal["edge", "group", "both"]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
+class RewiringSettings:
+    """Whether and how the group-connected layers of a model are rewired during training.
+
+    One definition for every place that attaches a :class:`Rewiring` from settings (the
+    ``sparse_mlp`` builder, the ``sparsify`` stage); configs set the fields flat. The fields
+    are :class:`Rewiring`'s arguments, plus ``regrow: none`` for static wiring.
+
+    Attributes:
+        regrow: ``none`` (static), ``random`` (SET), ``gradient`` (RigL) or ``hebbian`` (G2GNet).
+        level: what is rewired: ``edge`` (needs an edge mask), ``group`` or ``both``.
+        interval: optimizer steps between topology updates.
+        fraction: fraction moved at the first update (then decayed by ``decay``).
+        decay: ``cosine`` (RigL), ``linear`` or ``constant`` (SET).
+        stop: fraction of training after which the topology is frozen.
+        window: steps of edge statistics gathered before each update (``hebbian``, edge level).
+        momentum: EMA factor of the group activity statistics (``hebbian``).
+    """
+
+    regrow: Literal["none", "random", "gradient", "hebbian"] = "none"
+    level: Level = "group"
+    interval: Annotated[int, pydantic.Field(ge=1)] = 100
+    fraction: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.3
+    decay: Decay = "cosine"
+    stop: Annotated[float, pydantic.Field(gt=0, le=1)] = 0.75
+    window: Annotated[int, pydantic.Field(ge=1)] = 20
+    momentum: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.99
+
+    def policy(self) -> Rewiring | None:
+        """A fresh :class:`Rewiring` with these settings, or None for static wiring."""
+        if self.regrow == "none":
+            return None
+        return Rewiring(self.regrow, self.level, self.interval, self.fraction, self.decay, self.stop, self.window,
+                        self.momentum)
+
+    def check(self, path: str = "") -> None:
+        """With ``regrow: none`` nothing is rewired: reject a rewiring field set away from its default.
+
+        Raises:
+            ConfigError: naming the key, e.g. ``models.g2g.interval``.
+        """
+        if self.regrow != "none":
+            return
+        default = RewiringSettings()
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                where = f"{path}.{name}" if path else name
+                raise ConfigError(where, "is a rewiring setting, unused with regrow 'none' (static wiring); set "
+                                  "regrow (random, gradient or hebbian) or leave it at its default "
+                                  f"{getattr(default, name)!r}", value)
 
 
 class Rewiring(nn.Module):
