@@ -10,14 +10,13 @@ Quality, each against the original model where one is given:
 * **WordSim-353**: Spearman correlation between the cosine of the two words' embeddings and the
   human relatedness score (Finkelstein et al., 2002).
 
-Cost: FFN FLOPs per sentence counted at the dispatcher (:class:`~brickwork.analysis.FlopMeter`,
+Cost: FFN FLOPs per sentence counted at the dispatcher (:func:`~brickwork.analysis.compute.measure_compute`,
 attributed to the FFN / MoE modules by path, so unchosen experts cost nothing), and measured
-encode time per sentence (median of interleaved repeats, :func:`brickwork.bench.timing.interleaved`).
+encode time per sentence (median of interleaved repeats, :func:`brickwork.analysis.timing.interleaved`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from brickwork.analysis.compute import FlopMeter
-from brickwork.bench.timing import interleaved
+from brickwork.analysis.compute import measure_compute
+from brickwork.analysis.timing import interleaved
 
 #: Module paths of the FFNs (dense or MoEfied) of a stack model's body.
 FFN_PATHS = r"body\.layers\.\d+\.ffn"
@@ -112,29 +111,20 @@ def quality(emb: Embeddings, sets: EvalSets, reference: Embeddings | None = None
     return out
 
 
-@torch.no_grad()
 def module_flops(model: nn.Module, batches: Iterable[Tensor], pattern: str = FFN_PATHS) -> dict[str, float]:
     """FLOPs per sample, in total and in the modules whose path fully matches ``pattern``.
+
+    Args:
+        model: the encoder, (B, T) token ids -> embeddings.
+        batches: (B, T) token id batches.
+        pattern: regex over module paths (default the body's FFNs).
 
     Returns:
         ``{"flops": total per sample, "ffn_flops": per sample in the matching modules}``
         (their sub-modules are not counted twice: only top-most matches are summed).
     """
-    rx = re.compile(pattern)
-    total = part = samples = 0
-    was = model.training
-    model.eval()
-    try:
-        for x in batches:
-            meter = FlopMeter(depth=16)
-            with meter:
-                model(x)
-            total += meter.total
-            part += sum(v for k, v in meter.per_module().items() if rx.fullmatch(k))
-            samples += x.shape[0]
-    finally:
-        model.train(was)
-    return {"flops": total / max(samples, 1), "ffn_flops": part / max(samples, 1)}
+    compute = measure_compute(model, batches)
+    return {"flops": compute.flops_per_sample, "ffn_flops": compute.flops_in(pattern)}
 
 
 def encode_seconds(encoders: Mapping[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
@@ -173,3 +163,24 @@ def plot_quality_vs_flops(rows: list[dict[str, Any]], path: str, *, group: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return str(out)
+
+
+@torch.no_grad()
+def encoder_outputs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """(N, ...) outputs of ``model`` in evaluation mode on ``x`` (N, ...), in batches of ``batch_size``.
+
+    The model is left in evaluation mode (the moefy stage measures a converted copy it keeps).
+    """
+    model.eval()
+    return torch.cat([model(b) for b in x.split(batch_size)])
+
+
+def output_accuracy(out: Tensor, y: Tensor, num_classes: int) -> float:
+    """Accuracy of outputs ``out`` (N, ...) against labels ``y`` (N,).
+
+    Argmax accuracy when ``out`` is (N, num_classes) class logits; otherwise the outputs are
+    features and the accuracy is that of the 5-fold logistic-regression probe on them.
+    """
+    if out.dim() == 2 and out.shape[1] == num_classes:
+        return float((out.argmax(-1) == y).float().mean())
+    return probe_accuracy(out.flatten(1), y.numpy())[0]
