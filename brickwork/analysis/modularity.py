@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from brickwork.analysis.clustering import coactivation_counts, partition_to_labels, random_partition
 from brickwork.analysis.routing import class_expert_counts, specialisation
 from brickwork.nn.records import collect_records
 from brickwork.nn.routing.types import RoutingRecord
-from brickwork.ops.moefy_cluster import coactivation_counts, partition_to_labels, random_partition
 
 
 def newman_modularity(adj: Tensor, labels: Tensor) -> float:
@@ -156,3 +157,40 @@ def plot_modularity(rows: list[dict[str, float]], keys: list[str], path: str | P
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+@torch.no_grad()
+def fired_neurons(ffn: nn.Module, x: Tensor) -> Tensor:
+    """(N, H) bool: which of the FFN's H neurons fire (pre-activation > 0) on its inputs ``x`` (N, D).
+
+    ``ffn`` has an ``up`` linear layer (:class:`~brickwork.nn.FeedForward`).
+    """
+    return torch.nn.functional.linear(x, ffn.up.weight, ffn.up.bias) > 0
+
+
+def plot_partition_coactivation(fired: Tensor, partition: Tensor, path: str | Path, *, title: str = "") -> Path:
+    """:func:`plot_coactivation` of the co-activation graph of ``fired`` (N, H), neurons ordered by
+    the groups of ``partition`` (E, H/E)."""
+    return plot_coactivation(coactivation_counts(fired), partition_to_labels(partition), path, title=title)
+
+
+def specialisation_rows(spec: dict[str, dict[str, Tensor | float]]) -> list[dict[str, Any]]:
+    """``[{"layer", "js", "js_shuffled"}]`` per routed layer of :func:`routing_by_class`'s result,
+    in layer order (paths ``body.layers.<i>...``)."""
+    return [{"layer": _layer(p), "js": spec[p]["js"], "js_shuffled": spec[p]["js_shuffled"]}
+            for p in sorted(spec, key=_layer)]
+
+
+def plot_specialisation(spec: dict[str, dict[str, Tensor | float]], class_names: list[str], path: str | Path) -> Path:
+    """Heatmap of :func:`routing_by_class`'s fractions: one row per (layer, class), one column per expert."""
+    from brickwork.analysis.routing import plot_routing_heatmap
+
+    paths = sorted(spec, key=_layer)
+    mat = torch.cat([spec[p]["fractions"] for p in paths])  # type: ignore[misc]
+    names = [f"L{_layer(p)} {c}" for p in paths for c in class_names]
+    return Path(plot_routing_heatmap(mat, path, row_names=names, row_label="layer, class",
+                                     title="share of each class's tokens routed to each expert"))
+
+
+def _layer(path: str) -> int:
+    return int(path.split(".")[2])
