@@ -35,7 +35,7 @@ damps its first steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import pydantic
 import pydantic.dataclasses
@@ -43,15 +43,37 @@ import torch
 from torch import Tensor, nn
 
 from brickwork.errors import ConfigError
+from brickwork.nn.sparse.kernel import BlockPlan
 from brickwork.nn.sparse.rewire import swap_blocks, swap_edges
 from brickwork.nn.sparse.schedule import Decay, PruneSchedule
 from brickwork.nn.sparse.stats import ActivationStats
 
-if TYPE_CHECKING:
-    from brickwork.nn.sparse.linear import GroupLinear
-
 Regrow = Literal["random", "gradient", "hebbian"]
 Level = Literal["edge", "group", "both"]
+
+
+class RewiredLayer(Protocol):
+    """What a policy reads and edits on its layer, :class:`~brickwork.nn.sparse.linear.GroupLinear`.
+
+    A protocol rather than an import: the layer imports its policy, so the policy cannot import
+    the layer without an import cycle.
+    """
+
+    weight: nn.Parameter  # (G_out, b_out, K * b_in) compressed weight
+    mask: Tensor | None  # (G_out, b_out, K * b_in) bool edge mask, or None
+    sources: Tensor  # (G_out, K) input group of each slot
+    in_perm: Tensor  # (d_in,) input unit order
+    d_in: int
+    d_out: int
+    groups_in: int
+    groups_out: int
+    block_in: int
+    block_out: int
+    k: int
+
+    def plan(self) -> BlockPlan: ...
+
+    def effective_weight(self) -> Tensor: ...
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
@@ -108,7 +130,7 @@ class RewiringSettings:
 
 
 class Rewiring(nn.Module):
-    """Prune-and-regrow policy for one :class:`GroupLinear`.
+    """Prune-and-regrow policy for one :class:`~brickwork.nn.sparse.linear.GroupLinear`.
 
     Args:
         regrow: ``random`` (SET), ``gradient`` (RigL) or ``hebbian`` (G2GNet).
@@ -165,7 +187,7 @@ class Rewiring(nn.Module):
     def groups(self) -> bool:
         return self.level in ("group", "both")
 
-    def bind(self, layer: GroupLinear) -> None:
+    def bind(self, layer: RewiredLayer) -> None:
         """Size the statistics buffers for ``layer`` (called by the layer's constructor)."""
         if self.edges and layer.mask is None:
             raise ValueError("edge-level rewiring needs an edge mask: build the layer with edge_density < 1")
@@ -187,7 +209,7 @@ class Rewiring(nn.Module):
         return until < self.window and float(self.progress) < self.schedule.stop
 
     @torch.no_grad()
-    def observe(self, layer: GroupLinear, x: Tensor, y: Tensor, w_eff: Tensor) -> None:
+    def observe(self, layer: RewiredLayer, x: Tensor, y: Tensor, w_eff: Tensor) -> None:
         """Called on every training forward with the input (N, d_in), output (N, d_out), masked weight."""
         if self.regrow == "hebbian" and self.stats is not None:
             xt, yt = x.detach().t(), y.detach().t()
@@ -209,7 +231,7 @@ class Rewiring(nn.Module):
     def _keep_edge_grad(self, g: Tensor) -> None:
         self._edge_grad = g.detach().clone() if self._edge_grad is None else self._edge_grad + g.detach()
 
-    def _dense_block_grad(self, layer: GroupLinear) -> Tensor:
+    def _dense_block_grad(self, layer: RewiredLayer) -> Tensor:
         """(G_out, G_in) Frobenius norm of dL/dW_dense per block, from the captured (x, dy) pairs."""
         total = None
         for x, grads in self._pairs:
@@ -223,7 +245,7 @@ class Rewiring(nn.Module):
         return blocks.square().sum((1, 3)).sqrt()
 
     @torch.no_grad()
-    def update(self, layer: GroupLinear) -> None:
+    def update(self, layer: RewiredLayer) -> None:
         """After an optimizer step: count it and, when due, move edges and/or blocks."""
         self.step += 1
         step, progress = int(self.step), float(self.progress)
@@ -262,7 +284,7 @@ class Rewiring(nn.Module):
         grown, self._regrown = self._regrown, None
         return grown
 
-    def _edge_score(self, layer: GroupLinear) -> Tensor | None:
+    def _edge_score(self, layer: RewiredLayer) -> Tensor | None:
         if self.regrow == "gradient":
             if self._edge_grad is None:
                 raise RuntimeError("rewiring: no weight gradient was captured on the update step")
@@ -272,7 +294,7 @@ class Rewiring(nn.Module):
             return self.stats.edge_correlation(layer.plan().fwd_rows).abs()
         return None
 
-    def _group_score(self, layer: GroupLinear) -> Tensor | None:
+    def _group_score(self, layer: RewiredLayer) -> Tensor | None:
         if self.regrow == "gradient":
             return self._dense_block_grad(layer)
         if self.regrow == "hebbian":
@@ -281,7 +303,7 @@ class Rewiring(nn.Module):
         return None
 
     @staticmethod
-    def _block_magnitude(layer: GroupLinear) -> Tensor:
+    def _block_magnitude(layer: RewiredLayer) -> Tensor:
         """(G_out, k) RMS of each connected block's active weights."""
         w = layer.effective_weight().detach()
         blocks = w.view(layer.groups_out, layer.block_out, layer.k, layer.block_in)
@@ -292,7 +314,7 @@ class Rewiring(nn.Module):
         return (sq / count).sqrt()
 
     @staticmethod
-    def _apply_block_moves(layer: GroupLinear, moves: list[tuple[int, int, int]]) -> None:
+    def _apply_block_moves(layer: RewiredLayer, moves: list[tuple[int, int, int]]) -> None:
         """Point each moved slot at its new input group and zero its weights (RigL: grown at zero).
 
         The slot keeps its edge-mask pattern, so the edge density is unchanged.
