@@ -15,6 +15,8 @@ from brickwork.nn.routing import (
     ExpertChoiceRouter,
     GroupedFFNExperts,
     HashRouter,
+    KeyRouter,
+    MLPRouter,
     TopKRouter,
     activation_dense_to_sparse,
     anneal,
@@ -235,3 +237,27 @@ def test_aux_losses_only_in_training() -> None:
     r = TopKRouter(D, E)
     assert set(r.train()(_x()).aux_losses) == {"load_balance", "z_loss"}
     assert r.eval()(_x()).aux_losses == {}
+
+
+def test_key_routers_read_the_experts_keys() -> None:
+    """emoe scores are x . mean key (the activated half of a gated bank); mlp starts at MoEfication's init."""
+    torch.manual_seed(0)
+    bank = GroupedFFNExperts(4, 8, 6, act="silu", glu=True)  # w_in (4, 8, 12): [activated | gate]
+    x = torch.randn(5, 8)
+    emoe = KeyRouter(8, 4, top_k=2, bank=bank)
+    keys = bank.w_in[..., :6].mean(2)  # (E, D)
+    routing = emoe(x)
+    torch.testing.assert_close(routing.logits, x @ keys.t())
+    assert torch.equal(routing.expert_idx.view(5, 2), (x @ keys.t()).topk(2, dim=-1).indices)
+    assert torch.equal(routing.weights, torch.ones(10))
+    with torch.no_grad():
+        bank.w_in.mul_(2)  # the gate follows the bank's current weights
+    torch.testing.assert_close(emoe(x).logits, 2 * x @ keys.t())
+
+    mlp = MLPRouter(8, 4, top_k=4, bank=bank)
+    normalised = torch.nn.functional.normalize(bank.w_in[..., :6].transpose(1, 2), dim=-1).mean(1)
+    torch.testing.assert_close(mlp.w1.weight, normalised)
+    assert torch.equal(mlp.w2.weight, torch.eye(4))
+    assert torch.equal(mlp(x).expert_idx.view(5, 4).sort(-1).values, torch.arange(4).expand(5, 4))  # k = E: all
+    with pytest.raises(ValueError, match="top_k"):
+        KeyRouter(8, 4, top_k=5, bank=bank)
