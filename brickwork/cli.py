@@ -38,8 +38,11 @@ def benches() -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brickwork", description="Modular neural networks from bricks.")
     p.add_argument("--version", action="version", version=f"brickwork {__version__}")
-    p.add_argument("--runs-dir", default=os.environ.get("BRICKWORK_RUNS", "runs"),
-                   help="folder of the run store and run folders (default: ./runs or $BRICKWORK_RUNS)")
+    p.add_argument(
+        "--runs-dir",
+        default=os.environ.get("BRICKWORK_RUNS", "runs"),
+        help="folder of the run store and run folders (default: ./runs or $BRICKWORK_RUNS)",
+    )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     ls = sub.add_parser("ls", help="list registered bricks, models, datasets, stages, ...")
@@ -54,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?")
     run.add_argument("overrides", nargs="*", help="key.path=value")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted or failed run")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="show a progress bar (default: when stderr is a terminal)")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
 
     runs = sub.add_parser("runs", help="list recorded runs")
     runs.add_argument("--limit", type=int, default=30)
@@ -110,8 +117,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if verb == "validate":
         cfg = load_config(args.config, args.overrides)
-        print(f"{args.config}: valid ({len(cfg.models)} model(s): {', '.join(cfg.models)}; "
-              f"stages: {', '.join(s.name for s in cfg.stages)}; data: {cfg.data.name})")
+        print(
+            f"{args.config}: valid ({len(cfg.models)} model(s): {', '.join(cfg.models)}; "
+            f"stages: {', '.join(s.name for s in cfg.stages)}; data: {cfg.data.name})"
+        )
         return 0
     if verb == "run":
         return _run(args)
@@ -189,8 +198,10 @@ def _show(store: object, ref: str) -> int:
 
     r = store.get(ref)  # type: ignore[attr-defined]
     print(f"run {r.id}  name {r.name}  status {r.status}")
-    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.started))}"
-          + (f", took {r.seconds:.1f} s" if r.seconds is not None else ""))
+    print(
+        f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.started))}"
+        + (f", took {r.seconds:.1f} s" if r.seconds is not None else "")
+    )
     print(f"folder  {r.dir}")
     if r.error:
         print(f"error   {r.error}")

@@ -85,9 +85,7 @@ def _paths(stem: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def save_tensors(
-    stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
-) -> Path:
+def save_tensors(stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
     """Save ``tensors`` to ``stem.safetensors`` and ``meta`` (+ hash) to ``stem.json``.
 
     Tensors are made contiguous and detached; shared storage is copied (safetensors refuses

@@ -103,8 +103,10 @@ class Entry:
         seen: set[str] = set()
         for q in out:
             if q.name in seen:
-                raise TypeError(f"{self.kind} {self.name!r}: config key {q.name!r} is defined twice "
-                                "(a settings field shadows another argument)")
+                raise TypeError(
+                    f"{self.kind} {self.name!r}: config key {q.name!r} is defined twice "
+                    "(a settings field shadows another argument)"
+                )
             seen.add(q.name)
         return out
 
@@ -212,9 +214,7 @@ class Registry:
             raise ConfigError(path, f"unknown registry kind; expected one of {list(KINDS)}", kind)
         table = self._entries[kind]
         if name not in table:
-            raise ConfigError(
-                path, f"unknown {kind} name; `brickwork ls {kind}` lists them", name, choices=table
-            )
+            raise ConfigError(path, f"unknown {kind} name; `brickwork ls {kind}` lists them", name, choices=table)
         return table[name]
 
     def names(self, kind: str) -> list[str]:

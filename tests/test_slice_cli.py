@@ -20,10 +20,17 @@ def _threads():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    cfg = {"name": "slice", "seed": 0, "threads": 1, "data": {"name": "digits"},
-           "models": {"sn": {"name": "nested_mlp", "width": 24, "depth": 3, "depths": [2, 3]},
-                      "plain": {"name": "mlp", "width": 8, "depth": 1}},
-           "stages": [{"stage": "train", "epochs": 1, "lr": 0.01}]}
+    cfg = {
+        "name": "slice",
+        "seed": 0,
+        "threads": 1,
+        "data": {"name": "digits"},
+        "models": {
+            "sn": {"name": "nested_mlp", "width": 24, "depth": 3, "depths": [2, 3]},
+            "plain": {"name": "mlp", "width": 8, "depth": 1},
+        },
+        "stages": [{"stage": "train", "epochs": 1, "lr": 0.01}],
+    }
     rec = execute(validate(cfg), RunStore(runs), progress=False, echo=lambda s: None)
     return runs, rec
 
@@ -54,11 +61,13 @@ def test_slice_to_a_chosen_path_and_bad_input(trained_run, tmp_path, capsys):
     assert main(["--runs-dir", str(runs), "slice", rec.id, "--model", "sn", "--width", "0.25", "--out", str(out)]) == 0
     assert len(load(tmp_path / "small").model.body) == 3
     capsys.readouterr()
-    for args, message in [(["--model", "plain", "--width", "0.5"], "not a nested model"),
-                          (["--model", "sn", "--width", "0.5", "--out", str(tmp_path / "a.b")], "without dots"),
-                          (["--model", "sn", "--width", "1.5"], "--width"),
-                          (["--model", "sn", "--width", "0.5", "--depth", "4"], "--depth"),
-                          (["--width", "0.5"], "name one with --model")]:
+    for args, message in [
+        (["--model", "plain", "--width", "0.5"], "not a nested model"),
+        (["--model", "sn", "--width", "0.5", "--out", str(tmp_path / "a.b")], "without dots"),
+        (["--model", "sn", "--width", "1.5"], "--width"),
+        (["--model", "sn", "--width", "0.5", "--depth", "4"], "--depth"),
+        (["--width", "0.5"], "name one with --model"),
+    ]:
         assert main(["--runs-dir", str(runs), "slice", rec.id, *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1

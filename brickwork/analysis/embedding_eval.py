@@ -58,8 +58,13 @@ class EvalSets:
         pairs = list(word_pairs)
         words = sorted({w for a, b, _ in pairs for w in (a, b)})
         index = {w: i for i, w in enumerate(words)}
-        return cls(list(texts), np.asarray(list(labels)), words,
-                   np.array([(index[a], index[b]) for a, b, _ in pairs]), np.array([s for _, _, s in pairs]))
+        return cls(
+            list(texts),
+            np.asarray(list(labels)),
+            words,
+            np.array([(index[a], index[b]) for a, b, _ in pairs]),
+            np.array([s for _, _, s in pairs]),
+        )
 
 
 @dataclass
@@ -132,10 +137,17 @@ def encode_seconds(encoders: Mapping[str, Callable[[], object]], repeats: int = 
     return interleaved(encoders, repeats=repeats, warmup=1)
 
 
-def plot_quality_vs_flops(rows: list[dict[str, Any]], path: str, *, group: str = "series",
-                          metrics: tuple[tuple[str, str], ...] = (("fidelity", "fidelity (cosine to dense)"),
-                                                                  ("accuracy", "sentiment probe accuracy"),
-                                                                  ("wordsim", "WordSim-353 Spearman"))) -> str:
+def plot_quality_vs_flops(
+    rows: list[dict[str, Any]],
+    path: str,
+    *,
+    group: str = "series",
+    metrics: tuple[tuple[str, str], ...] = (
+        ("fidelity", "fidelity (cosine to dense)"),
+        ("accuracy", "sentiment probe accuracy"),
+        ("wordsim", "WordSim-353 Spearman"),
+    ),
+) -> str:
     """One panel per quality metric against FFN FLOPs per sentence, one line per ``row[group]``;
     rows with ``group`` = ``"dense"`` are drawn as a horizontal reference line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -82,8 +82,13 @@ class EncoderBench:
         return bench
 
     def _row(self, model: nn.Module, label: str, emb: Embeddings, seconds: float, **extra: Any) -> dict[str, Any]:
-        row = {"label": label, **quality(emb, self.sets, self.reference), **module_flops(model, self.flop_batches),
-               "encode_s": seconds, **extra}
+        row = {
+            "label": label,
+            **quality(emb, self.sets, self.reference),
+            **module_flops(model, self.flop_batches),
+            "encode_s": seconds,
+            **extra,
+        }
         if self.dense_row:
             row["ffn_ratio"] = row["ffn_flops"] / self.dense_row["ffn_flops"]
         return row

@@ -118,6 +118,12 @@ def per_exit(outs: list[Tensor], y: Tensor, layers: list[int], bins: int) -> lis
         layers: the body layer of each entry of ``outs`` (the last one for the final head).
         bins: confidence bins of the ECE.
     """
-    return [{"layer": layer, "exit": "final" if k == len(outs) - 1 else f"exit {layer}",
-             "accuracy": float((z.argmax(-1) == y).float().mean()), "ece": expected_calibration_error(z, y, bins)}
-            for k, (z, layer) in enumerate(zip(outs, layers, strict=True))]
+    return [
+        {
+            "layer": layer,
+            "exit": "final" if k == len(outs) - 1 else f"exit {layer}",
+            "accuracy": float((z.argmax(-1) == y).float().mean()),
+            "ece": expected_calibration_error(z, y, bins),
+        }
+        for k, (z, layer) in enumerate(zip(outs, layers, strict=True))
+    ]

@@ -17,8 +17,9 @@ from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix
 
 
 @torch.no_grad()
-def matryoshka_accuracy(model: NestedModel, data: Split, batch_size: int = 256,
-                        device: str = "cpu") -> list[dict[str, Any]]:
+def matryoshka_accuracy(
+    model: NestedModel, data: Split, batch_size: int = 256, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """``[{"size": m, "accuracy": ...}]``: the full network's head on the first ``m`` features.
 
     The representation is (B, C, H, W) for convolutional bodies (channels are the prefix) or

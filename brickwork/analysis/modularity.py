@@ -43,8 +43,12 @@ def newman_modularity(adj: Tensor, labels: Tensor) -> float:
 
 def random_modularity(adj: Tensor, num_groups: int, trials: int = 20, seed: int = 0) -> tuple[float, float]:
     """Mean and standard deviation of Q over random equal-size partitions into ``num_groups``."""
-    qs = torch.tensor([newman_modularity(adj, partition_to_labels(random_partition(adj.shape[0], num_groups, seed + t)))
-                       for t in range(trials)])
+    qs = torch.tensor(
+        [
+            newman_modularity(adj, partition_to_labels(random_partition(adj.shape[0], num_groups, seed + t)))
+            for t in range(trials)
+        ]
+    )
     return float(qs.mean()), float(qs.std())
 
 
@@ -73,8 +77,9 @@ def js_divergence(p: Tensor, q: Tensor) -> float:
 
 
 @torch.no_grad()
-def routing_by_class(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int,
-                     seed: int = 0) -> dict[str, dict[str, Tensor | float]]:
+def routing_by_class(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, seed: int = 0
+) -> dict[str, dict[str, Tensor | float]]:
     """Per routed layer: the (classes, E) routing fractions, and the class divergence against a
     shuffled-label baseline from the same forward passes.
 
@@ -104,9 +109,14 @@ def routing_by_class(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                         acc[path] = acc[path] + c if path in acc else c
     finally:
         model.train(was)
-    return {path: {"fractions": specialisation(c), "js": js_divergence(c[0], c[1]),
-                   "js_shuffled": js_divergence(shuffled[path][0], shuffled[path][1])}
-            for path, c in true.items()}
+    return {
+        path: {
+            "fractions": specialisation(c),
+            "js": js_divergence(c[0], c[1]),
+            "js_shuffled": js_divergence(shuffled[path][0], shuffled[path][1]),
+        }
+        for path, c in true.items()
+    }
 
 
 def plot_coactivation(adj: Tensor, labels: Tensor, path: str | Path, *, title: str = "") -> Path:
@@ -177,8 +187,10 @@ def plot_partition_coactivation(fired: Tensor, partition: Tensor, path: str | Pa
 def specialisation_rows(spec: dict[str, dict[str, Tensor | float]]) -> list[dict[str, Any]]:
     """``[{"layer", "js", "js_shuffled"}]`` per routed layer of :func:`routing_by_class`'s result,
     in layer order (paths ``body.layers.<i>...``)."""
-    return [{"layer": _layer(p), "js": spec[p]["js"], "js_shuffled": spec[p]["js_shuffled"]}
-            for p in sorted(spec, key=_layer)]
+    return [
+        {"layer": _layer(p), "js": spec[p]["js"], "js_shuffled": spec[p]["js_shuffled"]}
+        for p in sorted(spec, key=_layer)
+    ]
 
 
 def plot_specialisation(spec: dict[str, dict[str, Tensor | float]], class_names: list[str], path: str | Path) -> Path:
@@ -188,8 +200,15 @@ def plot_specialisation(spec: dict[str, dict[str, Tensor | float]], class_names:
     paths = sorted(spec, key=_layer)
     mat = torch.cat([spec[p]["fractions"] for p in paths])  # type: ignore[misc]
     names = [f"L{_layer(p)} {c}" for p in paths for c in class_names]
-    return Path(plot_routing_heatmap(mat, path, row_names=names, row_label="layer, class",
-                                     title="share of each class's tokens routed to each expert"))
+    return Path(
+        plot_routing_heatmap(
+            mat,
+            path,
+            row_names=names,
+            row_label="layer, class",
+            title="share of each class's tokens routed to each expert",
+        )
+    )
 
 
 def _layer(path: str) -> int:

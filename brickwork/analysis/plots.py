@@ -39,8 +39,9 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
 
 def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Accuracy against FLOPs per sample (log scale), each point labelled, Pareto front drawn."""
-    return plot_accuracy_vs(points, path, x_key="flops", x_label="FLOPs executed per sample",
-                            title=title or "Accuracy against compute")
+    return plot_accuracy_vs(
+        points, path, x_key="flops", x_label="FLOPs executed per sample", title=title or "Accuracy against compute"
+    )
 
 
 def plot_accuracy_vs(
@@ -58,8 +59,9 @@ def plot_accuracy_vs(
     for p, x, y in zip(points, xs, acc, strict=True):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(xs, acc)
-    ax.plot([xs[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2,
-            label="Pareto front", zorder=2)
+    ax.plot(
+        [xs[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2, label="Pareto front", zorder=2
+    )
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
     ax.set(xlabel=x_label, ylabel="accuracy", title=title)
@@ -68,8 +70,15 @@ def plot_accuracy_vs(
     return _save(fig, path)
 
 
-def plot_exit_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], marks: Sequence[Mapping[str, Any]],
-                     path: str | Path, *, x_key: str, x_label: str, title: str) -> Path:
+def plot_exit_curves(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    marks: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    x_key: str,
+    x_label: str,
+    title: str,
+) -> Path:
     """One accuracy-against-cost curve per exit policy (a threshold sweep, the ``chosen`` point
     starred), fixed exits (every sample at one exit) as labelled marks, Pareto front of all dashed."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -79,8 +88,15 @@ def plot_exit_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], marks: S
         ax.plot([p[x_key] for p in ps], [p["accuracy"] for p in ps], marker=".", label=f"{name} threshold sweep")
         star = [p for p in ps if p.get("chosen")]
         ax.scatter([p[x_key] for p in star], [p["accuracy"] for p in star], marker="*", s=160, zorder=4)
-    ax.scatter([p[x_key] for p in marks], [p["accuracy"] for p in marks], marker="s", color="k", s=25, zorder=3,
-               label="every sample at one exit")
+    ax.scatter(
+        [p[x_key] for p in marks],
+        [p["accuracy"] for p in marks],
+        marker="s",
+        color="k",
+        s=25,
+        zorder=3,
+        label="every sample at one exit",
+    )
     for p in marks:
         ax.annotate(p["label"], (p[x_key], p["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     xs, ys = [p[x_key] for p in every], [p["accuracy"] for p in every]

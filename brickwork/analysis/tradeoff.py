@@ -17,8 +17,16 @@ from brickwork.data.base import Split
 from brickwork.data.batching import batches
 
 
-def measure_point(model: nn.Module, split: Split, label: str, *, batch_size: int = 256, device: str = "cpu",
-                  latency_repeats: int = 5, **extra: Any) -> dict[str, Any]:
+def measure_point(
+    model: nn.Module,
+    split: Split,
+    label: str,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    latency_repeats: int = 5,
+    **extra: Any,
+) -> dict[str, Any]:
     """Accuracy, FLOPs per sample, latency per sample (batch of ``batch_size``) and parameters.
 
     Args:
@@ -32,5 +40,11 @@ def measure_point(model: nn.Module, split: Split, label: str, *, batch_size: int
     """
     acc, flops = accuracy_and_flops(model, batches(split.x, split.y, batch_size, device=device))
     latency = measure_latency(model, split.x[:batch_size].to(device), repeats=latency_repeats)
-    return {"label": label, "accuracy": acc, "flops": flops, "latency_us": latency * 1e6,
-            "params": count_params(model), **extra}
+    return {
+        "label": label,
+        "accuracy": acc,
+        "flops": flops,
+        "latency_us": latency * 1e6,
+        "params": count_params(model),
+        **extra,
+    }

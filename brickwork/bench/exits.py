@@ -33,11 +33,15 @@ from brickwork.nn.exits import EarlyExit
 
 CASES: dict[str, Callable[[], tuple[EarlyExit, Tensor]]] = {
     "cnn 32-64-128 x2 blocks, exit after block 1 of 6, 28x28, batch 256": lambda: (
-        early_exit((1, 28, 28), 10, base={"name": "cnn", "channels": (32, 64, 128), "blocks": 2, "norm": "batch"},
-                   exits=[1]), torch.randn(256, 1, 28, 28)),
+        early_exit(
+            (1, 28, 28), 10, base={"name": "cnn", "channels": (32, 64, 128), "blocks": 2, "norm": "batch"}, exits=[1]
+        ),
+        torch.randn(256, 1, 28, 28),
+    ),
     "vit d128 6 blocks, exit after block 1 of 6, 49 tokens, batch 256": lambda: (
-        early_exit((1, 28, 28), 10, base={"name": "vit", "dim": 128, "depth": 6, "heads": 4, "patch": 4},
-                   exits=[1]), torch.randn(256, 1, 28, 28)),
+        early_exit((1, 28, 28), 10, base={"name": "vit", "dim": 128, "depth": 6, "heads": 4, "patch": 4}, exits=[1]),
+        torch.randn(256, 1, 28, 28),
+    ),
 }
 
 
@@ -58,6 +62,7 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, fl
     def ideal(stay: int) -> Callable[[], Tensor]:
         """The same work on the staying rows without gathering them (a prefix view of the batch):
         the time compaction would take if moving rows cost nothing."""
+
         def run() -> Tensor:
             h = model.body.taps(model.stem(x), [layer])[0]
             z = model.exits[str(layer)](h)
@@ -85,23 +90,37 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, fl
             def full() -> Tensor:
                 return model.head(model.body(model.stem(x)))
 
-            times = interleaved({"compaction": lambda: model(x), "full": full, "no_compaction": no_compaction,
-                                 "ideal": ideal(stay)}, repeats=repeats)
+            times = interleaved(
+                {"compaction": lambda: model(x), "full": full, "no_compaction": no_compaction, "ideal": ideal(stay)},
+                repeats=repeats,
+            )
         flops_saving = 1 - flops / full_flops
         time_saving = 1 - times["compaction"] / times["full"]
-        rows.append({"rate": 1 - stay / len(x), "flops_saving": flops_saving, "time_saving": time_saving,
-                     "ratio": time_saving / flops_saving if flops_saving > 0 else float("nan"),
-                     "full_ms": 1e3 * times["full"], "compaction_ms": 1e3 * times["compaction"],
-                     "overhead": times["compaction"] / times["ideal"],
-                     "no_compaction_ratio": times["no_compaction"] / times["full"]})
+        rows.append(
+            {
+                "rate": 1 - stay / len(x),
+                "flops_saving": flops_saving,
+                "time_saving": time_saving,
+                "ratio": time_saving / flops_saving if flops_saving > 0 else float("nan"),
+                "full_ms": 1e3 * times["full"],
+                "compaction_ms": 1e3 * times["compaction"],
+                "overhead": times["compaction"] / times["ideal"],
+                "no_compaction_ratio": times["no_compaction"] / times["full"],
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="brickwork bench exits", description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE")
-    p.add_argument("--rates", nargs="+", type=float, default=[0.25, 0.5, 0.75, 0.9],
-                   help="target share of samples leaving at the first exit")
+    p.add_argument(
+        "--rates",
+        nargs="+",
+        type=float,
+        default=[0.25, 0.5, 0.75, 0.9],
+        help="target share of samples leaving at the first exit",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
@@ -110,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     malloc = tune_glibc_malloc()
     print(f"machine: {describe_machine(malloc)}")
     print(f"median of {args.repeats} interleaved repeats after warm-up")
-    print("| case | samples exiting early | FLOPs saved | wall-clock saved | time saving / FLOPs saving "
-          "| compaction / ideal | no compaction / full | full ms |")
+    print(
+        "| case | samples exiting early | FLOPs saved | wall-clock saved | time saving / FLOPs saving "
+        "| compaction / ideal | no compaction / full | full ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         for r in bench_case(name, args.rates, args.repeats):
-            print(f"| {name} | {r['rate']:.1%} | {r['flops_saving']:.1%} | {r['time_saving']:.1%} | {r['ratio']:.3f} "
-                  f"| {r['overhead']:.3f} | {r['no_compaction_ratio']:.3f} | {r['full_ms']:.1f} |", flush=True)
+            print(
+                f"| {name} | {r['rate']:.1%} | {r['flops_saving']:.1%} | {r['time_saving']:.1%} | {r['ratio']:.3f} "
+                f"| {r['overhead']:.3f} | {r['no_compaction_ratio']:.3f} | {r['full_ms']:.1f} |",
+                flush=True,
+            )
     return 0

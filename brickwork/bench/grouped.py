@@ -53,14 +53,20 @@ def product_candidates(kind: str, experts: int, rows: int, k: int, m: int) -> di
     if kind == "forward":
         w = torch.randn(experts, k, m)
         out = torch.empty(experts * rows, m)
-        return {"dense": lambda: x @ one, "grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
-                "mm_out": _mm_out(list(x.split(rows)), list(w.unbind(0)), out, list(out.split(rows))),
-                "bmm": lambda: torch.bmm(x.view(experts, rows, k), w)}
+        return {
+            "dense": lambda: x @ one,
+            "grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
+            "mm_out": _mm_out(list(x.split(rows)), list(w.unbind(0)), out, list(out.split(rows))),
+            "bmm": lambda: torch.bmm(x.view(experts, rows, k), w),
+        }
     if kind == "wgrad":
         out = torch.empty(experts, k, m)
-        return {"dense": lambda: x.t() @ g, "grouped_mm": lambda: torch._grouped_mm(x.t(), g, offs=offs),
-                "mm_out": _mm_out([p.t() for p in x.split(rows)], list(g.split(rows)), out, list(out.unbind(0))),
-                "bmm": lambda: torch.bmm(x.view(experts, rows, k).transpose(1, 2), g.view(experts, rows, m))}
+        return {
+            "dense": lambda: x.t() @ g,
+            "grouped_mm": lambda: torch._grouped_mm(x.t(), g, offs=offs),
+            "mm_out": _mm_out([p.t() for p in x.split(rows)], list(g.split(rows)), out, list(out.unbind(0))),
+            "bmm": lambda: torch.bmm(x.view(experts, rows, k).transpose(1, 2), g.view(experts, rows, m)),
+        }
     raise ValueError(f"unknown product kind {kind!r}")
 
 
@@ -76,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc(disable_mmap=True)
     print(f"machine: {describe_machine(malloc)}")
-    print(f"{args.experts} experts; SwiGLU shapes: up {args.dim} x {4 * args.dim} (fused gate and up), "
-          f"down {2 * args.dim} x {args.dim}; median of {args.repeats} interleaved repeats; ratio = time / dense")
+    print(
+        f"{args.experts} experts; SwiGLU shapes: up {args.dim} x {4 * args.dim} (fused gate and up), "
+        f"down {2 * args.dim} x {args.dim}; median of {args.repeats} interleaved repeats; ratio = time / dense"
+    )
     d = args.dim
     shapes = {"up": (d, 4 * d), "down": (2 * d, d)}
     print("| product | rows/expert | dense ms | grouped_mm | mm_out | bmm |")
@@ -86,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("forward", "wgrad"):
             for proj, (k, m) in shapes.items():
                 t = interleaved(product_candidates(kind, args.experts, rows, k, m), repeats=args.repeats, warmup=2)
-                print(f"| {kind} {proj} | {rows} | {1e3 * t['dense']:.1f} | {t['grouped_mm'] / t['dense']:.2f} "
-                      f"| {t['mm_out'] / t['dense']:.2f} | {t['bmm'] / t['dense']:.2f} |", flush=True)
+                print(
+                    f"| {kind} {proj} | {rows} | {1e3 * t['dense']:.1f} | {t['grouped_mm'] / t['dense']:.2f} "
+                    f"| {t['mm_out'] / t['dense']:.2f} | {t['bmm'] / t['dense']:.2f} |",
+                    flush=True,
+                )
     return 0
 
 

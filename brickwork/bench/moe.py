@@ -180,8 +180,10 @@ def bench_one(
     rotations = [{"moe": run_moe, "dense": _step(dense.train(), x, grad)}]
     if baselines:
         rotations.append({"moe": run_moe, **{name: _step(b.train(), x, grad) for name, b in baselines.items()}})
-    timings_per = [time_rounds(c, repeats=repeats, warmup=warmup, max_foreign=max_foreign, max_rounds=max_rounds)
-                   for c in rotations]
+    timings_per = [
+        time_rounds(c, repeats=repeats, warmup=warmup, max_foreign=max_foreign, max_rounds=max_rounds)
+        for c in rotations
+    ]
     ratios = {("moe", "dense"): paired_ratio(timings_per[0]["moe"], timings_per[0]["dense"], max_foreign)}
     for b in baselines:
         ratios[(b, "moe")] = paired_ratio(timings_per[1][b], timings_per[1]["moe"], max_foreign)

@@ -33,9 +33,13 @@ from brickwork.ops.slice import slice_model
 CASES: dict[str, Callable[[], tuple[NestedModel, Tensor]]] = {
     "mlp 4x1024, batch 256": lambda: (nested_mlp((1024,), 10, width=1024, depth=4), torch.randn(256, 1024)),
     "transformer d256 8 heads ffn 1024, 2 blocks, 16x128 tokens": lambda: (
-        nested_lm((128,), 256, dim=256, depth=2, heads=8), torch.randint(0, 256, (16, 128))),
+        nested_lm((128,), 256, dim=256, depth=2, heads=8),
+        torch.randint(0, 256, (16, 128)),
+    ),
     "cnn 64-128-256 channels, 32x32, batch 64": lambda: (
-        nested_cnn((3, 32, 32), 10, channels=(64, 128, 256)), torch.randn(64, 3, 32, 32)),
+        nested_cnn((3, 32, 32), 10, channels=(64, 128, 256)),
+        torch.randn(64, 3, 32, 32),
+    ),
 }
 
 
@@ -96,6 +100,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
 
     def sorted_step(inplace: bool) -> Callable[[], None]:
         """One SortedNet step: every width's loss backpropagated into the same gradients."""
+
         def run() -> None:
             for m in nested_modules(model):
                 if hasattr(m, "inplace_grad"):
@@ -110,25 +115,43 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
 
     model.eval()
     with torch.no_grad():
-        fwd = interleaved({**{f"super {w}": supernet_fwd(w) for w in widths},
-                           **{f"sliced {w}": _forward(sliced[w], x) for w in widths}}, repeats=repeats)
+        fwd = interleaved(
+            {
+                **{f"super {w}": supernet_fwd(w) for w in widths},
+                **{f"sliced {w}": _forward(sliced[w], x) for w in widths},
+            },
+            repeats=repeats,
+        )
     model.train()
     for s in sliced.values():
         s.train()
-    bwd = interleaved({**{f"inplace {w}": supernet_step(w, True) for w in widths},
-                       **{f"autograd {w}": supernet_step(w, False) for w in widths},
-                       **{f"sliced {w}": _train_step(sliced[w], x) for w in widths},
-                       "sorted inplace": sorted_step(True), "sorted autograd": sorted_step(False)}, repeats=repeats)
+    bwd = interleaved(
+        {
+            **{f"inplace {w}": supernet_step(w, True) for w in widths},
+            **{f"autograd {w}": supernet_step(w, False) for w in widths},
+            **{f"sliced {w}": _train_step(sliced[w], x) for w in widths},
+            "sorted inplace": sorted_step(True),
+            "sorted autograd": sorted_step(False),
+        },
+        repeats=repeats,
+    )
     model.configure(1.0)
     full = max(widths)
     separate = sum(bwd[f"sliced {w}"] for w in widths)
     accumulated = {"inplace": bwd["sorted inplace"] / separate, "autograd": bwd["sorted autograd"] / separate}
-    return accumulated, [{"width": w, "flops_frac": flops[w] / flops[full], "fwd_ms": 1e3 * fwd[f"super {w}"],
-             "latency_frac": fwd[f"super {w}"] / fwd[f"super {full}"],
-             "fwd_ratio": fwd[f"super {w}"] / fwd[f"sliced {w}"],
-             "bwd_inplace_ratio": bwd[f"inplace {w}"] / bwd[f"sliced {w}"],
-             "bwd_autograd_ratio": bwd[f"autograd {w}"] / bwd[f"sliced {w}"], "bwd_sliced_ms": 1e3 * bwd[f"sliced {w}"]}
-            for w in widths]
+    return accumulated, [
+        {
+            "width": w,
+            "flops_frac": flops[w] / flops[full],
+            "fwd_ms": 1e3 * fwd[f"super {w}"],
+            "latency_frac": fwd[f"super {w}"] / fwd[f"super {full}"],
+            "fwd_ratio": fwd[f"super {w}"] / fwd[f"sliced {w}"],
+            "bwd_inplace_ratio": bwd[f"inplace {w}"] / bwd[f"sliced {w}"],
+            "bwd_autograd_ratio": bwd[f"autograd {w}"] / bwd[f"sliced {w}"],
+            "bwd_sliced_ms": 1e3 * bwd[f"sliced {w}"],
+        }
+        for w in widths
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,19 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc()
     print(f"machine: {describe_machine(malloc)}")
-    print(f"median of {args.repeats} repeats after warm-up, every width and variant of a case interleaved in one "
-          "rotation; ratios < 1 are faster than the baseline")
-    print("| case | width | FLOPs(w)/FLOPs(1) | fwd latency(w)/latency(1) | fwd ms | fwd supernet / sliced "
-          "| fwd+bwd in-place / sliced | fwd+bwd autograd views / sliced |")
+    print(
+        f"median of {args.repeats} repeats after warm-up, every width and variant of a case interleaved in one "
+        "rotation; ratios < 1 are faster than the baseline"
+    )
+    print(
+        "| case | width | FLOPs(w)/FLOPs(1) | fwd latency(w)/latency(1) | fwd ms | fwd supernet / sliced "
+        "| fwd+bwd in-place / sliced | fwd+bwd autograd views / sliced |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         accumulated, rows = bench_case(name, sorted(set(args.widths) | {1.0}), args.repeats)
         for r in rows:
-            print(f"| {name} | {r['width']:g} | {r['flops_frac']:.3f} | {r['latency_frac']:.3f} | {r['fwd_ms']:.2f} "
-                  f"| {r['fwd_ratio']:.3f} | {r['bwd_inplace_ratio']:.3f} | {r['bwd_autograd_ratio']:.3f} |",
-                  flush=True)
+            print(
+                f"| {name} | {r['width']:g} | {r['flops_frac']:.3f} | {r['latency_frac']:.3f} | {r['fwd_ms']:.2f} "
+                f"| {r['fwd_ratio']:.3f} | {r['bwd_inplace_ratio']:.3f} | {r['bwd_autograd_ratio']:.3f} |",
+                flush=True,
+            )
         r2 = _r2([r["flops_frac"] for r in rows], [r["fwd_ms"] for r in rows])
         print(f"| {name} | R^2 of forward latency on FLOPs over the widths: {r2:.4f} | | | | | | |", flush=True)
-        print(f"| {name} | one SortedNet step, all widths accumulated / separate small models' steps | | | | "
-              f"| {accumulated['inplace']:.3f} | {accumulated['autograd']:.3f} |", flush=True)
+        print(
+            f"| {name} | one SortedNet step, all widths accumulated / separate small models' steps | | | | "
+            f"| {accumulated['inplace']:.3f} | {accumulated['autograd']:.3f} |",
+            flush=True,
+        )
     return 0

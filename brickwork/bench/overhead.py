@@ -41,9 +41,16 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
     bar = tqdm(total=10**9, file=io.StringIO(), mininterval=0.1)
 
     def runner() -> None:
-        run_epoch(runner_model, batches(x, y, batch_size, order=order), loss_fn, runner_opt, cfg,
-                  step0=0, total_steps=steps,
-                  on_step=lambda r: (bar.update(), bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)))
+        run_epoch(
+            runner_model,
+            batches(x, y, batch_size, order=order),
+            loss_fn,
+            runner_opt,
+            cfg,
+            step0=0,
+            total_steps=steps,
+            on_step=lambda r: (bar.update(), bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)),
+        )
 
     def hand_written() -> None:
         hand_model.train()
@@ -54,8 +61,12 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
             hand_opt.step()
 
     t = interleaved({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1)
-    return {"runner_ms_per_step": 1e3 * t["runner"] / steps, "hand_ms_per_step": 1e3 * t["hand"] / steps,
-            "ratio": t["runner"] / t["hand"], "steps": steps}
+    return {
+        "runner_ms_per_step": 1e3 * t["runner"] / steps,
+        "hand_ms_per_step": 1e3 * t["hand"] / steps,
+        "ratio": t["runner"] / t["hand"],
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name in args.models:
         r = bench_model(name, args.dataset, args.batch_size, args.repeats)
-        print(f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']:.3f} |",
-              flush=True)
+        print(
+            f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']:.3f} |", flush=True
+        )
     return 0

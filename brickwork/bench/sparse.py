@@ -32,8 +32,9 @@ from brickwork.kernels.malloc import tune_glibc_malloc
 from brickwork.nn.sparse import GroupLinear, Pattern
 
 
-def candidates(size: int, batch: int, density: float, groups: int, backward: bool, pattern: Pattern = "random"
-               ) -> tuple[dict[str, Callable[[], object]], float]:
+def candidates(
+    size: int, batch: int, density: float, groups: int, backward: bool, pattern: Pattern = "random"
+) -> tuple[dict[str, Callable[[], object]], float]:
     """The three zero-argument callables for one shape, and max |sparse - masked| of their outputs."""
     torch.manual_seed(0)
     sparse = GroupLinear(size, size, groups=groups, density=density, pattern=pattern)
@@ -49,11 +50,14 @@ def candidates(size: int, batch: int, density: float, groups: int, backward: boo
         "sparse": lambda: sparse(x),
     }
     if not backward:
+
         def no_grad(f: Callable[[], torch.Tensor]) -> Callable[[], object]:
             def run() -> object:
                 with torch.no_grad():
                     return f()
+
             return run
+
         return {n: no_grad(f) for n, f in fns.items()}, err
     grad = torch.randn(batch, size)
     params = [x, weight, *sparse.parameters(), *dense.parameters()]
@@ -64,6 +68,7 @@ def candidates(size: int, batch: int, density: float, groups: int, backward: boo
             for p in params:
                 p.grad = None
             return None
+
         return run
 
     return {n: step(f) for n, f in fns.items()}, err
@@ -84,11 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25], help="fraction of weights kept")
     p.add_argument("--block", type=int, default=256, help="units per group (groups = width / block)")
     p.add_argument("--groups", type=int, default=None, help="a fixed group count instead of --block")
-    p.add_argument("--patterns", nargs="+", default=["random", "ring"], choices=Pattern.__args__,
-                   help="block connectivity: random takes the gather path, ring/band the strided-view path")
+    p.add_argument(
+        "--patterns",
+        nargs="+",
+        default=["random", "ring"],
+        choices=Pattern.__args__,
+        help="block connectivity: random takes the gather path, ring/band the strided-view path",
+    )
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--min-seconds", type=float, default=2.0,
-                   help="more repeats (up to 50) for small shapes, until the dense candidate runs about this long")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="more repeats (up to 50) for small shapes, until the dense candidate runs about this long",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="width 1024, batch 256 only, 3 repeats")
     args = p.parse_args(argv)
@@ -100,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     malloc = tune_glibc_malloc(disable_mmap=True)
     print(f"machine: {describe_machine(malloc)}")
     split = f"{args.groups} groups" if args.groups else f"groups of {args.block} units"
-    print(f"load average before: {os.getloadavg()[0]:.2f}; {split}; "
-          f"median of {args.repeats} or more rounds (small shapes: up to 50), 1 warm-up round; "
-          "ratios are time / dense time (lower is faster) "
-          "and masked / sparse (speed-up)")
-    print("| width | groups | batch | density (sparsity) | pattern | pass | dense ms | sparse/dense | masked/dense | "
-          "masked/sparse | limit sparse/dense | max abs err |")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f}; {split}; "
+        f"median of {args.repeats} or more rounds (small shapes: up to 50), 1 warm-up round; "
+        "ratios are time / dense time (lower is faster) "
+        "and masked / sparse (speed-up)"
+    )
+    print(
+        "| width | groups | batch | density (sparsity) | pattern | pass | dense ms | sparse/dense | masked/dense | "
+        "masked/sparse | limit sparse/dense | max abs err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         groups = args.groups or max(size // args.block, 1)
@@ -116,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                         fns, err = candidates(size, batch, density, groups, backward, pattern)
                         t = interleaved(fns, repeats=_repeats(fns["dense"], args.repeats, args.min_seconds), warmup=1)
                         kind = "fwd+bwd" if backward else "fwd"
-                        print(f"| {size} | {groups} | {batch} | {density:g} ({1 - density:.0%}) | {pattern} | {kind} | "
-                              f"{1e3 * t['dense']:.2f} | {t['sparse'] / t['dense']:.3f} | "
-                              f"{t['masked'] / t['dense']:.3f} | {t['masked'] / t['sparse']:.2f} | {density:g} | "
-                              f"{err:.1e} |", flush=True)
+                        print(
+                            f"| {size} | {groups} | {batch} | {density:g} ({1 - density:.0%}) | {pattern} | {kind} | "
+                            f"{1e3 * t['dense']:.2f} | {t['sparse'] / t['dense']:.3f} | "
+                            f"{t['masked'] / t['dense']:.3f} | {t['masked'] / t['sparse']:.2f} | {density:g} | "
+                            f"{err:.1e} |",
+                            flush=True,
+                        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0

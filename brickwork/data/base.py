@@ -78,4 +78,3 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
             f"val_fraction + test_fraction must be below 1 so that a training split remains "
             f"(got val_fraction={val_fraction}, test_fraction={test_fraction})"
         )
-

@@ -43,10 +43,7 @@ def check_file(path: str) -> Path:
     p = Path(path).expanduser()
     shown = f"{path!s}" if p.is_absolute() else f"{path!s} (resolved against {Path.cwd()})"
     if not p.exists():
-        raise DataError(
-            f"data file not found: {shown}; a relative path resolves against the current "
-            "directory"
-        )
+        raise DataError(f"data file not found: {shown}; a relative path resolves against the current directory")
     if not p.is_file():
         raise DataError(f"data path is not a file: {shown}")
     if p.stat().st_size == 0:
@@ -71,21 +68,22 @@ def encode_labels(labels: np.ndarray, where: str) -> tuple[np.ndarray, list[str]
         if not np.isfinite(labels).all():
             raise DataError(f"{where}: labels contain NaN or infinity; expected class labels")
         if not (labels == np.round(labels)).all():
-            raise DataError(
-                f"{where}: labels are fractional numbers; expected class labels (integers or text)"
-            )
+            raise DataError(f"{where}: labels are fractional numbers; expected class labels (integers or text)")
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "biuUS":
-        raise DataError(
-            f"{where}: labels have dtype {labels.dtype}; expected integers or strings"
-        )
+        raise DataError(f"{where}: labels have dtype {labels.dtype}; expected integers or strings")
     values, ids = np.unique(labels, return_inverse=True)
     return ids.astype(np.int64).reshape(-1), [str(v) for v in values.tolist()]
 
 
 def _dataset(
-    path: str, x: np.ndarray, y: np.ndarray, where: str,
-    val_fraction: float, test_fraction: float, seed: int,
+    path: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    where: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> Dataset:
     """Seeded split of features ``x`` (N, ...) and raw labels ``y`` (N,) into a Dataset."""
     check_fractions(val_fraction, test_fraction)
@@ -126,10 +124,7 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     if magic == b"\x93NUMPY":
         raise DataError(f"{path}: is a single-array .npy file; expected {NPZ_HINT}")
     if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise DataError(
-            f"{path}: not an .npz archive (it does not start with the zip signature); "
-            f"expected {NPZ_HINT}"
-        )
+        raise DataError(f"{path}: not an .npz archive (it does not start with the zip signature); expected {NPZ_HINT}")
     try:
         archive = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -166,9 +161,7 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register("dataset", "npz", injected=("seed",))
-def npz(
-    *, path: str, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int
-) -> Dataset:
+def npz(*, path: str, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int) -> Dataset:
     """Your own classification data from an .npz file with arrays x and y.
 
     Args:
@@ -213,9 +206,7 @@ def read_csv(path: str, label: str, delimiter: str = ",") -> tuple[np.ndarray, n
     if label not in header:
         close = close_matches(label, header)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise DataError(
-            f"{path}: no label column {label!r}; the header has {', '.join(map(repr, header))}{hint}"
-        )
+        raise DataError(f"{path}: no label column {label!r}; the header has {', '.join(map(repr, header))}{hint}")
     if len(rows) == 1:
         raise DataError(f"{path}: has a header but no data rows")
     li = header.index(label)
@@ -224,9 +215,7 @@ def read_csv(path: str, label: str, delimiter: str = ",") -> tuple[np.ndarray, n
     labels = []
     for n, (row, line) in enumerate(rows[1:]):
         if len(row) != len(header):
-            raise DataError(
-                f"{path}: line {line} has {len(row)} field(s); expected {len(header)}, as in the header"
-            )
+            raise DataError(f"{path}: line {line} has {len(row)} field(s); expected {len(header)}, as in the header")
         labels.append(row[li].strip())
         if not labels[-1]:
             raise DataError(f"{path}: line {line}, column {label!r}: the label is empty")

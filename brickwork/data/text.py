@@ -153,8 +153,14 @@ def hamlet(
     """
     ids, vocab, source = _hamlet_raw()
     return char_lm_dataset(
-        "hamlet", ids, vocab, source,
-        seq_len=seq_len, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        "hamlet",
+        ids,
+        vocab,
+        source,
+        seq_len=seq_len,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
     )
 
 
@@ -171,17 +177,14 @@ def _bible_raw() -> tuple[Tensor, list[str], str]:
         raise DataError(f"dataset 'bible' needs the `bible` command, which is not found; {hint}")
     # One line per verse (-l sets a line width no verse reaches), whole book range.
     try:
-        run = subprocess.run(
-            [exe, "-l100000", "gen1:1-rev22:21"], capture_output=True, timeout=120
-        )
+        run = subprocess.run([exe, "-l100000", "gen1:1-rev22:21"], capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
         raise DataError(f"`{exe}` failed to run ({e}); {hint}") from None
     text = run.stdout.decode("utf-8", errors="replace")
     if run.returncode != 0 or len(text) < 1_000_000:
         err = run.stderr.decode(errors="replace").strip().splitlines()
         raise DataError(
-            f"`{exe}` did not print the King James text (exit {run.returncode}"
-            f"{': ' + err[-1] if err else ''}); {hint}"
+            f"`{exe}` did not print the King James text (exit {run.returncode}{': ' + err[-1] if err else ''}); {hint}"
         )
     ids, vocab = encode(text)
     return ids, vocab, f"Debian {BIBLE_PACKAGES} ({exe})"
@@ -212,6 +215,12 @@ def bible(
     """
     ids, vocab, source = _bible_raw()
     return char_lm_dataset(
-        "bible", ids, vocab, source,
-        seq_len=seq_len, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        "bible",
+        ids,
+        vocab,
+        source,
+        seq_len=seq_len,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
     )

@@ -112,9 +112,12 @@ def model_meta(spec: Spec, data: Dataset, structure: Sequence[Recipe] = (), **ex
 
     ``extra`` keys (metrics, provenance) are stored beside them and ignored by :func:`rebuild`.
     """
-    return {"model": spec.to_dict(), "data": {"name": data.name, "in_shape": list(data.in_shape),
-                                              "num_classes": data.num_classes},
-            "structure": [dict(r) for r in structure], **extra}
+    return {
+        "model": spec.to_dict(),
+        "data": {"name": data.name, "in_shape": list(data.in_shape), "num_classes": data.num_classes},
+        "structure": [dict(r) for r in structure],
+        **extra,
+    }
 
 
 def rebuild(meta: Mapping[str, Any], where: str = "model") -> nn.Module:

@@ -119,8 +119,9 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tupl
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("", f"config file {str(path)!r} not found (paths are relative to {os.getcwd()})",
-                          show_value=False)
+        raise ConfigError(
+            "", f"config file {str(path)!r} not found (paths are relative to {os.getcwd()})", show_value=False
+        )
     try:
         raw = yaml.safe_load(path.read_text())  # safe_load: YAML tags cannot construct objects
     except yaml.YAMLError as e:
@@ -129,8 +130,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError("", f"{path}: malformed YAML{where}: {problem}", show_value=False) from None
     if not isinstance(raw, dict):
-        raise ConfigError("", f"{path}: expected a mapping of keys (name, data, models, stages) at the top",
-                          raw)
+        raise ConfigError("", f"{path}: expected a mapping of keys (name, data, models, stages) at the top", raw)
     return raw
 
 
@@ -174,8 +174,9 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     except ValidationError as e:
         raise _from_pydantic(e, "") from None
     if (top.model is None) == (top.models is None):
-        raise ConfigError("models", "give exactly one of `model:` (one model) or `models:` (named variants)",
-                          show_value=False)
+        raise ConfigError(
+            "models", "give exactly one of `model:` (one model) or `models:` (named variants)", show_value=False
+        )
     models_raw = top.models if top.models is not None else {_label(top.model): top.model}  # type: ignore[arg-type]
     where = "models" if top.models is not None else "model"
     if not models_raw:
@@ -229,15 +230,20 @@ def validate_args(entry: Entry, args: dict[str, Any], path: str) -> dict[str, An
     for k in args:
         if k not in params:
             expected = ", ".join(params) or "no arguments"
-            raise ConfigError(f"{path}.{k}", f"unknown argument for {entry.kind} {entry.name!r}; expected {expected}",
-                              k, choices=params)
+            raise ConfigError(
+                f"{path}.{k}",
+                f"unknown argument for {entry.kind} {entry.name!r}; expected {expected}",
+                k,
+                choices=params,
+            )
     out: dict[str, Any] = {}
     for name, p in params.items():
         where = f"{path}.{name}"
         if name not in args:
             if p.required:
-                raise ConfigError(where, f"required argument of {entry.kind} {entry.name!r} is missing",
-                                  show_value=False)
+                raise ConfigError(
+                    where, f"required argument of {entry.kind} {entry.name!r} is missing", show_value=False
+                )
             out[name] = p.default
             continue
         out[name] = _check_value(p.annotation, args[name], where)
@@ -288,8 +294,7 @@ def _metadata(annotation: Any) -> list[Any]:
     return [m for a in get_args(annotation) for m in _metadata(a)]
 
 
-def _from_pydantic(e: ValidationError, base: str, value: Any = None,
-                   choices: list[str] | None = None) -> ConfigError:
+def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: list[str] | None = None) -> ConfigError:
     """The first pydantic error as one ConfigError with a dotted key path."""
     err = e.errors()[0]
     loc = base
@@ -303,8 +308,9 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None,
     kind = err["type"]
     if kind == "extra_forbidden":
         top_keys = list(_Top.model_fields)
-        return ConfigError(loc, f"unknown key; expected one of {', '.join(top_keys)}", str(err["loc"][-1]),
-                           choices=top_keys)
+        return ConfigError(
+            loc, f"unknown key; expected one of {', '.join(top_keys)}", str(err["loc"][-1]), choices=top_keys
+        )
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
     got = err.get("input", value)

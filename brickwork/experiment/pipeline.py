@@ -75,8 +75,10 @@ def execute(
     try:
         results = {}
         for label, spec in cfg.models.items():
-            per_seed = [_run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
-                        for seed in cfg.run_seeds]
+            per_seed = [
+                _run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
+                for seed in cfg.run_seeds
+            ]
             results[label] = per_seed[0] if cfg.seeds is None else aggregate_seeds(per_seed, cfg.run_seeds)
         summary = {label: r["metrics"] for label, r in results.items()}
         write_json(record.dir / "metrics.json", summary)
@@ -94,8 +96,17 @@ def execute(
     return store.get(record.id)
 
 
-def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir: Path, seed: int, device: str,
-                 progress: bool | None, resume: bool) -> dict[str, Any]:
+def _run_variant(
+    cfg: RunConfig,
+    label: str,
+    spec: Spec,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    device: str,
+    progress: bool | None,
+    resume: bool,
+) -> dict[str, Any]:
     vdir = variant_dir(run_dir, cfg, label, seed)
     vdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -107,10 +118,23 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
     if done:
         model = apply_structure(model, structure)
         load_model(vdir / "model", model)
-    ctx = StageContext(label=label, model=model, data=data, dir=vdir, run_dir=run_dir, seed=seed, device=device,
-                       aux_weights=cfg.aux_weights, resume=resume, progress=progress,
-                       metrics=state.get("metrics", {}), history=state.get("history", []),
-                       points=state.get("points", []), report=state.get("report", []), structure=structure)
+    ctx = StageContext(
+        label=label,
+        model=model,
+        data=data,
+        dir=vdir,
+        run_dir=run_dir,
+        seed=seed,
+        device=device,
+        aux_weights=cfg.aux_weights,
+        resume=resume,
+        progress=progress,
+        metrics=state.get("metrics", {}),
+        history=state.get("history", []),
+        points=state.get("points", []),
+        report=state.get("report", []),
+        structure=structure,
+    )
     for i, stage in enumerate(cfg.stages):
         if i < done:
             continue
@@ -121,8 +145,17 @@ def _run_variant(cfg: RunConfig, label: str, spec: Spec, data: Dataset, run_dir:
         stage.entry.obj(ctx, **stage.args)
         meta = model_meta(spec, data, ctx.structure, metrics=ctx.metrics, stage=i + 1, seed=seed)
         save_model(vdir / "model", ctx.model, meta)
-        write_json(state_file, {"done": i + 1, "metrics": ctx.metrics, "history": ctx.history,
-                                "points": ctx.points, "report": ctx.report, "structure": ctx.structure})
+        write_json(
+            state_file,
+            {
+                "done": i + 1,
+                "metrics": ctx.metrics,
+                "history": ctx.history,
+                "points": ctx.points,
+                "report": ctx.report,
+                "structure": ctx.structure,
+            },
+        )
     return {"metrics": ctx.metrics, "history": ctx.history, "points": ctx.points, "report": ctx.report}
 
 

@@ -42,9 +42,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
 
 
 #: Columns of a table of trade-off points (:func:`brickwork.analysis.tradeoff.measure_point`).
-POINT_COLUMNS: list[Column] = [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"),
-                               ("flops", "FLOPs/sample", "{:,.0f}"), ("latency_us", "latency µs/sample", "{:.2f}"),
-                               ("params", "params", "{:,}")]
+POINT_COLUMNS: list[Column] = [
+    ("label", "model", "{}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("flops", "FLOPs/sample", "{:,.0f}"),
+    ("latency_us", "latency µs/sample", "{:.2f}"),
+    ("params", "params", "{:,}"),
+]
 
 
 def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], name: str, title: str) -> list[str]:
@@ -55,9 +59,13 @@ def tradeoff_section(ctx: StageContext, points: Sequence[Mapping[str, Any]], nam
     plot_accuracy_vs_flops(points, plots / f"{stem}-flops.png", title=f"{title}: accuracy against FLOPs")
     lines = [f"![{title}: accuracy vs FLOPs](plots/{stem}-flops.png)"]
     if all("latency_us" in p for p in points):
-        plot_accuracy_vs(points, plots / f"{stem}-latency.png", x_key="latency_us",
-                         x_label="measured latency per sample (µs, batched)",
-                         title=f"{title}: accuracy against latency")
+        plot_accuracy_vs(
+            points,
+            plots / f"{stem}-latency.png",
+            x_key="latency_us",
+            x_label="measured latency per sample (µs, batched)",
+            title=f"{title}: accuracy against latency",
+        )
         lines.append(f"![{title}: accuracy vs latency](plots/{stem}-latency.png)")
     return lines
 
@@ -86,8 +94,9 @@ def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
     return fmt.format(row[key]) + (f" ± {fmt.format(std)}" if std else "")
 
 
-def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[str, Mapping[str, Any]],
-                 *, run_id: str) -> Path:
+def write_report(
+    run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[str, Mapping[str, Any]], *, run_id: str
+) -> Path:
     """Write ``report.md`` with the metrics table and PNG plots into ``run_dir``."""
     summary = {label: r["metrics"] for label, r in results.items()}
     points = [p for r in results.values() for p in r["points"]]
@@ -95,7 +104,8 @@ def write_report(run_dir: Path, cfg: RunConfig, data: Dataset, results: Mapping[
         f"# {cfg.name} — run {run_id}",
         f"{time.strftime('%Y-%m-%d %H:%M')}. Data: {data.summary()}; source: {data.source or data.name}. "
         f"Seed {cfg.seed}, device {cfg.device}.",
-        "## Results", results_table(summary),
+        "## Results",
+        results_table(summary),
         "FLOPs are executed per sample in the forward pass (matmuls, convolutions and attention, "
         "1 multiply-accumulate = 2 FLOPs), counted on the evaluation data.",
     ]

@@ -90,8 +90,9 @@ class RunStore:
             )
         return self.get(run_id)
 
-    def update(self, run_id: str, *, status: str | None = None, metrics: dict[str, Any] | None = None,
-               error: str | None = None) -> None:
+    def update(
+        self, run_id: str, *, status: str | None = None, metrics: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
         sets, vals = [], []
         if status is not None:
             sets += ["status = ?", "ended = ?"]
@@ -128,7 +129,13 @@ class RunStore:
 
 def _record(row: sqlite3.Row) -> RunRecord:
     return RunRecord(
-        id=row["id"], name=row["name"], status=row["status"], started=row["started"], ended=row["ended"],
-        dir=Path(row["dir"]), config=json.loads(row["config"]), metrics=json.loads(row["metrics"]),
+        id=row["id"],
+        name=row["name"],
+        status=row["status"],
+        started=row["started"],
+        ended=row["ended"],
+        dir=Path(row["dir"]),
+        config=json.loads(row["config"]),
+        metrics=json.loads(row["metrics"]),
         error=row["error"],
     )

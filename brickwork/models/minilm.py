@@ -58,8 +58,11 @@ def bert_encoder(
         )
         for _ in range(depth)
     ]
-    return StackModel(BertEmbed(vocab_size, dim, max_len, eps=eps, padding=padding), Stack(blocks),
-                      MeanPoolHead(padding, normalize=True))
+    return StackModel(
+        BertEmbed(vocab_size, dim, max_len, eps=eps, padding=padding),
+        Stack(blocks),
+        MeanPoolHead(padding, normalize=True),
+    )
 
 
 def convert_bert_state(hf: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
@@ -95,9 +98,14 @@ def minilm(dropout: float = 0.0) -> StackModel:
     folder = minilm_dir()
     cfg = json.loads((folder / "config.json").read_text())
     model = bert_encoder(
-        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
-        heads=cfg["num_attention_heads"], hidden=cfg["intermediate_size"],
-        max_len=cfg["max_position_embeddings"], dropout=dropout, eps=cfg["layer_norm_eps"],
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        depth=cfg["num_hidden_layers"],
+        heads=cfg["num_attention_heads"],
+        hidden=cfg["intermediate_size"],
+        max_len=cfg["max_position_embeddings"],
+        dropout=dropout,
+        eps=cfg["layer_norm_eps"],
     )
     state = convert_bert_state(load_file(str(folder / "model.safetensors")), cfg["num_hidden_layers"])
     model.load_state_dict(state, strict=True)

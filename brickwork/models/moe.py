@@ -73,10 +73,10 @@ def moe_mlp(
     Shapes:
         (B, *in_shape) -> (B, K)
     """
-    layers = [ResidualFFN(width, ffn_brick(width, hidden, num_experts, routing, act))
-              for _ in range(depth)]
-    return StackModel(FlattenEmbed(math.prod(in_shape), width), Stack(layers), ClassifierHead(width, num_classes,
-                                                                                             norm=True))
+    layers = [ResidualFFN(width, ffn_brick(width, hidden, num_experts, routing, act)) for _ in range(depth)]
+    return StackModel(
+        FlattenEmbed(math.prod(in_shape), width), Stack(layers), ClassifierHead(width, num_classes, norm=True)
+    )
 
 
 @register("model", "moe_lm", injected=DATA_ARGS)
@@ -100,9 +100,13 @@ def moe_lm(
         (B, T) int64 -> (B, T, V)
     """
     blocks = [
-        TransformerBlock(dim, MultiHeadAttention(dim, heads, causal=True),
-                         ffn_brick(dim, hidden, num_experts, routing, act))
+        TransformerBlock(
+            dim, MultiHeadAttention(dim, heads, causal=True), ffn_brick(dim, hidden, num_experts, routing, act)
+        )
         for _ in range(depth)
     ]
-    return StackModel(TokenEmbed(num_classes, dim, in_shape[0]), Stack(blocks),
-                      ClassifierHead(dim, num_classes, pool="none", norm=True))
+    return StackModel(
+        TokenEmbed(num_classes, dim, in_shape[0]),
+        Stack(blocks),
+        ClassifierHead(dim, num_classes, pool="none", norm=True),
+    )

@@ -81,8 +81,9 @@ def nested_mlp(
         (B, *in_shape) -> (B, K)
     """
     body = Stack([nested_dense_layer(width, width, act, dropout) for _ in range(depth)])
-    model = StackModel(nested_flatten_embed(math.prod(in_shape), width), body,
-                       nested_classifier_head(width, num_classes))
+    model = StackModel(
+        nested_flatten_embed(math.prod(in_shape), width), body, nested_classifier_head(width, num_classes)
+    )
     return NestedModel(model, widths, depths, sampling, samples, matryoshka)
 
 
@@ -123,21 +124,29 @@ def nested_cnn(
         raise ValueError(f"nested_cnn: depth {depth} outside 1..{len(layers)}")
     valid = [d for d in range(1, keep + 1) if out_ch[d - 1] == out_ch[keep - 1]]
     if depths is not None and not set(depths) <= set(valid):
-        raise ValueError(f"nested_cnn: depths {depths} must end where the channels equal the last layer's; "
-                         f"valid here: {valid}")
+        raise ValueError(
+            f"nested_cnn: depths {depths} must end where the channels equal the last layer's; valid here: {valid}"
+        )
     stem = nested_conv_block(in_shape[0], channels[0], norm=norm, nest_in=False)
     model = StackModel(stem, Stack(layers[:keep]), nested_classifier_head(out_ch[keep - 1], num_classes, "spatial"))
     return NestedModel(model, widths, depths, sampling, samples)
 
 
-def _nested_transformer(dim: int, depth: int, heads: int, head_dim: int | None, ffn_hidden: int | None,
-                        causal: bool, dropout: float) -> Stack:
+def _nested_transformer(
+    dim: int, depth: int, heads: int, head_dim: int | None, ffn_hidden: int | None, causal: bool, dropout: float
+) -> Stack:
     hidden = 4 * dim if ffn_hidden is None else ffn_hidden
-    return Stack([
-        TransformerBlock(dim, NestedAttention(dim, heads, head_dim, causal=causal),
-                         nested_feed_forward(dim, hidden, dropout=dropout), dropout=dropout)
-        for _ in range(depth)
-    ])
+    return Stack(
+        [
+            TransformerBlock(
+                dim,
+                NestedAttention(dim, heads, head_dim, causal=causal),
+                nested_feed_forward(dim, hidden, dropout=dropout),
+                dropout=dropout,
+            )
+            for _ in range(depth)
+        ]
+    )
 
 
 @register("model", "nested_lm", injected=DATA_ARGS)
@@ -167,10 +176,17 @@ def nested_lm(
     Shapes:
         (B, T) int64 -> (B, T, V)
     """
-    return NestedModel(StackModel(TokenEmbed(num_classes, dim, in_shape[0]),
-                                  _nested_transformer(dim, depth, heads, head_dim, ffn_hidden, True, dropout),
-                                  ClassifierHead(dim, num_classes, pool="none", norm=True)),
-                       widths, depths, sampling, samples)
+    return NestedModel(
+        StackModel(
+            TokenEmbed(num_classes, dim, in_shape[0]),
+            _nested_transformer(dim, depth, heads, head_dim, ffn_hidden, True, dropout),
+            ClassifierHead(dim, num_classes, pool="none", norm=True),
+        ),
+        widths,
+        depths,
+        sampling,
+        samples,
+    )
 
 
 @register("model", "nested_vit", injected=DATA_ARGS)
@@ -194,10 +210,17 @@ def nested_vit(
     Shapes:
         (B, C, H, W) -> (B, K)
     """
-    return NestedModel(StackModel(PatchEmbed(in_shape, dim, patch),
-                                  _nested_transformer(dim, depth, heads, head_dim, ffn_hidden, False, dropout),
-                                  ClassifierHead(dim, num_classes, pool="tokens", norm=True)),
-                       widths, depths, sampling, samples)
+    return NestedModel(
+        StackModel(
+            PatchEmbed(in_shape, dim, patch),
+            _nested_transformer(dim, depth, heads, head_dim, ffn_hidden, False, dropout),
+            ClassifierHead(dim, num_classes, pool="tokens", norm=True),
+        ),
+        widths,
+        depths,
+        sampling,
+        samples,
+    )
 
 
 preset(nested_mlp, "nested-mlp-small", "Nested MLP, 3 layers of 256 units, widths 1/4..1.", width=256, depth=3)
@@ -205,6 +228,7 @@ preset(nested_lm, "nested-lm-tiny", "Nested causal LM, width 64, 2 blocks, 4 nes
 
 
 # -- slicing: the builder arguments of a sub-network ------------------------------------------------
+
 
 def _mlp_args(a: dict[str, Any], w: float, d: int) -> dict[str, Any]:
     return {**a, "width": units(w, a["width"]), "depth": d}
@@ -221,7 +245,10 @@ def _transformer_args(a: dict[str, Any], w: float, d: int) -> dict[str, Any]:
 
 
 _SLICERS: dict[Callable[..., Any], Callable[[dict[str, Any], float, int], dict[str, Any]]] = {
-    nested_mlp: _mlp_args, nested_cnn: _cnn_args, nested_lm: _transformer_args, nested_vit: _transformer_args,
+    nested_mlp: _mlp_args,
+    nested_cnn: _cnn_args,
+    nested_lm: _transformer_args,
+    nested_vit: _transformer_args,
 }
 
 
@@ -234,14 +261,16 @@ def sliced_args(name: str, args: dict[str, Any], width: float, depth: int) -> di
     """
     base = inspect.unwrap(REGISTRY.get("model", name).obj)
     if base not in _SLICERS:
-        raise ValueError(f"model {name!r} is not a nested model; nested builders: "
-                         f"{sorted(f.__name__ for f in _SLICERS)}")
+        raise ValueError(
+            f"model {name!r} is not a nested model; nested builders: {sorted(f.__name__ for f in _SLICERS)}"
+        )
     out = _SLICERS[base](dict(args), width, depth)
     out.update(widths=[1.0], depths=[depth])
     return out
 
 
 # -- early exits ------------------------------------------------------------------------------------
+
 
 def _check_base(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate ``{name: <model>, **args}`` against the named builder; defaults filled in."""
@@ -278,8 +307,9 @@ def _exit_head(base_head: nn.Module, shape: tuple[int, ...], num_classes: int, h
     one more layer first (a stride-2 3x3 conv block for feature maps, as the small convolutional
     classifiers of multi-exit CNNs such as MSDNet, Huang et al., 2018; a dense layer otherwise)."""
     if not isinstance(base_head, ClassifierHead):
-        raise ValueError(f"early_exit: exit heads are built like a ClassifierHead; the model's head is "
-                         f"{type(base_head).__name__}")
+        raise ValueError(
+            f"early_exit: exit heads are built like a ClassifierHead; the model's head is {type(base_head).__name__}"
+        )
     spatial = base_head.pool == "spatial"
     dim = shape[0] if spatial else shape[-1]
     norm = not isinstance(base_head.norm, nn.Identity)
@@ -346,6 +376,17 @@ def early_exit(
     costs = _exit_costs(model, heads, x)
     model.train()
     gates = {i: ExitGate() for i in heads} if policy == "gate" or objective == "jei" else None
-    return EarlyExit(model, heads, gates=gates, policy=policy, threshold=threshold, objective=objective,
-                     weights=weights, temperature=temperature, distill_weight=distill_weight, teacher=teacher,
-                     costs=costs, cost_weight=cost_weight)
+    return EarlyExit(
+        model,
+        heads,
+        gates=gates,
+        policy=policy,
+        threshold=threshold,
+        objective=objective,
+        weights=weights,
+        temperature=temperature,
+        distill_weight=distill_weight,
+        teacher=teacher,
+        costs=costs,
+        cost_weight=cost_weight,
+    )

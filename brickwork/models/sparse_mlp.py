@@ -61,10 +61,17 @@ def sparse_mlp(
     d_in = math.prod(in_shape)
 
     def layer(a: int, b: int, g_in: int) -> GroupLinear:
-        return GroupLinear(a, b, groups=groups, groups_in=g_in, density=density, edge_density=edge_density,
-                           pattern=pattern, rewiring=rewiring.policy())
+        return GroupLinear(
+            a,
+            b,
+            groups=groups,
+            groups_in=g_in,
+            density=density,
+            edge_density=edge_density,
+            pattern=pattern,
+            rewiring=rewiring.policy(),
+        )
 
     stem = nn.Sequential(nn.Flatten(1), LinearAct(layer(d_in, width, in_groups or groups), act))
     body = Stack([LinearAct(layer(width, width, groups), act, dropout) for _ in range(depth)])
     return StackModel(stem, body, ClassifierHead(width, num_classes))
-

@@ -47,9 +47,7 @@ class ConvBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            c_in, c_out, 3, stride=stride, padding=1, bias=norm == "none", device=device, dtype=dtype
-        )
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=norm == "none", device=device, dtype=dtype)
         self.norm = _norm2d(norm, c_out)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -260,8 +260,10 @@ class EarlyExit(StackModel):
         task = torch.stack([loss_fn(z, y) for z in outs])
         if self.objective == "distill":
             a, t = self.distill_weight, self.temperature
-            kd = [self._kl(z, (outs[-1] if self.teacher == "final" else outs[k + 1]).detach(), t)
-                  for k, z in enumerate(outs[:-1])]
+            kd = [
+                self._kl(z, (outs[-1] if self.teacher == "final" else outs[k + 1]).detach(), t)
+                for k, z in enumerate(outs[:-1])
+            ]
             task = torch.cat([(1 - a) * task[:-1] + a * torch.stack(kd), task[-1:]])
         loss = (w * task).sum() / w.sum()
         if self.objective == "jei":
@@ -278,8 +280,13 @@ class EarlyExit(StackModel):
         """JEI-DNN's gate objective: expected (per-sample CE + lambda cost) under the exit distribution."""
         assert self.gates is not None
         b = outs[-1].shape[0]
-        ce = torch.stack([F.cross_entropy(z.detach().flatten(0, -2), y.flatten(), reduction="none").view(b, -1).mean(1)
-                          for z in outs], dim=1)  # (B, exits + 1)
+        ce = torch.stack(
+            [
+                F.cross_entropy(z.detach().flatten(0, -2), y.flatten(), reduction="none").view(b, -1).mean(1)
+                for z in outs
+            ],
+            dim=1,
+        )  # (B, exits + 1)
         survive = torch.ones(b, device=ce.device, dtype=ce.dtype)
         probs = []
         for i, z in zip(self.exit_layers, outs, strict=False):

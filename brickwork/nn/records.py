@@ -41,9 +41,7 @@ def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
 def collect_records(model: nn.Module) -> dict[str, Any]:
     """The latest ``record`` of every module that has one, keyed by module path."""
     return {
-        name: module.record
-        for name, module in model.named_modules()
-        if getattr(module, "record", None) is not None
+        name: module.record for name, module in model.named_modules() if getattr(module, "record", None) is not None
     }
 
 

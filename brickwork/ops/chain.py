@@ -82,8 +82,11 @@ def _neighbours(chain: Chain, num_layers: int, max_repeat: int, max_len: int) ->
     """Chains one edit away: skip one position, or loop one layer once more (next to itself)."""
     out = [chain[:k] + chain[k + 1 :] for k in range(len(chain))]
     if len(chain) < max_len:
-        out += [chain[: k + 1] + (chain[k],) + chain[k + 1 :] for k in range(len(chain))
-                if chain.count(chain[k]) < max_repeat]
+        out += [
+            chain[: k + 1] + (chain[k],) + chain[k + 1 :]
+            for k in range(len(chain))
+            if chain.count(chain[k]) < max_repeat
+        ]
     return list(dict.fromkeys(c for c in out if c != chain))
 
 

@@ -115,6 +115,16 @@ def moe_from_mixtral(
     num_experts, dim = router.shape
     # Mixtral's block is moe_ffn's default router (softmax, top-k, renormalised, no bias) over
     # bias-free SwiGLU experts: build it the one way, then copy the weights in.
-    moe = moe_ffn(dim, w_out.shape[1], num_experts, MoESettings(top_k=top_k), act="silu", glu=True, bias=False,
-                  backend=backend, device=router.device, dtype=router.dtype)
+    moe = moe_ffn(
+        dim,
+        w_out.shape[1],
+        num_experts,
+        MoESettings(top_k=top_k),
+        act="silu",
+        glu=True,
+        bias=False,
+        backend=backend,
+        device=router.device,
+        dtype=router.dtype,
+    )
     return load_mixtral_moe(moe, state_dict, prefix)

@@ -65,9 +65,17 @@ class NeuronExperts(nn.Module):
         ``forward(x_sorted (A, D), counts (E,)) -> (A, D)``
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, act: Activation = "gelu", bias: bool = True,
-                 backend: GroupedBackend = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        act: Activation = "gelu",
+        bias: bool = True,
+        backend: GroupedBackend = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_experts, self.dim, self.hidden, self.act_name, self.backend = num_experts, dim, hidden, act, backend
@@ -84,8 +92,16 @@ class NeuronExperts(nn.Module):
             raise ValueError("moefy: gated (GLU) FFNs are not supported; split FeedForward(glu=False) layers")
         check_partition(partition, ffn.up.out_features)
         w = ffn.up.weight
-        bank = cls(partition.shape[0], ffn.up.in_features, partition.shape[1], ffn.act_name, ffn.up.bias is not None,
-                   backend, device=w.device, dtype=w.dtype)
+        bank = cls(
+            partition.shape[0],
+            ffn.up.in_features,
+            partition.shape[1],
+            ffn.act_name,
+            ffn.up.bias is not None,
+            backend,
+            device=w.device,
+            dtype=w.dtype,
+        )
         p = partition.to(w.device)
         with torch.no_grad():
             bank.w_in.copy_(ffn.up.weight[p].transpose(1, 2))  # (E, H/E, D) -> (E, D, H/E)
@@ -121,8 +137,9 @@ class OutputBias(nn.Module):
         return bias.expand_as(x)
 
 
-def moefy_ffn(ffn: FeedForward, partition: Tensor, router: RouterKind, top_k: int,
-              backend: GroupedBackend = "auto") -> MoE:
+def moefy_ffn(
+    ffn: FeedForward, partition: Tensor, router: RouterKind, top_k: int, backend: GroupedBackend = "auto"
+) -> MoE:
     """An :class:`MoE` computing ``ffn`` with its neurons grouped by ``partition`` (E, H/E), ``top_k``
     experts per token chosen by an untrained ``router`` (:func:`make_router`); weights copied."""
     bank = NeuronExperts.from_ffn(ffn, partition, backend)
@@ -161,8 +178,9 @@ def _ffns(model: StackModel, layers: Sequence[int] | None) -> dict[int, FeedForw
 
 
 @torch.no_grad()
-def ffn_inputs(model: StackModel, batches: Iterable[Tensor], layers: Sequence[int] | None = None,
-               max_tokens: int = 16384) -> dict[int, Tensor]:
+def ffn_inputs(
+    model: StackModel, batches: Iterable[Tensor], layers: Sequence[int] | None = None, max_tokens: int = 16384
+) -> dict[int, Tensor]:
     """(N, D) inputs that each chosen layer's ``ffn`` receives on ``batches``, at most ``max_tokens``.
 
     Pass padding-free batches (:func:`brickwork.data.sentences.token_batches`) so that padded
@@ -170,8 +188,10 @@ def ffn_inputs(model: StackModel, batches: Iterable[Tensor], layers: Sequence[in
     """
     ffns = _ffns(model, layers)
     seen: dict[int, list[Tensor]] = {i: [] for i in ffns}
-    hooks = [f.register_forward_hook(lambda _m, args, _o, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, f in ffns.items()]
+    hooks = [
+        f.register_forward_hook(lambda _m, args, _o, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, f in ffns.items()
+    ]
     was = model.training
     model.eval()
     try:
@@ -188,8 +208,9 @@ def ffn_inputs(model: StackModel, batches: Iterable[Tensor], layers: Sequence[in
     return {i: torch.cat(v)[:max_tokens] for i, v in seen.items()}
 
 
-def partition_ffn(ffn: FeedForward, num_experts: int, clustering: Clustering, x: Tensor | None,
-                  seed: int = 0) -> Tensor:
+def partition_ffn(
+    ffn: FeedForward, num_experts: int, clustering: Clustering, x: Tensor | None, seed: int = 0
+) -> Tensor:
     """(E, H/E) neuron groups of ``ffn`` by ``clustering``; co-activation needs its inputs ``x`` (N, D)."""
     hidden = ffn.up.out_features
     if hidden % num_experts:
@@ -207,8 +228,9 @@ def make_router(bank: NeuronExperts, kind: RouterKind, top_k: int) -> nn.Module:
     """An untrained router for ``bank``, by registry name: EMoE's avg-k gate (``emoe``), or
     MoEfication's MLP router (``mlp``) at its key initialisation."""
     w = bank.w_in
-    return build_router(MoESettings(top_k=top_k, router=kind), bank.dim, bank.num_experts, bank=bank,
-                        device=w.device, dtype=w.dtype)
+    return build_router(
+        MoESettings(top_k=top_k, router=kind), bank.dim, bank.num_experts, bank=bank, device=w.device, dtype=w.dtype
+    )
 
 
 @register("op", "moefy")
@@ -285,8 +307,9 @@ def set_top_k(model: nn.Module, top_k: int) -> None:
         moe.router.top_k = top_k
 
 
-def moefy_like(model: StackModel, num_experts: int, top_k: int, router: RouterKind,
-               layers: Sequence[int] | None = None) -> StackModel:
+def moefy_like(
+    model: StackModel, num_experts: int, top_k: int, router: RouterKind, layers: Sequence[int] | None = None
+) -> StackModel:
     """A copy of ``model`` with the structure :func:`moefy` gives (random partition, untrained router),
     into which the state dict of a converted model loads: rebuilding a saved conversion."""
     ffns = _ffns(model, layers)

@@ -40,8 +40,16 @@ def router_recall(scores: Tensor, target: Tensor, top_k: int) -> float:
     return float(hit.mean())
 
 
-def train_mlp_router(router: MLPRouter, x: Tensor, target: Tensor, *, epochs: int = 10, batch_size: int = 512,
-                     lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
+def train_mlp_router(
+    router: MLPRouter,
+    x: Tensor,
+    target: Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 512,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> dict[str, float]:
     """Fit ``router`` to predict expert activation sums, MoEfication style; returns held-out recall.
 
     The tokens are split 80/10/10 (seeded): Adam on binary cross-entropy against

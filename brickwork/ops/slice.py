@@ -42,8 +42,14 @@ def slice_model(model: NestedModel, width: float, depth: int | None = None) -> N
     stem = copy.deepcopy(model.stem, memo)
     layers = [copy.deepcopy(layer, memo) for layer in list(model.body.layers)[:depth]]
     head = copy.deepcopy(model.head, memo)
-    return NestedModel(StackModel(stem, Stack(layers), head), widths=[1.0], depths=[depth],
-                       sampling=model.sampling, samples=model.samples, matryoshka=model.matryoshka)
+    return NestedModel(
+        StackModel(stem, Stack(layers), head),
+        widths=[1.0],
+        depths=[depth],
+        sampling=model.sampling,
+        samples=model.samples,
+        matryoshka=model.matryoshka,
+    )
 
 
 @torch.no_grad()

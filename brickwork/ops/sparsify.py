@@ -85,16 +85,19 @@ def linear_targets(model: nn.Module, groups: int, include: Sequence[str] | None,
 
 
 @torch.no_grad()
-def _record(model: nn.Module, paths: list[str], batches: Iterable[Tensor], max_samples: int
-            ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+def _record(
+    model: nn.Module, paths: list[str], batches: Iterable[Tensor], max_samples: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Inputs and outputs (N, d) of the linears at ``paths``, and the first batch."""
     ins: dict[str, list[Tensor]] = {p: [] for p in paths}
     outs: dict[str, list[Tensor]] = {p: [] for p in paths}
     handles = []
     for p in paths:
+
         def hook(_m: nn.Module, args: tuple[Tensor, ...], y: Tensor, p: str = p) -> None:
             ins[p].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
             outs[p].append(y.reshape(-1, y.shape[-1]).float().cpu())
+
         handles.append(model.get_submodule(p).register_forward_hook(hook))
     first, seen = None, 0
     try:
@@ -167,8 +170,10 @@ def plan_sparsify(
     model.eval()
     paths = linear_targets(model, groups, include, exclude)
     if not paths:
-        raise ValueError(f"sparsify: no nn.Linear with widths divisible by {groups} matches include={include} "
-                         f"exclude={list(exclude)}")
+        raise ValueError(
+            f"sparsify: no nn.Linear with widths divisible by {groups} matches include={include} "
+            f"exclude={list(exclude)}"
+        )
     k = in_degree(density, 1.0, groups)
     all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ins, outs, first = _record(model, paths, batches, max_samples)
@@ -176,8 +181,9 @@ def plan_sparsify(
     consumer: dict[str, str] = {}
     for p in paths:
         i = all_linear.index(p)
-        if i + 1 < len(all_linear) and _permutable(model, model.get_submodule(p),
-                                                   model.get_submodule(all_linear[i + 1]), first):
+        if i + 1 < len(all_linear) and _permutable(
+            model, model.get_submodule(p), model.get_submodule(all_linear[i + 1]), first
+        ):
             consumer[p] = all_linear[i + 1]
     out_perm = {p: cluster_units(outs[p], groups, seed) for p in consumer}
     absorbed = {c: p for p, c in consumer.items()}  # consumer path -> producer path
@@ -214,9 +220,16 @@ def apply_sparsify(model: nn.Module, choices: Sequence[LayerChoice]) -> nn.Modul
     """Replace each chosen ``nn.Linear`` of ``model`` (edited in place) by a :class:`GroupLinear`."""
     for c in choices:
         dense: nn.Linear = model.get_submodule(c.path)
-        new = GroupLinear(dense.in_features, dense.out_features, groups=c.groups, connectivity=c.sources,
-                          in_perm=c.in_perm, bias=dense.bias is not None,
-                          device=dense.weight.device, dtype=dense.weight.dtype)
+        new = GroupLinear(
+            dense.in_features,
+            dense.out_features,
+            groups=c.groups,
+            connectivity=c.sources,
+            in_perm=c.in_perm,
+            bias=dense.bias is not None,
+            device=dense.weight.device,
+            dtype=dense.weight.dtype,
+        )
         new.copy_dense_(dense.weight, dense.bias)
         parent, _, name = c.path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, new)
@@ -228,9 +241,19 @@ def sparse_layout(model: nn.Module, paths: Sequence[str]) -> list[dict[str, Any]
     out = []
     for path in paths:
         m: GroupLinear = model.get_submodule(path)
-        out.append({"path": path, "d_in": m.d_in, "d_out": m.d_out, "groups": m.groups_out,
-                    "groups_in": m.groups_in, "k": m.k, "mask": m.mask is not None, "bias": m.bias is not None,
-                    "rewiring": None if m.rewiring is None else m.rewiring.config()})
+        out.append(
+            {
+                "path": path,
+                "d_in": m.d_in,
+                "d_out": m.d_out,
+                "groups": m.groups_out,
+                "groups_in": m.groups_in,
+                "k": m.k,
+                "mask": m.mask is not None,
+                "bias": m.bias is not None,
+                "rewiring": None if m.rewiring is None else m.rewiring.config(),
+            }
+        )
     return out
 
 
@@ -242,11 +265,18 @@ def sparsify_like(model: nn.Module, layout: Sequence[dict[str, Any]]) -> nn.Modu
     for lay in layout:
         old = model.get_submodule(lay["path"])
         p = next(old.parameters())
-        new = GroupLinear(lay["d_in"], lay["d_out"], groups=lay["groups"], groups_in=lay["groups_in"],
-                          connectivity=torch.arange(lay["k"]).expand(lay["groups"], -1),
-                          edge_density=0.5 if lay["mask"] else 1.0, bias=lay["bias"],
-                          rewiring=Rewiring(**lay["rewiring"]) if lay["rewiring"] else None,
-                          device=p.device, dtype=p.dtype)
+        new = GroupLinear(
+            lay["d_in"],
+            lay["d_out"],
+            groups=lay["groups"],
+            groups_in=lay["groups_in"],
+            connectivity=torch.arange(lay["k"]).expand(lay["groups"], -1),
+            edge_density=0.5 if lay["mask"] else 1.0,
+            bias=lay["bias"],
+            rewiring=Rewiring(**lay["rewiring"]) if lay["rewiring"] else None,
+            device=p.device,
+            dtype=p.dtype,
+        )
         parent, _, name = lay["path"].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, new)
     return model
@@ -284,7 +314,15 @@ def sparsify(
     Returns:
         The new model; converted layers are :class:`~brickwork.nn.sparse.GroupLinear`.
     """
-    copied, choices = plan_sparsify(model, batches, groups=groups, density=density, criterion=criterion,
-                                    include=include, exclude=("head.*",) if exclude is None else exclude,
-                                    max_samples=max_samples, seed=seed)
+    copied, choices = plan_sparsify(
+        model,
+        batches,
+        groups=groups,
+        density=density,
+        criterion=criterion,
+        include=include,
+        exclude=("head.*",) if exclude is None else exclude,
+        max_samples=max_samples,
+        seed=seed,
+    )
     return apply_sparsify(copied, choices)

@@ -57,11 +57,16 @@ def fit_least_squares(layer: StitchLayer, h_front: Tensor, h_back: Tensor) -> fl
     Returns:
         The relative residual ``||fit - H_b|| / ||H_b||``.
     """
-    if h_front.shape[0] != h_back.shape[0] or (h_front.dim() == 4) != (h_back.dim() == 4) or (
-            h_front.dim() == 4 and h_front.shape[2:] != h_back.shape[2:]) or (
-            h_front.dim() == 3 and h_front.shape[1] != h_back.shape[1]):
-        raise ValueError(f"stitch: hidden states {tuple(h_front.shape)} and {tuple(h_back.shape)} differ in more "
-                         "than their feature size")
+    if (
+        h_front.shape[0] != h_back.shape[0]
+        or (h_front.dim() == 4) != (h_back.dim() == 4)
+        or (h_front.dim() == 4 and h_front.shape[2:] != h_back.shape[2:])
+        or (h_front.dim() == 3 and h_front.shape[1] != h_back.shape[1])
+    ):
+        raise ValueError(
+            f"stitch: hidden states {tuple(h_front.shape)} and {tuple(h_back.shape)} differ in more "
+            "than their feature size"
+        )
     a = _features(h_front).double()
     b = _features(h_back).double()
     a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1)
@@ -78,8 +83,7 @@ def hidden_before(model: StackModel, x: Tensor, layer: int) -> Tensor:
     return h if layer == 0 else model.body.taps(h, [layer - 1])[0]
 
 
-def stitch(front: StackModel, back: StackModel, front_layers: int, back_from: int,
-           layer: StitchLayer) -> StackModel:
+def stitch(front: StackModel, back: StackModel, front_layers: int, back_from: int, layer: StitchLayer) -> StackModel:
     """``back.head(back.body[back_from:](layer(front.body[:front_layers](front.stem(x)))))``, as copies.
 
     Args:
@@ -88,15 +92,18 @@ def stitch(front: StackModel, back: StackModel, front_layers: int, back_from: in
         layer: the stitching layer (taken as is, not copied).
     """
     if not 0 <= front_layers <= len(front.body) or not 0 <= back_from <= len(back.body):
-        raise ValueError(f"stitch: cut ({front_layers}, {back_from}) outside the models' depths "
-                         f"({len(front.body)}, {len(back.body)})")
+        raise ValueError(
+            f"stitch: cut ({front_layers}, {back_from}) outside the models' depths "
+            f"({len(front.body)}, {len(back.body)})"
+        )
     layers = [copy.deepcopy(m) for m in list(front.body.layers)[:front_layers]] + [layer]
     layers += [copy.deepcopy(m) for m in list(back.body.layers)[back_from:]]
     return StackModel(copy.deepcopy(front.stem), Stack(layers), copy.deepcopy(back.head))
 
 
-def stitched(front: StackModel, back: StackModel, front_layers: int, back_from: int, x: Tensor) -> tuple[
-        StackModel, float]:
+def stitched(
+    front: StackModel, back: StackModel, front_layers: int, back_from: int, x: Tensor
+) -> tuple[StackModel, float]:
     """A stitched model whose stitching layer is fitted by least squares on inputs ``x``.
 
     Returns:
@@ -125,8 +132,9 @@ def default_cuts(front_depth: int, back_depth: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(cuts))
 
 
-def family(front: StackModel, back: StackModel, x: Tensor,
-           cuts: Sequence[tuple[int, int]] | None = None) -> list[tuple[str, StackModel, float]]:
+def family(
+    front: StackModel, back: StackModel, x: Tensor, cuts: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[str, StackModel, float]]:
     """The stitched family from ``front`` to ``back``: the two anchors at the ends (themselves),
     a least-squares-stitched model per cut between them. Entries are (label, model, residual)."""
     cuts = default_cuts(len(front.body), len(back.body)) if cuts is None else list(cuts)

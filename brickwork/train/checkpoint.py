@@ -45,8 +45,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: object)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if isinstance(v, torch.Tensor) and k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if isinstance(v, torch.Tensor) and k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -79,9 +82,7 @@ def save_training_state(
     save_tensors(stem, tensors, meta)
 
 
-def load_training_state(
-    stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def load_training_state(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore a state saved by :func:`save_training_state`; returns its ``progress``."""
     tensors, meta = load_tensors(stem)
     state = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}

@@ -14,9 +14,20 @@ from brickwork.train.loop import FitConfig, evaluate, fit
 from brickwork.train.losses import build_loss
 
 
-def finetune_classifier(encoder: nn.Module, dim: int, train: Split, test: Split, *, num_classes: int = 2,
-                        epochs: int = 1, batch_size: int = 16, lr: float = 3e-5, head_lr: float = 1e-3,
-                        warmup_steps: int = 20, seed: int = 0) -> dict[str, Any]:
+def finetune_classifier(
+    encoder: nn.Module,
+    dim: int,
+    train: Split,
+    test: Split,
+    *,
+    num_classes: int = 2,
+    epochs: int = 1,
+    batch_size: int = 16,
+    lr: float = 3e-5,
+    head_lr: float = 1e-3,
+    warmup_steps: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Fine-tune a copy of ``encoder`` with a linear head (AdamW, cosine schedule); test accuracy.
 
     The encoder's own router (an MoEfied FFN's gate) is trained with it as far as it is
@@ -34,8 +45,10 @@ def finetune_classifier(encoder: nn.Module, dim: int, train: Split, test: Split,
     """
     torch.manual_seed(seed)
     model = SentenceClassifier(copy.deepcopy(encoder), dim, num_classes)
-    groups = [{"params": list(model.encoder.parameters()), "lr": lr},
-              {"params": list(model.head.parameters()), "lr": head_lr}]
+    groups = [
+        {"params": list(model.encoder.parameters()), "lr": lr},
+        {"params": list(model.head.parameters()), "lr": head_lr},
+    ]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=seed, schedule="cosine", warmup_steps=warmup_steps)
     loss_fn = build_loss("cross_entropy")

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
+from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
-from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.train.losses import LossFn
 from brickwork.train.optim import Schedule, lr_factor
 
@@ -118,8 +118,16 @@ def run_epoch(
         factor = lr_factor(cfg.schedule, step0 + i, total_steps, cfg.warmup_steps)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
-        r = train_step(model, x.to(cfg.device), y.to(cfg.device), loss_fn, optimizer, cfg.aux_weights,
-                       cfg.grad_clip, progress=(step0 + i + 1) / total_steps)
+        r = train_step(
+            model,
+            x.to(cfg.device),
+            y.to(cfg.device),
+            loss_fn,
+            optimizer,
+            cfg.aux_weights,
+            cfg.grad_clip,
+            progress=(step0 + i + 1) / total_steps,
+        )
         loss_sum += r.loss
         for k, v in r.aux.items():
             aux_sum[k] = aux_sum.get(k, 0.0) + v
@@ -158,20 +166,37 @@ def fit(
     steps_per_epoch = num_batches(len(train), cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=desc, disable=not show, leave=False,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start_epoch * steps_per_epoch,
+        desc=desc,
+        disable=not show,
+        leave=False,
+        unit="step",
+        dynamic_ncols=True,
+    )
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         order = epoch_order(len(train), cfg.seed, epoch)
         train_loss, aux = run_epoch(
-            model, batches(train.x, train.y, cfg.batch_size, order=order), loss_fn, optimizer, cfg,
-            step0=epoch * steps_per_epoch, total_steps=total,
+            model,
+            batches(train.x, train.y, cfg.batch_size, order=order),
+            loss_fn,
+            optimizer,
+            cfg,
+            step0=epoch * steps_per_epoch,
+            total_steps=total,
             on_step=lambda r: (bar.update(), bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)),
         )
         seconds = time.perf_counter() - t0
         val_metrics = evaluate(model, val, loss_fn, device=cfg.device) if len(val) else {}
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
-               **{f"val_{k}": v for k, v in val_metrics.items()}, **{f"aux.{k}": v for k, v in aux.items()}}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "seconds": seconds,
+            **{f"val_{k}": v for k, v in val_metrics.items()},
+            **{f"aux.{k}": v for k, v in aux.items()},
+        }
         history.append(row)
         if state_path is not None:
             save_training_state(state_path, model, optimizer, {"epoch": epoch + 1, "history": history})

@@ -52,12 +52,18 @@ class TrainSettings:
     label_smoothing: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.0
     grad_clip: Annotated[float, pydantic.Field(gt=0)] | None = None
 
-    def fit_config(self, *, seed: int, aux_weights: dict[str, float] | None = None,
-                   device: str = "cpu") -> FitConfig:
+    def fit_config(self, *, seed: int, aux_weights: dict[str, float] | None = None, device: str = "cpu") -> FitConfig:
         """The loop's settings: these, with the run's ``seed`` (batch order), device and aux weights."""
-        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, seed=seed, schedule=self.schedule,
-                         warmup_steps=self.warmup_steps, aux_weights=dict(aux_weights or {}),
-                         grad_clip=self.grad_clip, device=device)
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=seed,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            aux_weights=dict(aux_weights or {}),
+            grad_clip=self.grad_clip,
+            device=device,
+        )
 
 
 DEFAULT_TRAINING = TrainSettings()  # frozen: safe to share as an argument default

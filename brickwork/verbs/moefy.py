@@ -43,15 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-sentences", type=int, default=800, help="Rotten Tomatoes snippets for calibration")
     parser.add_argument("--eval-sentences", type=int, default=1000, help="snippets for probe, fidelity and tests")
     parser.add_argument("--sweep-experts", type=int, nargs="*", default=[8, 16, 32], help="E of the sweep (none: skip)")
-    parser.add_argument("--sweep-ratios", type=float, nargs="+", default=[0.125, 0.25, 0.5, 0.75, 1.0],
-                        help="top-k / E of the sweep")
-    parser.add_argument("--compare-ratios", type=float, nargs="*", default=[0.25, 0.5],
-                        help="top-k / E at which clusterings and routers are compared (none: skip)")
+    parser.add_argument(
+        "--sweep-ratios", type=float, nargs="+", default=[0.125, 0.25, 0.5, 0.75, 1.0], help="top-k / E of the sweep"
+    )
+    parser.add_argument(
+        "--compare-ratios",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5],
+        help="top-k / E at which clusterings and routers are compared (none: skip)",
+    )
     parser.add_argument("--finetune-seeds", type=int, default=3, help="0 skips fine-tuning")
     parser.add_argument("--finetune-train", type=int, default=3000, help="fine-tuning training snippets")
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-top-k", type=int, nargs="+", metavar="K",
-                        help="top-k values at which the converted model is fine-tuned (default: --top-k)")
+    parser.add_argument(
+        "--finetune-top-k",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="top-k values at which the converted model is fine-tuned (default: --top-k)",
+    )
     parser.add_argument("--no-modularity", action="store_true")
     parser.add_argument("--max-drop", type=int, default=3, help="drop up to this many layers (0: skip importance)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -60,15 +71,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def study_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run config the flags stand for: MiniLM, one ``moefy_study`` stage (validated by ``validate``)."""
-    stage = {"stage": "moefy_study", "experts": args.experts, "top_k": args.top_k, "clustering": args.clustering,
-             "router": args.router, "calib_sentences": args.calib_sentences, "eval_sentences": args.eval_sentences,
-             "sweep_experts": list(args.sweep_experts), "sweep_ratios": list(args.sweep_ratios),
-             "compare_ratios": list(args.compare_ratios), "finetune_seeds": args.finetune_seeds,
-             "finetune_train": args.finetune_train, "finetune_epochs": args.finetune_epochs,
-             "finetune_top_k": args.finetune_top_k, "modularity": not args.no_modularity, "max_drop": args.max_drop,
-             "seed": args.seed}
-    return {"name": "moefy-minilm-study", "seed": args.seed, "threads": args.threads,
-            "data": {"name": "rotten-tomatoes"}, "model": {"name": "minilm-l6"}, "stages": [stage]}
+    stage = {
+        "stage": "moefy_study",
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "clustering": args.clustering,
+        "router": args.router,
+        "calib_sentences": args.calib_sentences,
+        "eval_sentences": args.eval_sentences,
+        "sweep_experts": list(args.sweep_experts),
+        "sweep_ratios": list(args.sweep_ratios),
+        "compare_ratios": list(args.compare_ratios),
+        "finetune_seeds": args.finetune_seeds,
+        "finetune_train": args.finetune_train,
+        "finetune_epochs": args.finetune_epochs,
+        "finetune_top_k": args.finetune_top_k,
+        "modularity": not args.no_modularity,
+        "max_drop": args.max_drop,
+        "seed": args.seed,
+    }
+    return {
+        "name": "moefy-minilm-study",
+        "seed": args.seed,
+        "threads": args.threads,
+        "data": {"name": "rotten-tomatoes"},
+        "model": {"name": "minilm-l6"},
+        "stages": [stage],
+    }
 
 
 def load_converted(stem: str | Path) -> nn.Module:
@@ -80,8 +109,12 @@ def load_converted(stem: str | Path) -> nn.Module:
     meta = read_meta(stem)
     if isinstance(meta.get("model"), str):
         mf = meta["moefy"]
-        meta = {**meta, "model": {"name": meta["model"]}, "data": {"in_shape": [128], "num_classes": 2},
-                "structure": [{"op": "moefy", "experts": mf["experts"], "top_k": mf["top_k"], "router": mf["router"]}]}
+        meta = {
+            **meta,
+            "model": {"name": meta["model"]},
+            "data": {"in_shape": [128], "num_classes": 2},
+            "structure": [{"op": "moefy", "experts": mf["experts"], "top_k": mf["top_k"], "router": mf["router"]}],
+        }
     return load(stem, meta).model.eval()
 
 
@@ -123,11 +156,17 @@ def run(args: argparse.Namespace) -> int:
     if (rec.dir / "plots").is_dir():
         shutil.copytree(rec.dir / "plots", out / "plots")
     shutil.copy2(rec.dir / "report.md", out / "report.md")
-    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("verb_module", "func")},
-                               "run": rec.id, **parts, "seconds": time.perf_counter() - t0}
+    results: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("verb_module", "func")},
+        "run": rec.id,
+        **parts,
+        "seconds": time.perf_counter() - t0,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     m = results["main"]
-    print(f"wrote {out / 'model.safetensors'} (+ .json): {m['label']}, fidelity {m['fidelity']:.4f}, "
-          f"FFN FLOPs x{m['ffn_ratio']:.3f} of dense")
+    print(
+        f"wrote {out / 'model.safetensors'} (+ .json): {m['label']}, fidelity {m['fidelity']:.4f}, "
+        f"FFN FLOPs x{m['ffn_ratio']:.3f} of dense"
+    )
     print(f"report: {out / 'report.md'} ({results['seconds'] / 60:.1f} min)")
     return 0

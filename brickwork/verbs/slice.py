@@ -25,17 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="body layers to keep (default: all)")
     parser.add_argument("--model", help="model variant of the run (default: its only one)")
     parser.add_argument("--seed", type=int, help="for runs over several seeds (default: the first)")
-    parser.add_argument("--out", help="checkpoint to write, e.g. small.safetensors (default: "
-                        "<run>/<model>/slice-w<W>-d<D>, the width's dot written as p); an existing file is "
-                        "never overwritten")
+    parser.add_argument(
+        "--out",
+        help="checkpoint to write, e.g. small.safetensors (default: "
+        "<run>/<model>/slice-w<W>-d<D>, the width's dot written as p); an existing file is "
+        "never overwritten",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     trained = load_trained(RunStore(args.runs_dir), args.run, args.model, args.seed)
     model = trained.model
     if not isinstance(model, NestedModel):
-        raise BrickworkError(f"model {trained.label!r} of run {trained.record.id} is {type(model).__name__}, "
-                             "not a nested model: nothing to slice")
+        raise BrickworkError(
+            f"model {trained.label!r} of run {trained.record.id} is {type(model).__name__}, "
+            "not a nested model: nothing to slice"
+        )
     n = len(model.body)
     depth = n if args.depth is None else args.depth
     if not 0 < args.width <= 1:
@@ -59,18 +64,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         error = slice_error(model, sliced, x, args.width, depth)
     except RuntimeError as e:
-        raise BrickworkError(f"depth {depth} leaves a hidden state the head cannot read; this model was trained "
-                             f"at depths {model.depths} ({str(e).splitlines()[0]})") from None
-    meta = {"model": small_spec.to_dict(), "data": trained.meta["data"],
-            "sliced_from": {"run": trained.record.id, "model": trained.label, "width": args.width, "depth": depth},
-            "max_abs_error": error}
+        raise BrickworkError(
+            f"depth {depth} leaves a hidden state the head cannot read; this model was trained "
+            f"at depths {model.depths} ({str(e).splitlines()[0]})"
+        ) from None
+    meta = {
+        "model": small_spec.to_dict(),
+        "data": trained.meta["data"],
+        "sliced_from": {"run": trained.record.id, "model": trained.label, "width": args.width, "depth": depth},
+        "max_abs_error": error,
+    }
     save_model(out, sliced, meta)
     load(out)  # it must load back into a freshly built standalone model
     trained_subnet = (args.width, depth) in model.subnetworks()
     full, small = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in sliced.parameters())
-    print(f"wrote {out.with_suffix('.safetensors')} (+ .json): width {args.width:g}, depth {depth}/{n}, "
-          f"{small:,} of {full:,} parameters; max |sliced - supernet| = {error:.2e}")
+    print(
+        f"wrote {out.with_suffix('.safetensors')} (+ .json): width {args.width:g}, depth {depth}/{n}, "
+        f"{small:,} of {full:,} parameters; max |sliced - supernet| = {error:.2e}"
+    )
     if not trained_subnet:
-        print(f"note: ({args.width:g}, {depth}) is not one of the sub-networks this model was trained as: "
-              f"{model.subnetworks()}")
+        print(
+            f"note: ({args.width:g}, {depth}) is not one of the sub-networks this model was trained as: "
+            f"{model.subnetworks()}"
+        )
     return 0

@@ -36,8 +36,17 @@ OLD = {
     "moe": {"flops": 6720.0, "layers": [2176.0, 2176.0], "ffn": 4352.0},
     "moe_lm": {"flops": 470400.0, "layers": [231936.0, 231936.0], "ffn": 396288.0},
 }
-OLD_EXIT_PIECES = {"stem": 18432.0, "layer0": 18432.0, "exit0": 4648.0, "gate0": 6.0, "layer1": 9216.0,
-                   "exit1": 2344.0, "gate1": 6.0, "layer2": 4608.0, "head": 80.0}
+OLD_EXIT_PIECES = {
+    "stem": 18432.0,
+    "layer0": 18432.0,
+    "exit0": 4648.0,
+    "gate0": 6.0,
+    "layer1": 9216.0,
+    "exit1": 2344.0,
+    "gate1": 6.0,
+    "layer2": 4608.0,
+    "head": 80.0,
+}
 OLD_PATHS = {"confidence": [41512.0, 53072.0, 57760.0], "gate": [41518.0, 53084.0, 57772.0]}
 OLD_TRUNCATED = [41512.0, 48424.0, 50768.0]
 OLD_NESTED = {0.25: 4736 / 8, 0.5: 13568 / 8, 1.0: 43520 / 8}
@@ -103,8 +112,14 @@ def test_pattern_sums_only_top_most_matches():
 
 def early_cnn():
     torch.manual_seed(0)
-    model = early_exit((1, 16, 16), 5, base={"name": "cnn", "channels": [4, 8, 8], "blocks": 1, "norm": "batch"},
-                       exits=[0, 1], exit_hidden=4, policy="gate")
+    model = early_exit(
+        (1, 16, 16),
+        5,
+        base={"name": "cnn", "channels": [4, 8, 8], "blocks": 1, "norm": "batch"},
+        exits=[0, 1],
+        exit_hidden=4,
+        policy="gate",
+    )
     torch.manual_seed(1)
     return model, Split(torch.randn(40, 1, 16, 16) * 3, torch.randint(0, 5, (40,)))
 
@@ -148,15 +163,20 @@ def test_accuracy_is_per_token_for_sequences():
     assert acc == expected and flops == OLD["lm"]["flops"]
 
 
-@pytest.mark.parametrize(("base", "old", "hand"), [
-    # CNN: no operator the counter lacks, the old figures stand.
-    ({"name": "cnn", "channels": [4, 8, 8], "blocks": 1}, [0.7258469462394714, 0.9096612334251404], None),
-    # MoE (grouped-matmul experts): the old raw counter missed every expert, so the exits looked
-    # almost as expensive as the full model (0.90, 0.95 instead of 0.50, 0.75).
-    ({"name": "moe_mlp", "width": 16, "depth": 3, "hidden": 16, "num_experts": 4}, [0.9012345671653748,
-                                                                                     0.9506173133850098],
-     [(2048 + 2176 + 160) / (2048 + 3 * 2176 + 160), (2048 + 2 * 2176 + 160) / (2048 + 3 * 2176 + 160)]),
-])
+@pytest.mark.parametrize(
+    ("base", "old", "hand"),
+    [
+        # CNN: no operator the counter lacks, the old figures stand.
+        ({"name": "cnn", "channels": [4, 8, 8], "blocks": 1}, [0.7258469462394714, 0.9096612334251404], None),
+        # MoE (grouped-matmul experts): the old raw counter missed every expert, so the exits looked
+        # almost as expensive as the full model (0.90, 0.95 instead of 0.50, 0.75).
+        (
+            {"name": "moe_mlp", "width": 16, "depth": 3, "hidden": 16, "num_experts": 4},
+            [0.9012345671653748, 0.9506173133850098],
+            [(2048 + 2176 + 160) / (2048 + 3 * 2176 + 160), (2048 + 2 * 2176 + 160) / (2048 + 3 * 2176 + 160)],
+        ),
+    ],
+)
 def test_exit_costs_of_the_builder_count_the_registered_formulas(base, old, hand):
     torch.manual_seed(0)
     model = early_exit((1, 8, 8), 5, base=base, exits=[0, 1])

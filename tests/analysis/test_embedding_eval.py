@@ -36,8 +36,9 @@ def test_wordsim_spearman_and_fidelity():
 
 
 def test_quality_against_a_reference():
-    sets = EvalSets.build([f"s{i}" for i in range(20)], [i % 2 for i in range(20)],
-                          [("a", "b", 3.0), ("a", "c", 1.0), ("b", "c", 2.0)])
+    sets = EvalSets.build(
+        [f"s{i}" for i in range(20)], [i % 2 for i in range(20)], [("a", "b", 3.0), ("a", "c", 1.0), ("b", "c", 2.0)]
+    )
     assert sets.words == ["a", "b", "c"] and sets.pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
     table = {t: torch.randn(4) for t in sets.texts + sets.words}
     emb = embed(lambda texts: torch.stack([table[t] for t in texts]), sets)

@@ -64,8 +64,10 @@ def test_per_exit_accuracy_and_layers():
 
 
 def test_operating_point_selection_by_accuracy_or_by_budget():
-    sweep = [{"threshold": t, "val_accuracy": a, "val_flops": f} for t, a, f in
-             [(1.0, 0.90, 100), (0.9, 0.899, 70), (0.8, 0.897, 55), (0.7, 0.894, 45), (0.6, 0.88, 30)]]
+    sweep = [
+        {"threshold": t, "val_accuracy": a, "val_flops": f}
+        for t, a, f in [(1.0, 0.90, 100), (0.9, 0.899, 70), (0.8, 0.897, 55), (0.7, 0.894, 45), (0.6, 0.88, 30)]
+    ]
     assert select(sweep, 0.005, None)["threshold"] == 0.8  # fewest FLOPs within 0.5 points
     assert select(sweep, 0.005, 0.4)["threshold"] == 0.8  # most accurate saving >= 40%
     assert select(sweep, 0.005, 0.5)["threshold"] == 0.7

@@ -35,11 +35,15 @@ def test_fired_neurons_are_positive_pre_activations():
 
 
 def test_specialisation_rows_in_layer_order():
-    spec = {f"body.layers.{i}.ffn": {"fractions": torch.ones(2, 4), "js": float(i), "js_shuffled": i / 10}
-            for i in (10, 2, 0)}
-    assert specialisation_rows(spec) == [{"layer": 0, "js": 0.0, "js_shuffled": 0.0},
-                                         {"layer": 2, "js": 2.0, "js_shuffled": 0.2},
-                                         {"layer": 10, "js": 10.0, "js_shuffled": 1.0}]
+    spec = {
+        f"body.layers.{i}.ffn": {"fractions": torch.ones(2, 4), "js": float(i), "js_shuffled": i / 10}
+        for i in (10, 2, 0)
+    }
+    assert specialisation_rows(spec) == [
+        {"layer": 0, "js": 0.0, "js_shuffled": 0.0},
+        {"layer": 2, "js": 2.0, "js_shuffled": 0.2},
+        {"layer": 10, "js": 10.0, "js_shuffled": 1.0},
+    ]
 
 
 def test_matryoshka_accuracy_reads_prefixes_of_the_representation():

@@ -64,8 +64,9 @@ def test_class_expert_counts_and_token_labels() -> None:
 
 def test_routing_summary() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(moe_ffn(8, 12, 4, MoESettings(top_k=2, capacity_factor=0.5)),
-                          moe_ffn(8, 12, 4, MoESettings(router="hash")))
+    model = nn.Sequential(
+        moe_ffn(8, 12, 4, MoESettings(top_k=2, capacity_factor=0.5)), moe_ffn(8, 12, 4, MoESettings(router="hash"))
+    )
     model(torch.randn(3, 4, 8))
     summary = routing_summary(model)
     assert set(summary) == {"0", "1"}

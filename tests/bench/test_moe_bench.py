@@ -17,9 +17,33 @@ def test_bench_one_reports_both_rotations():
 def test_main_prints_the_table(capsys):
     before = torch.get_num_threads()
     try:
-        assert main(["--tokens", "32", "--dims", "16", "--experts", "4", "--top-k", "1", "--modes", "fwd",
-                     "--repeats", "1", "--warmup", "0", "--max-foreign", "1.0", "--threads", "1",
-                     "--malloc", "default"]) == 0
+        assert (
+            main(
+                [
+                    "--tokens",
+                    "32",
+                    "--dims",
+                    "16",
+                    "--experts",
+                    "4",
+                    "--top-k",
+                    "1",
+                    "--modes",
+                    "fwd",
+                    "--repeats",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--max-foreign",
+                    "1.0",
+                    "--threads",
+                    "1",
+                    "--malloc",
+                    "default",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(before)
     out = capsys.readouterr().out

@@ -39,7 +39,10 @@ def test_csv_features_and_text_labels() -> None:
     x = torch.cat([ds.train.x, ds.val.x, ds.test.x])
     y = torch.cat([ds.train.y, ds.val.y, ds.test.y])
     assert sorted(zip(x[:, 0].tolist(), x[:, 1].tolist(), y.tolist(), strict=False)) == [
-        (1, 2, 1), (3, 4.5, 0), (5, 6, 1), (7, 8, 0)
+        (1, 2, 1),
+        (3, 4.5, 0),
+        (5, 6, 1),
+        (7, 8, 0),
     ]
 
 
@@ -49,7 +52,11 @@ def test_csv_integer_labels_sorted_numerically() -> None:
     ds = csv(path="n.csv", label="y", delimiter=";", val_fraction=0.0, test_fraction=0.0, seed=0)
     assert ds.classes == ["2", "10", "33"]
     assert sorted(zip(ds.train.x[:, 0].tolist(), ds.train.y.tolist(), strict=False)) == [
-        (0, 1), (1, 0), (2, 0), (3, 1), (4, 2)
+        (0, 1),
+        (1, 0),
+        (2, 0),
+        (3, 1),
+        (4, 2),
     ]
 
 

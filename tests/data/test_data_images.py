@@ -84,8 +84,7 @@ def test_fashion_mnist_missing_package_says_how_to_install(monkeypatch) -> None:
 
 @pytest.mark.skipif(
     images.fashion_mnist_dir() is None,
-    reason="Debian package dataset-fashion-mnist is not installed "
-    "(apt-get install -y dataset-fashion-mnist)",
+    reason="Debian package dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)",
 )
 def test_fashion_mnist_official_test_and_limit() -> None:
     ds = images.fashion_mnist(val_fraction=0.1, limit_train=300, seed=0)

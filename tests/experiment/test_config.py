@@ -162,9 +162,19 @@ def test_settings_are_built_from_flat_keys_and_written_back_flat(tiny_config):
     assert cfg.models["moe"].args["routing"] == MoESettings(router="hash", top_k=1)
     assert cfg.models["g2g"].args["rewiring"] == RewiringSettings(regrow="hebbian", window=5)
     flat = cfg.to_dict()
-    assert flat["stages"][0] == {"stage": "train", "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.01,
-                                 "weight_decay": 0.01, "schedule": "cosine", "warmup_steps": 0,
-                                 "loss": "cross_entropy", "label_smoothing": 0.0, "grad_clip": None}
+    assert flat["stages"][0] == {
+        "stage": "train",
+        "epochs": 3,
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup_steps": 0,
+        "loss": "cross_entropy",
+        "label_smoothing": 0.0,
+        "grad_clip": None,
+    }
     assert flat["models"]["moe"]["router"] == "hash" and "routing" not in flat["models"]["moe"]
     assert validate(yaml.safe_load(yaml.safe_dump(flat))) == cfg  # the resolved config re-validates
 
@@ -175,16 +185,19 @@ def test_a_settings_group_is_not_a_config_key(tiny_config):
     assert msg.startswith("stages[0].settings: unknown argument") and "epochs" in msg
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("epochs", 0, "greater than or equal to 1"),
-    ("batch_size", "big", "integer"),
-    ("lr", 0, "greater than 0"),
-    ("label_smoothing", 1.0, "less than 1"),
-    ("schedule", "cosin", "did you mean 'cosine'"),
-    ("optimizer", "sgdd", "did you mean 'sgd'"),
-    ("grad_clip", -1, "greater than 0"),
-    ("epoch", 3, "did you mean 'epochs'"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("epochs", 0, "greater than or equal to 1"),
+        ("batch_size", "big", "integer"),
+        ("lr", 0, "greater than 0"),
+        ("label_smoothing", 1.0, "less than 1"),
+        ("schedule", "cosin", "did you mean 'cosine'"),
+        ("optimizer", "sgdd", "did you mean 'sgd'"),
+        ("grad_clip", -1, "greater than 0"),
+        ("epoch", 3, "did you mean 'epochs'"),
+    ],
+)
 def test_train_settings_reject_bad_values_with_the_key_path(tiny_config, key, value, expected):
     tiny_config["stages"][0][key] = value
     msg = error(tiny_config)
@@ -198,34 +211,43 @@ def test_nested_baselines_take_the_same_train_settings(tiny_config):
     assert error(tiny_config).startswith("stages[2].lr:")
 
 
-@pytest.mark.parametrize(("extra", "key", "expected"), [
-    ({"balance": "aux_los"}, "balance", "did you mean 'aux_loss'"),  # was a `str`: balancing silently off
-    ({"router": "hsah"}, "router", "did you mean 'hash'"),
-    ({"router": "dense_to_sparse", "top_k": 1}, "top_k", "router 'dense_to_sparse' does not use this setting"),
-    ({"router": "expert_choice", "noise": "jitter"}, "noise", "does not use this setting"),
-    ({"router": "hash", "balance": "aux_free"}, "balance", "does not use this setting"),
-    ({"balance_rate": 0.01}, "balance_rate", "aux_free"),
-    ({"top_k": 0}, "top_k", "greater than or equal to 1"),
-    ({"capacity_factor": 0}, "capacity_factor", "greater than 0"),
-])
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ({"balance": "aux_los"}, "balance", "did you mean 'aux_loss'"),  # was a `str`: balancing silently off
+        ({"router": "hsah"}, "router", "did you mean 'hash'"),
+        ({"router": "dense_to_sparse", "top_k": 1}, "top_k", "router 'dense_to_sparse' does not use this setting"),
+        ({"router": "expert_choice", "noise": "jitter"}, "noise", "does not use this setting"),
+        ({"router": "hash", "balance": "aux_free"}, "balance", "does not use this setting"),
+        ({"balance_rate": 0.01}, "balance_rate", "aux_free"),
+        ({"top_k": 0}, "top_k", "greater than or equal to 1"),
+        ({"capacity_factor": 0}, "capacity_factor", "greater than 0"),
+    ],
+)
 def test_moe_settings_reject_bad_values_with_the_key_path(tiny_config, extra, key, expected):
     msg = error(with_model(tiny_config, {**MOE, **extra}))
     assert msg.startswith(f"models.m.{key}:") and expected in msg
 
 
 def test_moe_settings_a_router_uses_pass(tiny_config):
-    for extra in ({"router": "expert_choice", "top_k": 3},
-                  {"router": "topk", "balance": "aux_free", "balance_rate": 0.01},
-                  {"router": "sigmoid", "noise": "gaussian"}, {"router": "dense_to_sparse", "balance": "none"}):
+    for extra in (
+        {"router": "expert_choice", "top_k": 3},
+        {"router": "topk", "balance": "aux_free", "balance_rate": 0.01},
+        {"router": "sigmoid", "noise": "gaussian"},
+        {"router": "dense_to_sparse", "balance": "none"},
+    ):
         validate(with_model(tiny_config, {**MOE, **extra}))
 
 
-@pytest.mark.parametrize(("extra", "key", "expected"), [
-    ({"regrow": "hebian"}, "regrow", "did you mean 'hebbian'"),
-    ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
-    ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
-    ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
-])
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ({"regrow": "hebian"}, "regrow", "did you mean 'hebbian'"),
+        ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
+        ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
+        ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
+    ],
+)
 def test_rewiring_settings_reject_bad_values_with_the_key_path(tiny_config, extra, key, expected):
     msg = error(with_model(tiny_config, {**G2G, **extra}))
     assert msg.startswith(f"models.m.{key}:") and expected in msg
@@ -235,8 +257,9 @@ def test_the_sparsify_stage_takes_every_rewiring_setting_of_sparse_mlp(tiny_conf
     """The two copies had drifted: the stage could not set ``window``. Now both take RewiringSettings."""
     stage = {"stage": "sparsify", "regrow": "hebbian", "window": 7, "momentum": 0.9}
     tiny_config["stages"].insert(1, stage)
-    assert validate(tiny_config).stages[1].args["rewiring"] == RewiringSettings(regrow="hebbian", window=7,
-                                                                                momentum=0.9)
+    assert validate(tiny_config).stages[1].args["rewiring"] == RewiringSettings(
+        regrow="hebbian", window=7, momentum=0.9
+    )
     stage_keys = {p.name for p in REGISTRY.get("stage", "sparsify").params() if p.group == "rewiring"}
     model_keys = {p.name for p in REGISTRY.get("model", "sparse_mlp").params() if p.group == "rewiring"}
     assert stage_keys == model_keys == {f.name for f in dataclasses.fields(RewiringSettings)}

@@ -27,11 +27,15 @@ def run(runs_dir, models, stages):
 
 def test_nested_subnetworks_and_separate_baselines(runs_dir):
     model = {"name": "nested_mlp", "width": 32, "depth": 2, "widths": [0.5, 1.0], "depths": [1, 2], "samples": 3}
-    rec, metrics, report = run(runs_dir, {"sn": model}, [
-        {"stage": "train", "epochs": 3, "lr": 0.01},
-        {"stage": "nested", "latency_repeats": 1},
-        {"stage": "nested_baselines", "epochs": 3, "lr": 0.01},
-    ])
+    rec, metrics, report = run(
+        runs_dir,
+        {"sn": model},
+        [
+            {"stage": "train", "epochs": 3, "lr": 0.01},
+            {"stage": "nested", "latency_repeats": 1},
+            {"stage": "nested_baselines", "epochs": 3, "lr": 0.01},
+        ],
+    )
     m = metrics["sn"]
     assert m["nested_subnetworks"] == 4 and m["nested_slice_max_error"] <= 1e-5
     assert m["nested_min_accuracy"] > 0.5  # far above chance (0.1) on digits
@@ -43,11 +47,15 @@ def test_nested_subnetworks_and_separate_baselines(runs_dir):
 
 def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
     model = {"name": "early_exit", "base": {"name": "mlp", "width": 32, "depth": 3}, "objective": "jei"}
-    rec, metrics, report = run(runs_dir, {"ee": model}, [
-        {"stage": "train", "epochs": 3, "lr": 0.01},
-        {"stage": "exits", "thresholds": [0.99, 0.9, 0.5], "latency_repeats": 1, "max_drop": 0.02},
-        {"stage": "evaluate", "latency_repeats": 1},
-    ])
+    rec, metrics, report = run(
+        runs_dir,
+        {"ee": model},
+        [
+            {"stage": "train", "epochs": 3, "lr": 0.01},
+            {"stage": "exits", "thresholds": [0.99, 0.9, 0.5], "latency_repeats": 1, "max_drop": 0.02},
+            {"stage": "evaluate", "latency_repeats": 1},
+        ],
+    )
     m = metrics["ee"]
     assert m["exit_accuracy_drop"] <= 0.05 and 0 <= m["exit_flops_saving"] < 1
     # The threshold sweep's per-path prices equal what the dispatcher counts in the compacting forward.
@@ -60,11 +68,15 @@ def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
 
 def test_chains_and_layer_importance(runs_dir):
     model = {"name": "vit", "dim": 16, "depth": 3, "heads": 2, "patch": 4}
-    rec, metrics, report = run(runs_dir, {"vit": model}, [
-        {"stage": "train", "epochs": 2, "lr": 0.01},
-        {"stage": "chains", "search_samples": 128, "oracle_samples": 64, "latency_repeats": 1, "max_repeat": 1},
-        {"stage": "layer_importance", "samples": 64, "latency_repeats": 1, "max_drop_layers": 1},
-    ])
+    rec, metrics, report = run(
+        runs_dir,
+        {"vit": model},
+        [
+            {"stage": "train", "epochs": 2, "lr": 0.01},
+            {"stage": "chains", "search_samples": 128, "oracle_samples": 64, "latency_repeats": 1, "max_repeat": 1},
+            {"stage": "layer_importance", "samples": 64, "latency_repeats": 1, "max_drop_layers": 1},
+        ],
+    )
     m = metrics["vit"]
     assert m["chain_flops_saving"] >= 0 and 0 <= m["chain_oracle_relative_flops"] <= 1
     assert "Per-sample oracle" in report and "| attention | 2 |" in report
@@ -72,12 +84,14 @@ def test_chains_and_layer_importance(runs_dir):
 
 
 def test_stitching_two_variants_of_a_run(runs_dir):
-    rec, metrics, report = run(runs_dir, {"small": {"name": "mlp", "width": 16, "depth": 2},
-                                          "large": {"name": "mlp", "width": 32, "depth": 4}}, [
-        {"stage": "train", "epochs": 2, "lr": 0.01},
-        {"stage": "stitch", "front": "small", "fit_samples": 256, "epochs": 1, "latency_repeats": 1},
-    ])
+    rec, metrics, report = run(
+        runs_dir,
+        {"small": {"name": "mlp", "width": 16, "depth": 2}, "large": {"name": "mlp", "width": 32, "depth": 4}},
+        [
+            {"stage": "train", "epochs": 2, "lr": 0.01},
+            {"stage": "stitch", "front": "small", "fit_samples": 256, "epochs": 1, "latency_repeats": 1},
+        ],
+    )
     assert "Stitched family between small and large" in report
     assert "| small[:1]+large[2:] |" in report and "| large[:2]+small[1:] |" in report  # both directions
     assert report.count("### Stitched family") == 1  # the front variant itself does nothing
-

@@ -8,8 +8,15 @@ from brickwork.experiment import RunStore, execute, validate
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "dense_to_sparse"])
 def test_moe_mlp_run_with_routing_report(tiny_config, runs_dir, router):
     tiny_config["models"] = {
-        "moe": {"name": "moe_mlp", "width": 16, "depth": 1, "hidden": 8, "num_experts": 4, "top_k": 2,
-                "router": router},
+        "moe": {
+            "name": "moe_mlp",
+            "width": 16,
+            "depth": 1,
+            "hidden": 8,
+            "num_experts": 4,
+            "top_k": 2,
+            "router": router,
+        },
         "dense": {"name": "moe_mlp", "width": 16, "depth": 1, "hidden": 16, "num_experts": 0},
     }
     tiny_config["aux_weights"] = {"load_balance": 0.01, "z_loss": 0.001}

@@ -19,8 +19,16 @@ def test_run_writes_folder_report_and_store_entry(tiny_config, runs_dir):
     rec = run(tiny_config, runs_dir)
     assert rec.status == "completed"
     d = rec.dir
-    for f in ("config.yaml", "metrics.json", "report.md", "plots/curves.png", "plots/accuracy_vs_flops.png",
-              "mlp/model.safetensors", "mlp/model.json", "cnn/model.safetensors"):
+    for f in (
+        "config.yaml",
+        "metrics.json",
+        "report.md",
+        "plots/curves.png",
+        "plots/accuracy_vs_flops.png",
+        "mlp/model.safetensors",
+        "mlp/model.json",
+        "cnn/model.safetensors",
+    ):
         assert (d / f).exists(), f
     metrics = json.loads((d / "metrics.json").read_text())
     m = metrics["mlp"]
@@ -124,9 +132,12 @@ def test_a_structurally_changed_model_reloads_through_the_one_loader(tiny_config
     from brickwork.experiment.artifacts import load_trained
     from brickwork.experiment.build import apply_structure, build_model, load, model_spec, rebuild
 
-    tiny_config["stages"] = [{"stage": "train", "epochs": 1, "lr": 0.01},
-                             {"stage": "sparsify", "groups": 4, "density": 0.5, "regrow": "random", "interval": 5},
-                             {"stage": "train", "epochs": 1, "lr": 0.003}, {"stage": "evaluate", "latency_repeats": 1}]
+    tiny_config["stages"] = [
+        {"stage": "train", "epochs": 1, "lr": 0.01},
+        {"stage": "sparsify", "groups": 4, "density": 0.5, "regrow": "random", "interval": 5},
+        {"stage": "train", "epochs": 1, "lr": 0.003},
+        {"stage": "evaluate", "latency_repeats": 1},
+    ]
     rec = run(tiny_config, runs_dir)
     stem = rec.dir / "mlp" / "model"
     ckpt = load(stem)

@@ -24,8 +24,15 @@ def test_sparse_mlp_and_train_sparsify_finetune(runs_dir, one_thread):
         "data": {"name": "digits"},
         "models": {
             "dense": {"name": "mlp", "width": 32, "depth": 1},
-            "g2g": {"name": "sparse_mlp", "width": 32, "depth": 1, "groups": 4, "density": 0.5,
-                    "regrow": "hebbian", "interval": 5},
+            "g2g": {
+                "name": "sparse_mlp",
+                "width": 32,
+                "depth": 1,
+                "groups": 4,
+                "density": 0.5,
+                "regrow": "hebbian",
+                "interval": 5,
+            },
         },
         "stages": [
             {"stage": "train", "epochs": 2, "lr": 0.01},
@@ -58,11 +65,19 @@ def test_resume_and_load_after_a_structural_stage(runs_dir, one_thread, tmp_path
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
-    cfg = {"name": "sp", "seed": 0, "threads": one_thread, "data": {"name": "digits"},
-           "models": {"dense": {"name": "mlp", "width": 32, "depth": 1}},
-           "stages": [{"stage": "train", "epochs": 1, "lr": 0.01},
-                      {"stage": "sparsify", "groups": 4, "density": 0.5, "regrow": "random", "interval": 5},
-                      {"stage": "train", "epochs": 2, "lr": 0.003}, {"stage": "evaluate", "latency_repeats": 1}]}
+    cfg = {
+        "name": "sp",
+        "seed": 0,
+        "threads": one_thread,
+        "data": {"name": "digits"},
+        "models": {"dense": {"name": "mlp", "width": 32, "depth": 1}},
+        "stages": [
+            {"stage": "train", "epochs": 1, "lr": 0.01},
+            {"stage": "sparsify", "groups": 4, "density": 0.5, "regrow": "random", "interval": 5},
+            {"stage": "train", "epochs": 2, "lr": 0.003},
+            {"stage": "evaluate", "latency_repeats": 1},
+        ],
+    }
     reference = execute(validate(cfg), RunStore(tmp_path / "ref"), progress=False, echo=lambda s: None)
     want, _ = load_tensors(reference.dir / "dense" / "model")
 
@@ -102,15 +117,31 @@ def test_sparsify_stage_attaches_the_rewiring_it_is_given(tmp_path):
     from brickwork.registry import REGISTRY
 
     data = load_dataset("digits", seed=0)
-    settings = RewiringSettings(regrow="hebbian", level="group", interval=7, fraction=0.2, decay="linear", stop=0.5,
-                                window=3, momentum=0.9)
-    ctx = StageContext(label="m", model=mlp(data.in_shape, data.num_classes, width=32, depth=1), data=data,
-                       dir=tmp_path, run_dir=tmp_path, seed=0, device="cpu")
+    settings = RewiringSettings(
+        regrow="hebbian", level="group", interval=7, fraction=0.2, decay="linear", stop=0.5, window=3, momentum=0.9
+    )
+    ctx = StageContext(
+        label="m",
+        model=mlp(data.in_shape, data.num_classes, width=32, depth=1),
+        data=data,
+        dir=tmp_path,
+        run_dir=tmp_path,
+        seed=0,
+        device="cpu",
+    )
     REGISTRY.get("stage", "sparsify").obj(ctx, groups=4, density=0.5, rewiring=settings)
     layers = [m for m in ctx.model.modules() if isinstance(m, GroupLinear)]
     assert len(layers) == 2
     for layer in layers:
         assert layer.rewiring is not None
-        assert layer.rewiring.config() == {"regrow": "hebbian", "level": "group", "interval": 7, "fraction": 0.2,
-                                           "decay": "linear", "stop": 0.5, "window": 3, "momentum": 0.9}
+        assert layer.rewiring.config() == {
+            "regrow": "hebbian",
+            "level": "group",
+            "interval": 7,
+            "fraction": 0.2,
+            "decay": "linear",
+            "stop": 0.5,
+            "window": 3,
+            "momentum": 0.9,
+        }
     assert layers[0].rewiring is not layers[1].rewiring  # each layer keeps its own statistics

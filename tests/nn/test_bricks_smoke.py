@@ -79,25 +79,51 @@ CASES: dict[str, Case] = {
         lambda: torch.randn(2, 6, 8),
         (2, 6, 8),
     ),
-    "mod_transformer_block": (lambda: mod_transformer_block(8, 2, 16, capacity=0.5), lambda: torch.randn(2, 6, 8),
-                              (2, 6, 8)),
-    "nested_linear": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedLinear(8, 6),
-                      lambda: torch.randn(3, 8), (3, 6)),
-    "nested_conv2d": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedConv2d(3, 4, stride=2),
-                      lambda: torch.randn(2, 3, 8, 8), (2, 4, 4, 4)),
-    "nested_group_norm": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedGroupNorm(4),
-                          lambda: torch.randn(2, 4, 3, 3), (2, 4, 3, 3)),
-    "nested_attention": (lambda: __import__("brickwork.nn.nested").nn.nested.NestedAttention(8, 2, causal=True),
-                         lambda: torch.randn(2, 5, 8), (2, 5, 8)),
+    "mod_transformer_block": (
+        lambda: mod_transformer_block(8, 2, 16, capacity=0.5),
+        lambda: torch.randn(2, 6, 8),
+        (2, 6, 8),
+    ),
+    "nested_linear": (
+        lambda: __import__("brickwork.nn.nested").nn.nested.NestedLinear(8, 6),
+        lambda: torch.randn(3, 8),
+        (3, 6),
+    ),
+    "nested_conv2d": (
+        lambda: __import__("brickwork.nn.nested").nn.nested.NestedConv2d(3, 4, stride=2),
+        lambda: torch.randn(2, 3, 8, 8),
+        (2, 4, 4, 4),
+    ),
+    "nested_group_norm": (
+        lambda: __import__("brickwork.nn.nested").nn.nested.NestedGroupNorm(4),
+        lambda: torch.randn(2, 4, 3, 3),
+        (2, 4, 3, 3),
+    ),
+    "nested_attention": (
+        lambda: __import__("brickwork.nn.nested").nn.nested.NestedAttention(8, 2, causal=True),
+        lambda: torch.randn(2, 5, 8),
+        (2, 5, 8),
+    ),
     "exit_gate": (lambda: __import__("brickwork.nn.exits").nn.exits.ExitGate(), lambda: torch.randn(4, 5), (4,)),
-    "group_linear": (lambda: REGISTRY.get("brick", "group_linear").obj(8, 6, groups=2, density=0.5, edge_density=0.5),
-                     lambda: torch.randn(3, 8), (3, 6)),
-    "group_conv2d": (lambda: REGISTRY.get("brick", "group_conv2d").obj(4, 6, groups=2, density=0.5, stride=2),
-                     lambda: torch.randn(2, 4, 8, 8), (2, 6, 4, 4)),
-    "linear_act": (lambda: REGISTRY.get("brick", "linear_act").obj(
-        REGISTRY.get("brick", "group_linear").obj(8, 4, groups=2, density=0.5), act="relu"),
-        lambda: torch.randn(3, 8), (3, 4)),
+    "group_linear": (
+        lambda: REGISTRY.get("brick", "group_linear").obj(8, 6, groups=2, density=0.5, edge_density=0.5),
+        lambda: torch.randn(3, 8),
+        (3, 6),
+    ),
+    "group_conv2d": (
+        lambda: REGISTRY.get("brick", "group_conv2d").obj(4, 6, groups=2, density=0.5, stride=2),
+        lambda: torch.randn(2, 4, 8, 8),
+        (2, 6, 4, 4),
+    ),
+    "linear_act": (
+        lambda: REGISTRY.get("brick", "linear_act").obj(
+            REGISTRY.get("brick", "group_linear").obj(8, 4, groups=2, density=0.5), act="relu"
+        ),
+        lambda: torch.randn(3, 8),
+        (3, 4),
+    ),
 }
+
 
 def test_every_brick_has_a_case():
     missing = set(REGISTRY.names("brick")) - set(CASES)

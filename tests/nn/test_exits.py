@@ -20,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 W, K, IN = 16, 5, 64
 
 

@@ -271,14 +271,17 @@ def test_router_settings_reach_the_router() -> None:
     assert (act.activation, act.gumbel, act.load_balance) == ("tanh", False, True)
 
 
-@pytest.mark.parametrize(("settings", "key"), [
-    ({"router": "dense_to_sparse", "top_k": 1}, "top_k"),  # chooses by threshold, not top-k
-    ({"router": "activation_dense_to_sparse", "top_k": 4}, "top_k"),
-    ({"router": "expert_choice", "noise": "gaussian"}, "noise"),
-    ({"router": "hash", "balance": "aux_free"}, "balance"),
-    ({"router": "dense_to_sparse", "balance": "aux_free"}, "balance"),
-    ({"router": "topk", "balance_rate": 0.01}, "balance_rate"),  # the rate of aux_free only
-])
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"router": "dense_to_sparse", "top_k": 1}, "top_k"),  # chooses by threshold, not top-k
+        ({"router": "activation_dense_to_sparse", "top_k": 4}, "top_k"),
+        ({"router": "expert_choice", "noise": "gaussian"}, "noise"),
+        ({"router": "hash", "balance": "aux_free"}, "balance"),
+        ({"router": "dense_to_sparse", "balance": "aux_free"}, "balance"),
+        ({"router": "topk", "balance_rate": 0.01}, "balance_rate"),  # the rate of aux_free only
+    ],
+)
 def test_a_setting_the_router_ignores_is_rejected(settings: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}: .*(does not use|aux_free)"):
         moe_ffn(8, 12, 4, MoESettings(**settings))  # type: ignore[arg-type]

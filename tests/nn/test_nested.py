@@ -69,8 +69,10 @@ def test_sliced_linear_without_grad_is_a_view_product():
 
 def test_nested_models_at_full_width_are_the_standard_models():
     x = torch.randn(4, 1, 8, 8)
-    pairs = [(nested_mlp((1, 8, 8), 5, width=16, depth=2), mlp((1, 8, 8), 5, width=16, depth=2)),
-             (nested_cnn((1, 8, 8), 5, channels=(4, 8)), cnn((1, 8, 8), 5, channels=(4, 8), norm="group"))]
+    pairs = [
+        (nested_mlp((1, 8, 8), 5, width=16, depth=2), mlp((1, 8, 8), 5, width=16, depth=2)),
+        (nested_cnn((1, 8, 8), 5, channels=(4, 8)), cnn((1, 8, 8), 5, channels=(4, 8), norm="group")),
+    ]
     for nested, plain in pairs:
         plain.load_state_dict(nested.state_dict())  # same parameter names and shapes
         nested.eval()
@@ -113,8 +115,9 @@ def test_configure_sets_every_nested_brick_and_validates():
 
 
 def test_sampling_is_sorted_and_sandwiched():
-    model = nested_mlp((1, 8, 8), 5, width=16, depth=3, widths=[0.25, 0.5, 0.75, 1.0], depths=[2, 3],
-                       sampling="sandwich", samples=4)
+    model = nested_mlp(
+        (1, 8, 8), 5, width=16, depth=3, widths=[0.25, 0.5, 0.75, 1.0], depths=[2, 3], sampling="sandwich", samples=4
+    )
     subnets = model.subnetworks()
     assert subnets == sorted(subnets, reverse=True) and len(subnets) == 8
     for _ in range(5):

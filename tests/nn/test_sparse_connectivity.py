@@ -24,6 +24,7 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
 @pytest.mark.parametrize("pattern", ["band", "ring", "small_world", "random"])
 @pytest.mark.parametrize(("g_out", "g_in", "k"), [(8, 8, 3), (4, 8, 5), (8, 4, 2)])
 def test_every_output_group_reads_k_distinct_input_groups(pattern, g_out, g_in, k):

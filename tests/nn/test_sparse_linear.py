@@ -16,18 +16,21 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
 CASES = {
     "random": dict(groups=4, density=0.5),
     "ring, more input groups": dict(groups=4, groups_in=8, density=0.25, pattern="ring"),
     "band, fewer input groups": dict(groups=8, groups_in=4, density=0.5, pattern="band"),
     "ring (banded views both ways)": dict(groups=4, density=0.75, pattern="ring"),
     "band past both ends (gather fallback)": dict(
-        groups=4, connectivity=(torch.tensor([[3, 0, 1, 2]]) + torch.arange(4)[:, None]) % 4),
+        groups=4, connectivity=(torch.tensor([[3, 0, 1, 2]]) + torch.arange(4)[:, None]) % 4
+    ),
     "small world": dict(groups=4, density=0.5, pattern="small_world", small_world_p=0.5),
     "edge mask": dict(groups=4, density=0.25, edge_density=0.5),
     "input permutation": dict(groups=2, groups_in=4, density=0.75, in_perm=torch.randperm(16)),
-    "uneven user matrix": dict(groups=4, connectivity=torch.tensor(
-        [[1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)),
+    "uneven user matrix": dict(
+        groups=4, connectivity=torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    ),
 }
 
 
@@ -112,7 +115,8 @@ def test_group_conv_matches_dense_conv_with_zeroed_kernel():
     y, y_ref = conv(x), F.conv2d(x, w, conv.bias, 2, 1)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0], rtol=1e-5, atol=1e-5
+    )
     zero = (w == 0).view(12, 8, 9).all(-1)
     assert zero.float().mean() == 0.5  # half of the channel pairs are unconnected

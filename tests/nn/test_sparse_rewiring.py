@@ -20,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
 def masked_reference(layer: GroupLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.dense_weight() * layer.connectivity_mask(), layer.bias)
 
@@ -39,8 +40,14 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, total: int
 
 @pytest.mark.parametrize("regrow", ["random", "gradient", "hebbian"])
 def test_prune_regrow_cycles_hold_density_and_in_degree(regrow):
-    layer = GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5,
-                        rewiring=Rewiring(regrow, "both", interval=2, fraction=0.5, window=2))
+    layer = GroupLinear(
+        16,
+        16,
+        groups=4,
+        density=0.25,
+        edge_density=0.5,
+        rewiring=Rewiring(regrow, "both", interval=2, fraction=0.5, window=2),
+    )
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
     edges, sources0, mask0 = int(layer.mask.sum()), layer.sources.clone(), layer.mask.clone()
     before = {"sources": layer.sources.clone(), "mask": layer.mask.clone()}
@@ -74,8 +81,14 @@ def test_schedule_decays_like_rigl_and_stops():
 def test_hebbian_regrows_the_most_correlated_input_group():
     # Block-diagonal wiring; input group 2 is a copy of group 0, so output group 0 (which reads
     # group 0) is most correlated with input group 2 among the groups it does not read.
-    layer = GroupLinear(16, 8, groups=4, density=0.25, pattern="block_diagonal",
-                        rewiring=Rewiring("hebbian", "group", interval=1, fraction=0.25))
+    layer = GroupLinear(
+        16,
+        8,
+        groups=4,
+        density=0.25,
+        pattern="block_diagonal",
+        rewiring=Rewiring("hebbian", "group", interval=1, fraction=0.25),
+    )
     with torch.no_grad():
         layer.weight[0] *= 0.01  # the weakest block: the one dropped
     gen = torch.Generator().manual_seed(0)
@@ -88,8 +101,14 @@ def test_hebbian_regrows_the_most_correlated_input_group():
 
 
 def test_hebbian_regrows_the_most_correlated_edge():
-    layer = GroupLinear(8, 4, groups=1, density=5 / 32, edge_density=5 / 32,
-                        rewiring=Rewiring("hebbian", "edge", interval=1, fraction=0.2, window=5))
+    layer = GroupLinear(
+        8,
+        4,
+        groups=1,
+        density=5 / 32,
+        edge_density=5 / 32,
+        rewiring=Rewiring("hebbian", "edge", interval=1, fraction=0.2, window=5),
+    )
     with torch.no_grad():
         layer.mask.zero_()
         layer.weight.zero_()
@@ -110,8 +129,9 @@ def test_hebbian_regrows_the_most_correlated_edge():
 
 
 def test_rigl_block_scores_are_the_dense_gradient_and_pick_its_largest_block():
-    layer = GroupLinear(16, 16, groups=4, density=0.5,
-                        rewiring=Rewiring("gradient", "group", interval=1, fraction=0.125))
+    layer = GroupLinear(
+        16, 16, groups=4, density=0.5, rewiring=Rewiring("gradient", "group", interval=1, fraction=0.125)
+    )
     x = torch.randn(32, 16)
     target = torch.randn(32, 16)
     (layer(x) - target).square().sum().backward()
@@ -130,8 +150,14 @@ def test_rigl_block_scores_are_the_dense_gradient_and_pick_its_largest_block():
 def test_resume_from_a_checkpoint_reproduces_the_topology_exactly():
     def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(seed)
-        layer = GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5,
-                            rewiring=Rewiring("random", "both", interval=2, fraction=0.5))
+        layer = GroupLinear(
+            16,
+            16,
+            groups=4,
+            density=0.25,
+            edge_density=0.5,
+            rewiring=Rewiring("random", "both", interval=2, fraction=0.5),
+        )
         model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
         return model, torch.optim.AdamW(model.parameters(), lr=0.01)
 
@@ -153,15 +179,27 @@ def test_resume_from_a_checkpoint_reproduces_the_topology_exactly():
 def test_train_step_zeroes_the_optimizer_state_of_regrown_weights(level):
     from brickwork.train.loop import train_step
 
-    layer = GroupLinear(16, 16, groups=4, density=0.5, edge_density=0.5 if level == "edge" else 1.0,
-                        rewiring=Rewiring("random", level, interval=3, fraction=0.5))
+    layer = GroupLinear(
+        16,
+        16,
+        groups=4,
+        density=0.5,
+        edge_density=0.5 if level == "edge" else 1.0,
+        rewiring=Rewiring("random", level, interval=3, fraction=0.5),
+    )
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     for step in range(3):  # the third step is an update
         before = (layer.sources.clone(), layer.mask.clone() if layer.mask is not None else None)
-        train_step(model, torch.randn(8, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen),
-                   F.cross_entropy, opt, progress=(step + 1) / 10)
+        train_step(
+            model,
+            torch.randn(8, 16, generator=gen),
+            torch.randint(0, 3, (8,), generator=gen),
+            F.cross_entropy,
+            opt,
+            progress=(step + 1) / 10,
+        )
     state = opt.state[layer.weight]
     if level == "edge":
         grown = layer.mask & ~before[1]

@@ -18,6 +18,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 CASES = {
     "nested_mlp": ((1, 8, 8), {"width": 24, "depth": 3}, lambda: torch.randn(3, 1, 8, 8)),
     "nested_cnn": ((1, 8, 8), {"channels": [6, 12, 12]}, lambda: torch.randn(3, 1, 8, 8)),

@@ -20,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
 def test_full_connectivity_preserves_an_mlp_with_absorbed_permutations():
     model = mlp((1, 8, 8), 10, width=32, depth=2).eval()
     x = torch.randn(128, 1, 8, 8)
@@ -38,8 +39,9 @@ def test_full_connectivity_preserves_a_block_with_layer_norms():
     x = torch.randn(4, 6, 16)
     _, choices = plan_sparsify(model, [x], groups=4, density=1.0, exclude=())
     assert {c.path: c.out_perm is not None for c in choices} == {"1.up": True, "1.down": False}
-    torch.testing.assert_close(sparsify(model, [x], groups=4, density=1.0, exclude=[])(x), model(x),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sparsify(model, [x], groups=4, density=1.0, exclude=[])(x), model(x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_copies_and_keeps_the_heaviest_blocks():

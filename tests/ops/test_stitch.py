@@ -16,12 +16,18 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 X = torch.randn(96, 1, 8, 8)
 
 
-@pytest.mark.parametrize("build", [lambda: mlp((1, 8, 8), 4, width=12, depth=3),
-                                   lambda: vit((1, 8, 8), 4, dim=8, depth=3, heads=2, patch=4),
-                                   lambda: cnn((1, 8, 8), 4, channels=(3, 3, 3), norm="group")])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: mlp((1, 8, 8), 4, width=12, depth=3),
+        lambda: vit((1, 8, 8), 4, dim=8, depth=3, heads=2, patch=4),
+        lambda: cnn((1, 8, 8), 4, channels=(3, 3, 3), norm="group"),
+    ],
+)
 def test_a_model_stitched_to_itself_is_itself(build):
     torch.manual_seed(0)
     m = build().eval()

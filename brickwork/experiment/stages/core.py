@@ -24,15 +24,26 @@ from brickwork.train import build_loss, evaluate
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 
 
-def train_model(ctx: StageContext, model: nn.Module, state_path: Path, desc: str,
-                settings: TrainSettings) -> list[dict[str, Any]]:
+def train_model(
+    ctx: StageContext, model: nn.Module, state_path: Path, desc: str, settings: TrainSettings
+) -> list[dict[str, Any]]:
     """Train ``model`` on ``ctx``'s data as the ``train`` stage does, resumable from ``state_path``.
 
     Stages that train more than the variant's own model (separately trained baselines) call
     this with their own model and state path. Returns the per-epoch history.
     """
-    return train_with(model, ctx.data.train, ctx.data.val, settings, seed=ctx.seed, aux_weights=ctx.aux_weights,
-                      device=ctx.device, state_path=state_path, progress=ctx.progress, desc=desc)
+    return train_with(
+        model,
+        ctx.data.train,
+        ctx.data.val,
+        settings,
+        seed=ctx.seed,
+        aux_weights=ctx.aux_weights,
+        device=ctx.device,
+        state_path=state_path,
+        progress=ctx.progress,
+        desc=desc,
+    )
 
 
 @register("stage", "train")
@@ -70,14 +81,24 @@ def evaluate_stage(
     metrics = evaluate(model, data, build_loss("cross_entropy"), batch_size, device=ctx.device)
     compute = measure_compute(model, input_batches(data.x, batch_size, device=ctx.device), max_samples=flops_samples)
     latency = measure_latency(model, data.x[:batch_size].to(ctx.device), repeats=latency_repeats)
-    ctx.metrics.update({
-        f"{split}_accuracy": metrics["accuracy"],
-        f"{split}_loss": metrics["loss"],
-        "params": compute.params,
-        "flops_per_sample": compute.flops_per_sample,
-        "latency_us_per_sample": latency * 1e6,
-    })
+    ctx.metrics.update(
+        {
+            f"{split}_accuracy": metrics["accuracy"],
+            f"{split}_loss": metrics["loss"],
+            "params": compute.params,
+            "flops_per_sample": compute.flops_per_sample,
+            "latency_us_per_sample": latency * 1e6,
+        }
+    )
     if ctx.data.task == "lm":  # cross-entropy in nats per token -> bits per character
         ctx.metrics[f"{split}_bits_per_char"] = metrics["loss"] / math.log(2)
-    ctx.points.append({"label": ctx.label, "accuracy": metrics["accuracy"], "flops": compute.flops_per_sample,
-                       "params": compute.params, "latency_us": latency * 1e6, "split": split})
+    ctx.points.append(
+        {
+            "label": ctx.label,
+            "accuracy": metrics["accuracy"],
+            "flops": compute.flops_per_sample,
+            "params": compute.params,
+            "latency_us": latency * 1e6,
+            "split": split,
+        }
+    )

@@ -71,29 +71,48 @@ def chains(
     costs = stack_flops(model, xv[:batch_size]).layers
     full = tuple(range(n))
     full_acc = float(chain_correct(model, full, xv, yv, batch_size).mean())
-    best, explored = beam_search_chain(model, xv, yv, min_accuracy=full_acc - max_drop, costs=costs, beam=beam,
-                                       max_repeat=max_repeat, batch_size=batch_size)
+    best, explored = beam_search_chain(
+        model,
+        xv,
+        yv,
+        min_accuracy=full_acc - max_drop,
+        costs=costs,
+        beam=beam,
+        max_repeat=max_repeat,
+        batch_size=batch_size,
+    )
     front = [explored[i] for i in pareto_front([r.cost for r in explored], [r.accuracy for r in explored])]
     chosen = {r.chain: r for r in [*front, best]}
     chosen.setdefault(full, next(r for r in explored if r.chain == full))
     points = []
     for chain in sorted(chosen, key=lambda c: chain_cost(c, costs)):
-        p = measure_point(ChainModel(model, chain), test, f"chain {_chain_label(chain)}", batch_size=batch_size,
-                          device=ctx.device, latency_repeats=latency_repeats,
-                          val_accuracy=chosen[chain].accuracy, chain=list(chain))
+        p = measure_point(
+            ChainModel(model, chain),
+            test,
+            f"chain {_chain_label(chain)}",
+            batch_size=batch_size,
+            device=ctx.device,
+            latency_repeats=latency_repeats,
+            val_accuracy=chosen[chain].accuracy,
+            chain=list(chain),
+        )
         points.append(p)
     full_point = next(p for p in points if tuple(p["chain"]) == full)
     best_point = next(p for p in points if tuple(p["chain"]) == best.chain)
-    ctx.metrics.update(chain_best=_chain_label(best.chain),
-                       chain_flops_saving=1 - best_point["flops"] / full_point["flops"],
-                       chain_accuracy_drop=full_point["accuracy"] - best_point["accuracy"])
+    ctx.metrics.update(
+        chain_best=_chain_label(best.chain),
+        chain_flops_saving=1 - best_point["flops"] / full_point["flops"],
+        chain_accuracy_drop=full_point["accuracy"] - best_point["accuracy"],
+    )
     ctx.points.extend([best_point] if best.chain != full else [])
-    report = [f"### Skip or loop layers ({split}; chains searched on {len(xv)} validation samples)",
-              f"Beam search (beam {beam}, each layer at most {max_repeat}x) explored {len(explored)} chains; "
-              f"required validation accuracy {full_acc - max_drop:.4f} (full chain {full_acc:.4f} - {max_drop}). "
-              f"Best: {_chain_label(best.chain)}. Below: the Pareto-optimal chains on validation, measured on {split}.",
-              table(points, [*POINT_COLUMNS[:4], ("val_accuracy", "val accuracy", "{:.4f}")]),
-              *tradeoff_section(ctx, points, "chains", "Chains of layers")]
+    report = [
+        f"### Skip or loop layers ({split}; chains searched on {len(xv)} validation samples)",
+        f"Beam search (beam {beam}, each layer at most {max_repeat}x) explored {len(explored)} chains; "
+        f"required validation accuracy {full_acc - max_drop:.4f} (full chain {full_acc:.4f} - {max_drop}). "
+        f"Best: {_chain_label(best.chain)}. Below: the Pareto-optimal chains on validation, measured on {split}.",
+        table(points, [*POINT_COLUMNS[:4], ("val_accuracy", "val accuracy", "{:.4f}")]),
+        *tradeoff_section(ctx, points, "chains", "Chains of layers"),
+    ]
     if oracle_samples:
         cands = enumerate_chains(n, max_repeat)
         exhaustive = len(cands) <= max_candidates
@@ -102,17 +121,21 @@ def chains(
         oracle = per_sample_oracle(model, xo, yo, cands, costs, batch_size)
         shorter = float((oracle.relative_cost < 1).float().mean())
         improved = float((oracle.oracle_correct > oracle.full_correct).float().mean())
-        ctx.metrics.update(chain_oracle_accuracy=float(oracle.oracle_correct.mean()),
-                           chain_oracle_relative_flops=float(oracle.relative_cost.mean()))
+        ctx.metrics.update(
+            chain_oracle_accuracy=float(oracle.oracle_correct.mean()),
+            chain_oracle_relative_flops=float(oracle.relative_cost.mean()),
+        )
         unit = "per-token accuracy on it" if yo.dim() > 1 else "its answer right"
-        report += [f"Per-sample oracle on {len(xo)} {split} samples over "
-                   f"{'all ' if exhaustive else 'the beam-explored '}{len(cands)} chains. Cheapest chain keeping "
-                   f"{unit} at least as high as the full chain's: a cheaper one exists for {shorter:.1%} of the "
-                   f"samples, {float(oracle.relative_cost.mean()):.1%} of the full chain's body FLOPs on average. "
-                   f"Most accurate chain: better than the full chain for {improved:.1%} of the samples, accuracy "
-                   f"{float(oracle.oracle_correct.mean()):.4f} against {float(oracle.full_correct.mean()):.4f}. "
-                   "(An oracle knows the labels: an upper bound for a per-sample chain router, "
-                   "not a deployable model.)"]
+        report += [
+            f"Per-sample oracle on {len(xo)} {split} samples over "
+            f"{'all ' if exhaustive else 'the beam-explored '}{len(cands)} chains. Cheapest chain keeping "
+            f"{unit} at least as high as the full chain's: a cheaper one exists for {shorter:.1%} of the "
+            f"samples, {float(oracle.relative_cost.mean()):.1%} of the full chain's body FLOPs on average. "
+            f"Most accurate chain: better than the full chain for {improved:.1%} of the samples, accuracy "
+            f"{float(oracle.oracle_correct.mean()):.4f} against {float(oracle.full_correct.mean()):.4f}. "
+            "(An oracle knows the labels: an upper bound for a per-sample chain router, "
+            "not a deployable model.)"
+        ]
     ctx.report.extend(report)
 
 
@@ -135,25 +158,38 @@ def layer_importance_stage(
     model = stack_of(ctx.model)
     n = len(model.body)
     test = getattr(ctx.data, split)
-    points = [measure_point(model, test, "full", batch_size=batch_size, device=ctx.device,
-                            latency_repeats=latency_repeats)]
+    points = [
+        measure_point(model, test, "full", batch_size=batch_size, device=ctx.device, latency_repeats=latency_repeats)
+    ]
     rows: list[dict[str, Any]] = []
     for part in parts:
         if part == "attention" and not any(has_attention(m) for m in model.body.layers):
             continue
-        scores = layer_importance(model, input_batches(ctx.data.val.x, batch_size, limit=samples, device=ctx.device),
-                                  part)
+        scores = layer_importance(
+            model, input_batches(ctx.data.val.x, batch_size, limit=samples, device=ctx.device), part
+        )
         rows += [{"part": part, "layer": i, "importance": s} for i, s in enumerate(scores)]
         droppable = sum(s == s for s in scores)
         for k in range(1, min(droppable, max_drop_layers or n - 1) + 1):
             drop = least_important(scores, k)
             pruned = drop_layers(model, drop) if part == "block" else drop_attention(model, drop)
-            points.append(measure_point(pruned, test, f"-{part} {_chain_label(drop)}", batch_size=batch_size,
-                                        device=ctx.device, latency_repeats=latency_repeats))
+            points.append(
+                measure_point(
+                    pruned,
+                    test,
+                    f"-{part} {_chain_label(drop)}",
+                    batch_size=batch_size,
+                    device=ctx.device,
+                    latency_repeats=latency_repeats,
+                )
+            )
     ctx.points.extend(points[1:])
-    ctx.report.extend([
-        f"### Layer importance (1 - cos(input, output), {samples} validation samples)",
-        table(rows, [("part", "part", "{}"), ("layer", "layer", "{}"), ("importance", "importance", "{:.4f}")]),
-        f"Dropping the least important blocks or attention sublayers, measured on {split}:",
-        table(points, POINT_COLUMNS), *tradeoff_section(ctx, points, "importance", "Dropped layers"),
-    ])
+    ctx.report.extend(
+        [
+            f"### Layer importance (1 - cos(input, output), {samples} validation samples)",
+            table(rows, [("part", "part", "{}"), ("layer", "layer", "{}"), ("importance", "importance", "{:.4f}")]),
+            f"Dropping the least important blocks or attention sublayers, measured on {split}:",
+            table(points, POINT_COLUMNS),
+            *tradeoff_section(ctx, points, "importance", "Dropped layers"),
+        ]
+    )

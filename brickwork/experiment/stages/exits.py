@@ -24,8 +24,29 @@ from brickwork.nn.exits import EarlyExit, ExitAt, ExitPolicy
 from brickwork.persist import write_json
 from brickwork.registry import register
 
-THRESHOLDS = [1.0, 0.999, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4,
-              0.3, 0.2, 0.1, 0.0]
+THRESHOLDS = [
+    1.0,
+    0.999,
+    0.995,
+    0.99,
+    0.98,
+    0.97,
+    0.96,
+    0.95,
+    0.93,
+    0.9,
+    0.85,
+    0.8,
+    0.75,
+    0.7,
+    0.6,
+    0.5,
+    0.4,
+    0.3,
+    0.2,
+    0.1,
+    0.0,
+]
 
 
 @register("stage", "exits")
@@ -62,8 +83,10 @@ def exits(
     policies = [p for p in policies if p != "gate" or model.gates is not None]
     grid = sorted(set(thresholds or THRESHOLDS) | {1.0}, reverse=True)
     layers = [*model.exit_layers, len(model.body) - 1]
-    outs = {"val": exit_outputs(model, val, batch_size, ctx.device),
-            "test": exit_outputs(model, test, batch_size, ctx.device)}
+    outs = {
+        "val": exit_outputs(model, val, batch_size, ctx.device),
+        "test": exit_outputs(model, test, batch_size, ctx.device),
+    }
     pieces = stack_flops(model, xb)
     plain = pieces.full
 
@@ -95,9 +118,14 @@ def exits(
             full = sweep[0]  # threshold 1.0: nobody exits
             best = select(sweep, max_drop, target_saving)
             best["chosen"] = True
-            chosen[policy] = {**best, "policy": policy, "flops_saving": 1 - best["flops"] / plain,
-                              "latency_saving": 1 - best["latency_us"] / full["latency_us"],
-                              "accuracy_drop": full["accuracy"] - best["accuracy"], "full_accuracy": full["accuracy"]}
+            chosen[policy] = {
+                **best,
+                "policy": policy,
+                "flops_saving": 1 - best["flops"] / plain,
+                "latency_saving": 1 - best["latency_us"] / full["latency_us"],
+                "accuracy_drop": full["accuracy"] - best["accuracy"],
+                "full_accuracy": full["accuracy"],
+            }
             curves[policy] = sweep
     finally:
         model.policy = own
@@ -110,49 +138,108 @@ def exits(
     for r in rows:
         r["share"] = shares.get(r["layer"], 0.0)
     sweep_flops, sweep_acc = op["flops"], op["accuracy"]
-    op.update(accuracy=measured_acc, flops=measured_flops, flops_saving=1 - measured_flops / plain,
-              accuracy_drop=op["full_accuracy"] - measured_acc)
+    op.update(
+        accuracy=measured_acc,
+        flops=measured_flops,
+        flops_saving=1 - measured_flops / plain,
+        accuracy_drop=op["full_accuracy"] - measured_acc,
+    )
 
-    ctx.metrics.update(exit_threshold=op["threshold"], exit_accuracy=op["accuracy"],
-                       exit_full_accuracy=op["full_accuracy"], exit_accuracy_drop=op["accuracy_drop"],
-                       exit_flops_saving=op["flops_saving"], exit_latency_saving=op["latency_saving"],
-                       # the sweep's prices against the dispatcher's count of the real forward (0 when they agree)
-                       exit_sweep_flops_error=abs(sweep_flops - measured_flops) / measured_flops,
-                       exit_sweep_accuracy_error=abs(sweep_acc - measured_acc))
-    ctx.points.extend([*({**m, "label": f"{ctx.label} {m['label']}"} for m in marks[:-1]),
-                       {"label": f"{ctx.label} {own}>{op['threshold']:g}", "accuracy": op["accuracy"],
-                        "flops": op["flops"], "latency_us": op["latency_us"]}])
+    ctx.metrics.update(
+        exit_threshold=op["threshold"],
+        exit_accuracy=op["accuracy"],
+        exit_full_accuracy=op["full_accuracy"],
+        exit_accuracy_drop=op["accuracy_drop"],
+        exit_flops_saving=op["flops_saving"],
+        exit_latency_saving=op["latency_saving"],
+        # the sweep's prices against the dispatcher's count of the real forward (0 when they agree)
+        exit_sweep_flops_error=abs(sweep_flops - measured_flops) / measured_flops,
+        exit_sweep_accuracy_error=abs(sweep_acc - measured_acc),
+    )
+    ctx.points.extend(
+        [
+            *({**m, "label": f"{ctx.label} {m['label']}"} for m in marks[:-1]),
+            {
+                "label": f"{ctx.label} {own}>{op['threshold']:g}",
+                "accuracy": op["accuracy"],
+                "flops": op["flops"],
+                "latency_us": op["latency_us"],
+            },
+        ]
+    )
     stem = stage_plot_stem(ctx, "exits")
     plots = ctx.run_dir / "plots"
-    plot_exit_curves(curves, marks, plots / f"{stem}-flops.png", x_key="flops", x_label="FLOPs executed per sample",
-                     title="Early exits: accuracy against FLOPs")
-    plot_exit_curves(curves, marks, plots / f"{stem}-latency.png", x_key="latency_us",
-                     x_label=f"measured latency per sample (µs, batch {len(xb)})",
-                     title="Early exits: accuracy against latency")
+    plot_exit_curves(
+        curves,
+        marks,
+        plots / f"{stem}-flops.png",
+        x_key="flops",
+        x_label="FLOPs executed per sample",
+        title="Early exits: accuracy against FLOPs",
+    )
+    plot_exit_curves(
+        curves,
+        marks,
+        plots / f"{stem}-latency.png",
+        x_key="latency_us",
+        x_label=f"measured latency per sample (µs, batch {len(xb)})",
+        title="Early exits: accuracy against latency",
+    )
     write_json(ctx.stage_path("exits-sweep.json"), {"pieces": pieces.as_dict(), "per_exit": rows, "sweeps": curves})
     budgeted = target_saving is not None and op["val_flops"] <= (1 - target_saving) * curves[own][0]["val_flops"]
-    rule = (f"the most accurate on validation with at least {target_saving:.0%} fewer FLOPs" if budgeted
-            else f"fewest FLOPs within {max_drop} of the full-depth accuracy on validation")
-    verdict = "" if target_saving is None else (
-        f" Target ({target_saving:.0%} fewer FLOPs within {100 * max_drop:g} points on {split}): "
-        + ("**met**." if op["flops_saving"] >= target_saving and op["accuracy_drop"] <= max_drop else "**not met**."))
-    ctx.report.extend([
-        f"### Early exits ({split})",
-        f"Policy **{own}**, threshold {op['threshold']:g} (chosen as {rule}), measured by the compacting "
-        f"forward: accuracy {op['accuracy']:.4f} against "
-        f"{op['full_accuracy']:.4f} at full depth (drop {100 * op['accuracy_drop']:.2f} points), "
-        f"**{op['flops_saving']:.1%} fewer FLOPs** ({op['flops']:,.0f} against {plain:,.0f} per sample, counted by "
-        f"the dispatcher), {op['latency_saving']:.1%} lower latency (batch {len(xb)}).{verdict}",
-        "Each exit on every sample (ECE: expected calibration error, "
-        f"{ece_bins} bins; share: samples leaving there at the operating point):",
-        table(rows, [("exit", "exit", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
-                     ("flops", "FLOPs/sample", "{:,.0f}"), ("latency_us", "µs/sample", "{:.2f}"),
-                     ("share", "share", "{:.1%}")]),
-        "Operating point of each policy (chosen on validation, measured on the test sweep; the model's own policy "
-        "re-measured by the compacting forward):",
-        table(list(chosen.values()), [("policy", "policy", "{}"), ("threshold", "threshold", "{:g}"),
-                                      ("val_accuracy", "val acc", "{:.4f}"), ("accuracy", "test acc", "{:.4f}"),
-                                      ("accuracy_drop", "drop", "{:.4f}"), ("flops_saving", "FLOPs saved", "{:.1%}"),
-                                      ("latency_saving", "latency saved", "{:.1%}")]),
-        f"![exits vs FLOPs](plots/{stem}-flops.png)", f"![exits vs latency](plots/{stem}-latency.png)",
-    ])
+    rule = (
+        f"the most accurate on validation with at least {target_saving:.0%} fewer FLOPs"
+        if budgeted
+        else f"fewest FLOPs within {max_drop} of the full-depth accuracy on validation"
+    )
+    verdict = (
+        ""
+        if target_saving is None
+        else (
+            f" Target ({target_saving:.0%} fewer FLOPs within {100 * max_drop:g} points on {split}): "
+            + (
+                "**met**."
+                if op["flops_saving"] >= target_saving and op["accuracy_drop"] <= max_drop
+                else "**not met**."
+            )
+        )
+    )
+    ctx.report.extend(
+        [
+            f"### Early exits ({split})",
+            f"Policy **{own}**, threshold {op['threshold']:g} (chosen as {rule}), measured by the compacting "
+            f"forward: accuracy {op['accuracy']:.4f} against "
+            f"{op['full_accuracy']:.4f} at full depth (drop {100 * op['accuracy_drop']:.2f} points), "
+            f"**{op['flops_saving']:.1%} fewer FLOPs** ({op['flops']:,.0f} against {plain:,.0f} per sample, counted by "
+            f"the dispatcher), {op['latency_saving']:.1%} lower latency (batch {len(xb)}).{verdict}",
+            "Each exit on every sample (ECE: expected calibration error, "
+            f"{ece_bins} bins; share: samples leaving there at the operating point):",
+            table(
+                rows,
+                [
+                    ("exit", "exit", "{}"),
+                    ("accuracy", "accuracy", "{:.4f}"),
+                    ("ece", "ECE", "{:.4f}"),
+                    ("flops", "FLOPs/sample", "{:,.0f}"),
+                    ("latency_us", "µs/sample", "{:.2f}"),
+                    ("share", "share", "{:.1%}"),
+                ],
+            ),
+            "Operating point of each policy (chosen on validation, measured on the test sweep; the model's own policy "
+            "re-measured by the compacting forward):",
+            table(
+                list(chosen.values()),
+                [
+                    ("policy", "policy", "{}"),
+                    ("threshold", "threshold", "{:g}"),
+                    ("val_accuracy", "val acc", "{:.4f}"),
+                    ("accuracy", "test acc", "{:.4f}"),
+                    ("accuracy_drop", "drop", "{:.4f}"),
+                    ("flops_saving", "FLOPs saved", "{:.1%}"),
+                    ("latency_saving", "latency saved", "{:.1%}"),
+                ],
+            ),
+            f"![exits vs FLOPs](plots/{stem}-flops.png)",
+            f"![exits vs latency](plots/{stem}-latency.png)",
+        ]
+    )

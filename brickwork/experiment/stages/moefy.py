@@ -42,8 +42,15 @@ def moefy_stage(
     dense = stack_of(ctx.model)
     calib = ctx.data.train.x[:calib_samples].to(ctx.device)
     tokens = calib.dtype == torch.long  # sentence ids: batched by length, so no padding is seen
-    conv, stats = moefy(dense, input_batches(calib, batch_size, padded=tokens), num_experts=experts, top_k=top_k,
-                        clustering=clustering, router=router, seed=seed)
+    conv, stats = moefy(
+        dense,
+        input_batches(calib, batch_size, padded=tokens),
+        num_experts=experts,
+        top_k=top_k,
+        clustering=clustering,
+        router=router,
+        seed=seed,
+    )
     test = ctx.data.test
     x, y = test.x[:eval_samples].to(ctx.device), test.y[:eval_samples].cpu()
     ref, out = encoder_outputs(dense, x, batch_size).cpu(), encoder_outputs(conv, x, batch_size).cpu()
@@ -55,19 +62,38 @@ def moefy_stage(
     recall = [s["recall"] for s in stats.values() if "recall" in s]
     ctx.model = conv
     ctx.structure.append({"op": "moefy", "experts": experts, "top_k": top_k, "router": router})
-    ctx.metrics.update(moefy_fidelity=fid, moefy_accuracy=rows[1]["accuracy"], dense_accuracy=rows[0]["accuracy"],
-                       moefy_ffn_flops_ratio=rows[1]["ffn_flops"] / rows[0]["ffn_flops"])
+    ctx.metrics.update(
+        moefy_fidelity=fid,
+        moefy_accuracy=rows[1]["accuracy"],
+        dense_accuracy=rows[0]["accuracy"],
+        moefy_ffn_flops_ratio=rows[1]["ffn_flops"] / rows[0]["ffn_flops"],
+    )
     if recall:
         ctx.metrics["moefy_router_recall"] = sum(recall) / len(recall)
     ctx.points.extend({"label": r["label"], "accuracy": r["accuracy"], "flops": r["flops"]} for r in rows)
-    ctx.report.extend([
-        f"### MoEfication ({clustering} clustering, {router} router, {experts} experts, top-{top_k})",
-        f"Calibrated on {len(calib)} training samples; measured on {len(x)} test samples. Output fidelity "
-        f"(mean cosine to the dense model): {fid:.4f}. Accuracy is "
-        + ("argmax accuracy." if ref.dim() == 2 and ref.shape[1] == ctx.data.num_classes
-           else "5-fold logistic regression on the outputs (linear probe).")
-        + (f" Router recall of the top-{top_k} experts by activation: {ctx.metrics['moefy_router_recall']:.3f}."
-           if recall else ""),
-        table(rows, [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"),
-                     ("ffn_flops", "FFN FLOPs/sample", "{:,.0f}"), ("flops", "FLOPs/sample", "{:,.0f}")]),
-    ])
+    ctx.report.extend(
+        [
+            f"### MoEfication ({clustering} clustering, {router} router, {experts} experts, top-{top_k})",
+            f"Calibrated on {len(calib)} training samples; measured on {len(x)} test samples. Output fidelity "
+            f"(mean cosine to the dense model): {fid:.4f}. Accuracy is "
+            + (
+                "argmax accuracy."
+                if ref.dim() == 2 and ref.shape[1] == ctx.data.num_classes
+                else "5-fold logistic regression on the outputs (linear probe)."
+            )
+            + (
+                f" Router recall of the top-{top_k} experts by activation: {ctx.metrics['moefy_router_recall']:.3f}."
+                if recall
+                else ""
+            ),
+            table(
+                rows,
+                [
+                    ("label", "model", "{}"),
+                    ("accuracy", "accuracy", "{:.4f}"),
+                    ("ffn_flops", "FFN FLOPs/sample", "{:,.0f}"),
+                    ("flops", "FLOPs/sample", "{:,.0f}"),
+                ],
+            ),
+        ]
+    )

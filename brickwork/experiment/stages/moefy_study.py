@@ -57,8 +57,13 @@ from brickwork.train.finetune import finetune_classifier
 PositiveInt = Annotated[int, Field(ge=1)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 #: The clusterings and routers compared (random clustering with the training-free router only).
-COMBOS: list[tuple[Clustering, RouterKind]] = [("kmeans", "emoe"), ("kmeans", "mlp"), ("coactivation", "emoe"),
-                                                ("coactivation", "mlp"), ("random", "emoe")]
+COMBOS: list[tuple[Clustering, RouterKind]] = [
+    ("kmeans", "emoe"),
+    ("kmeans", "mlp"),
+    ("coactivation", "emoe"),
+    ("coactivation", "mlp"),
+    ("random", "emoe"),
+]
 
 
 @register("stage", "moefy_study")
@@ -97,10 +102,19 @@ def moefy_study(
         results["sweep"] = _sweep(bench, dense, calib, sweep_experts, sweep_ratios, clustering, router, seed)
     if compare_ratios:
         results["compare"] = _compare(bench, dense, calib, experts, compare_ratios, seed)
-    t = encode_seconds({"dense": lambda: bench.encode(dense, texts.sets.texts[:256]),
-                        "moefy": lambda: bench.encode(main, texts.sets.texts[:256])}, repeats=3)
-    results["timing"] = {"sentences": len(texts.sets.texts[:256]), "dense_s": t["dense"], "moefy_s": t["moefy"],
-                         "ratio": t["moefy"] / t["dense"]}
+    t = encode_seconds(
+        {
+            "dense": lambda: bench.encode(dense, texts.sets.texts[:256]),
+            "moefy": lambda: bench.encode(main, texts.sets.texts[:256]),
+        },
+        repeats=3,
+    )
+    results["timing"] = {
+        "sentences": len(texts.sets.texts[:256]),
+        "dense_s": t["dense"],
+        "moefy_s": t["moefy"],
+        "ratio": t["moefy"] / t["dense"],
+    }
     if finetune_seeds:
         results["finetune"] = _finetune(dense, main, texts, finetune_seeds, finetune_epochs, finetune_top_k or [top_k])
     if modularity:
@@ -111,26 +125,44 @@ def moefy_study(
     ctx.model = main
     ctx.structure.append({"op": "moefy", "experts": experts, "top_k": top_k, "router": router})
     m, d = results["main"], bench.dense_row
-    ctx.metrics.update(moefy_fidelity=m["fidelity"], moefy_accuracy=m["accuracy"], dense_accuracy=d["accuracy"],
-                       moefy_ffn_flops_ratio=m["ffn_ratio"])
+    ctx.metrics.update(
+        moefy_fidelity=m["fidelity"],
+        moefy_accuracy=m["accuracy"],
+        dense_accuracy=d["accuracy"],
+        moefy_ffn_flops_ratio=m["ffn_ratio"],
+    )
     if m.get("router_recall") is not None:
         ctx.metrics["moefy_router_recall"] = m["router_recall"]
-    ctx.points.extend({"label": r["label"].replace(" ", ""), "accuracy": r["accuracy"], "flops": r["flops"]}
-                      for r in [d, m, *results.get("sweep", [])])
+    ctx.points.extend(
+        {"label": r["label"].replace(" ", ""), "accuracy": r["accuracy"], "flops": r["flops"]}
+        for r in [d, m, *results.get("sweep", [])]
+    )
     rows = [d, *results.get("sweep", []), *results.get("compare", [])]
     if len(rows) > 1:
         plot_quality_vs_flops(rows, str(ctx.run_dir / "plots" / "quality_vs_ffn_flops.png"))
-    setting = {"experts": experts, "top_k": top_k, "clustering": clustering, "router": router, "seed": seed,
-               "calib_sentences": calib_sentences, "machine": describe_machine()}
+    setting = {
+        "experts": experts,
+        "top_k": top_k,
+        "clustering": clustering,
+        "router": router,
+        "seed": seed,
+        "calib_sentences": calib_sentences,
+        "machine": describe_machine(),
+    }
     ctx.report.extend(study_report(setting, bench, results))
-    atomic_write_text(ctx.stage_path("results").with_suffix(".json"),
-                      json.dumps({"dense": bench.dense_row, **results}, indent=2, default=float) + "\n")
+    atomic_write_text(
+        ctx.stage_path("results").with_suffix(".json"),
+        json.dumps({"dense": bench.dense_row, **results}, indent=2, default=float) + "\n",
+    )
 
 
 def _measure(bench: EncoderBench, model: nn.Module, label: str, **extra: Any) -> dict[str, Any]:
     row = bench.measure(model, label, **extra)
-    print(f"  {label}: fidelity {row['fidelity']:.4f}, probe {row['accuracy']:.4f}, wordsim {row['wordsim']:.4f}, "
-          f"FFN x{row.get('ffn_ratio', 1.0):.3f}", flush=True)
+    print(
+        f"  {label}: fidelity {row['fidelity']:.4f}, probe {row['accuracy']:.4f}, wordsim {row['wordsim']:.4f}, "
+        f"FFN x{row.get('ffn_ratio', 1.0):.3f}",
+        flush=True,
+    )
     return row
 
 
@@ -143,13 +175,20 @@ def _top_ks(experts: int, ratios: Sequence[float]) -> list[int]:
     return sorted({min(experts, max(1, round(r * experts))) for r in ratios})
 
 
-def _convert_and_reload(ctx: StageContext, bench: EncoderBench, dense: nn.Module, calib: list[torch.Tensor],
-                        experts: int, top_k: int, clustering: Clustering, router: RouterKind,
-                        seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def _convert_and_reload(
+    ctx: StageContext,
+    bench: EncoderBench,
+    dense: nn.Module,
+    calib: list[torch.Tensor],
+    experts: int,
+    top_k: int,
+    clustering: Clustering,
+    router: RouterKind,
+    seed: int,
+) -> tuple[nn.Module, dict[str, Any]]:
     """The kept conversion, and its row; it is saved and reloaded through :func:`build.load` first,
     so the row records that the checkpoint reproduces it (``reload_max_abs_diff``)."""
-    conv, stats = moefy(dense, calib, num_experts=experts, top_k=top_k, clustering=clustering, router=router,
-                        seed=seed)
+    conv, stats = moefy(dense, calib, num_experts=experts, top_k=top_k, clustering=clustering, router=router, seed=seed)
     recipe = {"op": "moefy", "experts": experts, "top_k": top_k, "router": router}
     meta = model_meta(variant_spec(ctx.run_dir, ctx.label), ctx.data, [*ctx.structure, recipe])
     x = bench.eval_ids[:32]
@@ -157,42 +196,69 @@ def _convert_and_reload(ctx: StageContext, bench: EncoderBench, dense: nn.Module
         save_model(Path(tmp) / "model", conv, meta)
         diff = float((load(Path(tmp) / "model").model.eval()(x) - conv.eval()(x)).abs().max())
     router_stats = {str(k): v for k, v in stats.items()}
-    row = _measure(bench, conv, f"{clustering}+{router} E={experts} k={top_k}", reload_max_abs_diff=diff,
-                   router_recall=_mean_recall(stats), router_stats=router_stats)
+    row = _measure(
+        bench,
+        conv,
+        f"{clustering}+{router} E={experts} k={top_k}",
+        reload_max_abs_diff=diff,
+        router_recall=_mean_recall(stats),
+        router_stats=router_stats,
+    )
     return conv, row
 
 
-def _sweep(bench: EncoderBench, dense: nn.Module, calib: list[torch.Tensor], experts: Sequence[int],
-           ratios: Sequence[float], clustering: Clustering, router: RouterKind, seed: int) -> list[dict[str, Any]]:
+def _sweep(
+    bench: EncoderBench,
+    dense: nn.Module,
+    calib: list[torch.Tensor],
+    experts: Sequence[int],
+    ratios: Sequence[float],
+    clustering: Clustering,
+    router: RouterKind,
+    seed: int,
+) -> list[dict[str, Any]]:
     print(f"sweep ({clustering}+{router}):", flush=True)
     rows = []
     for e in experts:
-        conv, _ = moefy(dense, calib, num_experts=e, top_k=max(1, e // 4), clustering=clustering, router=router,
-                        seed=seed)
+        conv, _ = moefy(
+            dense, calib, num_experts=e, top_k=max(1, e // 4), clustering=clustering, router=router, seed=seed
+        )
         for k in _top_ks(e, ratios):
             set_top_k(conv, k)
             rows.append(_measure(bench, conv, f"E={e} k={k}", series=f"E={e}", experts=e, top_k=k))
     return rows
 
 
-def _compare(bench: EncoderBench, dense: nn.Module, calib: list[torch.Tensor], experts: int,
-             ratios: Sequence[float], seed: int) -> list[dict[str, Any]]:
+def _compare(
+    bench: EncoderBench, dense: nn.Module, calib: list[torch.Tensor], experts: int, ratios: Sequence[float], seed: int
+) -> list[dict[str, Any]]:
     print(f"compare at E={experts}:", flush=True)
     rows = []
     for c, r in COMBOS:
-        conv, stats = moefy(dense, calib, num_experts=experts, top_k=max(1, experts // 4), clustering=c, router=r,
-                            seed=seed)
+        conv, stats = moefy(
+            dense, calib, num_experts=experts, top_k=max(1, experts // 4), clustering=c, router=r, seed=seed
+        )
         recall = _mean_recall(stats)
         for k in _top_ks(experts, ratios):
             set_top_k(conv, k)
             # Router recall is of the top-k the router was converted with (E/4).
-            rows.append(_measure(bench, conv, f"{c}+{r} k={k}", series=f"{c}+{r}", experts=experts, top_k=k,
-                                 router_recall=recall if k == experts // 4 else None))
+            rows.append(
+                _measure(
+                    bench,
+                    conv,
+                    f"{c}+{r} k={k}",
+                    series=f"{c}+{r}",
+                    experts=experts,
+                    top_k=k,
+                    router_recall=recall if k == experts // 4 else None,
+                )
+            )
     return rows
 
 
-def _finetune(dense: nn.Module, main: nn.Module, texts: StudyTexts, seeds: int, epochs: int,
-              top_ks: Sequence[int]) -> dict[str, Any]:
+def _finetune(
+    dense: nn.Module, main: nn.Module, texts: StudyTexts, seeds: int, epochs: int, top_ks: Sequence[int]
+) -> dict[str, Any]:
     """Dense and converted encoders (the latter at each of ``top_ks``) fine-tuned with one budget."""
     tok64 = Tokenizer(64)
     train = Split(tok64(texts.finetune), torch.tensor(texts.finetune_labels))
@@ -207,14 +273,29 @@ def _finetune(dense: nn.Module, main: nn.Module, texts: StudyTexts, seeds: int, 
         for seed in range(seeds):
             t0 = time.perf_counter()
             r = finetune_classifier(enc, 384, train, test, epochs=epochs, seed=seed)
-            out["runs"].append({"model": name, "seed": seed, "accuracy": r["accuracy"], "loss": r["loss"],
-                                "steps": r["steps"], "seconds": time.perf_counter() - t0})
+            out["runs"].append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "accuracy": r["accuracy"],
+                    "loss": r["loss"],
+                    "steps": r["steps"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(f"  fine-tune {name} seed {seed}: test accuracy {r['accuracy']:.4f}", flush=True)
     return out
 
 
-def _modularity(dense: nn.Module, main: nn.Module, bench: EncoderBench, calib: list[torch.Tensor], experts: int,
-                seed: int, plots: Path) -> dict[str, Any]:
+def _modularity(
+    dense: nn.Module,
+    main: nn.Module,
+    bench: EncoderBench,
+    calib: list[torch.Tensor],
+    experts: int,
+    seed: int,
+    plots: Path,
+) -> dict[str, Any]:
     """Q of the dense FFNs' co-activation graphs under both clusterings, and the converted
     model's expert specialisation by class on the evaluation snippets."""
     inputs = ffn_inputs(dense, calib)
@@ -222,12 +303,18 @@ def _modularity(dense: nn.Module, main: nn.Module, bench: EncoderBench, calib: l
     for i, x in inputs.items():
         ffn = dense.body.layers[i].ffn
         fired = fired_neurons(ffn, x)
-        parts = {"coactivation": partition_ffn(ffn, experts, "coactivation", x, seed),
-                 "kmeans": partition_ffn(ffn, experts, "kmeans", None, seed)}
+        parts = {
+            "coactivation": partition_ffn(ffn, experts, "coactivation", x, seed),
+            "kmeans": partition_ffn(ffn, experts, "kmeans", None, seed),
+        }
         rows.append({"layer": i, "tokens": len(x), **layer_modularity(fired, parts, seed=seed)})
         if i == len(inputs) // 2:
-            plot_partition_coactivation(fired, parts["coactivation"], plots / "coactivation.png",
-                                        title=f"layer {i}: co-activation, {experts} groups")
+            plot_partition_coactivation(
+                fired,
+                parts["coactivation"],
+                plots / "coactivation.png",
+                title=f"layer {i}: co-activation, {experts} groups",
+            )
     plot_modularity(rows, ["coactivation", "kmeans", "random"], plots / "modularity.png")
     labels = torch.from_numpy(bench.sets.labels).long()
     spec = routing_by_class(main, list(token_batches(bench.eval_ids, 64, labels)), 2, seed=seed)
@@ -237,14 +324,15 @@ def _modularity(dense: nn.Module, main: nn.Module, bench: EncoderBench, calib: l
 
 
 def _importance(bench: EncoderBench, dense: nn.Module, max_drop: int) -> dict[str, Any]:
-    scores = {"block": layer_importance(dense, bench.flop_batches, "block"),
-              "attention": layer_importance(dense, bench.flop_batches, "attention")}
+    scores = {
+        "block": layer_importance(dense, bench.flop_batches, "block"),
+        "attention": layer_importance(dense, bench.flop_batches, "attention"),
+    }
     rows = []
     print("layer dropping:", flush=True)
     for part, s in scores.items():
         for k in range(1, max_drop + 1):
             drop = least_important(s, k)
             pruned = drop_layers(dense, drop) if part == "block" else drop_attention(dense, drop)
-            rows.append(_measure(bench, pruned, f"-{part} {drop}", series=f"drop {part}", part=part, k=k,
-                                 dropped=drop))
+            rows.append(_measure(bench, pruned, f"-{part} {drop}", series=f"drop {part}", part=part, k=k, dropped=drop))
     return {"scores": scores, "rows": rows}

@@ -26,8 +26,9 @@ from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 
 def _nested(ctx: StageContext) -> NestedModel:
     if not isinstance(ctx.model, NestedModel):
-        raise TypeError(f"this stage needs a nested model (nested_mlp, nested_cnn, ...), "
-                        f"not {type(ctx.model).__name__}")
+        raise TypeError(
+            f"this stage needs a nested model (nested_mlp, nested_cnn, ...), not {type(ctx.model).__name__}"
+        )
     return ctx.model
 
 
@@ -50,8 +51,16 @@ def nested(
     points, worst = [], 0.0
     for w, d in model.subnetworks():
         with model.at(w, d):
-            p = measure_point(model, data, subnet_label(w, d), batch_size=batch_size, device=ctx.device,
-                              latency_repeats=latency_repeats, width=w, depth=d)
+            p = measure_point(
+                model,
+                data,
+                subnet_label(w, d),
+                batch_size=batch_size,
+                device=ctx.device,
+                latency_repeats=latency_repeats,
+                width=w,
+                depth=d,
+            )
         sliced = slice_model(model, w, d)
         p["slice_error"] = slice_error(model, sliced, x, w, d)
         p["params"] = count_params(sliced)
@@ -59,20 +68,33 @@ def nested(
         worst = max(worst, p["slice_error"])
         points.append(p)
     ctx.points.extend(points)
-    ctx.metrics.update(nested_subnetworks=len(points), nested_min_accuracy=min(p["accuracy"] for p in points),
-                       nested_slice_max_error=worst)
+    ctx.metrics.update(
+        nested_subnetworks=len(points),
+        nested_min_accuracy=min(p["accuracy"] for p in points),
+        nested_slice_max_error=worst,
+    )
     report = [
         f"### Sub-networks ({split})",
         "Latency in the supernet (weights sliced as views) and of the sliced standalone model, batch "
         f"{len(x)}; `slice error` is the largest |difference| between the two outputs.",
-        table(points, [*POINT_COLUMNS, ("sliced_latency_us", "sliced µs/sample", "{:.2f}"),
-                       ("slice_error", "slice error", "{:.1e}")]),
+        table(
+            points,
+            [
+                *POINT_COLUMNS,
+                ("sliced_latency_us", "sliced µs/sample", "{:.2f}"),
+                ("slice_error", "slice error", "{:.1e}"),
+            ],
+        ),
         *tradeoff_section(ctx, points, "nested", "Nested sub-networks"),
     ]
     if model.matryoshka:
-        report += ["Matryoshka: accuracy of the full network's head on the first m features:",
-                   table(matryoshka_accuracy(model, data, batch_size, ctx.device),
-                         [("size", "m", "{}"), ("accuracy", "accuracy", "{:.4f}")])]
+        report += [
+            "Matryoshka: accuracy of the full network's head on the first m features:",
+            table(
+                matryoshka_accuracy(model, data, batch_size, ctx.device),
+                [("size", "m", "{}"), ("accuracy", "accuracy", "{:.4f}")],
+            ),
+        ]
     ctx.report.extend(report)
 
 
@@ -104,31 +126,60 @@ def nested_baselines(
         folder = ctx.stage_path(f"baseline-{label}")  # this stage's own folder: resumable, no collisions
         folder.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        train_with(base, ctx.data.train, ctx.data.val, training, seed=ctx.seed, aux_weights=ctx.aux_weights,
-                   device=ctx.device, state_path=folder / "train_state", progress=ctx.progress,
-                   desc=f"baseline {label}")
+        train_with(
+            base,
+            ctx.data.train,
+            ctx.data.val,
+            training,
+            seed=ctx.seed,
+            aux_weights=ctx.aux_weights,
+            device=ctx.device,
+            state_path=folder / "train_state",
+            progress=ctx.progress,
+            desc=f"baseline {label}",
+        )
         save_model(folder / "model", base, model_meta(small, ctx.data, baseline_of=label))
-        p = measure_point(base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device,
-                          latency_repeats=1)
+        p = measure_point(
+            base, data, f"separate {label}", batch_size=eval_batch_size, device=ctx.device, latency_repeats=1
+        )
         with model.at(w, d):
-            nested_p = measure_point(model, data, label, batch_size=eval_batch_size, device=ctx.device,
-                                     latency_repeats=1)
-        rows.append({"subnet": label, "params": p["params"], "flops": p["flops"], "nested": nested_p["accuracy"],
-                     "separate": p["accuracy"], "ratio": nested_p["accuracy"] / max(p["accuracy"], 1e-12),
-                     "seconds": time.perf_counter() - t0})
+            nested_p = measure_point(
+                model, data, label, batch_size=eval_batch_size, device=ctx.device, latency_repeats=1
+            )
+        rows.append(
+            {
+                "subnet": label,
+                "params": p["params"],
+                "flops": p["flops"],
+                "nested": nested_p["accuracy"],
+                "separate": p["accuracy"],
+                "ratio": nested_p["accuracy"] / max(p["accuracy"], 1e-12),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         points.append(p)
     met = sum(r["ratio"] >= target for r in rows)
     ctx.points.extend(points)
     ctx.metrics.update(nested_min_ratio=min(r["ratio"] for r in rows), nested_subnets_at_target=met)
-    ctx.report.extend([
-        f"### Sub-networks against separately trained models ({split})",
-        f"Each separate model has the sub-network's exact architecture, is initialised from seed {ctx.seed} and "
-        f"trained alone with the same recipe ({training.epochs} epochs, batch {training.batch_size}, "
-        f"{training.optimizer} lr {training.lr}). "
-        f"**{met} of {len(rows)} sub-networks keep at least {target:.0%} of the separate model's accuracy** "
-        f"(lowest ratio {min(r['ratio'] for r in rows):.4f}).",
-        table(rows, [("subnet", "sub-network", "{}"), ("params", "params", "{:,}"),
-                     ("flops", "FLOPs/sample", "{:,.0f}"),
-                     ("nested", "nested acc", "{:.4f}"), ("separate", "separate acc", "{:.4f}"),
-                     ("ratio", "ratio", "{:.4f}"), ("seconds", "train s", "{:.1f}")]),
-    ])
+    ctx.report.extend(
+        [
+            f"### Sub-networks against separately trained models ({split})",
+            f"Each separate model has the sub-network's exact architecture, is initialised from seed {ctx.seed} and "
+            f"trained alone with the same recipe ({training.epochs} epochs, batch {training.batch_size}, "
+            f"{training.optimizer} lr {training.lr}). "
+            f"**{met} of {len(rows)} sub-networks keep at least {target:.0%} of the separate model's accuracy** "
+            f"(lowest ratio {min(r['ratio'] for r in rows):.4f}).",
+            table(
+                rows,
+                [
+                    ("subnet", "sub-network", "{}"),
+                    ("params", "params", "{:,}"),
+                    ("flops", "FLOPs/sample", "{:,.0f}"),
+                    ("nested", "nested acc", "{:.4f}"),
+                    ("separate", "separate acc", "{:.4f}"),
+                    ("ratio", "ratio", "{:.4f}"),
+                    ("seconds", "train s", "{:.1f}"),
+                ],
+            ),
+        ]
+    )

@@ -25,16 +25,21 @@ def routing_stage(
     """Expert load (imbalance, drops, dead experts, entropy) and class-by-expert routing heatmaps."""
     data = getattr(ctx.data, split)
     n = min(len(data), max_samples)
-    batches = [(data.x[i : min(i + batch_size, n)].to(ctx.device), data.y[i : min(i + batch_size, n)].to(ctx.device))
-               for i in range(0, n, batch_size)]
+    batches = [
+        (data.x[i : min(i + batch_size, n)].to(ctx.device), data.y[i : min(i + batch_size, n)].to(ctx.device))
+        for i in range(0, n, batch_size)
+    ]
     spec = expert_specialisation(ctx.model, batches, ctx.data.num_classes)
     if not spec:
         return
     with torch.no_grad():
         ctx.model.eval()
         ctx.model(batches[0][0])
-    rows = ["| layer | imbalance (max/mean load) | dropped | dead experts | router entropy (nats) | "
-            "specialisation (mean max share per class) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| layer | imbalance (max/mean load) | dropped | dead experts | router entropy (nats) | "
+        "specialisation (mean max share per class) |",
+        "|---|---|---|---|---|---|",
+    ]
     images = []
     for path, matrix in spec.items():
         rec = collect_records(ctx.model)[path]
@@ -42,12 +47,16 @@ def routing_stage(
         st = routing_stats(rec)
         peak = float(matrix.max(dim=1).values.mean())
         entropy = "" if st.entropy is None else f"{st.entropy:.3f}"
-        rows.append(f"| {path} | {st.imbalance:.2f} | {st.drop_rate:.3f} | {st.dead_experts} | {entropy} "
-                    f"| {peak:.3f} |")
+        rows.append(
+            f"| {path} | {st.imbalance:.2f} | {st.drop_rate:.3f} | {st.dead_experts} | {entropy} | {peak:.3f} |"
+        )
         out = ctx.dir / f"routing-{path.replace('.', '_')}.png"
         names = ctx.data.classes if ctx.data.task == "classify" and len(ctx.data.classes) <= 20 else None
         plot_routing_heatmap(matrix, out, title=f"{ctx.label}: {path}", row_names=names)
         images.append(f"![{path}]({out.relative_to(ctx.run_dir)})")
         ctx.metrics[f"routing.{path}.imbalance"] = st.imbalance
-    ctx.report += ["Routing on the " + split + " split (first batch for load; all for specialisation):",
-                   "\n".join(rows), *images]
+    ctx.report += [
+        "Routing on the " + split + " split (first batch for load; all for specialisation):",
+        "\n".join(rows),
+        *images,
+    ]

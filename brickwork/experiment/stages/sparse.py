@@ -46,9 +46,17 @@ def sparsify_stage(
         ctx.report.append("Sparsify: no dense linear layer to convert; the model is unchanged.")
         return
     batches = input_batches(ctx.data.train.x, 256, device=ctx.device)
-    copied, choices = plan_sparsify(ctx.model, batches, groups=groups, density=density, criterion=criterion,
-                                    include=include, exclude=exclude,
-                                    max_samples=max_samples, seed=ctx.seed)
+    copied, choices = plan_sparsify(
+        ctx.model,
+        batches,
+        groups=groups,
+        density=density,
+        criterion=criterion,
+        include=include,
+        exclude=exclude,
+        max_samples=max_samples,
+        seed=ctx.seed,
+    )
     params_before = count_params(ctx.model)
     model = apply_sparsify(copied, choices)
     for m in model.modules():  # a fresh policy per layer: each keeps its own statistics
@@ -57,22 +65,44 @@ def sparsify_stage(
     ctx.model = model
     ctx.structure.append({"op": "sparsify", "layers": sparse_layout(model, [c.path for c in choices])})
     kept = [c.kept_mass for c in choices]
-    ctx.metrics.update({
-        "sparsify_params_before": params_before,
-        "sparsify_params_after": count_params(model),
-        "sparsify_kept_mass": sum(kept) / len(kept),
-        "sparsify_layers": len(choices),
-    })
+    ctx.metrics.update(
+        {
+            "sparsify_params_before": params_before,
+            "sparsify_params_after": count_params(model),
+            "sparsify_kept_mass": sum(kept) / len(kept),
+            "sparsify_layers": len(choices),
+        }
+    )
     if len(ctx.data.val):
-        ctx.metrics["sparsify_val_accuracy"] = evaluate(model, ctx.data.val, build_loss("cross_entropy"),
-                                                        device=ctx.device)["accuracy"]
-    rows = [{"path": c.path, "groups": c.groups, "k": c.sources.shape[1],
-             "absorbed": "yes" if c.out_perm is not None else "no", "kept": c.kept_mass} for c in choices]
-    ctx.report.append("\n".join([
-        f"Sparsified at density {density} ({criterion} criterion): each output group reads "
-        f"{choices[0].sources.shape[1]} of {groups} input groups.",
-        "",
-        markdown_table(rows, [("path", "layer", "{}"), ("groups", "groups", "{}"), ("k", "k", "{}"),
-                              ("absorbed", "outputs regrouped (absorbed)", "{}"),
-                              ("kept", "weight mass kept", "{:.3f}")]),
-    ]))
+        ctx.metrics["sparsify_val_accuracy"] = evaluate(
+            model, ctx.data.val, build_loss("cross_entropy"), device=ctx.device
+        )["accuracy"]
+    rows = [
+        {
+            "path": c.path,
+            "groups": c.groups,
+            "k": c.sources.shape[1],
+            "absorbed": "yes" if c.out_perm is not None else "no",
+            "kept": c.kept_mass,
+        }
+        for c in choices
+    ]
+    ctx.report.append(
+        "\n".join(
+            [
+                f"Sparsified at density {density} ({criterion} criterion): each output group reads "
+                f"{choices[0].sources.shape[1]} of {groups} input groups.",
+                "",
+                markdown_table(
+                    rows,
+                    [
+                        ("path", "layer", "{}"),
+                        ("groups", "groups", "{}"),
+                        ("k", "k", "{}"),
+                        ("absorbed", "outputs regrouped (absorbed)", "{}"),
+                        ("kept", "weight mass kept", "{:.3f}"),
+                    ],
+                ),
+            ]
+        )
+    )

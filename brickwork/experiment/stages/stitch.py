@@ -21,8 +21,9 @@ from brickwork.registry import register
 from brickwork.train import FitConfig, build_loss, fit
 
 
-def _fine_tune(ctx: StageContext, model: StackModel, layer: nn.Module, epochs: int, lr: float, batch_size: int,
-               desc: str) -> None:
+def _fine_tune(
+    ctx: StageContext, model: StackModel, layer: nn.Module, epochs: int, lr: float, batch_size: int, desc: str
+) -> None:
     """Train only ``layer`` inside ``model``; every other part stays frozen, batch-norm statistics included."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -32,9 +33,16 @@ def _fine_tune(ctx: StageContext, model: StackModel, layer: nn.Module, epochs: i
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.0
     torch.manual_seed(ctx.seed)
-    fit(model, ctx.data.train, ctx.data.val, build_loss("cross_entropy"), torch.optim.AdamW(layer.parameters(), lr=lr),
-        FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, device=ctx.device), progress=ctx.progress,
-        desc=desc)
+    fit(
+        model,
+        ctx.data.train,
+        ctx.data.val,
+        build_loss("cross_entropy"),
+        torch.optim.AdamW(layer.parameters(), lr=lr),
+        FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, device=ctx.device),
+        progress=ctx.progress,
+        desc=desc,
+    )
     model.eval()
 
 
@@ -65,11 +73,16 @@ def stitch_stage(
     if ctx.label == front:
         return
     try:
-        anchor = load_trained(RunStore(ctx.run_dir.parent), ctx.run_dir.name, front,
-                              seed=ctx.seed if ctx.dir.name.startswith("seed-") else None)
+        anchor = load_trained(
+            RunStore(ctx.run_dir.parent),
+            ctx.run_dir.name,
+            front,
+            seed=ctx.seed if ctx.dir.name.startswith("seed-") else None,
+        )
     except BrickworkError as e:
-        raise BrickworkError(f"stitch: cannot load variant {front!r} of this run ({e}); list it before "
-                             f"{ctx.label!r} under models:") from None
+        raise BrickworkError(
+            f"stitch: cannot load variant {front!r} of this run ({e}); list it before {ctx.label!r} under models:"
+        ) from None
     models = {front: stack_of(anchor.model.to(ctx.device)), ctx.label: stack_of(ctx.model)}
     data = getattr(ctx.data, split)
     x_fit = ctx.data.train.x[:fit_samples].to(ctx.device)
@@ -78,8 +91,11 @@ def stitch_stage(
     pairs = [(front, ctx.label)] + ([(ctx.label, front)] if reverse else [])
     for a, b in pairs:
         ma, mb = models[a], models[b]
-        cut_list = default_cuts(len(ma.body), len(mb.body)) if not cuts else (
-            [tuple(c) for c in cuts] if a == front else [(j, i) for i, j in cuts])
+        cut_list = (
+            default_cuts(len(ma.body), len(mb.body))
+            if not cuts
+            else ([tuple(c) for c in cuts] if a == front else [(j, i) for i, j in cuts])
+        )
         for i, j in cut_list:
             model, residual = stitched(ma, mb, i, j, x_fit)
             label = f"{a}[:{i}]+{b}[{j}:]"
@@ -88,12 +104,16 @@ def stitch_stage(
                 _fine_tune(ctx, model, model.body.layers[i], epochs, lr, batch_size, f"stitch {label}")
             points.append(measure_point(model, data, label, **kw, residual=residual, ls_accuracy=ls_acc))
     ctx.points.extend(points[2:])
-    ctx.report.extend([
-        f"### Stitched family between {front} and {ctx.label} ({split})",
-        "`a[:i]+b[j:]`: the stem and first i body layers of a, a linear stitching layer, then b's body layers from "
-        f"j and its head. Least-squares fit on {len(x_fit)} training inputs (relative residual), accuracy after the "
-        f"fit alone, then after fine-tuning the stitching layer alone for {epochs} epoch(s).",
-        table(points, [*POINT_COLUMNS, ("residual", "LS residual", "{:.3f}"),
-                       ("ls_accuracy", "acc after LS", "{:.4f}")]),
-        *tradeoff_section(ctx, points, "stitch", "Stitched family"),
-    ])
+    ctx.report.extend(
+        [
+            f"### Stitched family between {front} and {ctx.label} ({split})",
+            "`a[:i]+b[j:]`: the stem and first i body layers of a, a linear stitching layer, then b's body layers from "
+            f"j and its head. Least-squares fit on {len(x_fit)} training inputs (relative residual), accuracy after the "
+            f"fit alone, then after fine-tuning the stitching layer alone for {epochs} epoch(s).",
+            table(
+                points,
+                [*POINT_COLUMNS, ("residual", "LS residual", "{:.3f}"), ("ls_accuracy", "acc after LS", "{:.4f}")],
+            ),
+            *tradeoff_section(ctx, points, "stitch", "Stitched family"),
+        ]
+    )

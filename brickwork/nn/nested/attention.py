@@ -35,9 +35,18 @@ class NestedAttention(nn.Module):
         (B, T, D) -> (B, T, D)
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int | None = None, causal: bool = False,
-                 dropout: float = 0.0, bias: bool = True, inplace_grad: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        inplace_grad: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if head_dim is None:
             if dim % heads:
@@ -64,16 +73,26 @@ class NestedAttention(nn.Module):
         qkv = sliced_linear(x, self.qkv_weight, self.qkv_bias, 3 * h * e, self.dim, inplace_grad=self.inplace_grad)
         # (B, T, h, 3, E) -> 3 x (B, h, T, E)
         q, k, v = qkv.view(b, t, h, 3, e).permute(3, 0, 2, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).reshape(b, t, h * e)
         return sliced_linear(y, self.out_weight, self.out_bias, self.dim, h * e, inplace_grad=self.inplace_grad)
 
     @torch.no_grad()
     def sliced(self, width: float) -> NestedAttention:
         h, e = self.active_heads(width), self.head_dim
-        new = NestedAttention(self.dim, h, e, self.causal, self.dropout, self.qkv_bias is not None,
-                              self.inplace_grad, device=self.qkv_weight.device, dtype=self.qkv_weight.dtype)
+        new = NestedAttention(
+            self.dim,
+            h,
+            e,
+            self.causal,
+            self.dropout,
+            self.qkv_bias is not None,
+            self.inplace_grad,
+            device=self.qkv_weight.device,
+            dtype=self.qkv_weight.dtype,
+        )
         new.qkv_weight.copy_(self.qkv_weight[: 3 * h * e])
         new.out_weight.copy_(self.out_weight[:, : h * e])
         if self.qkv_bias is not None:

@@ -72,8 +72,9 @@ class _SlicedConv2d(torch.autograd.Function):
     """``F.conv2d(x, W[:out, :in], b[:out])`` with gradients written into ``W.grad`` in place."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, out_ch: int, in_ch: int,
-                stride: int, padding: int) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, out_ch: int, in_ch: int, stride: int, padding: int
+    ) -> Tensor:
         ctx.save_for_backward(x)
         ctx.weight, ctx.bias, ctx.out_ch, ctx.in_ch = weight, bias, out_ch, in_ch
         ctx.stride, ctx.padding = stride, padding
@@ -85,8 +86,17 @@ class _SlicedConv2d(torch.autograd.Function):
         weight, bias, o, i = ctx.weight, ctx.bias, ctx.out_ch, ctx.in_ch
         need_b = bias is not None and ctx.needs_input_grad[2]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight[:o, :i], [o] if bias is not None else None, [ctx.stride] * 2, [ctx.padding] * 2,
-            [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b],
+            grad,
+            x,
+            weight[:o, :i],
+            [o] if bias is not None else None,
+            [ctx.stride] * 2,
+            [ctx.padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b],
         )
         if ctx.needs_input_grad[1]:
             _grad_buffer(weight)[:o, :i].add_(gw)
@@ -99,8 +109,9 @@ def _tracks_grad(*params: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
 
 
-def sliced_linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, cols: int, *,
-                  inplace_grad: bool = True) -> Tensor:
+def sliced_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, cols: int, *, inplace_grad: bool = True
+) -> Tensor:
     """``x @ W[:rows, :cols]^T + b[:rows]`` for x of shape (..., cols) -> (..., rows).
 
     Args:
@@ -110,13 +121,23 @@ def sliced_linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, col
     """
     full = rows == weight.shape[0] and cols == weight.shape[1]
     if full or not inplace_grad or not _tracks_grad(weight, bias):
-        return F.linear(x, weight if full else weight[:rows, :cols],
-                        None if bias is None else (bias if full else bias[:rows]))
+        return F.linear(
+            x, weight if full else weight[:rows, :cols], None if bias is None else (bias if full else bias[:rows])
+        )
     return _SlicedLinear.apply(x, weight, bias, rows, cols)
 
 
-def sliced_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, out_ch: int, in_ch: int, stride: int,
-                  padding: int, *, inplace_grad: bool = True) -> Tensor:
+def sliced_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_ch: int,
+    in_ch: int,
+    stride: int,
+    padding: int,
+    *,
+    inplace_grad: bool = True,
+) -> Tensor:
     """``conv2d(x, W[:out_ch, :in_ch], b[:out_ch])`` for x of shape (B, in_ch, H, W)."""
     full = out_ch == weight.shape[0] and in_ch == weight.shape[1]
     if full or not inplace_grad or not _tracks_grad(weight, bias):

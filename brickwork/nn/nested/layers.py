@@ -43,9 +43,17 @@ class NestedLinear(nn.Module):
         (..., i) -> (..., o)
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, nest_in: bool = True,
-                 nest_out: bool = True, inplace_grad: bool = True, device: Device = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        nest_in: bool = True,
+        nest_out: bool = True,
+        inplace_grad: bool = True,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.nest_in, self.nest_out, self.inplace_grad = nest_in, nest_out, inplace_grad
@@ -72,8 +80,16 @@ class NestedLinear(nn.Module):
     @torch.no_grad()
     def sliced(self, width: float) -> NestedLinear:
         o, i = self.active(width)
-        new = NestedLinear(i, o, self.bias is not None, self.nest_in, self.nest_out, self.inplace_grad,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        new = NestedLinear(
+            i,
+            o,
+            self.bias is not None,
+            self.nest_in,
+            self.nest_out,
+            self.inplace_grad,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         new.weight.copy_(self.weight[:o, :i])
         if self.bias is not None and new.bias is not None:
             new.bias.copy_(self.bias[:o])
@@ -99,9 +115,20 @@ class NestedConv2d(nn.Module):
         (B, c, H, W) -> (B, o, H', W')
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
-                 bias: bool = True, nest_in: bool = True, nest_out: bool = True, inplace_grad: bool = True,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        bias: bool = True,
+        nest_in: bool = True,
+        nest_out: bool = True,
+        inplace_grad: bool = True,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.c_in, self.c_out, self.kernel_size, self.stride, self.padding = c_in, c_out, kernel_size, stride, padding
         self.nest_in, self.nest_out, self.inplace_grad = nest_in, nest_out, inplace_grad
@@ -118,14 +145,24 @@ class NestedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         o = units(self.width, self.c_out) if self.nest_out else self.c_out
         i = x.shape[1] if self.nest_in else self.c_in
-        return sliced_conv2d(x, self.weight, self.bias, o, i, self.stride, self.padding,
-                             inplace_grad=self.inplace_grad)
+        return sliced_conv2d(x, self.weight, self.bias, o, i, self.stride, self.padding, inplace_grad=self.inplace_grad)
 
     @torch.no_grad()
     def sliced(self, width: float) -> NestedConv2d:
         o, i = self.active(width)
-        new = NestedConv2d(i, o, self.kernel_size, self.stride, self.padding, self.bias is not None, self.nest_in,
-                           self.nest_out, self.inplace_grad, device=self.weight.device, dtype=self.weight.dtype)
+        new = NestedConv2d(
+            i,
+            o,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.bias is not None,
+            self.nest_in,
+            self.nest_out,
+            self.inplace_grad,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         new.weight.copy_(self.weight[:o, :i])
         if self.bias is not None and new.bias is not None:
             new.bias.copy_(self.bias[:o])
@@ -143,8 +180,9 @@ class NestedGroupNorm(nn.Module):
         (B, c, H, W) -> (B, c, H, W), c <= channels
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, device: Device = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, channels: int, eps: float = 1e-5, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.channels, self.eps = channels, eps
         self.width = 1.0  # its channels follow the input; kept for the nested-brick protocol
@@ -187,16 +225,19 @@ def nested_dense_layer(d_in: int, d_out: int, act: Activation = "gelu", dropout:
     return _swap(DenseLayer(1, 1, act=act, dropout=dropout), linear=NestedLinear(d_in, d_out))  # type: ignore[return-value]
 
 
-def nested_feed_forward(dim: int, hidden: int, act: Activation = "gelu", glu: bool = False,
-                        dropout: float = 0.0, bias: bool = True) -> FeedForward:
+def nested_feed_forward(
+    dim: int, hidden: int, act: Activation = "gelu", glu: bool = False, dropout: float = 0.0, bias: bool = True
+) -> FeedForward:
     """:class:`FeedForward` with a nested hidden width (its first neurons form every smaller FFN).
 
     Shapes:
         (..., D) -> (..., D); D is not nested.
     """
     ffn = FeedForward(1, 1, act=act, glu=glu, dropout=dropout, bias=bias)
-    subs = {"up": NestedLinear(dim, hidden, bias, nest_in=False),
-            "down": NestedLinear(hidden, dim, bias, nest_out=False)}
+    subs = {
+        "up": NestedLinear(dim, hidden, bias, nest_in=False),
+        "down": NestedLinear(hidden, dim, bias, nest_out=False),
+    }
     if glu:
         subs["gate"] = NestedLinear(dim, hidden, bias, nest_in=False)
     return _swap(ffn, **subs)  # type: ignore[return-value]
@@ -205,8 +246,10 @@ def nested_feed_forward(dim: int, hidden: int, act: Activation = "gelu", glu: bo
 def nested_conv_block(c_in: int, c_out: int, stride: int = 1, norm: str = "group", nest_in: bool = True) -> ConvBlock:
     """:class:`ConvBlock` (3x3 conv, norm, ReLU) with nested channels; ``norm`` is ``group`` or ``none``."""
     if norm not in ("group", "none"):
-        raise ValueError(f"nested conv blocks support norm 'group' or 'none', not {norm!r}: batch statistics "
-                         "differ per width (slimmable networks need one BatchNorm per width)")
+        raise ValueError(
+            f"nested conv blocks support norm 'group' or 'none', not {norm!r}: batch statistics "
+            "differ per width (slimmable networks need one BatchNorm per width)"
+        )
     conv = NestedConv2d(c_in, c_out, 3, stride, 1, bias=norm == "none", nest_in=nest_in)
     block = ConvBlock(1, 1, norm="none")
     return _swap(block, conv=conv, norm=NestedGroupNorm(c_out) if norm == "group" else nn.Identity())  # type: ignore[return-value]

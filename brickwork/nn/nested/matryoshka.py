@@ -32,8 +32,9 @@ def matryoshka_sizes(dims: Sequence[int], full: int) -> list[int]:
     return sorted({m for m in dims if 0 < m < full} | {full})
 
 
-def matryoshka_loss(h: Tensor, head: nn.Module, y: Tensor, loss_fn: LossFn, dims: Sequence[int],
-                    weights: Sequence[float] | None = None) -> Tensor:
+def matryoshka_loss(
+    h: Tensor, head: nn.Module, y: Tensor, loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | None = None
+) -> Tensor:
     """``sum_m c_m loss(head(h[:m]), y) / sum_m c_m`` over the nested sizes ``m``.
 
     Args:

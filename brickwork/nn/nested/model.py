@@ -57,8 +57,15 @@ class NestedModel(StackModel):
         as the wrapped model.
     """
 
-    def __init__(self, model: StackModel, widths: Sequence[float] = (1.0,), depths: Sequence[int] | None = None,
-                 sampling: Sampling = "sandwich", samples: int = 3, matryoshka: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        model: StackModel,
+        widths: Sequence[float] = (1.0,),
+        depths: Sequence[int] | None = None,
+        sampling: Sampling = "sandwich",
+        samples: int = 3,
+        matryoshka: Sequence[int] = (),
+    ) -> None:
         super().__init__(model.stem, model.body, model.head)
         n = len(self.body)
         self.widths = sorted({float(w) for w in widths}, reverse=True)
@@ -152,4 +159,3 @@ class NestedModel(StackModel):
                 last = loss
         assert last is not None
         return last + done.to(last.dtype)
-

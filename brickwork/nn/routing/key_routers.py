@@ -76,8 +76,9 @@ class KeyRouter(nn.Module):
         (..., D) -> :class:`Routing` with ``top_k`` assignments per token.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: Annotated[int, pydantic.Field(ge=1)] = 2, *,
-                 bank: KeyBank) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, top_k: Annotated[int, pydantic.Field(ge=1)] = 2, *, bank: KeyBank
+    ) -> None:
         super().__init__()
         _check("KeyRouter", dim, num_experts, top_k, bank)
         self._bank = [bank]  # a list hides the bank from module traversal: the MoE owns it
@@ -113,9 +114,16 @@ class MLPRouter(nn.Module):
         (..., D) -> :class:`Routing` with ``top_k`` assignments per token.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: Annotated[int, pydantic.Field(ge=1)] = 2, *,
-                 bank: KeyBank | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: Annotated[int, pydantic.Field(ge=1)] = 2,
+        *,
+        bank: KeyBank | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         _check("MLPRouter", dim, num_experts, top_k, bank)
         self.num_experts = num_experts

@@ -96,9 +96,12 @@ class MoESettings:
         params = _arg_names(entry)
         default = MoESettings()
         if self.balance_rate != default.balance_rate and self.balance != "aux_free":
-            raise ConfigError(_key(path, "balance_rate"), "is the rate of balance 'aux_free' only; "
-                              f"leave it at its default {default.balance_rate!r} with balance {self.balance!r}",
-                              self.balance_rate)
+            raise ConfigError(
+                _key(path, "balance_rate"),
+                "is the rate of balance 'aux_free' only; "
+                f"leave it at its default {default.balance_rate!r} with balance {self.balance!r}",
+                self.balance_rate,
+            )
         unused = {
             "top_k": not params & _TARGETS["top_k"],
             "noise": not params & _TARGETS["noise"],
@@ -109,18 +112,33 @@ class MoESettings:
             if ignored and value != getattr(default, name):
                 targets = _TARGETS[value if name == "balance" else name]
                 users = [e.name for e in REGISTRY.list("router") if _arg_names(e) & targets]
-                raise ConfigError(_key(path, name), f"router {self.router!r} does not use this setting; leave it "
-                                  f"at its default {getattr(default, name)!r} or choose a router that uses it "
-                                  f"({', '.join(users)})", value)
+                raise ConfigError(
+                    _key(path, name),
+                    f"router {self.router!r} does not use this setting; leave it "
+                    f"at its default {getattr(default, name)!r} or choose a router that uses it "
+                    f"({', '.join(users)})",
+                    value,
+                )
 
 
 # The router arguments each setting (or balance mode) sets; a router with none of them ignores it.
-_TARGETS = {"top_k": {"top_k", "capacity_factor"}, "noise": {"noise"}, "aux_loss": {"load_balance"},
-            "aux_free": {"balance_rate"}}
+_TARGETS = {
+    "top_k": {"top_k", "capacity_factor"},
+    "noise": {"noise"},
+    "aux_loss": {"load_balance"},
+    "aux_free": {"balance_rate"},
+}
 
 
-def build_router(settings: MoESettings, dim: int, num_experts: int, *, bank: nn.Module | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def build_router(
+    settings: MoESettings,
+    dim: int,
+    num_experts: int,
+    *,
+    bank: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The router ``settings.router`` for ``num_experts`` experts of width ``dim``, from the registry.
 
     Args:

@@ -152,6 +152,17 @@ def sigmoid_topk(
 
     A :class:`TopKRouter` with ``gate="sigmoid_topk_renorm"``; the arguments are its own.
     """
-    return TopKRouter(dim, num_experts, top_k, gate="sigmoid_topk_renorm", noise=noise, noise_scale=noise_scale,
-                      balance_rate=balance_rate, load_balance=load_balance, z_loss=z_loss, bias=bias,
-                      device=device, dtype=dtype)
+    return TopKRouter(
+        dim,
+        num_experts,
+        top_k,
+        gate="sigmoid_topk_renorm",
+        noise=noise,
+        noise_scale=noise_scale,
+        balance_rate=balance_rate,
+        load_balance=load_balance,
+        z_loss=z_loss,
+        bias=bias,
+        device=device,
+        dtype=dtype,
+    )

@@ -159,7 +159,12 @@ def to_matrix(sources: Tensor, groups_in: int) -> Tensor:
 
 
 def make_pattern(
-    pattern: Pattern, groups_out: int, groups_in: int, k: int, *, p: float = 0.1,
+    pattern: Pattern,
+    groups_out: int,
+    groups_in: int,
+    k: int,
+    *,
+    p: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Build a named pattern; ``block_diagonal`` ignores ``k`` (it is G_in / G_out)."""

@@ -74,7 +74,8 @@ class GroupConv2d(nn.Module):
             sources = connectivity.long().clone()
         if sources.shape[0] != groups or any(len(set(r)) != len(r) for r in sources.tolist()):
             raise ValueError(
-                f"group_conv2d: connectivity {tuple(sources.shape)} must be {groups} rows of distinct groups")
+                f"group_conv2d: connectivity {tuple(sources.shape)} must be {groups} rows of distinct groups"
+            )
         self.k = sources.shape[1]
         self.register_buffer("sources", sources.to(device))
         kw = {"device": device, "dtype": dtype}
@@ -114,5 +115,7 @@ class GroupConv2d(nn.Module):
         return self.k / self.groups_in
 
     def extra_repr(self) -> str:
-        return (f"{self.c_in}, {self.c_out}, kernel={self.weight.shape[-1]}, stride={self.stride}, "
-                f"groups={self.groups_in}->{self.groups_out}, k={self.k}")
+        return (
+            f"{self.c_in}, {self.c_out}, kernel={self.weight.shape[-1]}, stride={self.stride}, "
+            f"groups={self.groups_in}->{self.groups_out}, k={self.k}"
+        )

@@ -119,8 +119,21 @@ def build_plan(sources: Tensor, in_perm: Tensor, groups_in: int, d_out: int) -> 
     # Padded slots read output group 0's rows; their weight block is zero, so they add nothing.
     reader = torch.where(table == pad, 0, table // k)
     bwd_rows = (reader[:, :, None] * b_out + torch.arange(b_out, device=dev)).reshape(-1)
-    return BlockPlan(groups_in, groups_out, b_in, b_out, k, m, fwd_rows, bwd_rows, table.reshape(-1),
-                     bool((counts < m).any()), None if identity else torch.argsort(in_perm), fwd_band, bwd_band)
+    return BlockPlan(
+        groups_in,
+        groups_out,
+        b_in,
+        b_out,
+        k,
+        m,
+        fwd_rows,
+        bwd_rows,
+        table.reshape(-1),
+        bool((counts < m).any()),
+        None if identity else torch.argsort(in_perm),
+        fwd_band,
+        bwd_band,
+    )
 
 
 def _detect_band(sources: Tensor, groups_in: int) -> Band | None:
@@ -136,6 +149,7 @@ def _detect_band(sources: Tensor, groups_in: int) -> Band | None:
 
 def _least_padding(band: Band, rows: int, n: int) -> Band:
     """The same cyclic band with its start shifted by a multiple of ``n`` to need the least padding."""
+
     def padding(start: int) -> int:
         return max(0, -start) + max(0, start + (rows - 1) * band.step + band.width - n)
 
@@ -199,7 +213,8 @@ class _GatheredBmm(torch.autograd.Function):
             nblocks = plan.groups_out * plan.k
             blocks = weight.new_empty(nblocks + int(plan.padded), plan.block_out, plan.block_in)
             blocks[:nblocks].view(plan.groups_out, plan.k, plan.block_out, plan.block_in).copy_(
-                weight.view(plan.groups_out, plan.block_out, plan.k, plan.block_in).transpose(1, 2))
+                weight.view(plan.groups_out, plan.block_out, plan.k, plan.block_in).transpose(1, 2)
+            )
             if plan.padded:
                 blocks[nblocks].zero_()
             wt = blocks[plan.bwd_blocks].view(plan.groups_in, plan.m * plan.block_out, plan.block_in)

@@ -88,7 +88,8 @@ class GroupLinear(nn.Module):
         groups_in = groups_in or groups
         if d_in % groups_in or d_out % groups:
             raise ValueError(
-                f"group_linear: widths {d_in} -> {d_out} are not divisible by {groups_in} -> {groups} groups")
+                f"group_linear: widths {d_in} -> {d_out} are not divisible by {groups_in} -> {groups} groups"
+            )
         self.d_in, self.d_out, self.groups_in, self.groups_out = d_in, d_out, groups_in, groups
         self.block_in, self.block_out = d_in // groups_in, d_out // groups
         real = None
@@ -101,7 +102,8 @@ class GroupLinear(nn.Module):
             sources = connectivity.long().clone()
         if sources.shape[0] != groups or int(sources.max()) >= groups_in or int(sources.min()) < 0:
             raise ValueError(
-                f"group_linear: connectivity {tuple(sources.shape)} does not fit {groups} x {groups_in} groups")
+                f"group_linear: connectivity {tuple(sources.shape)} does not fit {groups} x {groups_in} groups"
+            )
         if any(len(set(row)) != len(row) for row in sources.tolist()):
             raise ValueError("group_linear: an output group lists the same input group twice")
         k = sources.shape[1]
@@ -223,5 +225,7 @@ class GroupLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"{self.d_in}, {self.d_out}, groups={self.groups_in}->{self.groups_out}, k={self.k}, "
-                f"density={self.density:.3f}, bias={self.bias is not None}")
+        return (
+            f"{self.d_in}, {self.d_out}, groups={self.groups_in}->{self.groups_out}, k={self.k}, "
+            f"density={self.density:.3f}, bias={self.bias is not None}"
+        )

@@ -20,9 +20,7 @@ def _random_scores(shape: torch.Size, generator: torch.Generator, device: torch.
 
 
 @torch.no_grad()
-def swap_edges(
-    weight: Tensor, mask: Tensor, n: int, grow_score: Tensor | None, generator: torch.Generator
-) -> int:
+def swap_edges(weight: Tensor, mask: Tensor, n: int, grow_score: Tensor | None, generator: torch.Generator) -> int:
     """Move n edges inside the connected blocks; edits ``weight`` and ``mask`` in place.
 
     Args:
@@ -41,8 +39,11 @@ def swap_edges(
         return 0
     magnitude = weight.abs().reshape(-1).masked_fill(~active, float("inf"))
     drop = magnitude.topk(n, largest=False).indices
-    score = (grow_score.reshape(-1).float() if grow_score is not None
-             else _random_scores(active.shape, generator, weight.device))
+    score = (
+        grow_score.reshape(-1).float()
+        if grow_score is not None
+        else _random_scores(active.shape, generator, weight.device)
+    )
     grow = score.masked_fill(active, float("-inf")).topk(n).indices
     flat = mask.view(-1)
     flat[drop] = False
@@ -55,7 +56,11 @@ def swap_edges(
 
 @torch.no_grad()
 def swap_blocks(
-    sources: Tensor, groups_in: int, block_score: Tensor, n: int, grow_score: Tensor | None,
+    sources: Tensor,
+    groups_in: int,
+    block_score: Tensor,
+    n: int,
+    grow_score: Tensor | None,
     generator: torch.Generator,
 ) -> list[tuple[int, int, int]]:
     """Choose n block moves that keep every output group's in-degree.

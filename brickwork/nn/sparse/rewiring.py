@@ -108,8 +108,9 @@ class RewiringSettings:
         """A fresh :class:`Rewiring` with these settings, or None for static wiring."""
         if self.regrow == "none":
             return None
-        return Rewiring(self.regrow, self.level, self.interval, self.fraction, self.decay, self.stop, self.window,
-                        self.momentum)
+        return Rewiring(
+            self.regrow, self.level, self.interval, self.fraction, self.decay, self.stop, self.window, self.momentum
+        )
 
     def check(self, path: str = "") -> None:
         """With ``regrow: none`` nothing is rewired: reject a rewiring field set away from its default.
@@ -124,9 +125,13 @@ class RewiringSettings:
             value = getattr(self, name)
             if value != getattr(default, name):
                 where = f"{path}.{name}" if path else name
-                raise ConfigError(where, "is a rewiring setting, unused with regrow 'none' (static wiring); set "
-                                  "regrow (random, gradient or hebbian) or leave it at its default "
-                                  f"{getattr(default, name)!r}", value)
+                raise ConfigError(
+                    where,
+                    "is a rewiring setting, unused with regrow 'none' (static wiring); set "
+                    "regrow (random, gradient or hebbian) or leave it at its default "
+                    f"{getattr(default, name)!r}",
+                    value,
+                )
 
 
 class Rewiring(nn.Module):
@@ -176,8 +181,16 @@ class Rewiring(nn.Module):
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this policy (plain JSON): rebuilds an equal, unbound one."""
         sch = self.schedule
-        return {"regrow": self.regrow, "level": self.level, "interval": sch.interval, "fraction": sch.fraction,
-                "decay": sch.decay, "stop": sch.stop, "window": self.window, "momentum": self.momentum}
+        return {
+            "regrow": self.regrow,
+            "level": self.level,
+            "interval": sch.interval,
+            "fraction": sch.fraction,
+            "decay": sch.decay,
+            "stop": sch.stop,
+            "window": self.window,
+            "momentum": self.momentum,
+        }
 
     @property
     def edges(self) -> bool:
@@ -193,8 +206,9 @@ class Rewiring(nn.Module):
             raise ValueError("edge-level rewiring needs an edge mask: build the layer with edge_density < 1")
         if self.regrow == "hebbian":
             shape = tuple(layer.weight.shape) if self.edges else None
-            self.stats = ActivationStats(layer.groups_in, layer.groups_out, shape, layer.d_in, layer.d_out,
-                                         self.momentum).to(layer.weight.device)
+            self.stats = ActivationStats(
+                layer.groups_in, layer.groups_out, shape, layer.d_in, layer.d_out, self.momentum
+            ).to(layer.weight.device)
 
     def set_progress(self, fraction: float) -> None:
         """Training hook: fraction of training done, in [0, 1]."""
@@ -264,8 +278,9 @@ class Rewiring(nn.Module):
             grown |= layer.mask & ~before
         if self.groups:
             n = round(frac * layer.sources.numel())
-            moves = swap_blocks(layer.sources, layer.groups_in, self._block_magnitude(layer), n,
-                                self._group_score(layer), gen)
+            moves = swap_blocks(
+                layer.sources, layer.groups_in, self._block_magnitude(layer), n, self._group_score(layer), gen
+            )
             self._apply_block_moves(layer, moves)
             moved_blocks = len(moves)
             slots = grown.view(layer.groups_out, layer.block_out, layer.k, layer.block_in)

@@ -84,8 +84,9 @@ class ActivationStats(nn.Module):
 
     def group_correlation(self) -> Tensor:
         """(G_out, G_in) correlation of output-group with input-group mean activity."""
-        return _corr(self.g_cross, self.g_out_mean[:, None], self.g_out_sq[:, None],
-                     self.g_in_mean[None], self.g_in_sq[None])
+        return _corr(
+            self.g_cross, self.g_out_mean[:, None], self.g_out_sq[:, None], self.g_in_mean[None], self.g_in_sq[None]
+        )
 
     @torch.no_grad()
     def accumulate_edges(self, xt: Tensor, yt: Tensor, gathered: Tensor) -> None:
