@@ -108,8 +108,8 @@ def stitch_stage(
         [
             f"### Stitched family between {front} and {ctx.label} ({split})",
             "`a[:i]+b[j:]`: the stem and first i body layers of a, a linear stitching layer, then b's body layers from "
-            f"j and its head. Least-squares fit on {len(x_fit)} training inputs (relative residual), accuracy after the "
-            f"fit alone, then after fine-tuning the stitching layer alone for {epochs} epoch(s).",
+            f"j and its head. Least-squares fit on {len(x_fit)} training inputs (relative residual), accuracy after "
+            f"the fit alone, then after fine-tuning the stitching layer alone for {epochs} epoch(s).",
             table(
                 points,
                 [*POINT_COLUMNS, ("residual", "LS residual", "{:.3f}"), ("ls_accuracy", "acc after LS", "{:.4f}")],
