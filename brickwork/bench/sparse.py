@@ -23,6 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "--patterns",
         nargs="+",
         default=["random", "ring"],
-        choices=Pattern.__args__,
+        choices=get_args(Pattern),
         help="block connectivity: random takes the gather path, ring/band the strided-view path",
     )
     p.add_argument("--repeats", type=int, default=5)

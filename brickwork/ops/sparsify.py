@@ -34,7 +34,7 @@ import copy
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import pydantic
 import torch
@@ -182,14 +182,17 @@ def plan_sparsify(
     for p in paths:
         i = all_linear.index(p)
         if i + 1 < len(all_linear) and _permutable(
-            model, model.get_submodule(p), model.get_submodule(all_linear[i + 1]), first
+            model,
+            cast(nn.Linear, model.get_submodule(p)),
+            cast(nn.Linear, model.get_submodule(all_linear[i + 1])),
+            first,
         ):
             consumer[p] = all_linear[i + 1]
     out_perm = {p: cluster_units(outs[p], groups, seed) for p in consumer}
     absorbed = {c: p for p, c in consumer.items()}  # consumer path -> producer path
     choices = []
     for p in paths:
-        layer: nn.Linear = model.get_submodule(p)
+        layer = cast(nn.Linear, model.get_submodule(p))  # paths are nn.Linear (linear_targets)
         d_in = layer.in_features
         if p in absorbed and absorbed[p] in out_perm:
             upstream = out_perm[absorbed[p]]
@@ -210,7 +213,8 @@ def plan_sparsify(
         choices.append(LayerChoice(p, groups, sources, in_perm, perm, kept))
     for c in choices:  # absorb the output permutations into the dense weights of the copy
         if c.out_perm is not None:
-            _permute(model.get_submodule(c.path), model.get_submodule(consumer[c.path]), c.out_perm)
+            producer, after = model.get_submodule(c.path), model.get_submodule(consumer[c.path])
+            _permute(cast(nn.Linear, producer), cast(nn.Linear, after), c.out_perm)
     model.train(was_training)
     return model, choices
 
@@ -219,7 +223,7 @@ def plan_sparsify(
 def apply_sparsify(model: nn.Module, choices: Sequence[LayerChoice]) -> nn.Module:
     """Replace each chosen ``nn.Linear`` of ``model`` (edited in place) by a :class:`GroupLinear`."""
     for c in choices:
-        dense: nn.Linear = model.get_submodule(c.path)
+        dense = cast(nn.Linear, model.get_submodule(c.path))
         new = GroupLinear(
             dense.in_features,
             dense.out_features,
@@ -240,7 +244,7 @@ def sparse_layout(model: nn.Module, paths: Sequence[str]) -> list[dict[str, Any]
     """The shapes of the :class:`GroupLinear` layers at ``paths`` (plain JSON), for :func:`sparsify_like`."""
     out = []
     for path in paths:
-        m: GroupLinear = model.get_submodule(path)
+        m = cast(GroupLinear, model.get_submodule(path))
         out.append(
             {
                 "path": path,

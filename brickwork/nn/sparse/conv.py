@@ -45,6 +45,8 @@ class GroupConv2d(nn.Module):
         (B, c_in, H, W) -> (B, c_out, H', W')
     """
 
+    sources: Tensor  # buffer, registered in __init__
+
     def __init__(
         self,
         c_in: int,
@@ -78,9 +80,10 @@ class GroupConv2d(nn.Module):
             )
         self.k = sources.shape[1]
         self.register_buffer("sources", sources.to(device))
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(c_out, self.k * self.block_in, kernel_size, kernel_size, **kw))
-        self.bias = nn.Parameter(torch.empty(c_out, **kw)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(c_out, self.k * self.block_in, kernel_size, kernel_size, device=device, dtype=dtype)
+        )
+        self.bias = nn.Parameter(torch.empty(c_out, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()

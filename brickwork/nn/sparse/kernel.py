@@ -35,6 +35,7 @@ Each plan is a handful of index tensors computed once per connectivity (:func:`b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -183,7 +184,7 @@ class _GatheredBmm(torch.autograd.Function):
     """y = x W_dense^T + b with W_dense block-sparse, stored compressed as (G_out, b_out, K)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> Tensor:
         xt = _rows(x)  # (d_in, B)
         batch = xt.shape[1]
         gathered = _band_view(xt, plan.fwd_band, plan.groups_out, plan.block_in) if plan.fwd_band else None
@@ -198,7 +199,7 @@ class _GatheredBmm(torch.autograd.Function):
         return yt.t()
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         gathered, weight = ctx.saved_tensors
         plan: BlockPlan = ctx.plan
         gyt = _rows(grad_y)  # (d_out, B)

@@ -67,6 +67,11 @@ class GroupLinear(nn.Module):
         (..., d_in) -> (..., d_out)
     """
 
+    # Buffers (registered in __init__; ``mask`` is None without an edge mask).
+    sources: Tensor
+    in_perm: Tensor
+    mask: Tensor | None
+
     def __init__(
         self,
         d_in: int,
@@ -113,9 +118,8 @@ class GroupLinear(nn.Module):
         if not torch.equal(perm.sort().values, torch.arange(d_in)):
             raise ValueError("group_linear: in_perm is not a permutation of range(d_in)")
         self.register_buffer("in_perm", perm.to(device))
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(groups, self.block_out, k * self.block_in, **kw))
-        self.bias = nn.Parameter(torch.empty(d_out, **kw)) if bias else None
+        self.weight = nn.Parameter(torch.empty(groups, self.block_out, k * self.block_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(d_out, device=device, dtype=dtype)) if bias else None
         mask = self._initial_mask(edge_density, real)
         self.register_buffer("mask", None if mask is None else mask.to(device))
         self.reset_parameters()

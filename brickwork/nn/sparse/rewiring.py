@@ -35,7 +35,7 @@ damps its first steps.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import pydantic
 import pydantic.dataclasses
@@ -148,6 +148,13 @@ class Rewiring(nn.Module):
         momentum: EMA factor of the group activity statistics (``hebbian``).
     """
 
+    # Buffers (registered in __init__).
+    step: Tensor
+    progress: Tensor
+    seed: Tensor
+    edges_moved: Tensor
+    blocks_moved: Tensor
+
     def __init__(
         self,
         regrow: Regrow = "gradient",
@@ -205,7 +212,8 @@ class Rewiring(nn.Module):
         if self.edges and layer.mask is None:
             raise ValueError("edge-level rewiring needs an edge mask: build the layer with edge_density < 1")
         if self.regrow == "hebbian":
-            shape = tuple(layer.weight.shape) if self.edges else None
+            # The weight is (G_out, b_out, K * b_in): always three dimensions.
+            shape = cast(tuple[int, int, int], tuple(layer.weight.shape)) if self.edges else None
             self.stats = ActivationStats(
                 layer.groups_in, layer.groups_out, shape, layer.d_in, layer.d_out, self.momentum
             ).to(layer.weight.device)

@@ -44,6 +44,20 @@ class ActivationStats(nn.Module):
         momentum: EMA factor of the group statistics (0.99: about the last 100 steps).
     """
 
+    # Buffers (registered in __init__; the e_* ones only with ``weight_shape``).
+    g_seen: Tensor
+    g_in_mean: Tensor
+    g_in_sq: Tensor
+    g_out_mean: Tensor
+    g_out_sq: Tensor
+    g_cross: Tensor
+    e_n: Tensor
+    e_x: Tensor
+    e_xx: Tensor
+    e_y: Tensor
+    e_yy: Tensor
+    e_xy: Tensor
+
     def __init__(
         self,
         groups_in: int,
