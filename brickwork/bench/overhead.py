@@ -22,6 +22,7 @@ from brickwork.data import load_dataset
 from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.registry import REGISTRY
 from brickwork.train import FitConfig, build_loss, run_epoch
+from brickwork.train.loop import show_step
 
 
 def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, float]:
@@ -49,7 +50,7 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
             cfg,
             step0=0,
             total_steps=steps,
-            on_step=lambda r: (bar.update(), bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)),
+            on_step=lambda r: show_step(bar, r),
         )
 
     def hand_written() -> None:

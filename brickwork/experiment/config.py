@@ -177,7 +177,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             "models", "give exactly one of `model:` (one model) or `models:` (named variants)", show_value=False
         )
-    models_raw = top.models if top.models is not None else {_label(top.model): top.model}  # type: ignore[arg-type]
+    models_raw = top.models if top.models is not None else {_label(top.model): top.model}
     where = "models" if top.models is not None else "model"
     if not models_raw:
         raise ConfigError(where, "expected at least one model variant", models_raw)

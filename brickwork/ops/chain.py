@@ -20,7 +20,7 @@ import copy
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,15 @@ def _dissimilarity(a: Tensor, b: Tensor) -> tuple[float, int]:
     return float((1 - cos).sum()), cos.numel()
 
 
-def has_attention(layer: nn.Module) -> bool:
+class AttentionBlock(Protocol):
+    """A block whose attention sublayer can be scored and dropped on its own."""
+
+    def after_attention(self, h: Tensor) -> Tensor: ...
+
+    def drop_attention_(self) -> None: ...
+
+
+def has_attention(layer: nn.Module) -> TypeGuard[AttentionBlock]:
     """Whether ``layer`` has an attention sublayer that can be scored and dropped on its own
     (``after_attention`` / ``drop_attention_``: pre-norm and post-norm transformer blocks)."""
     return callable(getattr(layer, "after_attention", None)) and callable(getattr(layer, "drop_attention_", None))
@@ -293,7 +301,8 @@ def drop_attention(model: StackModel, drop: Iterable[int]) -> StackModel:
     out = drop_layers(model, [])
     for i in drop:
         layer = out.body.layers[i]
-        if not has_attention(layer):
+        if has_attention(layer):
+            layer.drop_attention_()
+        else:
             raise ValueError(f"drop_attention: layer {i} ({type(layer).__name__}) has no attention sublayer")
-        layer.drop_attention_()
     return out

@@ -98,6 +98,12 @@ class FitConfig:
     device: str = "cpu"
 
 
+def show_step(bar: Any, result: StepResult) -> None:
+    """Advance a tqdm progress bar by one step and show the step's loss (no forced refresh)."""
+    bar.update()
+    bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
+
+
 def run_epoch(
     model: nn.Module,
     data: Iterable[tuple[Tensor, Tensor]],
@@ -186,7 +192,7 @@ def fit(
             cfg,
             step0=epoch * steps_per_epoch,
             total_steps=total,
-            on_step=lambda r: (bar.update(), bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)),
+            on_step=lambda r: show_step(bar, r),
         )
         seconds = time.perf_counter() - t0
         val_metrics = evaluate(model, val, loss_fn, device=cfg.device) if len(val) else {}

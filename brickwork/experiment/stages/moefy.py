@@ -10,7 +10,7 @@ is the ``moefy_study`` stage.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -55,7 +55,7 @@ def moefy_stage(
     x, y = test.x[:eval_samples].to(ctx.device), test.y[:eval_samples].cpu()
     ref, out = encoder_outputs(dense, x, batch_size).cpu(), encoder_outputs(conv, x, batch_size).cpu()
     fid = fidelity(ref.flatten(1), out.flatten(1))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, model, o in (("dense", dense, ref), (f"moefy E={experts} k={top_k}", conv, out)):
         cost = module_flops(model, input_batches(x, batch_size, padded=tokens, limit=256))
         rows.append({"label": label, "accuracy": output_accuracy(o, y, ctx.data.num_classes), **cost})

@@ -46,7 +46,8 @@ from brickwork.experiment.build import load, model_meta, variant_spec
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.moefy_report import study_report
 from brickwork.models.minilm import Tokenizer, encode
-from brickwork.nn.stack import stack_of
+from brickwork.nn.ffn import FeedForward
+from brickwork.nn.stack import StackModel, stack_of
 from brickwork.ops.chain import drop_attention, drop_layers, layer_importance, least_important
 from brickwork.ops.moefy import Clustering, RouterKind, ffn_inputs, moefy, partition_ffn, set_top_k
 from brickwork.persist import atomic_write_text
@@ -178,7 +179,7 @@ def _top_ks(experts: int, ratios: Sequence[float]) -> list[int]:
 def _convert_and_reload(
     ctx: StageContext,
     bench: EncoderBench,
-    dense: nn.Module,
+    dense: StackModel,
     calib: list[torch.Tensor],
     experts: int,
     top_k: int,
@@ -209,7 +210,7 @@ def _convert_and_reload(
 
 def _sweep(
     bench: EncoderBench,
-    dense: nn.Module,
+    dense: StackModel,
     calib: list[torch.Tensor],
     experts: Sequence[int],
     ratios: Sequence[float],
@@ -230,7 +231,7 @@ def _sweep(
 
 
 def _compare(
-    bench: EncoderBench, dense: nn.Module, calib: list[torch.Tensor], experts: int, ratios: Sequence[float], seed: int
+    bench: EncoderBench, dense: StackModel, calib: list[torch.Tensor], experts: int, ratios: Sequence[float], seed: int
 ) -> list[dict[str, Any]]:
     print(f"compare at E={experts}:", flush=True)
     rows = []
@@ -257,14 +258,14 @@ def _compare(
 
 
 def _finetune(
-    dense: nn.Module, main: nn.Module, texts: StudyTexts, seeds: int, epochs: int, top_ks: Sequence[int]
+    dense: StackModel, main: nn.Module, texts: StudyTexts, seeds: int, epochs: int, top_ks: Sequence[int]
 ) -> dict[str, Any]:
     """Dense and converted encoders (the latter at each of ``top_ks``) fine-tuned with one budget."""
     tok64 = Tokenizer(64)
     train = Split(tok64(texts.finetune), torch.tensor(texts.finetune_labels))
     test = Split(tok64(texts.sets.texts), torch.from_numpy(texts.sets.labels).long())
     out: dict[str, Any] = {"train": len(train), "test": len(test), "epochs": epochs, "runs": []}
-    encoders = [("dense", dense)]
+    encoders: list[tuple[str, nn.Module]] = [("dense", dense)]
     for k in top_ks:
         conv = copy.deepcopy(main)
         set_top_k(conv, k)
@@ -288,7 +289,7 @@ def _finetune(
 
 
 def _modularity(
-    dense: nn.Module,
+    dense: StackModel,
     main: nn.Module,
     bench: EncoderBench,
     calib: list[torch.Tensor],
@@ -302,6 +303,7 @@ def _modularity(
     rows = []
     for i, x in inputs.items():
         ffn = dense.body.layers[i].ffn
+        assert isinstance(ffn, FeedForward)  # ffn_inputs returns only layers with a FeedForward
         fired = fired_neurons(ffn, x)
         parts = {
             "coactivation": partition_ffn(ffn, experts, "coactivation", x, seed),
@@ -317,13 +319,14 @@ def _modularity(
             )
     plot_modularity(rows, ["coactivation", "kmeans", "random"], plots / "modularity.png")
     labels = torch.from_numpy(bench.sets.labels).long()
-    spec = routing_by_class(main, list(token_batches(bench.eval_ids, 64, labels)), 2, seed=seed)
+    by_class = [(ids, y) for ids, y in token_batches(bench.eval_ids, 64, labels) if y is not None]
+    spec = routing_by_class(main, by_class, 2, seed=seed)
     if spec:
         plot_specialisation(spec, ["rotten", "fresh"], plots / "specialisation.png")
     return {"layers": rows, "specialisation": specialisation_rows(spec)}
 
 
-def _importance(bench: EncoderBench, dense: nn.Module, max_drop: int) -> dict[str, Any]:
+def _importance(bench: EncoderBench, dense: StackModel, max_drop: int) -> dict[str, Any]:
     scores = {
         "block": layer_importance(dense, bench.flop_batches, "block"),
         "attention": layer_importance(dense, bench.flop_batches, "attention"),

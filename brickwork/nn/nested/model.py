@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, Protocol, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +27,21 @@ SubNet = tuple[float, int]  # (width fraction, depth)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def nested_modules(model: nn.Module) -> Iterator[nn.Module]:
+class WidthBrick(Protocol):
+    """A brick that follows a width setting and can be copied out at one width."""
+
+    width: float
+
+    def sliced(self, width: float) -> nn.Module: ...
+
+
+def _follows_width(m: nn.Module) -> TypeGuard[WidthBrick]:
+    return hasattr(m, "width") and callable(getattr(m, "sliced", None))
+
+
+def nested_modules(model: nn.Module) -> Iterator[WidthBrick]:
     """Modules that follow a width setting: they have ``width`` and ``sliced(width)``."""
-    return (m for m in model.modules() if hasattr(m, "width") and callable(getattr(m, "sliced", None)))
+    return (m for m in model.modules() if _follows_width(m))
 
 
 def subnet_label(width: float, depth: int) -> str:
@@ -91,7 +103,7 @@ class NestedModel(StackModel):
         if not 0 < width <= 1 or not 1 <= depth <= len(self.body):
             raise ValueError(f"configure: width {width} must be in (0, 1] and depth {depth} in 1..{len(self.body)}")
         for m in nested_modules(self):
-            m.width = width  # type: ignore[assignment]  # a plain float attribute; torch's stub admits tensors only
+            m.width = width
         self.width, self.depth = width, depth
 
     @contextmanager
