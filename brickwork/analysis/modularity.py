@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +175,8 @@ def fired_neurons(ffn: nn.Module, x: Tensor) -> Tensor:
 
     ``ffn`` has an ``up`` linear layer (:class:`~brickwork.nn.FeedForward`).
     """
-    return torch.nn.functional.linear(x, ffn.up.weight, ffn.up.bias) > 0
+    up = cast(nn.Linear, ffn.up)
+    return torch.nn.functional.linear(x, up.weight, up.bias) > 0
 
 
 def plot_partition_coactivation(fired: Tensor, partition: Tensor, path: str | Path, *, title: str = "") -> Path:

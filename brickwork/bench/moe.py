@@ -30,6 +30,7 @@ import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE, moe_ffn
 from brickwork.nn.routing import MoESettings
 from brickwork.nn.routing.experts import GroupedFFNExperts
+from brickwork.nn.routing.topk import TopKRouter
 
 
 class LoopMoE(nn.Module):
@@ -92,25 +94,28 @@ class LoopMoE(nn.Module):
 
 def stacked_from_modules(loop: LoopMoE) -> LoopMoE:
     """The transformers-5 layout of a ModuleList loop block, with the same weights."""
-    ffs = list(loop.experts)
-    dim, hidden = ffs[0].up.in_features, ffs[0].up.out_features  # type: ignore[union-attr]
+    ffs = cast(list[FeedForward], list(loop.experts))  # the ModuleList layout holds FeedForward experts
+    dim, hidden = ffs[0].up.in_features, ffs[0].up.out_features
     out = LoopMoE(dim, hidden, loop.num_experts, loop.top_k, stacked=True)
     with torch.no_grad():
         out.gate.weight.copy_(loop.gate.weight)
         # FeedForward's ``up`` carries the activation (Mixtral's w1 / gate), ``gate`` is the linear w3.
-        out.gate_up_proj.copy_(torch.stack([torch.cat([f.up.weight, f.gate.weight]) for f in ffs]))  # type: ignore[union-attr]
-        out.down_proj.copy_(torch.stack([f.down.weight for f in ffs]))  # type: ignore[union-attr]
+        # glu=True experts: ``gate`` is an nn.Linear, never None.
+        out.gate_up_proj.copy_(torch.stack([torch.cat([f.up.weight, cast(nn.Linear, f.gate).weight]) for f in ffs]))
+        out.down_proj.copy_(torch.stack([f.down.weight for f in ffs]))
     return out
 
 
 def brickwork_from_loop(loop: LoopMoE) -> MoE:
     """brickwork's MoE with a ModuleList loop block's exact weights (so both compute the same function)."""
-    bank = GroupedFFNExperts.from_feed_forward(list(loop.experts))  # type: ignore[arg-type]
+    bank = GroupedFFNExperts.from_feed_forward(cast(list[FeedForward], list(loop.experts)))
     moe = moe_ffn(bank.dim, bank.hidden, loop.num_experts, MoESettings(top_k=loop.top_k), act="silu", glu=True)
     with torch.no_grad():
-        moe.router.proj.weight.copy_(loop.gate.weight)  # type: ignore[union-attr]
-        moe.experts.w_in.copy_(bank.w_in)  # type: ignore[union-attr]
-        moe.experts.w_out.copy_(bank.w_out)  # type: ignore[union-attr]
+        # moe_ffn's default settings build a TopKRouter and a GroupedFFNExperts bank.
+        cast(TopKRouter, moe.router).proj.weight.copy_(loop.gate.weight)
+        experts = cast(GroupedFFNExperts, moe.experts)
+        experts.w_in.copy_(bank.w_in)
+        experts.w_out.copy_(bank.w_out)
     return moe
 
 
@@ -185,8 +190,8 @@ def bench_one(
         for c in rotations
     ]
     ratios = {("moe", "dense"): paired_ratio(timings_per[0]["moe"], timings_per[0]["dense"], max_foreign)}
-    for b in baselines:
-        ratios[(b, "moe")] = paired_ratio(timings_per[1][b], timings_per[1]["moe"], max_foreign)
+    for name in baselines:
+        ratios[(name, "moe")] = paired_ratio(timings_per[1][name], timings_per[1]["moe"], max_foreign)
     timings = {**(timings_per[1] if baselines else {}), **timings_per[0]}  # moe's time from the dense rotation
     seconds = {n: t.median(max_foreign) for n, t in timings.items()}
     clean = min(len(t.clean(max_foreign)) for tp in timings_per for t in tp.values())

@@ -16,7 +16,7 @@ and against the loop-over-experts design in ``docs/moe-notes.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import pydantic
 import torch
@@ -62,12 +62,14 @@ class MoE(nn.Module):
         super().__init__()
         if isinstance(experts, (list, tuple, nn.ModuleList)) and not isinstance(experts, ExpertList):
             experts = ExpertList(experts)
-        self.experts = experts
+        bank = cast(nn.Module, experts)  # the sequence forms were wrapped in an ExpertList just above
+        self.experts = bank
         self.router = router
         self.shared = shared
         self.capacity_factor = capacity_factor
         self.priority: Priority = priority
-        self.num_experts = int(experts.num_experts)
+        # ``num_experts`` is part of the bank's contract; Module.__getattr__ would type it Tensor | Module.
+        self.num_experts = int(cast(int, bank.num_experts))
         self.aux_losses: dict[str, Tensor] = {}
         self.record: RoutingRecord | None = None
 
@@ -173,7 +175,7 @@ def moe_ffn(
     Shapes:
         (..., D) -> (..., D)
     """
-    kw = {"device": device, "dtype": dtype}
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
     experts = GroupedFFNExperts(num_experts, dim, hidden, act, glu, bias, backend, **kw)
     router = build_router(routing, dim, num_experts, bank=experts, **kw)
     shared: nn.Module | None = None

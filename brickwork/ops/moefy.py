@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, cast
 
 import pydantic
 import torch
@@ -36,7 +36,7 @@ from brickwork.kernels import GroupedBackend, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
 from brickwork.nn.moe import MoE
-from brickwork.nn.routing import MLPRouter, MoESettings, build_router
+from brickwork.nn.routing import KeyRouter, MLPRouter, MoESettings, build_router
 from brickwork.nn.stack import StackModel
 from brickwork.ops.moefy_router import expert_activation_sums, router_recall, train_mlp_router
 from brickwork.registry import register
@@ -65,6 +65,8 @@ class NeuronExperts(nn.Module):
         ``forward(x_sorted (A, D), counts (E,)) -> (A, D)``
     """
 
+    neurons: Tensor
+
     def __init__(
         self,
         num_experts: int,
@@ -77,7 +79,7 @@ class NeuronExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_experts, self.dim, self.hidden, self.act_name, self.backend = num_experts, dim, hidden, act, backend
         self.act = activation(act)
         self.w_in = nn.Parameter(torch.zeros(num_experts, dim, hidden, **kw))
@@ -162,7 +164,10 @@ def dense_ffn(moe: MoE) -> FeedForward:
         if bank.b_in is not None:
             ffn.up.bias[idx] = bank.b_in.reshape(hidden)
         if ffn.down.bias is not None:
-            ffn.down.bias.copy_(moe.shared.bias if isinstance(moe.shared, OutputBias) else 0.0)
+            if isinstance(moe.shared, OutputBias):
+                ffn.down.bias.copy_(moe.shared.bias)
+            else:
+                ffn.down.bias.zero_()
     return ffn
 
 
@@ -289,7 +294,9 @@ def moefy(
                 stats[i] = train_mlp_router(moe.router, x, target, epochs=router_epochs, seed=seed)
             else:
                 with torch.no_grad():
-                    stats[i] = {"recall": router_recall(x @ moe.router.keys().t(), target, top_k)}
+                    # router "emoe" (the other RouterKind): make_router built a KeyRouter
+                    keys = cast(KeyRouter, moe.router).keys()
+                    stats[i] = {"recall": router_recall(x @ keys.t(), target, top_k)}
         out.body.layers[i].ffn = moe
     return out, stats
 
@@ -304,7 +311,8 @@ def set_top_k(model: nn.Module, top_k: int) -> None:
     for moe in moe_layers(model):
         if not 1 <= top_k <= moe.num_experts:
             raise ValueError(f"set_top_k: top_k must be in [1, {moe.num_experts}], got {top_k}")
-        moe.router.top_k = top_k
+        # a MoEfied FFN's router comes from make_router: one of the RouterKinds
+        cast(KeyRouter | MLPRouter, moe.router).top_k = top_k
 
 
 def moefy_like(

@@ -11,15 +11,18 @@ targets scaled to [0, 1], as in MoEfication's released code; Zhang et al., 2022)
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from brickwork.nn.routing import MLPRouter
 
 
-def expert_activation_sums(x: Tensor, w_up: Tensor, b_up: Tensor | None, partition: Tensor, act: nn.Module) -> Tensor:
+def expert_activation_sums(
+    x: Tensor, w_up: Tensor, b_up: Tensor | None, partition: Tensor, act: Callable[[Tensor], Tensor]
+) -> Tensor:
     """(N, E) sum over each expert's neurons of the positive part of their activation.
 
     Args:

@@ -26,6 +26,9 @@ class SelectionBias(nn.Module):
         rate: update speed ``u`` (DeepSeek-V3 uses 1e-3).
     """
 
+    bias: Tensor
+    pending_load: Tensor
+
     def __init__(self, num_experts: int, rate: float, device: torch.device | str | None = None) -> None:
         super().__init__()
         if rate <= 0:

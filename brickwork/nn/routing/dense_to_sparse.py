@@ -21,6 +21,7 @@ tanh or sigmoid; the identity fails the condition) restores polynomial rates. Ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -35,7 +36,12 @@ from brickwork.registry import register
 
 GateActivation = Literal["none", "tanh", "sigmoid", "gelu", "softplus"]
 
-_ACTS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "softplus": F.softplus}
+_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "softplus": F.softplus,
+}
 
 
 @register("router", "dense_to_sparse")

@@ -51,6 +51,8 @@ class HashRouter(nn.Module):
         (..., D) -> :class:`Routing` over N = prod(...) tokens.
     """
 
+    planes: Tensor
+
     def __init__(
         self,
         dim: int,
