@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from brickwork.nn.exits import EarlyExit
+from brickwork.nn.modes import evaluating
 from brickwork.nn.nested import NestedModel
 from brickwork.nn.stack import StackModel
 
@@ -113,15 +114,8 @@ class FlopMeter:
 @contextmanager
 def _evaluating(*modules: nn.Module) -> Iterator[None]:
     """Eval mode and no autograd inside; every module's own mode restored afterwards."""
-    modes = [(m, m.training) for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was in modes:
-            m.train(was)
+    with evaluating(*modules), torch.no_grad():
+        yield
 
 
 def _metered(fn: Callable[..., Any], *args: Any) -> tuple[Any, FlopMeter]:

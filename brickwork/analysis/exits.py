@@ -21,6 +21,7 @@ from brickwork.analysis.compute import StackFlops
 from brickwork.data.base import Split
 from brickwork.data.batching import input_batches
 from brickwork.nn.exits import EarlyExit, ExitPolicy, choose_exit
+from brickwork.nn.modes import evaluating
 
 
 @torch.no_grad()
@@ -30,12 +31,8 @@ def exit_outputs(model: EarlyExit, split: Split, batch_size: int, device: str) -
     Returns:
         One (N, ...) tensor per exit, then the final head's, e.g. (N, K) or (N, T, V).
     """
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         outs = [[z.cpu() for z in model.all_exits(x)] for x in input_batches(split.x, batch_size, device=device)]
-    finally:
-        model.train(was)
     return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
@@ -95,16 +92,12 @@ def select(sweep: list[dict[str, Any]], max_drop: float, target_saving: float | 
 @torch.no_grad()
 def exit_shares(model: EarlyExit, split: Split, batch_size: int, device: str) -> dict[int, float]:
     """Share of samples leaving after each body layer, by the compacting forward at the current threshold."""
-    was = model.training
-    model.eval()
     layers = []
-    try:
+    with evaluating(model):
         for x in input_batches(split.x, batch_size, device=device):
             model(x)
             assert model.record is not None
             layers.append(model.record.layer.cpu())
-    finally:
-        model.train(was)
     every = torch.cat(layers)
     return {int(v): float((every == v).float().mean()) for v in every.unique()}
 

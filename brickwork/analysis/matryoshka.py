@@ -13,6 +13,7 @@ import torch
 
 from brickwork.data.base import Split
 from brickwork.data.batching import batches
+from brickwork.nn.modes import evaluating
 from brickwork.nn.nested import NestedModel, matryoshka_sizes, prefix
 
 
@@ -25,9 +26,7 @@ def matryoshka_accuracy(
     The representation is (B, C, H, W) for convolutional bodies (channels are the prefix) or
     (B, D); the sizes are those :func:`~brickwork.nn.nested.matryoshka_sizes` trains.
     """
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         hs = [(model.hidden(x), y) for x, y in batches(data.x, data.y, batch_size, device=device)]
         full = hs[0][0].shape[1] if hs[0][0].dim() == 4 else hs[0][0].shape[-1]
         rows = []
@@ -35,5 +34,3 @@ def matryoshka_accuracy(
             hit = sum(int((model.head(prefix(h, m)).argmax(-1) == y).sum()) for h, y in hs)
             rows.append({"size": m, "accuracy": hit / sum(y.numel() for _, y in hs)})
         return rows
-    finally:
-        model.train(was)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from brickwork.analysis.clustering import coactivation_counts, partition_to_labels, random_partition
 from brickwork.analysis.routing import class_expert_counts, specialisation
+from brickwork.nn.modes import evaluating
 from brickwork.nn.records import collect_records
 from brickwork.nn.routing.types import RoutingRecord
 
@@ -96,9 +97,7 @@ def routing_by_class(
     g = torch.Generator().manual_seed(seed)
     true: dict[str, Tensor] = {}
     shuffled: dict[str, Tensor] = {}
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for x, y in batches:
             model(x)
             y_perm = y[torch.randperm(len(y), generator=g)]
@@ -107,8 +106,6 @@ def routing_by_class(
                     for acc, lab in ((true, y), (shuffled, y_perm)):
                         c = class_expert_counts(rec, lab, num_classes)
                         acc[path] = acc[path] + c if path in acc else c
-    finally:
-        model.train(was)
     return {
         path: {
             "fractions": specialisation(c),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.modes import evaluating
 from brickwork.nn.records import collect_records
 from brickwork.nn.routing.types import RoutingRecord
 
@@ -113,18 +114,14 @@ def expert_specialisation(
     Returns:
         ``{module path: (num_classes, E) float64 tensor}``.
     """
-    was_training = model.training
-    model.eval()
     totals: dict[str, Tensor] = {}
-    try:
+    with evaluating(model):
         for inputs, labels in batches:
             model(inputs)
             for path, rec in collect_records(model).items():
                 if isinstance(rec, RoutingRecord):
                     c = class_expert_counts(rec, labels, num_classes)
                     totals[path] = totals[path] + c if path in totals else c
-    finally:
-        model.train(was_training)
     return {path: specialisation(c) for path, c in totals.items()}
 
 

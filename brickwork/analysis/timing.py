@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.modes import evaluating
+
 Clock = Callable[[], float]
 """Seconds, monotonic (``time.perf_counter``)."""
 
@@ -169,12 +171,8 @@ def measure_latency(
 
     The model's training mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         seconds = interleaved({"model": lambda: model(x)}, repeats=repeats, warmup=warmup, clock=clock)["model"]
-    finally:
-        model.train(was_training)
     return seconds / x.shape[0]
 
 

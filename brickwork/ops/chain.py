@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brickwork.nn.modes import evaluating
 from brickwork.nn.stack import Stack, StackModel
 
 Chain = tuple[int, ...]
@@ -55,17 +56,13 @@ def chain_cost(chain: Sequence[int], costs: Sequence[float]) -> float:
 @torch.no_grad()
 def chain_correct(model: StackModel, chain: Sequence[int], x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
     """Per-sample accuracy of ``model`` along ``chain``, (N,) floats (per-token mean for (N, T) targets)."""
-    was = model.training
-    model.eval()
     out = []
-    try:
+    with evaluating(model):
         for s in range(0, len(x), batch_size):
             h = model.body(model.stem(x[s : s + batch_size]), chain=chain)
             pred = model.head(h).argmax(-1)
             hit = (pred == y[s : s + batch_size]).float()
             out.append(hit.reshape(hit.shape[0], -1).mean(1))
-    finally:
-        model.train(was)
     return torch.cat(out)
 
 
@@ -254,9 +251,7 @@ def layer_importance(model: StackModel, batches: Iterable[Tensor], part: Part = 
     """
     n = len(model.body)
     sums, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for x in batches:
             h = model.stem(x)
             for i, layer in enumerate(model.body.layers):
@@ -272,8 +267,6 @@ def layer_importance(model: StackModel, batches: Iterable[Tensor], part: Part = 
                     sums[i] += total
                     count[i] += vectors
                 h = nxt
-    finally:
-        model.train(was)
     return (sums / count.clamp_min(1)).tolist()
 
 

@@ -35,6 +35,7 @@ from brickwork.analysis.clustering import check_partition, coactivation_partitio
 from brickwork.kernels import GroupedBackend, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
+from brickwork.nn.modes import evaluating
 from brickwork.nn.moe import MoE
 from brickwork.nn.routing import KeyRouter, MLPRouter, MoESettings, build_router
 from brickwork.nn.stack import StackModel
@@ -197,19 +198,17 @@ def ffn_inputs(
         f.register_forward_hook(lambda _m, args, _o, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1])))
         for i, f in ffns.items()
     ]
-    was = model.training
-    model.eval()
-    try:
-        total = 0
-        for x in batches:
-            model(x)
-            total = sum(len(t) for t in seen[next(iter(seen))])
-            if total >= max_tokens:
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    with evaluating(model):
+        try:
+            total = 0
+            for x in batches:
+                model(x)
+                total = sum(len(t) for t in seen[next(iter(seen))])
+                if total >= max_tokens:
+                    break
+        finally:
+            for h in hooks:
+                h.remove()
     return {i: torch.cat(v)[:max_tokens] for i, v in seen.items()}
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from brickwork.analysis.clustering import cluster_units
+from brickwork.nn.modes import evaluating
 from brickwork.nn.sparse import GroupLinear, Rewiring, in_degree, top_k
 from brickwork.registry import register
 
@@ -166,56 +167,54 @@ def plan_sparsify(
 ) -> tuple[nn.Module, list[LayerChoice]]:
     """Choose groups and connectivity; returns a *copy* of ``model`` with the unit permutations applied."""
     model = copy.deepcopy(model)
-    was_training = model.training
-    model.eval()
-    paths = linear_targets(model, groups, include, exclude)
-    if not paths:
-        raise ValueError(
-            f"sparsify: no nn.Linear with widths divisible by {groups} matches include={include} "
-            f"exclude={list(exclude)}"
-        )
-    k = in_degree(density, 1.0, groups)
-    all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    ins, outs, first = _record(model, paths, batches, max_samples)
-    # The linear right after each target, in module order, if the hidden units between them can move.
-    consumer: dict[str, str] = {}
-    for p in paths:
-        i = all_linear.index(p)
-        if i + 1 < len(all_linear) and _permutable(
-            model,
-            cast(nn.Linear, model.get_submodule(p)),
-            cast(nn.Linear, model.get_submodule(all_linear[i + 1])),
-            first,
-        ):
-            consumer[p] = all_linear[i + 1]
-    out_perm = {p: cluster_units(outs[p], groups, seed) for p in consumer}
-    absorbed = {c: p for p, c in consumer.items()}  # consumer path -> producer path
-    choices = []
-    for p in paths:
-        layer = cast(nn.Linear, model.get_submodule(p))  # paths are nn.Linear (linear_targets)
-        d_in = layer.in_features
-        if p in absorbed and absorbed[p] in out_perm:
-            upstream = out_perm[absorbed[p]]
-            x, in_perm = ins[p][:, upstream], torch.arange(d_in)
-        else:
-            upstream, in_perm = None, cluster_units(ins[p], groups, seed)
-            x = ins[p][:, in_perm]
-        w = layer.weight.float().cpu()
-        w = w if upstream is None else w[:, upstream]
-        y, perm = outs[p], out_perm.get(p)
-        if perm is not None:
-            w, y = w[perm], y[:, perm]
-        w_in = w[:, in_perm] if upstream is None else w
-        scores = _group_scores(w_in, x, y, groups, criterion)
-        sources = top_k(scores, k)
-        block_mass = w_in.view(groups, -1, groups, d_in // groups).square().sum((1, 3))
-        kept = float(block_mass.gather(1, sources).sum() / block_mass.sum().clamp_min(1e-30))
-        choices.append(LayerChoice(p, groups, sources, in_perm, perm, kept))
-    for c in choices:  # absorb the output permutations into the dense weights of the copy
-        if c.out_perm is not None:
-            producer, after = model.get_submodule(c.path), model.get_submodule(consumer[c.path])
-            _permute(cast(nn.Linear, producer), cast(nn.Linear, after), c.out_perm)
-    model.train(was_training)
+    with evaluating(model):
+        paths = linear_targets(model, groups, include, exclude)
+        if not paths:
+            raise ValueError(
+                f"sparsify: no nn.Linear with widths divisible by {groups} matches include={include} "
+                f"exclude={list(exclude)}"
+            )
+        k = in_degree(density, 1.0, groups)
+        all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        ins, outs, first = _record(model, paths, batches, max_samples)
+        # The linear right after each target, in module order, if the hidden units between them can move.
+        consumer: dict[str, str] = {}
+        for p in paths:
+            i = all_linear.index(p)
+            if i + 1 < len(all_linear) and _permutable(
+                model,
+                cast(nn.Linear, model.get_submodule(p)),
+                cast(nn.Linear, model.get_submodule(all_linear[i + 1])),
+                first,
+            ):
+                consumer[p] = all_linear[i + 1]
+        out_perm = {p: cluster_units(outs[p], groups, seed) for p in consumer}
+        absorbed = {c: p for p, c in consumer.items()}  # consumer path -> producer path
+        choices = []
+        for p in paths:
+            layer = cast(nn.Linear, model.get_submodule(p))  # paths are nn.Linear (linear_targets)
+            d_in = layer.in_features
+            if p in absorbed and absorbed[p] in out_perm:
+                upstream = out_perm[absorbed[p]]
+                x, in_perm = ins[p][:, upstream], torch.arange(d_in)
+            else:
+                upstream, in_perm = None, cluster_units(ins[p], groups, seed)
+                x = ins[p][:, in_perm]
+            w = layer.weight.float().cpu()
+            w = w if upstream is None else w[:, upstream]
+            y, perm = outs[p], out_perm.get(p)
+            if perm is not None:
+                w, y = w[perm], y[:, perm]
+            w_in = w[:, in_perm] if upstream is None else w
+            scores = _group_scores(w_in, x, y, groups, criterion)
+            sources = top_k(scores, k)
+            block_mass = w_in.view(groups, -1, groups, d_in // groups).square().sum((1, 3))
+            kept = float(block_mass.gather(1, sources).sum() / block_mass.sum().clamp_min(1e-30))
+            choices.append(LayerChoice(p, groups, sources, in_perm, perm, kept))
+        for c in choices:  # absorb the output permutations into the dense weights of the copy
+            if c.out_perm is not None:
+                producer, after = model.get_submodule(c.path), model.get_submodule(consumer[c.path])
+                _permute(cast(nn.Linear, producer), cast(nn.Linear, after), c.out_perm)
     return model, choices
 
 
