@@ -16,8 +16,9 @@ from torch import nn
 
 @contextmanager
 def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; the ``training`` flag of every module and of each of its
-    submodules restored afterwards, on error too.
+    """Eval mode inside the block; every submodule's own ``training`` flag restored after it.
+
+    Restored on error too.
 
     Restoring each submodule's own flag (not ``model.train(was)``, which sets every child to the
     parent's mode) keeps a part the caller froze in eval mode (a teacher, a frozen substrate, a
