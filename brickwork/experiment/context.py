@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any, Literal
 
-from pydantic import Field
 from torch import nn
 
 from brickwork.data.base import Dataset
 
 #: The evaluation split a stage measures on, as a config names it.
-SplitName = Annotated[str, Field(pattern="^(val|test)$")]
+SplitName = Literal["val", "test"]
 
 
 @dataclass

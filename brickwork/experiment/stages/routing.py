@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from brickwork.analysis.routing import expert_specialisation, plot_routing_heatmap, routing_stats
-from brickwork.experiment.context import StageContext
+from brickwork.experiment.context import SplitName, StageContext
 from brickwork.nn.records import collect_records
 from brickwork.nn.routing.types import RoutingRecord
 from brickwork.registry import register
@@ -18,7 +18,7 @@ from brickwork.registry import register
 def routing_stage(
     ctx: StageContext,
     /,
-    split: Annotated[str, Field(pattern="^(val|test)$")] = "test",
+    split: SplitName = "test",
     batch_size: Annotated[int, Field(ge=1)] = 256,
     max_samples: Annotated[int, Field(ge=1)] = 2048,
 ) -> None:
