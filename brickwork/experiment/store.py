@@ -8,16 +8,24 @@ gap. WAL lets ``brickwork runs`` read while a run is writing.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from brickwork.errors import BrickworkError, RunNotFoundError
+from brickwork.experiment.owner import Owner, lock_held
+
+T = TypeVar("T")
+
+# The schema's version, in ``PRAGMA user_version``. 0 is the unversioned schema of earlier
+# releases (no owner columns, run folders relative to the working directory of the run).
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -29,15 +37,24 @@ CREATE TABLE IF NOT EXISTS runs (
     dir      TEXT NOT NULL,
     config   TEXT NOT NULL,
     metrics  TEXT NOT NULL DEFAULT '{}',
-    error    TEXT
+    error    TEXT,
+    pid      INTEGER,
+    host     TEXT,
+    pid_started REAL
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
 """
 
+_OWNER_COLUMNS = ("pid INTEGER", "host TEXT", "pid_started REAL")
+
 
 @dataclass
 class RunRecord:
-    """One row of the store, with JSON columns decoded."""
+    """One row of the store, with JSON columns decoded.
+
+    ``status`` is ``stale`` (never stored) for a run recorded as ``running`` whose owning
+    process is gone: killed, or its machine rebooted. It can be resumed.
+    """
 
     id: str
     name: str
@@ -48,29 +65,77 @@ class RunRecord:
     config: dict[str, Any]
     metrics: dict[str, Any]
     error: str | None
+    owner: Owner | None = None
 
     @property
     def seconds(self) -> float | None:
         return None if self.ended is None else self.ended - self.started
 
 
-class RunStore:
-    """Runs in ``root/runs.db``; run folders live beside it in ``root/<id>/``."""
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+
+class RunStore:
+    """Runs in ``root/runs.db``; run folders live beside it in ``root/<id>/``.
+
+    Args:
+        root: the store's folder (created when missing and writable).
+        read_only: open without writing anything; by default when the folder or the database
+            file is not writable, so a store on a read-only mount can still be listed.
+        timeout: SQLite's own wait for a lock, per attempt (seconds).
+        patience: how long a locked store is retried, with backoff, before it is reported.
+    """
+
+    def __init__(
+        self, root: str | Path, *, read_only: bool | None = None, timeout: float = 30, patience: float = 120
+    ) -> None:
+        # Absolute, so a run's folder is the same whichever directory a later command runs in.
+        self.root = Path(root).resolve()
         self.path = self.root / "runs.db"
+        self.timeout, self.patience = timeout, patience
+        if read_only is None:
+            parent = self.root if self.root.exists() else next(p for p in self.root.parents if p.exists())
+            read_only = not _writable(parent) or (self.path.exists() and not _writable(self.path))
+        self.read_only = read_only
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         try:
-            with self._connect() as db:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
+            self.version = self._retry(self._open)
         except sqlite3.DatabaseError as e:
             raise BrickworkError(f"{self.path}: not a readable brickwork run store ({e})") from None
 
+    def _open(self) -> int:
+        """Check the schema's version; create or migrate it unless the store is read-only."""
+        if self.read_only and not self.path.exists():
+            return SCHEMA_VERSION  # nothing recorded yet, and nothing may be written
+        with self._connect() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BrickworkError(
+                    f"{self.path}: run store schema version {version} was written by a newer brickwork "
+                    f"(this one reads up to {SCHEMA_VERSION}); upgrade brickwork to use it"
+                )
+            if self.read_only or version == SCHEMA_VERSION:
+                return int(version)
+            db.execute("PRAGMA journal_mode=WAL")
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see version 1
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                _migrate_0_to_1(db, self.root)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return SCHEMA_VERSION
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        if self.read_only:
+            # mode=ro never writes; immutable=1 is needed to read a WAL store whose folder is read-only
+            # (no -shm file can be made there), and is safe because no one can be writing it.
+            uri = f"{self.path.as_uri()}?mode=ro" + ("&immutable=1" if not _writable(self.root) else "")
+            db = sqlite3.connect(uri, uri=True, timeout=self.timeout)
+        else:
+            db = sqlite3.connect(self.path, timeout=self.timeout)
         db.row_factory = sqlite3.Row
         try:
             with db:  # commits on success, rolls back on error
@@ -78,64 +143,165 @@ class RunStore:
         finally:
             db.close()
 
+    def _retry(self, op: Callable[[], T]) -> T:
+        """Run ``op``, retrying with backoff while another process holds the store's lock.
+
+        A lock held past SQLite's own timeout (a long transaction elsewhere, a stuck process
+        on a network file system) is waited out up to ``patience`` seconds, then reported.
+        """
+        deadline, pause = time.monotonic() + self.patience, 0.05
+        while True:
+            try:
+                return op()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise BrickworkError(
+                        f"{self.path}: the run store is locked by another process ({e}); "
+                        f"gave up after {self.patience:g} s of retries"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self.read_only:
+            raise BrickworkError(f"{self.path}: the run store is read-only; nothing can be recorded in it")
+
+        def op() -> None:
+            with self._connect() as db:
+                db.execute(sql, params)
+
+        self._retry(op)
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        if self.read_only and not self.path.exists():
+            return []
+
+        def op() -> list[sqlite3.Row]:
+            with self._connect() as db:
+                return db.execute(sql, params).fetchall()
+
+        try:
+            return self._retry(op)
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []  # an empty read-only store
+            raise
+
     def new_id(self) -> str:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
     def create(self, run_id: str, name: str, config: dict[str, Any]) -> RunRecord:
-        run_dir = self.root / run_id
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO runs (id, name, status, started, dir, config) VALUES (?, ?, 'running', ?, ?, ?)",
-                (run_id, name, time.time(), str(run_dir), json.dumps(config)),
-            )
+        """Record a new run as ``running``, owned by this process; its folder is ``root/run_id``."""
+        me = Owner.current()
+        self._write(
+            "INSERT INTO runs (id, name, status, started, dir, config, pid, host, pid_started)"
+            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            (run_id, name, time.time(), run_id, json.dumps(config), me.pid, me.host, me.started),
+        )
         return self.get(run_id)
+
+    def claim(self, run_id: str) -> None:
+        """Mark a run ``running`` again, owned by this process (a resume); its error is cleared."""
+        me = Owner.current()
+        self._write(
+            "UPDATE runs SET status = 'running', ended = NULL, error = NULL, pid = ?, host = ?, pid_started = ?"
+            " WHERE id = ?",
+            (me.pid, me.host, me.started, run_id),
+        )
 
     def update(
         self, run_id: str, *, status: str | None = None, metrics: dict[str, Any] | None = None, error: str | None = None
     ) -> None:
-        sets, vals = [], []
+        """Change a run's status, metrics or error. A new status replaces the error (None clears it)."""
+        sets: list[str] = []
+        vals: list[Any] = []
         if status is not None:
-            sets += ["status = ?", "ended = ?"]
-            vals += [status, None if status == "running" else time.time()]
+            sets += ["status = ?", "ended = ?", "error = ?"]
+            vals += [status, None if status == "running" else time.time(), error]
+        elif error is not None:
+            sets.append("error = ?")
+            vals.append(error)
         if metrics is not None:
             sets.append("metrics = ?")
             vals.append(json.dumps(metrics, default=float))
-        if error is not None or status == "running":
-            sets.append("error = ?")
-            vals.append(error)
-        with self._connect() as db:
-            db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*vals, run_id))
+        if sets:
+            self._write(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*vals, run_id))
 
     def get(self, ref: str) -> RunRecord:
         """A run by id, unique id prefix, or name (the latest run of that name)."""
-        with self._connect() as db:
-            rows = db.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchall()
-            if not rows:
-                rows = db.execute("SELECT * FROM runs WHERE id LIKE ? ORDER BY started DESC", (ref + "%",)).fetchall()
-                if len(rows) > 1:
-                    ids = ", ".join(r["id"] for r in rows[:5])
-                    raise RunNotFoundError(f"run {ref!r} is ambiguous: it is a prefix of {ids}")
-            if not rows:
-                rows = db.execute("SELECT * FROM runs WHERE name = ? ORDER BY started DESC LIMIT 1", (ref,)).fetchall()
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (ref,))
+        if not rows:
+            # The reference is literal text: escape LIKE's wildcards so `%` or `_` match only themselves.
+            prefix = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = self._rows("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (prefix,))
+            if len(rows) > 1:
+                ids = ", ".join(r["id"] for r in rows[:5])
+                raise RunNotFoundError(f"run {ref!r} is ambiguous: it is a prefix of {ids}")
+        if not rows:
+            rows = self._rows("SELECT * FROM runs WHERE name = ? ORDER BY started DESC LIMIT 1", (ref,))
         if not rows:
             raise RunNotFoundError(f"no run {ref!r} in {self.path}; `brickwork runs` lists them")
-        return _record(rows[0])
+        return self._record(rows[0])
 
     def list(self, limit: int = 50) -> list[RunRecord]:
-        with self._connect() as db:
-            rows = db.execute("SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,)).fetchall()
-        return [_record(r) for r in rows]
+        rows = self._rows("SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,))
+        return [self._record(r) for r in rows]
+
+    def _record(self, row: sqlite3.Row) -> RunRecord:
+        keys = row.keys()
+        owner = None
+        if "pid" in keys and row["pid"] is not None:
+            owner = Owner(int(row["pid"]), str(row["host"]), row["pid_started"])
+        rec = RunRecord(
+            id=row["id"],
+            name=row["name"],
+            status=row["status"],
+            started=row["started"],
+            ended=row["ended"],
+            dir=_run_dir(self.root, row["id"], row["dir"]),
+            config=json.loads(row["config"]),
+            metrics=json.loads(row["metrics"]),
+            error=row["error"],
+            owner=owner,
+        )
+        if rec.status == "running" and not _owner_alive(rec):
+            rec.status = "stale"
+        return rec
 
 
-def _record(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        id=row["id"],
-        name=row["name"],
-        status=row["status"],
-        started=row["started"],
-        ended=row["ended"],
-        dir=Path(row["dir"]),
-        config=json.loads(row["config"]),
-        metrics=json.loads(row["metrics"]),
-        error=row["error"],
-    )
+def _run_dir(root: Path, run_id: str, stored: str) -> Path:
+    """A run's folder from its ``dir`` column: absolute, relative to the store, or (schema 0)
+    relative to the working directory of the run, which ends in the run's id."""
+    path = Path(stored)
+    if path.is_absolute():
+        return path
+    if path.name == run_id:
+        return root / run_id
+    return root / path
+
+
+def _owner_alive(rec: RunRecord) -> bool:
+    """Whether a ``running`` run still has a live owner; unknowable cases count as alive."""
+    held = lock_held(rec.dir)
+    if held is not None:
+        return held
+    alive = None if rec.owner is None else rec.owner.alive()
+    return alive is not False
+
+
+def _migrate_0_to_1(db: sqlite3.Connection, root: Path) -> None:
+    """Schema 0 -> 1: owner columns; run folders stored relative to the store, not the old cwd."""
+    columns = {r["name"] for r in db.execute("PRAGMA table_info(runs)")}
+    if not columns:  # a new store
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+        return
+    for col in _OWNER_COLUMNS:
+        if col.split()[0] not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {col}")
+    for row in db.execute("SELECT id, dir FROM runs").fetchall():
+        if not Path(row["dir"]).is_absolute() and Path(row["dir"]).name == row["id"]:
+            db.execute("UPDATE runs SET dir = ? WHERE id = ?", (row["id"], row["id"]))
