@@ -6,11 +6,9 @@ import torch
 from torch import nn
 
 from brickwork.analysis.clustering import (
-    balanced_kmeans,
     check_partition,
     coactivation_partition,
     kmeans_partition,
-    labels_to_partition,
 )
 from brickwork.analysis.embedding_eval import module_flops
 from brickwork.nn import FeedForward, MultiHeadAttention, PostNormBlock, Stack, StackModel
@@ -77,21 +75,6 @@ def test_partitions_are_balanced_disjoint_covers():
         check_partition(part, H)  # raises unless every neuron is in exactly one expert
     with pytest.raises(ValueError, match="disjoint cover"):
         check_partition(torch.zeros(8, H // 8, dtype=torch.long), H)
-
-
-def test_balanced_kmeans_is_balanced_and_recovers_planted_groups():
-    centers = torch.eye(4) * 10
-    sizes = [10, 10, 10, 10]
-    points = torch.cat([c + 0.1 * torch.randn(n, 4) for c, n in zip(centers, sizes, strict=True)])
-    labels = balanced_kmeans(points, 4, seed=1)
-    assert torch.bincount(labels).tolist() == [10, 10, 10, 10]
-    for g in range(4):  # each planted group lands in one cluster
-        assert labels[g * 10 : (g + 1) * 10].unique().numel() == 1
-    # Unbalanced data is still split into equal groups (the constraint binds).
-    skewed = torch.cat([torch.zeros(30, 2), torch.ones(10, 2) * 5]) + 0.01 * torch.randn(40, 2)
-    assert torch.bincount(balanced_kmeans(skewed, 4)).tolist() == [10, 10, 10, 10]
-    with pytest.raises(ValueError):
-        labels_to_partition(torch.tensor([0, 0, 1]), 2)
 
 
 def test_moefy_copies_and_dense_ffn_inverts_exactly():

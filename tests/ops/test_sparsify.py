@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from brickwork.analysis.clustering import cluster_units
 from brickwork.models.mlp import mlp
 from brickwork.nn import FeedForward
 from brickwork.nn.sparse import GroupLinear
@@ -56,16 +55,6 @@ def test_copies_and_keeps_the_heaviest_blocks():
     _, choices = plan_sparsify(model, [x], groups=4, density=0.5, criterion="weight")
     for c in choices:
         assert 0.5 <= c.kept_mass < 1.0  # the two heaviest of four blocks hold at least half the mass
-
-
-def test_cluster_units_recovers_planted_ensembles():
-    gen = torch.Generator().manual_seed(0)
-    latent = torch.randn(500, 4, generator=gen)
-    acts = latent.repeat_interleave(6, dim=1) + 0.3 * torch.randn(500, 24, generator=gen)
-    shuffle = torch.randperm(24, generator=gen)
-    perm = cluster_units(acts[:, shuffle], 4)
-    planted = (shuffle // 6)[perm].view(4, 6)  # the ensemble of each unit, by found group
-    assert all(len(set(row)) == 1 for row in planted.tolist())
 
 
 def test_registered_as_an_op():
