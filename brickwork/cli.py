@@ -18,10 +18,6 @@ from typing import NoReturn
 from brickwork._version import __version__
 from brickwork.errors import BrickworkError
 
-# Modules of brickwork.bench that are helpers, not benchmarks.
-_BENCH_HELPERS = {"machine", "timing"}
-
-
 def _modules(package: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
     import importlib
     import pkgutil
@@ -32,7 +28,7 @@ def _modules(package: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
 
 def benches() -> list[str]:
     """Names of the benchmarks: modules of ``brickwork.bench`` with a ``main(argv)``."""
-    return [n.replace("_", "-") for n in _modules("brickwork.bench", _BENCH_HELPERS)]
+    return [n.replace("_", "-") for n in _modules("brickwork.bench")]
 
 
 def _parser() -> argparse.ArgumentParser:
