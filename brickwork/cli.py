@@ -18,6 +18,7 @@ from typing import NoReturn
 from brickwork._version import __version__
 from brickwork.errors import BrickworkError
 
+
 def _modules(package: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
     import importlib
     import pkgutil
