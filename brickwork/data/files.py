@@ -31,6 +31,7 @@ from brickwork.data.base import Dataset, Fraction, Split, check_fractions, split
 from brickwork.errors import DataError, close_matches
 from brickwork.registry import register
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 NPZ_HINT = "an .npz archive with arrays x (N, ...) and y (N,), e.g. numpy.savez(path, x=x, y=y)"
 
 
@@ -51,27 +52,69 @@ def check_file(path: str) -> Path:
     return p
 
 
-def encode_labels(labels: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+def _index(flat: int, shape: tuple[int, ...]) -> str:
+    """``flat`` as the index ``[i, j, ...]`` of an array of ``shape``, for error messages."""
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+def to_float32(x: np.ndarray, where: str, name: str = "x") -> np.ndarray:
+    """``x`` cast to float32, refused if any value is NaN or infinite *after* the cast.
+
+    The check follows the cast because a float64 like ``1e300`` is finite but becomes
+    ``inf`` in float32, which a model would then train on.
+
+    Raises:
+        DataError: naming ``where``, the array and the first bad index.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(cast)
+    if bad.any():
+        flat = int(np.flatnonzero(bad)[0])
+        value = x.reshape(-1)[flat].item()
+        raise DataError(
+            f"{where}: {name}{_index(flat, x.shape)} = {value!r} is NaN, infinite or beyond float32's range "
+            f"(|x| <= {_FLOAT32_MAX:.3g}); expected finite numbers"
+        )
+    return cast
+
+
+# Floats in [-2**63, 2**63) are exactly the integral floats that int64 holds; 2**63 itself does not fit.
+_INT64_LIMIT = float(2**63)
+
+
+def encode_labels(labels: np.ndarray, where: str, name: str = "y") -> tuple[np.ndarray, list[str]]:
     """Map arbitrary class labels (N,) to int64 ids 0..K-1 in sorted order.
 
     Args:
         labels: integers, integral floats, booleans or strings.
-        where: the file (and array) named in errors.
+        where: the file named in errors.
+        name: the array (or column) named in errors.
 
     Returns:
         ids int64 (N,) and the K distinct labels as strings, in id order.
 
     Raises:
-        DataError: labels are fractional or non-finite numbers, or of another kind.
+        DataError: labels are fractional or non-finite numbers, not exactly representable as
+            int64 (distinct labels would merge in the cast), or of another kind; the message
+            names the first bad index.
     """
     if labels.dtype.kind == "f":
-        if not np.isfinite(labels).all():
-            raise DataError(f"{where}: labels contain NaN or infinity; expected class labels")
-        if not (labels == np.round(labels)).all():
-            raise DataError(f"{where}: labels are fractional numbers; expected class labels (integers or text)")
+        checks = (
+            (~np.isfinite(labels), "labels contain NaN or infinity"),
+            (labels != np.round(labels), "labels are fractional numbers"),
+            ((labels < -_INT64_LIMIT) | (labels >= _INT64_LIMIT), "labels are beyond int64's range (they would merge)"),
+        )
+        for bad, what in checks:
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{where}: {what}, first at {name}[{i}] = {labels[i].item()!r}; expected class labels "
+                    "(integers exactly representable as int64, or text)"
+                )
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "biuUS":
-        raise DataError(f"{where}: labels have dtype {labels.dtype}; expected integers or strings")
+        raise DataError(f"{where}: {name} has dtype {labels.dtype}; expected integers or strings")
     values, ids = np.unique(labels, return_inverse=True)
     return ids.astype(np.int64).reshape(-1), [str(v) for v in values.tolist()]
 
@@ -87,11 +130,8 @@ def _dataset(
 ) -> Dataset:
     """Seeded split of features ``x`` (N, ...) and raw labels ``y`` (N,) into a Dataset."""
     check_fractions(val_fraction, test_fraction)
-    if not np.isfinite(x).all():
-        row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0])
-        raise DataError(f"{where}: x has a NaN or infinite value in sample {row}; expected finite numbers")
+    xt = torch.from_numpy(to_float32(x, where))
     ids, classes = encode_labels(y, where)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(ids)
     tr, va, te = split_indices(len(xt), val_fraction, test_fraction, seed)
     if len(tr) == 0:
@@ -222,17 +262,40 @@ def read_csv(path: str, label: str, delimiter: str = ",") -> tuple[np.ndarray, n
         for j, i in enumerate(features):
             cell = row[i].strip()
             try:
-                x[n, j] = float(cell)
+                value = float(cell)
             except ValueError:
                 raise DataError(
                     f"{path}: line {line}, column {header[i]!r}: {cell!r} is not a number; "
                     f"expected every column but the label {label!r} to hold numbers"
                 ) from None
+            with np.errstate(over="ignore"):
+                finite = bool(np.isfinite(np.float32(value)))  # checked after the cast, as for npz
+            if not finite:
+                raise DataError(
+                    f"{path}: line {line}, column {header[i]!r}: {cell!r} is NaN, infinite or beyond float32's "
+                    f"range (|x| <= {_FLOAT32_MAX:.3g}); expected finite numbers"
+                )
+            x[n, j] = value
+    return x, _csv_labels(path, label, labels, [line for _, line in rows[1:]]), [header[i] for i in features]
+
+
+def _csv_labels(path: str, label: str, labels: list[str], lines: list[int]) -> np.ndarray:
+    """Integer labels int64 (N,) when every label parses as an integer, else the text (N,).
+
+    Raises:
+        DataError: an integer label does not fit in int64 (it would wrap or merge with another).
+    """
     try:
-        y = np.array([int(v) for v in labels], dtype=np.int64)
+        ints = [int(v) for v in labels]
     except ValueError:
-        y = np.array(labels, dtype=str)
-    return x, y, [header[i] for i in features]
+        return np.array(labels, dtype=str)
+    for v, line in zip(ints, lines, strict=True):
+        if not -(2**63) <= v < 2**63:
+            raise DataError(
+                f"{path}: line {line}, column {label!r}: {v} is beyond int64's range; "
+                "expected integer class labels that int64 holds, or text"
+            )
+    return np.array(ints, dtype=np.int64)
 
 
 @register("dataset", "csv", injected=("seed",))

@@ -140,3 +140,56 @@ def test_csv_ragged_row_and_no_rows() -> None:
     with open("h.csv", "w") as f:
         f.write("a,label\n")
     assert "has a header but no data rows" in _error(csv, path="h.csv", label="label")
+
+
+# ------------------------------------------------- values that change meaning when cast
+
+
+def test_npz_features_are_checked_after_the_cast_to_float32() -> None:
+    # 1e300 is finite in float64 but inf in float32: it must be refused, not trained on as inf.
+    x = np.zeros((4, 3))
+    x[2, 1] = 1e300
+    np.savez("big.npz", x=x, y=np.arange(4) % 2)
+    msg = _error(npz, path="big.npz")
+    assert "big.npz" in msg and "x[2, 1]" in msg and "float32" in msg
+    x[2, 1] = np.nan
+    np.savez("nan.npz", x=x, y=np.arange(4) % 2)
+    assert "x[2, 1]" in _error(npz, path="nan.npz")
+
+
+def test_npz_labels_that_merge_in_the_cast_to_int64_are_refused() -> None:
+    # 1e20 and 1e20 + 2**40 are distinct float64 values; both overflow int64 and would merge.
+    y = np.array([0.0, 1e20, 1e20 + 2**40, 0.0])
+    np.savez("collide.npz", x=np.zeros((4, 2)), y=y)
+    msg = _error(npz, path="collide.npz")
+    assert "collide.npz" in msg and "y[1]" in msg and "int64" in msg
+
+
+def test_npz_fractional_and_non_finite_labels_name_the_first_bad_index() -> None:
+    np.savez("frac.npz", x=np.zeros((3, 1)), y=np.array([1.0, 2.0, 2.5]))
+    msg = _error(npz, path="frac.npz")
+    assert "y[2]" in msg and "fractional" in msg
+    np.savez("nanlab.npz", x=np.zeros((3, 1)), y=np.array([1.0, np.nan, 2.0]))
+    assert "y[1]" in _error(npz, path="nanlab.npz")
+
+
+def test_npz_integral_float_labels_still_work() -> None:
+    np.savez("ok.npz", x=np.zeros((4, 1)), y=np.array([3.0, -1.0, 3.0, 2.0**62]))
+    assert npz(path="ok.npz", seed=0, val_fraction=0.0, test_fraction=0.0).classes == ["-1", "3", str(2**62)]
+
+
+def test_csv_cell_that_overflows_float32_names_line_and_column() -> None:
+    with open("big.csv", "w") as f:
+        f.write("a,b,label\n1,2,x\n3,1e300,y\n")
+    msg = _error(csv, path="big.csv", label="label")
+    assert "line 3, column 'b'" in msg and "float32" in msg
+    with open("nan.csv", "w") as f:
+        f.write("a,label\nnan,x\n")
+    assert "line 2, column 'a'" in _error(csv, path="nan.csv", label="label")
+
+
+def test_csv_integer_label_beyond_int64_names_line_and_column() -> None:
+    with open("huge.csv", "w") as f:
+        f.write("a,label\n1,3\n2,100000000000000000000\n")
+    msg = _error(csv, path="huge.csv", label="label")
+    assert "line 3, column 'label'" in msg and "int64" in msg
