@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,19 +16,32 @@ from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
 from brickwork.data.batching import batches, epoch_order, num_batches
+from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
 from brickwork.train.losses import LossFn
 from brickwork.train.optim import Schedule, lr_factor
 
+#: What a step with a non-finite loss does: ``stop`` the training (the default: a diverged run is
+#: a failed run), or ``skip_batch`` (no update from that batch; training goes on).
+NonFinitePolicy = Literal["stop", "skip_batch"]
+
+
+class NonFiniteLossError(BrickworkError):
+    """Training produced a non-finite loss or non-finite weights; the run has diverged."""
+
 
 @dataclass
 class StepResult:
-    """Scalars from one optimisation step (floats, so logging never holds the graph)."""
+    """Scalars from one optimisation step (floats, so logging never holds the graph).
+
+    ``skipped`` is true when the step's loss was not finite: no gradient was applied.
+    """
 
     loss: float
     aux: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
 
 
 def train_step(
@@ -47,6 +61,10 @@ def train_step(
     ``training_loss(x, y, loss_fn)`` method supplies its own objective (``nn.hooks``). After
     the update, bricks' ``after_step`` / ``set_progress(progress)`` hooks run, and the
     optimizer's state is zeroed where sparse layers regrew weights.
+
+    A non-finite objective (NaN or inf) is checked before the backward pass: nothing is
+    updated and the result says ``skipped``, so the caller decides (stop or go on) with the
+    weights still as they were before the bad batch.
     """
     optimizer.zero_grad(set_to_none=True)
     objective = getattr(model, "training_loss", None)
@@ -56,6 +74,8 @@ def train_step(
     if aux:
         weights = aux_weights or {}
         total = loss + sum(weights.get(k, 1.0) * v for k, v in aux.items())
+    if not math.isfinite(total.item()):
+        return StepResult(loss.item(), {k: v.item() for k, v in aux.items()}, skipped=True)
     total.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -96,6 +116,7 @@ class FitConfig:
     aux_weights: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     device: str = "cpu"
+    nonfinite: NonFinitePolicy = "stop"
 
 
 def show_step(bar: Any, result: StepResult) -> None:
@@ -115,7 +136,16 @@ def run_epoch(
     total_steps: int,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Train over ``data`` once; returns the mean task loss and mean auxiliary losses."""
+    """Train over ``data`` once.
+
+    Returns:
+        The mean task loss and mean auxiliary losses over the batches that were applied; a
+        batch skipped for a non-finite loss (``cfg.nonfinite == "skip_batch"``) reaches
+        ``on_step`` with ``skipped`` set and counts in neither.
+
+    Raises:
+        _NonFiniteStep: a step's loss was not finite and the policy is ``stop``.
+    """
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     loss_sum, n = 0.0, 0
@@ -134,6 +164,12 @@ def run_epoch(
             cfg.grad_clip,
             progress=(step0 + i + 1) / total_steps,
         )
+        if r.skipped:
+            if cfg.nonfinite == "stop":
+                raise _NonFiniteStep(i + 1, r.loss)
+            if on_step is not None:
+                on_step(r)
+            continue
         loss_sum += r.loss
         for k, v in r.aux.items():
             aux_sum[k] = aux_sum.get(k, 0.0) + v
@@ -141,6 +177,24 @@ def run_epoch(
         if on_step is not None:
             on_step(r)
     return loss_sum / max(n, 1), {k: v / max(n, 1) for k, v in aux_sum.items()}
+
+
+class _NonFiniteStep(Exception):
+    """Raised by :func:`run_epoch` at a non-finite step; :func:`fit` adds where it happened."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(step, loss)
+        self.step, self.loss = step, loss
+
+
+def _diverged(desc: str, what: str, policy: NonFinitePolicy) -> NonFiniteLossError:
+    skip = "" if policy == "skip_batch" else ", or set nonfinite: skip_batch on the stage to skip such batches"
+    return NonFiniteLossError(f"{desc}: {what}; training has diverged (lower lr, set grad_clip{skip})")
+
+
+def _nonfinite_weight(model: nn.Module) -> str | None:
+    """Name of the first parameter with a NaN or inf entry, or None."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
 
 
 def fit(
@@ -162,12 +216,19 @@ def fit(
 
     Returns:
         The history: one dict per epoch (``epoch``, ``train_loss``, ``val_loss``,
-        ``val_accuracy``, ``seconds`` and mean auxiliary losses ``aux.<name>``).
+        ``val_accuracy``, ``seconds`` and mean auxiliary losses ``aux.<name>``; with
+        ``cfg.nonfinite == "skip_batch"`` also ``skipped_batches``).
+
+    Raises:
+        NonFiniteLossError: a training loss was NaN or inf (policy ``stop``: before its update,
+            so the last saved state is intact); every batch of an epoch was skipped; or the
+            weights or the validation loss became non-finite. A diverged run never completes.
     """
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if state_path is not None and state_path.with_suffix(".json").exists():
-        done = load_training_state(state_path, model, optimizer)
+        # bound to the seed: another seed's state copied into this folder is refused
+        done = load_training_state(state_path, model, optimizer, expect={"seed": cfg.seed})
         start_epoch, history = done["epoch"], done["history"]
     steps_per_epoch = num_batches(len(train), cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -181,30 +242,59 @@ def fit(
         unit="step",
         dynamic_ncols=True,
     )
+    skips: list[StepResult] = []  # this epoch's steps skipped for a non-finite loss
+
+    def on_step(r: StepResult) -> None:
+        if r.skipped:
+            skips.append(r)
+        show_step(bar, r)
+
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         order = epoch_order(len(train), cfg.seed, epoch)
-        train_loss, aux = run_epoch(
-            model,
-            batches(train.x, train.y, cfg.batch_size, order=order),
-            loss_fn,
-            optimizer,
-            cfg,
-            step0=epoch * steps_per_epoch,
-            total_steps=total,
-            on_step=lambda r: show_step(bar, r),
-        )
+        where = f"epoch {epoch + 1} of {cfg.epochs}"
+        skips.clear()
+        try:
+            train_loss, aux = run_epoch(
+                model,
+                batches(train.x, train.y, cfg.batch_size, order=order),
+                loss_fn,
+                optimizer,
+                cfg,
+                step0=epoch * steps_per_epoch,
+                total_steps=total,
+                on_step=on_step,
+            )
+        except _NonFiniteStep as e:
+            bar.close()
+            raise _diverged(
+                desc,
+                f"non-finite training loss ({e.loss}) at {where}, step {e.step} of {steps_per_epoch}",
+                cfg.nonfinite,
+            ) from None
         seconds = time.perf_counter() - t0
-        val_metrics = evaluate(model, val, loss_fn, device=cfg.device) if len(val) else {}
+        problem = None
+        if len(skips) == steps_per_epoch:
+            problem = f"every batch of {where} had a non-finite loss ({len(skips)} skipped)"
+        elif (name := _nonfinite_weight(model)) is not None:
+            problem = f"non-finite weights in {name} after {where}"
+        val_metrics = evaluate(model, val, loss_fn, device=cfg.device) if len(val) and problem is None else {}
+        if problem is None and not math.isfinite(val_metrics.get("loss", 0.0)):
+            problem = f"non-finite validation loss ({val_metrics['loss']}) after {where}"
+        if problem is not None:
+            bar.close()
+            raise _diverged(desc, problem, cfg.nonfinite)
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "seconds": seconds,
             **{f"val_{k}": v for k, v in val_metrics.items()},
             **{f"aux.{k}": v for k, v in aux.items()},
+            **({"skipped_batches": len(skips)} if cfg.nonfinite == "skip_batch" else {}),
         }
         history.append(row)
         if state_path is not None:
-            save_training_state(state_path, model, optimizer, {"epoch": epoch + 1, "history": history})
+            saved = {"epoch": epoch + 1, "history": history}
+            save_training_state(state_path, model, optimizer, saved, bind={"seed": cfg.seed})
     bar.close()
     return history

@@ -19,7 +19,7 @@ from torch import nn
 
 from brickwork.data.base import Split
 from brickwork.registry import RegistryName
-from brickwork.train.loop import FitConfig, fit
+from brickwork.train.loop import FitConfig, NonFinitePolicy, fit
 from brickwork.train.losses import build_loss
 from brickwork.train.optim import Schedule, build_optimizer
 
@@ -39,6 +39,9 @@ class TrainSettings:
         loss: a registered task loss (``brickwork ls loss``).
         label_smoothing: label smoothing of the loss.
         grad_clip: clip the gradient norm to this value (None: no clipping).
+        nonfinite: what a NaN or inf training loss does: ``stop`` the run (it is recorded as
+            failed, naming the epoch and step) or ``skip_batch`` (that batch is not applied;
+            an epoch in which every batch is skipped still stops the run).
     """
 
     epochs: Annotated[int, pydantic.Field(ge=1)] = 10
@@ -51,6 +54,7 @@ class TrainSettings:
     loss: Annotated[str, RegistryName("loss")] = "cross_entropy"
     label_smoothing: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.0
     grad_clip: Annotated[float, pydantic.Field(gt=0)] | None = None
+    nonfinite: NonFinitePolicy = "stop"
 
     def fit_config(self, *, seed: int, aux_weights: dict[str, float] | None = None, device: str = "cpu") -> FitConfig:
         """The loop's settings: these, with the run's ``seed`` (batch order), device and aux weights."""
@@ -63,6 +67,7 @@ class TrainSettings:
             aux_weights=dict(aux_weights or {}),
             grad_clip=self.grad_clip,
             device=device,
+            nonfinite=self.nonfinite,
         )
 
 
