@@ -27,12 +27,27 @@ from brickwork.analysis.compute import (
     stack_flops,
     subnet_flops,
 )
+from brickwork.analysis.connectivity import (
+    LinearPath,
+    check_same_architecture,
+    evaluate_loss_accuracy,
+    interpolate,
+    linear_path,
+    path_alphas,
+    reset_batch_norm,
+)
 from brickwork.analysis.embedding_eval import EvalSets, embed, probe_accuracy, quality, wordsim_spearman
 from brickwork.analysis.exits import exit_outputs, exit_scores, per_exit, simulate
 from brickwork.analysis.matryoshka import matryoshka_accuracy
 from brickwork.analysis.modularity import layer_modularity, newman_modularity, routing_by_class
 from brickwork.analysis.pareto import pareto_front
-from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops, plot_curves, plot_exit_curves
+from brickwork.analysis.plots import (
+    plot_accuracy_vs,
+    plot_accuracy_vs_flops,
+    plot_curves,
+    plot_exit_curves,
+    plot_linear_paths,
+)
 from brickwork.analysis.routing import RoutingStats, expert_specialisation, routing_stats, routing_summary
 from brickwork.analysis.timing import describe_machine, interleaved, measure_latency, paired_ratio, time_rounds
 from brickwork.analysis.tradeoff import measure_point
@@ -41,25 +56,30 @@ __all__ = [
     "Compute",
     "EvalSets",
     "FlopMeter",
+    "LinearPath",
     "Reliability",
     "RoutingStats",
     "StackFlops",
     "accuracy_and_flops",
     "balanced_kmeans",
+    "check_same_architecture",
     "cluster_units",
     "coactivation_partition",
     "correlation",
     "count_params",
     "describe_machine",
     "embed",
+    "evaluate_loss_accuracy",
     "exit_outputs",
     "exit_scores",
     "expected_calibration_error",
     "expert_specialisation",
     "interleaved",
+    "interpolate",
     "kmeans_partition",
     "labels_to_partition",
     "layer_modularity",
+    "linear_path",
     "matryoshka_accuracy",
     "measure_compute",
     "measure_latency",
@@ -68,16 +88,19 @@ __all__ = [
     "paired_ratio",
     "pareto_front",
     "partition_to_labels",
+    "path_alphas",
     "per_exit",
     "plot_accuracy_vs",
     "plot_accuracy_vs_flops",
     "plot_curves",
     "plot_exit_curves",
+    "plot_linear_paths",
     "probe_accuracy",
     "quality",
     "random_partition",
     "register_flops",
     "reliability",
+    "reset_batch_norm",
     "routing_by_class",
     "routing_stats",
     "routing_summary",

@@ -1,5 +1,5 @@
 """Plots a person would rather look at than read: training curves, accuracy against compute,
-early-exit threshold sweeps.
+early-exit threshold sweeps, loss and accuracy along linear paths between models.
 
 Uses matplotlib's Agg backend (files only, no display needed).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -17,6 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from brickwork.analysis.pareto import pareto_front  # noqa: E402
+
+if TYPE_CHECKING:
+    from brickwork.analysis.connectivity import LinearPath
 
 
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
@@ -106,6 +109,28 @@ def plot_exit_curves(
     ax.set(xlabel=x_label, ylabel="accuracy", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_linear_paths(paths: Mapping[str, LinearPath], path: str | Path, *, title: str = "") -> Path:
+    """Loss and accuracy along linear paths between models (before and after alignment on one figure).
+
+    Args:
+        paths: one :class:`~brickwork.analysis.connectivity.LinearPath` per curve, by legend label
+            (e.g. ``{"naive": ..., "weight matching": ...}``); the legend gives each loss barrier.
+        path: the image file to write.
+    """
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, p in paths.items():
+        ax_loss.plot(p.alphas, p.loss, marker=".", label=f"{label} (barrier {p.loss_barrier:.3f})")
+        ax_acc.plot(p.alphas, p.accuracy, marker=".", label=f"{label} (barrier {p.accuracy_barrier:.3f})")
+    ax_loss.set(xlabel="interpolation weight of model b", ylabel="loss", title="Loss along the linear path")
+    ax_acc.set(xlabel="interpolation weight of model b", ylabel="accuracy", title="Accuracy along the linear path")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 
