@@ -33,6 +33,7 @@ from brickwork.analysis.connectivity import (
     evaluate_loss_accuracy,
     interpolate,
     linear_path,
+    parameter_distance,
     path_alphas,
     reset_batch_norm,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "measure_point",
     "newman_modularity",
     "paired_ratio",
+    "parameter_distance",
     "pareto_front",
     "partition_to_labels",
     "path_alphas",

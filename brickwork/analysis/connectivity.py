@@ -137,6 +137,19 @@ def interpolate(a: nn.Module, b: nn.Module, alpha: float) -> nn.Module:
     return out
 
 
+@torch.no_grad()
+def parameter_distance(a: nn.Module, b: nn.Module) -> float:
+    """Euclidean distance between the two models' floating-point tensors, as one flat vector each."""
+    check_same_architecture(a, b, "parameter distance")
+    sb = b.state_dict()
+    total = sum(
+        float((t.double() - sb[k].double().to(t.device)).pow(2).sum())
+        for k, t in a.state_dict().items()
+        if t.is_floating_point()
+    )
+    return total**0.5
+
+
 def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

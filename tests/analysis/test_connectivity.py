@@ -11,6 +11,7 @@ from brickwork.analysis import (
     evaluate_loss_accuracy,
     interpolate,
     linear_path,
+    parameter_distance,
     path_alphas,
     plot_linear_paths,
     reset_batch_norm,
@@ -139,3 +140,14 @@ def test_plot_writes_one_figure(tmp_path):
     paths = {"naive": linear_path(a, b, data, points=3), "same": linear_path(a, a, data, points=3)}
     out = plot_linear_paths(paths, tmp_path / "lmc.png", title="t")
     assert out.exists() and out.stat().st_size > 1000
+
+
+def test_parameter_distance_is_the_flat_euclidean_norm():
+    a = _mlp(0)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.5)
+    n = sum(p.numel() for p in a.parameters())
+    assert parameter_distance(a, b) == pytest.approx(0.5 * n**0.5, rel=1e-6)  # float32 rounding of p + 0.5
+    assert parameter_distance(a, a) == 0.0
