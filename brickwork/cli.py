@@ -114,6 +114,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if verb == "validate":
         cfg = load_config(args.config, args.overrides)
+        from brickwork.data import load_dataset
+        from brickwork.experiment.preflight import check_models
+
+        check_models(cfg, load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.args))  # what `run` would meet
         print(
             f"{args.config}: valid ({len(cfg.models)} model(s): {', '.join(cfg.models)}; "
             f"stages: {', '.join(s.name for s in cfg.stages)}; data: {cfg.data.name})"

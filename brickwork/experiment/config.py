@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +35,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from brickwork.errors import ConfigError
+from brickwork.experiment.yaml_io import safe_load
 from brickwork.registry import REGISTRY, Entry, RegistryName
+
+#: Names that become file or folder names (the run's ``name``, model labels): one path segment of
+#: safe characters, bounded length, never ``.``/``..`` (a label like ``../x`` or ``/etc`` would write
+#: outside the run folder; an empty one into its root).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SAFE_NAME_HELP = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'"
+
+
+def check_name(path: str, value: object, what: str) -> str:
+    """``value`` if it is a safe single path segment; else a :class:`ConfigError` at ``path``."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(path, f"{what} becomes a folder name: expected {_SAFE_NAME_HELP}", value)
+    return value
 
 
 class _Top(BaseModel):
@@ -41,7 +57,7 @@ class _Top(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    name: str = "run"  # checked by check_name: it becomes part of paths
     seed: Annotated[int, Field(ge=0)] = 0
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -123,7 +139,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             "", f"config file {str(path)!r} not found (paths are relative to {os.getcwd()})", show_value=False
         )
     try:
-        raw = yaml.safe_load(path.read_text())  # safe_load: YAML tags cannot construct objects
+        raw = safe_load(path.read_text())  # safe: YAML tags cannot construct objects; duplicates refused
+    except ConfigError as e:
+        raise ConfigError("", f"{path}: {e}", show_value=False) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -144,9 +162,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError("", f"override {item!r} is not of the form key.path=value", show_value=False)
     parts = [p.strip("[]") for p in _KEY.findall(key)]
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = safe_load(text) if text else ""
     except yaml.YAMLError:
-        value = text
+        value = text  # not YAML: the plain string (a name, a path)
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -169,10 +187,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def validate(raw: dict[str, Any]) -> RunConfig:
     """Validate a config mapping into a :class:`RunConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", "expected a mapping of keys (name, data, models, stages) at the top", raw)
+    check_finite(raw, "")
     try:
-        top = _Top.model_validate(raw)
+        # strict: `seed: true` or `seed: "3"` is refused rather than read as 1 or 3.
+        top = _Top.model_validate(raw, strict=True)
     except ValidationError as e:
         raise _from_pydantic(e, "") from None
+    check_name("name", top.name, "the run name")
     if (top.model is None) == (top.models is None):
         raise ConfigError(
             "models", "give exactly one of `model:` (one model) or `models:` (named variants)", show_value=False
@@ -181,6 +204,8 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     where = "models" if top.models is not None else "model"
     if not models_raw:
         raise ConfigError(where, "expected at least one model variant", models_raw)
+    for label in models_raw:
+        check_name(f"{where}.{label}" if top.models is not None else f"{where}.name", label, "a model label")
     models = {
         label: _resolve_spec("model", spec, f"{where}.{label}" if top.models is not None else where)
         for label, spec in models_raw.items()
@@ -200,7 +225,20 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
 
 def _label(spec: dict[str, Any] | None) -> str:
-    return str((spec or {}).get("name", "model"))
+    name = (spec or {}).get("name", "model")
+    return name if isinstance(name, str) else "model"  # a non-string name is refused by _resolve_spec
+
+
+def check_finite(value: Any, path: str) -> None:
+    """Refuse ``.inf`` / ``.nan`` anywhere in a config: no setting means anything with them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, "expected a finite number", value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{path}[{i}]")
 
 
 def _resolve_spec(kind: str, raw: Any, path: str, key: str = "name") -> Spec:
@@ -261,7 +299,7 @@ def _check_value(annotation: Any, value: Any, where: str) -> Any:
     if annotation is inspect.Parameter.empty:
         return value
     try:
-        checked = _adapter(annotation).validate_python(value)
+        checked = _strict_validate(_adapter(annotation), value)
     except ValidationError as e:
         raise _from_pydantic(e, where, value, choices=_literals(annotation)) from None
     for meta in _metadata(annotation):
@@ -276,6 +314,20 @@ def _literals(annotation: Any) -> list[str] | None:
         return [str(a) for a in get_args(annotation)]
     found = [v for a in get_args(annotation) for v in (_literals(a) or [])]
     return found or None
+
+
+def _strict_validate(adapter: TypeAdapter[Any], value: Any) -> Any:
+    """Validate strictly, as JSON: no bool or string as a number, no float with a fraction as an int.
+
+    Strict JSON mode is strict about scalars yet takes a list where the signature says tuple (a
+    YAML config has no tuples), and an int where it says float. A value JSON cannot hold (only
+    reachable from Python callers) is validated in Python's lax mode.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return adapter.validate_python(value)
+    return adapter.validate_json(text, strict=True)
 
 
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}

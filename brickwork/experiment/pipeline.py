@@ -23,6 +23,7 @@ from brickwork.errors import BrickworkError
 from brickwork.experiment.build import apply_structure, build_model, model_meta
 from brickwork.experiment.config import RunConfig, Spec, validate
 from brickwork.experiment.context import StageContext
+from brickwork.experiment.preflight import check_models
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore
 from brickwork.persist import atomic_write_text, read_json, write_json
@@ -65,6 +66,7 @@ def execute(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.args)  # bad data fails before a run exists
+    check_models(cfg, data)  # a model that cannot be built for this data fails before a run exists too
     if resume is None:
         record = store.create(store.new_id(), cfg.name, cfg.to_dict())
         record.dir.mkdir(parents=True, exist_ok=False)

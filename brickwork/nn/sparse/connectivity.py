@@ -167,8 +167,19 @@ def make_pattern(
     p: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Build a named pattern; ``block_diagonal`` ignores ``k`` (it is G_in / G_out)."""
+    """Build a named pattern with in-degree ``k``.
+
+    ``block_diagonal`` has one in-degree only, G_in / G_out; any other ``k`` (a density it cannot
+    give) is refused rather than silently replaced, so a layer's density is what was asked for.
+    """
     if pattern == "block_diagonal":
+        fixed = groups_in // groups_out if groups_out else 0
+        if k != fixed and groups_out and not groups_in % groups_out:
+            raise ValueError(
+                f"pattern 'block_diagonal' connects each of {groups_out} output groups to G_in / G_out = {fixed} of "
+                f"{groups_in} input groups, but the density asks for {k}; use density = {fixed}/{groups_in} "
+                f"(times edge_density) or pattern 'band' for {k} consecutive groups"
+            )
         return block_diagonal(groups_out, groups_in)
     if pattern == "band":
         return band(groups_out, groups_in, k)
