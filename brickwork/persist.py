@@ -11,6 +11,13 @@ pending file replaces ``NAME.safetensors``. A crash (or Ctrl-C) before the JSON 
 the old checkpoint intact; one after it leaves a pending file whose hash the JSON names, and
 :func:`load_tensors` rolls it forward. Either way a reader sees the old checkpoint or the
 new one, never new tensors with old metadata.
+
+The metadata is covered too: ``meta_sha256`` is the SHA-256 of the canonical JSON of every
+other key, the tensor file's ``sha256`` among them, so an edited ``progress.epoch`` or learning
+rate, or a JSON paired with other tensors, is refused on load. Files written before format 2
+have no ``meta_sha256``; they still load (legacy), with only their tensor hash verified. A
+caller binds a checkpoint to where it belongs (``expect={"seed": 0}`` on load, the same keys in
+its metadata on save), which refuses another seed's files copied into place.
 """
 
 from __future__ import annotations
@@ -18,17 +25,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from brickwork.errors import CheckpointError
+from brickwork.textio import dumps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1  # before the metadata hash
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -52,7 +63,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    # Strict JSON (brickwork.textio): NaN/inf become null, tensors' numbers are numbers, others refused.
+    atomic_write_text(path, dumps(obj, str(Path(path).name), indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -64,12 +76,37 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def canonical_json(obj: Any) -> bytes:
+    """One byte string per JSON value: sorted keys, no spaces, ASCII (what :func:`meta_digest` hashes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its ``meta_sha256`` key.
+
+    ``meta`` is first round-tripped through JSON, so the digest computed on save (from Python
+    values: tuples, paths, int keys) equals the one computed on load (from the parsed file).
+    """
+    plain = json.loads(dumps({k: v for k, v in meta.items() if k != "meta_sha256"}))  # as write_json writes it
+    return hashlib.sha256(canonical_json(plain)).hexdigest()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _os_error(e: SafetensorError, path: Path) -> Exception:
+    """safetensors reports I/O failures (a full disk) as its own error, "... (os error 28)": as the
+    ``OSError`` it is, naming the file, so the CLI says "no space left" in one line."""
+    code = re.search(r"os error (\d+)", str(e))
+    if code is None:
+        return e
+    n = int(code.group(1))
+    return OSError(n, os.strerror(n), str(path))
 
 
 def _pending(st_path: Path) -> Path:
@@ -100,7 +137,10 @@ def save_tensors(stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
     fd, tmp = tempfile.mkstemp(dir=st_path.parent, prefix=f".{st_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(flat, tmp)
+        try:
+            save_file(flat, tmp)
+        except SafetensorError as e:
+            raise _os_error(e, st_path) from None
         digest = _sha256(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -109,25 +149,80 @@ def save_tensors(stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
         Path(tmp).unlink(missing_ok=True)
         raise
     # The commit point: once the JSON names the new hash, the pending file is the checkpoint.
-    write_json(meta_path, {"format": FORMAT_VERSION, "sha256": digest, **(meta or {})})
+    full = {**(meta or {}), "format": FORMAT_VERSION, "sha256": digest}
+    full["meta_sha256"] = meta_digest(full)
+    write_json(meta_path, full)
     os.replace(_pending(st_path), st_path)
     return st_path
 
 
-def load_tensors(stem: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a checkpoint written by :func:`save_tensors`, checking its hash.
+def read_meta(stem: str | Path, *, verify: bool = True, expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata of checkpoint ``stem`` (``stem.json``), checked before any tensor is read.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+        verify: check the metadata hash (format 2; legacy files have none).
+        expect: keys the metadata must hold with these values (e.g. ``{"seed": 0}``), so that
+            another run's or seed's files copied into place are refused. Legacy files may lack them.
 
     Raises:
-        CheckpointError: a file is missing, or the tensor file does not match its hash.
+        CheckpointError: missing, not a JSON object, no tensor hash, edited after it was written
+            (the metadata hash does not match), or bound to other ``expect`` values.
+    """
+    _, meta_path = _paths(stem)
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{meta_path}: expected a JSON object of checkpoint metadata, got a JSON {type(meta).__name__}"
+        )
+    digest = meta.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise CheckpointError(f"{meta_path}: no SHA-256 of the tensor file (key 'sha256'); not a brickwork checkpoint")
+    fmt = meta.get("format", LEGACY_FORMAT)
+    legacy = "meta_sha256" not in meta
+    if verify and legacy and fmt != LEGACY_FORMAT:
+        raise CheckpointError(
+            f"{meta_path}: format {fmt!r} but no metadata hash (key 'meta_sha256'); "
+            "the metadata was changed after it was written"
+        )
+    if verify and not legacy and meta["meta_sha256"] != meta_digest(meta):
+        raise CheckpointError(
+            f"{meta_path}: the metadata does not match its SHA-256 (key 'meta_sha256'); "
+            "it was changed after it was written (or belongs to other tensors)"
+        )
+    for key, want in (expect or {}).items():
+        if key not in meta and legacy:
+            continue  # a checkpoint from before bindings were recorded
+        if meta.get(key) != want:
+            raise CheckpointError(
+                f"{meta_path}: {key}: saved {meta.get(key)!r}, expected {want!r}; "
+                "these checkpoint files belong to another run, model or seed"
+            )
+    return meta
+
+
+def load_tensors(
+    stem: str | Path, *, verify: bool = True, expect: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a checkpoint written by :func:`save_tensors`, checking its hashes.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+        verify: check the tensor file's and the metadata's hash.
+        expect: metadata values the checkpoint is bound to (see :func:`read_meta`).
+
+    Raises:
+        CheckpointError: a file is missing, the metadata is malformed, edited or bound to other
+            values, or the tensor file does not match its hash.
     """
     st_path, meta_path = _paths(stem)
-    meta = read_json(meta_path)
+    meta = read_meta(stem, verify=verify, expect=expect)
     pending = _pending(st_path)
-    if pending.exists() and meta.get("sha256") == _sha256(pending):
+    if pending.exists() and meta["sha256"] == _sha256(pending):
         os.replace(pending, st_path)  # a save was cut off after its commit point: finish it
     if not st_path.exists():
         raise CheckpointError(f"{st_path}: weights file not found (metadata is at {meta_path})")
-    if verify and meta.get("sha256") != _sha256(st_path):
+    if verify and meta["sha256"] != _sha256(st_path):
         raise CheckpointError(
             f"{st_path}: contents do not match the SHA-256 recorded in {meta_path.name}; "
             "the file is corrupt or was changed after it was written"

@@ -97,3 +97,148 @@ def test_an_interrupted_save_leaves_the_old_or_the_new_checkpoint(tmp_path, monk
     assert torch.equal(back["a"], want["a"]) and meta["step"] == step
     save_tensors(tmp_path / "ck", new, {"step": 3})  # a later save cleans up after the cut one
     assert {p.name for p in tmp_path.iterdir()} == {"ck.json", "ck.safetensors"}
+
+
+# ----------------------------------------------- metadata, dtypes and structure checked on load
+
+
+def _train_state(tmp_path, seed: int = 0):
+    """A saved training state of a tiny model after one Adam step; returns (stem, model, opt)."""
+    from brickwork.train.checkpoint import save_training_state
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.param_groups[0]["initial_lr"] = 0.01  # what a scheduler leaves there
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    stem = tmp_path / f"state{seed}"
+    save_training_state(stem, model, opt, {"epoch": 1, "history": [{"epoch": 1}]}, bind={"seed": seed})
+    return stem, model, opt
+
+
+def _load_train_state(stem, seed: int = 0):
+    from brickwork.train.checkpoint import load_training_state
+
+    model = torch.nn.Linear(3, 2)
+    return load_training_state(stem, model, torch.optim.Adam(model.parameters(), lr=0.01), expect={"seed": seed})
+
+
+def _edit_json(stem, edit) -> None:
+    import json
+
+    path = stem.with_name(stem.name + ".json")
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["progress"].update(epoch=3),
+        lambda m: m["optimizer"]["param_groups"][0].update(initial_lr=1.0),
+        lambda m: m.update(seed=1),
+    ],
+    ids=["progress.epoch", "initial_lr", "seed"],
+)
+def test_edited_metadata_is_refused(tmp_path, edit):
+    stem, _, _ = _train_state(tmp_path)
+    assert _load_train_state(stem)["epoch"] == 1
+    _edit_json(stem, edit)
+    with pytest.raises(CheckpointError, match="metadata .* changed after it was written"):
+        _load_train_state(stem)
+
+
+def test_another_seeds_files_are_refused(tmp_path):
+    stem0, _, _ = _train_state(tmp_path, seed=0)
+    stem1, _, _ = _train_state(tmp_path, seed=1)
+    for suffix in (".json", ".safetensors"):  # seed 1's pair, consistent in itself, in seed 0's place
+        stem0.with_name(stem0.name + suffix).write_bytes(stem1.with_name(stem1.name + suffix).read_bytes())
+    with pytest.raises(CheckpointError, match="seed 1.*expected 0|seed: saved 1, expected 0"):
+        _load_train_state(stem0, seed=0)
+
+
+def test_legacy_checkpoint_without_metadata_hash_still_loads(tmp_path):
+    stem, model, _ = _train_state(tmp_path)
+    _edit_json(stem, lambda m: (m.pop("meta_sha256"), m.pop("seed"), m.update(format=1)))
+    assert _load_train_state(stem)["epoch"] == 1
+    save_model(tmp_path / "m", model)
+    _edit_json(tmp_path / "m", lambda m: (m.pop("meta_sha256"), m.update(format=1)))
+    fresh = torch.nn.Linear(3, 2)
+    load_model(tmp_path / "m", fresh)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_removed_metadata_hash_is_refused_in_the_new_format(tmp_path):
+    stem, _, _ = _train_state(tmp_path)
+    _edit_json(stem, lambda m: m.pop("meta_sha256"))
+    with pytest.raises(CheckpointError, match="no metadata hash"):
+        _load_train_state(stem)
+
+
+def _resave(stem, change) -> None:
+    """Rewrite the tensors of ``stem`` with ``change`` applied, hashes recomputed (a well-formed file)."""
+    tensors, meta = load_tensors(stem)
+    for k in ("format", "sha256", "meta_sha256"):
+        meta.pop(k)
+    change(tensors)
+    save_tensors(stem, tensors, meta)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda t: t.update({"weight": t["weight"] > 0}), "torch.bool.*expected a floating"),
+        (lambda t: t.update({"weight": t["weight"].long()}), "torch.int64.*expected a floating"),
+        (lambda t: t["weight"].view(-1).__setitem__(0, float("nan")), "weight.*NaN or infinite"),
+        (lambda t: t["bias"].view(-1).__setitem__(1, float("inf")), "bias.*NaN or infinite"),
+    ],
+    ids=["bool", "int", "nan", "inf"],
+)
+def test_bad_weight_dtypes_and_non_finite_weights_are_refused(tmp_path, change, expected):
+    save_model(tmp_path / "m", torch.nn.Linear(3, 2))
+    _resave(tmp_path / "m", change)
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(tmp_path / "m", torch.nn.Linear(3, 2))
+
+
+def test_non_finite_optimizer_state_is_refused(tmp_path):
+    stem, _, _ = _train_state(tmp_path)
+    _resave(stem, lambda t: t["optim.0.exp_avg"].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(CheckpointError, match="optim.0.exp_avg.*NaN or infinite"):
+        _load_train_state(stem)
+
+
+def _legacy(stem, edit) -> None:
+    """Edit the JSON and drop its metadata hash (as a pre-hash checkpoint): only structure checks remain."""
+    _edit_json(stem, lambda m: (edit(m), m.pop("meta_sha256", None), m.update(format=1)))
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda m: m.pop("optimizer"), "no 'optimizer'"),
+        (lambda m: m.pop("progress"), "no 'progress'"),
+        (lambda m: m.update(optimizer=[]), "optimizer: expected a JSON object"),
+        (lambda m: m["optimizer"].update(param_groups="x"), "param_groups: expected a list"),
+        (lambda m: m["progress"].update(epoch="1"), "progress.epoch: expected an integer"),
+        (lambda m: m["progress"].update(history={}), "progress.history: expected a list"),
+        (lambda m: m.update(extra_state=[]), "extra_state: expected a JSON object"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(params=[7]), "optimizer state does not match"),
+    ],
+    ids=["no-optimizer", "no-progress", "optimizer-list", "groups-str", "epoch-str", "history", "extra", "params"],
+)
+def test_malformed_but_parseable_metadata_is_a_one_line_refusal(tmp_path, edit, expected):
+    stem, _, _ = _train_state(tmp_path)
+    _legacy(stem, edit)
+    with pytest.raises(CheckpointError, match=expected):
+        _load_train_state(stem)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"x"', "null", '{"format": 1, "sha256": 5}'])
+def test_metadata_that_is_not_an_object_or_lacks_its_hash_is_refused(tmp_path, text):
+    save_model(tmp_path / "m", torch.nn.Linear(3, 2))
+    (tmp_path / "m.json").write_text(text)
+    with pytest.raises(CheckpointError, match="m.json"):
+        load_model(tmp_path / "m", torch.nn.Linear(3, 2))

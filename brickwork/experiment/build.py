@@ -34,7 +34,7 @@ from brickwork.experiment.config import Spec, validate_args
 from brickwork.models.nested import sliced_args
 from brickwork.ops.moefy import moefy_like
 from brickwork.ops.sparsify import sparsify_like
-from brickwork.persist import read_json
+from brickwork.persist import read_meta as read_checkpoint_meta
 from brickwork.registry import REGISTRY
 from brickwork.train.checkpoint import load_model
 
@@ -153,7 +153,7 @@ def read_meta(stem: str | Path) -> dict[str, Any]:
     """
     stem = Path(stem)
     try:
-        return read_json(stem.with_suffix(".json"))
+        return read_checkpoint_meta(stem)  # a JSON object, its metadata hash checked before any rebuild
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{stem}: no readable model metadata ({e})") from None
 

@@ -119,7 +119,7 @@ def _run_variant(
     structure = state.get("structure", [])
     if done:
         model = apply_structure(model, structure)
-        load_model(vdir / "model", model)
+        load_model(vdir / "model", model, expect={"seed": seed})  # another seed's files are refused
     ctx = StageContext(
         label=label,
         model=model,
