@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brickwork.nn.masking import PaddingMask
+from brickwork.nn.permutation import Axis, Perm, Probe, Symmetry
 from brickwork.registry import register
 
 
@@ -63,3 +64,21 @@ class MultiHeadAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Heads permute as whole heads; inside each head, the q/k neurons together and the v/o neurons together.
+
+        ``qk`` and ``vo`` are nested in ``heads``: (H, head_dim) permutations, so a head's q, k, v
+        and output columns always move as one unit (git re-basin issue #6, ZipIt #31).
+        """
+        d = self.out.in_features
+        hd = d // self.heads
+        perms = {"in": Perm(d), "out": Perm(d), "heads": Perm(self.heads)}
+        perms |= {"qk": Perm(hd, parent="heads"), "vo": Perm(hd, parent="heads")}
+        axes = [Axis("qkv.weight", 1, "in"), Axis("out.weight", 0, "out"), Axis("out.weight", 1, "vo")]
+        for t in ("qkv.weight",) + (("qkv.bias",) if self.qkv.bias is not None else ()):
+            axes += [Axis(t, 0, "qk", 0), Axis(t, 0, "qk", d), Axis(t, 0, "vo", 2 * d)]
+        if self.out.bias is not None:
+            axes.append(Axis("out.bias", 0, "out"))
+        probes = [Probe("qkv", "qk", -1), Probe("qkv", "qk", -1, offset=d), Probe("out", "vo", -1, input=True)]
+        return Symmetry(perms, axes, probes, inputs="in", output="out")

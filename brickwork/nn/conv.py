@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Perm, Symmetry
 from brickwork.registry import register
 
 Norm = Literal["batch", "group", "none"]
@@ -52,3 +53,10 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(self.conv(x)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Output channels permute with the conv's filters; batch/group-norm parameters and running stats follow."""
+        children = {"conv": {"in": "in", "out": "out"}}
+        if not isinstance(self.norm, nn.Identity):
+            children["norm"] = {"in": "out", "out": "out"}  # a GroupNorm of several groups is not offered: fixed
+        return Symmetry({"in": Perm(0), "out": Perm(0)}, inputs="in", output="out", children=children)

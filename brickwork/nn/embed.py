@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Axis, Perm, Probe, Symmetry
 from brickwork.registry import register
 
 
@@ -42,6 +43,13 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2) + self.pos
 
+    def permutation_symmetry(self) -> Symmetry:
+        """Token width D permutes with the patch projection's filters and the position table."""
+        perms = {"in": Perm(0), "out": Perm(0)}
+        return Symmetry(
+            perms, [Axis("pos", 2, "out")], inputs="in", output="out", children={"proj": {"in": "in", "out": "out"}}
+        )
+
 
 @register("brick", "token_embed")
 class TokenEmbed(nn.Module):
@@ -74,6 +82,11 @@ class TokenEmbed(nn.Module):
         t = idx.shape[1]
         return self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
 
+    def permutation_symmetry(self) -> Symmetry:
+        """Width D permutes with both tables' columns; token ids are not permutable."""
+        axes = [Axis("tok.weight", 1, "out"), Axis("pos.weight", 1, "out")]
+        return Symmetry({"out": Perm(self.tok.embedding_dim)}, axes, [Probe("", "out", -1)], output="out")
+
 
 @register("brick", "flatten_embed")
 class FlattenEmbed(nn.Module):
@@ -99,3 +112,9 @@ class FlattenEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.nn.functional.gelu(self.proj(x.flatten(1)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Output units permute with the projection's rows (GELU is elementwise)."""
+        return Symmetry(
+            {"in": Perm(0), "out": Perm(0)}, inputs="in", output="out", children={"proj": {"in": "in", "out": "out"}}
+        )

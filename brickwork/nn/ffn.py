@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from brickwork.nn.activations import activation
+from brickwork.nn.permutation import Perm, Probe, Symmetry
 from brickwork.registry import register
 
 Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
@@ -58,6 +59,15 @@ class FeedForward(nn.Module):
             h = h * self.gate(x)
         return self.down(self.drop(h))
 
+    def permutation_symmetry(self) -> Symmetry:
+        """Hidden units permute freely (``up``/``gate`` rows with ``down`` columns); in and out follow the ends."""
+        lin = {"up": {"in": "in", "out": "hidden"}, "down": {"in": "hidden", "out": "out"}}
+        if self.gate is not None:
+            lin["gate"] = {"in": "in", "out": "hidden"}
+        perms = {"in": Perm(0), "out": Perm(0), "hidden": Perm(self.up.out_features)}
+        probes = [Probe("down", "hidden", -1, input=True)]
+        return Symmetry(perms, probes=probes, inputs="in", output="out", children=lin)
+
 
 @register("brick", "dense_layer")
 class DenseLayer(nn.Module):
@@ -89,3 +99,9 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.act(self.linear(x)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The output units permute with the linear layer's rows (the activation is elementwise)."""
+        return Symmetry(
+            {"in": Perm(0), "out": Perm(0)}, inputs="in", output="out", children={"linear": {"in": "in", "out": "out"}}
+        )

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Perm, Symmetry
 from brickwork.registry import register
 
 Pool = Literal["none", "tokens", "spatial"]
@@ -55,6 +56,11 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.norm(pool(x, self.pool)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Input features (channels or tokens' width) permute through pooling and LayerNorm; classes are fixed."""
+        children = {"norm": {"in": "in", "out": "in"}, "proj": {"in": "in"}}
+        return Symmetry({"in": Perm(0)}, inputs="in", children=children)
 
 
 class SentenceClassifier(nn.Module):

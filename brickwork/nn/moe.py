@@ -24,9 +24,13 @@ from torch import Tensor, nn
 
 from brickwork.kernels import GroupedBackend
 from brickwork.nn.ffn import Activation, FeedForward
+from brickwork.nn.permutation import Axis, Perm, Symmetry
+from brickwork.nn.routing.dense_to_sparse import DenseToSparseRouter
 from brickwork.nn.routing.dispatch import Priority, plan_dispatch
+from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
 from brickwork.nn.routing.experts import ExpertList, GroupedFFNExperts
 from brickwork.nn.routing.settings import MoESettings, build_router
+from brickwork.nn.routing.topk import TopKRouter
 from brickwork.nn.routing.types import Routing, RoutingRecord
 from brickwork.registry import Flatten, register
 
@@ -100,6 +104,35 @@ class MoE(nn.Module):
         )
         return out.reshape(*lead, d)
 
+    def permutation_symmetry(self) -> Symmetry:
+        """Expert order moves the bank and the router's rows together; the bank's ends and the shared expert's follow.
+
+        Routers whose parameters are known to be one row per expert (``topk``, ``sigmoid``,
+        ``expert_choice``, ``dense_to_sparse``: a linear scorer, plus the selection bias) follow
+        the expert permutation. Any other router (hash, key or MLP routers) is fixed: the expert
+        order and the layer's input then stay as they are (hidden units inside experts still move).
+        """
+        children: dict[str, dict[str, str]] = {"experts": {"in": "in", "out": "out"}}
+        if self.shared is not None:
+            children["shared"] = {"in": "in", "out": "out"}
+        r = self.router
+        perms = {"in": Perm(0), "out": Perm(0), "experts": Perm(self.num_experts)}
+        if not isinstance(r, (TopKRouter, ExpertChoiceRouter, DenseToSparseRouter)):
+            perms["in"] = Perm(0, fixed=True)
+            return Symmetry(perms, inputs="in", output="out", children=children)
+        children["experts"]["experts"] = "experts"
+        axes = [Axis("router.proj.weight", 0, "experts"), Axis("router.proj.weight", 1, "in")]
+        if r.proj.bias is not None:
+            axes.append(Axis("router.proj.bias", 0, "experts"))
+        if isinstance(r, TopKRouter) and r.noise_proj is not None:
+            axes += [Axis("router.noise_proj.weight", 0, "experts"), Axis("router.noise_proj.weight", 1, "in")]
+        if getattr(r, "selection_bias", None) is not None:
+            axes += [
+                Axis("router.selection_bias.bias", 0, "experts"),
+                Axis("router.selection_bias.pending_load", 0, "experts"),
+            ]
+        return Symmetry(perms, axes, inputs="in", output="out", children=children)
+
     def extra_repr(self) -> str:
         cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
         return f"num_experts={self.num_experts}, {cap}, priority={self.priority}"
@@ -130,6 +163,12 @@ class GatedExpert(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.gate(x)) * self.expert(x)
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The gate's input columns follow the input permutation; the expert's own symmetry inside."""
+        axes = [Axis("gate.weight", 1, "in")]
+        children = {"expert": {"in": "in", "out": "out"}}
+        return Symmetry({"in": Perm(0), "out": Perm(0)}, axes, inputs="in", output="out", children=children)
 
 
 _ROUTING = MoESettings()  # frozen: safe to share as a default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Perm, Probe, Symmetry
 from brickwork.registry import register
 
 
@@ -29,3 +30,15 @@ class ResidualFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.norm(x))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The residual stream is one permutation for input, output, the norm and the FFN's ends."""
+        both = {"in": "stream", "out": "stream"}
+        dim = self.norm.normalized_shape[0]
+        return Symmetry(
+            {"stream": Perm(dim)},
+            probes=[Probe("", "stream", -1)],
+            inputs="stream",
+            output="stream",
+            children={"norm": both, "ffn": both},
+        )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Symmetry, chain_symmetry
+
 
 class Stack(nn.Module):
     """An ordered list of layers, each mapping a hidden state to one of the next layer's input.
@@ -55,6 +57,10 @@ class Stack(nn.Module):
                 out[i] = x
         return [out[i] for i in want]
 
+    def permutation_symmetry(self) -> Symmetry:
+        """A chain: each layer's output permutation is the next layer's input permutation."""
+        return chain_symmetry([f"layers.{i}" for i in range(len(self.layers))])
+
 
 class StackModel(nn.Module):
     """``head(body(stem(x)))``: the shape of every reference model in brickwork.
@@ -76,6 +82,10 @@ class StackModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(self.stem(x)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The chain stem -> body -> head (a transformer's residual stream is then one permutation)."""
+        return chain_symmetry(["stem", "body", "head"])
 
     @property
     def num_layers(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Perm, Probe, Symmetry, passthrough_symmetry
 from brickwork.registry import register
 
 
@@ -13,6 +14,19 @@ class ZeroBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.zeros_like(x)
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Zeros are invariant to any permutation."""
+        return passthrough_symmetry()
+
+
+def _block_symmetry(dim: int) -> Symmetry:
+    """A residual block: one permutation (the residual stream) for input, output, norms and both sublayers' ends."""
+    both = {"in": "stream", "out": "stream"}
+    children = {"norm1": both, "attn": both, "norm2": both, "ffn": both}
+    return Symmetry(
+        {"stream": Perm(dim)}, probes=[Probe("", "stream", -1)], inputs="stream", output="stream", children=children
+    )
 
 
 @register("brick", "transformer_block")
@@ -52,6 +66,10 @@ class TransformerBlock(nn.Module):
         """Remove the attention sublayer in place: the block becomes ``x + ffn(norm2(x))`` (Attention Drop)."""
         self.attn = ZeroBranch()
 
+    def permutation_symmetry(self) -> Symmetry:
+        """The residual stream is one permutation shared by the block's input, output, norms and sublayers."""
+        return _block_symmetry(self.norm2.normalized_shape[0])
+
 
 @register("brick", "post_norm_block")
 class PostNormBlock(nn.Module):
@@ -89,3 +107,7 @@ class PostNormBlock(nn.Module):
         identity, the change its score measured): the block becomes ``norm2(x + ffn(x))``."""
         self.attn = ZeroBranch()
         self.norm1 = nn.Identity()
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The residual stream is one permutation shared by the block's input, output, norms and sublayers."""
+        return _block_symmetry(self.norm2.normalized_shape[0])

@@ -8,9 +8,18 @@ changed exactly as intended).
 * :func:`stitch`: the front of one model joined to the back of another by a fitted linear map.
 * :class:`ChainModel`, :func:`beam_search_chain`: running a stack's layers in another order.
 * :func:`drop_layers`, :func:`drop_attention`: removing whole layers or attention sublayers.
+* :func:`align`: permutation alignment (weight / activation matching, REPAIR) from specs the bricks declare.
 * :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks.
 """
 
+from brickwork.ops.align import (
+    activation_matching,
+    align,
+    interpolate,
+    repair,
+    reset_bn_stats,
+    weight_matching,
+)
 from brickwork.ops.chain import (
     ChainModel,
     beam_search_chain,
@@ -23,11 +32,37 @@ from brickwork.ops.chain import (
 )
 from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
 from brickwork.ops.moefy import dense_ffn, moe_layers, moefy, moefy_like, set_top_k
+from brickwork.ops.permutation import (
+    Axis,
+    Perm,
+    PermutationSpec,
+    Probe,
+    flat_perm,
+    invert,
+    permutation_spec,
+    permute,
+    random_perms,
+)
 from brickwork.ops.slice import slice_error, slice_model
 from brickwork.ops.sparsify import apply_sparsify, plan_sparsify, sparsify, sparsify_like
 from brickwork.ops.stitch import StitchLayer, stitch, stitched
 
 __all__ = [
+    "activation_matching",
+    "align",
+    "interpolate",
+    "repair",
+    "reset_bn_stats",
+    "weight_matching",
+    "Axis",
+    "Perm",
+    "PermutationSpec",
+    "Probe",
+    "flat_perm",
+    "invert",
+    "permutation_spec",
+    "permute",
+    "random_perms",
     "ChainModel",
     "StitchLayer",
     "apply_sparsify",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from brickwork.kernels import GroupedBackend, fused_glu, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
+from brickwork.nn.permutation import Axis, Perm, Symmetry
 from brickwork.registry import register
 
 
@@ -49,6 +50,16 @@ class ExpertList(nn.ModuleList):
         if not outs:
             return x_sorted * 0
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Each expert's own symmetry, its ends bound to the bank's; expert order is not offered (fixed)."""
+        both = {"in": "in", "out": "out"}
+        return Symmetry(
+            {"in": Perm(0), "out": Perm(0)},
+            inputs="in",
+            output="out",
+            children={str(i): both for i in range(len(self))},
+        )
 
 
 @register("brick", "grouped_ffn_experts")
@@ -112,6 +123,19 @@ class GroupedFFNExperts(nn.Module):
         # fused_glu writes both half-gradients into one buffer (no concatenation pass).
         h = fused_glu(z, self.act_name, self.act) if self.glu else self.act(z)
         return grouped_linear(h, self.w_out, counts, self.b_out, backend=self.backend)
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Expert order (the port ``experts``, bound by the MoE to its router rows) and, nested in it,
+        the hidden units inside each expert ((E, H), batched over the expert axis)."""
+        perms = {"in": Perm(self.dim), "out": Perm(self.dim), "experts": Perm(self.num_experts)}
+        perms["hidden"] = Perm(self.hidden, parent="experts")
+        halves = (0, self.hidden) if self.glu else (0,)
+        axes = [Axis("w_in", 0, "experts"), Axis("w_in", 1, "in"), Axis("w_out", 0, "experts"), Axis("w_out", 2, "out")]
+        axes += [Axis("w_in", 2, "hidden", o, batch_dim=0) for o in halves] + [Axis("w_out", 1, "hidden", batch_dim=0)]
+        if self.b_in is not None and self.b_out is not None:
+            axes += [Axis("b_in", 0, "experts"), Axis("b_out", 0, "experts"), Axis("b_out", 1, "out")]
+            axes += [Axis("b_in", 1, "hidden", o, batch_dim=0) for o in halves]
+        return Symmetry(perms, axes, inputs="in", output="out", ports=("experts",))
 
     @classmethod
     def from_feed_forward(cls, experts: Sequence[FeedForward], backend: GroupedBackend = "auto") -> GroupedFFNExperts:

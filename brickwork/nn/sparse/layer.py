@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation
+from brickwork.nn.permutation import Perm, Probe, Symmetry
 from brickwork.registry import register
 
 
@@ -39,3 +40,10 @@ class LinearAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.act(self.linear(x)))
+
+    def permutation_symmetry(self) -> Symmetry:
+        """The linear module's symmetry, its output observed after the (elementwise) activation."""
+        children = {"linear": {"in": "in", "out": "out"}}
+        return Symmetry(
+            {"in": Perm(0), "out": Perm(0)}, probes=[Probe("", "out", -1)], inputs="in", output="out", children=children
+        )

@@ -22,6 +22,7 @@ import pydantic
 import torch
 from torch import Tensor, nn
 
+from brickwork.nn.permutation import Axis, Perm, Probe, Symmetry
 from brickwork.nn.sparse.connectivity import Pattern, from_matrix, make_pattern
 from brickwork.nn.sparse.kernel import BlockPlan, block_sparse_linear, build_plan
 from brickwork.nn.sparse.rewiring import Rewiring
@@ -227,6 +228,22 @@ class GroupLinear(nn.Module):
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias)
         return self
+
+    def permutation_symmetry(self) -> Symmetry:
+        """Output groups permute as whole groups (``groups``; ``out`` nested: units inside each group);
+        any permutation of the input units is absorbed by ``in_perm`` (its values are remapped, the
+        weights do not move). A layer with rewiring attached declares nothing (fixed): its
+        statistics are not permuted.
+        """
+        if self.rewiring is not None:
+            return Symmetry()
+        perms = {"in": Perm(self.d_in), "groups": Perm(self.groups_out), "out": Perm(self.block_out, parent="groups")}
+        axes = [Axis("in_perm", 0, "in", values=True), Axis("sources", 0, "groups")]
+        for t in ("weight",) + (("mask",) if self.mask is not None else ()):
+            axes += [Axis(t, 0, "groups"), Axis(t, 1, "out", batch_dim=0)]
+        if self.bias is not None:
+            axes.append(Axis("bias", 0, "out"))
+        return Symmetry(perms, axes, [Probe("", "out", -1)], inputs="in", output="out")
 
     def extra_repr(self) -> str:
         return (
