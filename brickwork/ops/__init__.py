@@ -10,6 +10,8 @@ changed exactly as intended).
 * :func:`drop_layers`, :func:`drop_attention`: removing whole layers or attention sublayers.
 * :func:`align`: permutation alignment (weight / activation matching, REPAIR) from specs the bricks declare.
 * :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks.
+* :func:`merge`, :func:`merge_files`: merging same-architecture models (linear, task arithmetic, TIES,
+  DARE, SLERP, Model Stock, Fisher, RegMean), in memory or streamed over safetensors files.
 """
 
 from brickwork.ops.align import (
@@ -31,6 +33,8 @@ from brickwork.ops.chain import (
     per_sample_oracle,
 )
 from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
+from brickwork.ops.merge import MergeOptions, fisher_diagonal, gram_matrices, merge, merge_state_dicts
+from brickwork.ops.merge_files import merge_files
 from brickwork.ops.moefy import dense_ffn, moe_layers, moefy, moefy_like, set_top_k
 from brickwork.ops.permutation import (
     Axis,
@@ -48,38 +52,43 @@ from brickwork.ops.sparsify import apply_sparsify, plan_sparsify, sparsify, spar
 from brickwork.ops.stitch import StitchLayer, stitch, stitched
 
 __all__ = [
-    "activation_matching",
-    "align",
-    "interpolate",
-    "repair",
-    "reset_bn_stats",
-    "weight_matching",
     "Axis",
+    "ChainModel",
+    "MergeOptions",
     "Perm",
     "PermutationSpec",
     "Probe",
-    "flat_perm",
-    "invert",
-    "permutation_spec",
-    "permute",
-    "random_perms",
-    "ChainModel",
     "StitchLayer",
+    "activation_matching",
+    "align",
     "apply_sparsify",
     "beam_search_chain",
     "dense_ffn",
     "drop_attention",
     "drop_layers",
     "enumerate_chains",
+    "fisher_diagonal",
+    "flat_perm",
+    "gram_matrices",
+    "interpolate",
+    "invert",
     "layer_importance",
     "least_important",
     "load_mixtral_moe",
+    "merge",
+    "merge_files",
+    "merge_state_dicts",
     "moe_from_mixtral",
     "moe_layers",
     "moefy",
     "moefy_like",
     "per_sample_oracle",
+    "permutation_spec",
+    "permute",
     "plan_sparsify",
+    "random_perms",
+    "repair",
+    "reset_bn_stats",
     "set_top_k",
     "slice_error",
     "slice_model",
@@ -87,4 +96,5 @@ __all__ = [
     "sparsify_like",
     "stitch",
     "stitched",
+    "weight_matching",
 ]

@@ -1,0 +1,162 @@
+"""Merging safetensors checkpoints tensor by tensor, so memory does not grow with the number of models.
+
+:func:`merge_files` runs the engine of :mod:`brickwork.ops.merge` over :class:`FileSource`s:
+every read opens the file with ``safetensors.safe_open`` (memory-mapped) and takes one row
+chunk of one tensor (``get_slice``), then closes it, so no input stays mapped and the resident
+memory is the output (one model) plus a few chunks per model. The output is written once,
+atomically, by :func:`brickwork.persist.save_tensors` (which copies its tensors while saving:
+the peak is about twice one model). Same chunks, same float64 arithmetic: a streaming merge is
+bit-identical to the in-memory one.
+
+The data-driven methods take precomputed statistics as files too (``statistics``: one
+safetensors file per model of diagonal Fishers or Gram matrices, e.g. written with
+``save_tensors`` from :func:`~brickwork.ops.merge.fisher_diagonal` or
+:func:`~brickwork.ops.merge.gram_matrices`); estimating them needs the models in memory.
+
+The metadata records the method, its options and every input's SHA-256 (the recorded one of a
+brickwork checkpoint, verified against the file unless ``verify=False``); the model spec and
+data shapes of the first input's metadata are carried over, so the result loads with
+:func:`brickwork.experiment.build.load`. An existing output is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from brickwork.errors import BrickworkError, CheckpointError
+from brickwork.ops.merge import CHUNK, MergeMethod, make_options, merge_sources
+from brickwork.persist import read_meta, save_tensors
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CARRIED = ("model", "data", "structure", "extra_state")  # what experiment.build needs to rebuild
+
+
+def tensor_path(path: str | Path) -> Path:
+    """``path`` as a ``.safetensors`` file (a checkpoint stem may be given)."""
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+class FileSource:
+    """A :class:`~brickwork.ops.merge.Source` over one safetensors file, opened (mapped) per read."""
+
+    def __init__(self, path: str | Path, label: str | None = None) -> None:
+        self.path = tensor_path(path)
+        self.label = label or str(self.path)
+        if not self.path.is_file():
+            raise CheckpointError(f"merge: {self.path}: file not found")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self._info = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    self._info[k] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+        except KeyError as e:
+            raise CheckpointError(f"merge: {self.path}: unsupported tensor dtype {e}") from None
+        except Exception as e:  # safetensors raises its own error types for malformed headers
+            raise CheckpointError(f"merge: {self.path}: not a readable safetensors file ({e})") from None
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._info[name]
+
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        with safe_open(str(self.path), framework="pt") as f:
+            if rows is None:
+                return f.get_tensor(name)
+            out: Tensor = f.get_slice(name)[rows.start : rows.stop]
+            return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_input(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({"path", "sha256"}, metadata)`` of one input; a brickwork checkpoint's recorded hash is checked."""
+    st = tensor_path(path)
+    meta_path = st.with_suffix(".json")
+    meta: dict[str, Any] = read_meta(st.with_suffix("")) if meta_path.is_file() else {}
+    recorded = meta.get("sha256")
+    digest = _sha256(st) if verify or recorded is None else recorded
+    if recorded is not None and digest != recorded:
+        raise CheckpointError(f"merge: {st}: contents do not match the SHA-256 recorded in {meta_path.name}")
+    return {"path": str(st), "sha256": digest}, meta
+
+
+def merge_files(
+    paths: Sequence[str | Path],
+    out_stem: str | Path,
+    method: MergeMethod = "linear",
+    *,
+    base: str | Path | None = None,
+    statistics: Sequence[str | Path] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    verify: bool = True,
+    chunk_elems: int = CHUNK,
+    **options: Any,
+) -> Path:
+    """Merge safetensors checkpoints into ``out_stem`` (``.safetensors`` + ``.json``), streaming.
+
+    Args:
+        paths: the models' ``.safetensors`` files (or checkpoint stems).
+        out_stem: the output checkpoint's path without suffix; refused if either file exists.
+        method: as :func:`brickwork.ops.merge.merge`.
+        base: the base model's file (task arithmetic, TIES, DARE, Model Stock).
+        statistics: per model, a file of Fishers or Gram matrices (``fisher``, ``regmean``).
+        overrides: module-path glob -> options.
+        verify: hash every input (and check a brickwork checkpoint's recorded hash); with
+            False, a recorded hash is trusted and only files without one are hashed.
+        chunk_elems: elements per chunk read from each file.
+        **options: fields of :class:`~brickwork.ops.merge.MergeOptions` (weights, density, ...).
+
+    Returns:
+        The path of the written ``.safetensors`` file.
+    """
+    opts = make_options(method, options)
+    out_st = tensor_path(out_stem)
+    out_json = out_st.with_suffix(".json")
+    for p in (out_st, out_json):
+        if p.exists():
+            raise BrickworkError(f"merge: {p} exists; a merge writes a new checkpoint, never over one")
+    models = [FileSource(p, f"model {i} ({tensor_path(p)})") for i, p in enumerate(paths)]
+    base_src = None if base is None else FileSource(base, f"base ({tensor_path(base)})")
+    stats = None if statistics is None else [FileSource(p, f"statistics {i}") for i, p in enumerate(statistics)]
+    described = [describe_input(p, verify) for p in paths]
+    merged = merge_sources(models, opts, base=base_src, statistics=stats, overrides=overrides, chunk_elems=chunk_elems)
+    first_meta = described[0][1]
+    record = {
+        "method": opts.method,
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "method"},
+        "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
+        "inputs": [d[0] for d in described],
+        "base": None if base is None else describe_input(base, verify)[0],
+        "statistics": None if statistics is None else [describe_input(p, verify)[0] for p in statistics],
+    }
+    meta = {k: first_meta[k] for k in _CARRIED if k in first_meta}
+    return save_tensors(out_st.with_suffix(""), merged, {**meta, "merge": record})
