@@ -1,0 +1,119 @@
+"""The init_seed, align, lmc and merge stages end to end on digits, and the ``brickwork merge`` verb."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from brickwork.analysis import parameter_distance
+from brickwork.cli import main
+from brickwork.errors import BrickworkError
+from brickwork.experiment import RunStore, execute, validate
+from brickwork.experiment.artifacts import load_trained
+from brickwork.experiment.build import load
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+MLP = {"name": "mlp", "width": 32, "depth": 2}
+
+
+def run(runs_dir, stages, models=None):
+    models = models or {"a": MLP, "b": MLP}
+    cfg = {"name": "merge", "seed": 0, "threads": 1, "data": {"name": "digits"}, "models": models, "stages": stages}
+    rec = execute(validate(cfg), RunStore(runs_dir), progress=False, echo=lambda s: None)
+    assert rec.status == "completed"
+    return rec, json.loads((rec.dir / "metrics.json").read_text()), (rec.dir / "report.md").read_text()
+
+
+def test_identical_variants_have_zero_barrier_and_merge_to_themselves(runs_dir, tmp_path, capsys):
+    """Without init_seed, two variants of one spec are the same model: the naive barrier is exactly 0,
+    and their linear merge is that model, bit for bit; the verb gives the same file and refuses to overwrite."""
+    rec, metrics, report = run(
+        runs_dir,
+        [
+            {"stage": "train", "epochs": 1, "lr": 0.01},
+            {"stage": "lmc", "other": "a", "align": ["none"], "points": 3},
+            {"stage": "merge", "models": ["a"], "method": "linear"},
+        ],
+    )
+    m = metrics["b"]
+    assert m["lmc_none_loss_barrier"] == 0.0 and m["lmc_none_accuracy_barrier"] == 0.0
+    assert "lmc_none_loss_barrier" not in metrics["a"]  # the reference itself does nothing
+    a, b = load_trained(RunStore(runs_dir), rec.id, "a").model, load_trained(RunStore(runs_dir), rec.id, "b").model
+    merged = load(rec.dir / "b" / "stage2-merged-linear").model  # a new checkpoint, loadable
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in merged.state_dict().items())
+    assert report.count("### Linear mode connectivity: a to b") == 1 and "### Merge of b, a (linear" in report
+    assert (rec.dir / "plots" / "lmc-b.png").exists()
+
+    out = tmp_path / "merged"
+    assert main(["--runs-dir", str(runs_dir), "merge", f"{rec.id}:a", f"{rec.id}:b", "--out", str(out)]) == 0
+    via_verb = load(out / "model").model
+    assert all(torch.equal(t, a.state_dict()[k]) for k, t in via_verb.state_dict().items())
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["merge"]["method"] == "linear" and [len(i["sha256"]) for i in meta["merge"]["inputs"]] == [64, 64]
+    capsys.readouterr()
+    assert main(["--runs-dir", str(runs_dir), "merge", f"{rec.id}:a", f"{rec.id}:b", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    bad = ["--runs-dir", str(runs_dir), "merge", f"{rec.id}:a", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]
+    assert main(bad) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+def test_two_seeds_align_merge_evaluate(runs_dir):
+    rec, metrics, report = run(
+        runs_dir,
+        [
+            {"stage": "init_seed", "seeds": {"b": 1}},
+            {"stage": "train", "epochs": 2, "lr": 0.01},
+            {"stage": "lmc", "other": "a", "points": 5, "samples": 256},
+            {"stage": "align", "to": "a", "method": "weight"},
+            {"stage": "merge", "models": ["a"], "method": "linear", "adopt": True},
+            {"stage": "evaluate", "latency_repeats": 1},
+        ],
+    )
+    m = metrics["b"]
+    assert m["init_seed"] == 1
+    for method in ("none", "weight", "activation"):
+        assert m[f"lmc_{method}_loss_barrier"] >= 0
+    assert m["lmc_none_loss_barrier"] > 0  # different initialisations: a real barrier
+    assert m["lmc_weight_loss_barrier"] < m["lmc_none_loss_barrier"]
+    assert m["align_max_output_change"] <= 1e-5 and m["align_distance_after"] < m["align_distance_before"]
+    # adopted: the variant's final model is the merge, evaluated by the next stage; its own weights kept aside
+    assert m["test_accuracy"] == pytest.approx(m["merge_linear_accuracy"])
+    b = load_trained(RunStore(runs_dir), rec.id, "b").model
+    merged = load(rec.dir / "b" / "stage4-merged-linear").model
+    assert parameter_distance(b, merged) == 0.0
+    before = load(rec.dir / "b" / "stage4-before-merge").model
+    assert parameter_distance(before, merged) > 0
+    assert "### b aligned to a (weight matching)" in report and "weight matching" in report
+
+
+def test_a_variant_listed_later_is_refused_with_one_message(runs_dir):
+    with pytest.raises(BrickworkError, match="cannot load variant 'b' of this run.*list it before 'a'"):
+        run(runs_dir, [{"stage": "train", "epochs": 1}, {"stage": "merge", "models": {"a": ["b"]}}])
+
+
+def test_verb_merges_plain_safetensors_files(tmp_path, capsys):
+    a = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    b = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "out"
+    args = ["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--out", str(out)]
+    assert main([*args, "--method", "task_arithmetic", "--base", str(tmp_path / "a.safetensors")]) == 0
+    merged = load_file(str(out / "model.safetensors"))
+    assert torch.equal(merged["w"], b["w"]) and torch.equal(merged["b"], b["b"])  # a + (a - a) + (b - a)
+    capsys.readouterr()
+    args[-1] = str(tmp_path / "out2")
+    assert main([*args, "--option", "density"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    bad_density = [*args, "--method", "ties", "--base", str(tmp_path / "a.safetensors"), "--option", "density=2"]
+    assert main(bad_density) == 2
+    assert "density" in capsys.readouterr().err and not (tmp_path / "out2").exists()  # nothing left behind
