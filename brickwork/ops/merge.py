@@ -434,10 +434,12 @@ def merge_tensor(
         coef = slerp_coefficients(_gram(xs, chs), o.t)
     elif method == "multislerp":
         coef = multislerp_coefficients(_gram(xs, chs), w)
-    if coef is not None:
+    if coef is not None:  # one model's chunk at a time, accumulated in place (no (N, ...) stack)
         for ch in chs:
-            x = xs(ch)
-            put(ch, (_bshape(coef, x) * x).sum(0))
+            acc = models[0].read(name, ch).to(F64).mul_(float(coef[0]))
+            for i in range(1, n):
+                acc.add_(models[i].read(name, ch).to(F64), alpha=float(coef[i]))
+            put(ch, acc)
         return out
     if method == "model_stock":
         ratio = model_stock_ratio(_gram(lambda ch: xs(ch) - bs(ch), chs))
