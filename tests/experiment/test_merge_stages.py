@@ -117,3 +117,21 @@ def test_verb_merges_plain_safetensors_files(tmp_path, capsys):
     bad_density = [*args, "--method", "ties", "--base", str(tmp_path / "a.safetensors"), "--option", "density=2"]
     assert main(bad_density) == 2
     assert "density" in capsys.readouterr().err and not (tmp_path / "out2").exists()  # nothing left behind
+
+
+def test_cnn_with_batch_norm_statistics_reset_on_the_path(runs_dir):
+    cnn = {"name": "cnn", "channels": [4, 8], "norm": "batch"}
+    rec, metrics, report = run(
+        runs_dir,
+        [
+            {"stage": "init_seed", "seeds": {"b": 1}},
+            {"stage": "train", "epochs": 1, "lr": 0.01},
+            {"stage": "lmc", "other": "a", "align": ["none", "weight"], "points": 3, "samples": 256},
+            {"stage": "align", "to": "a", "method": "activation", "samples": 256},
+        ],
+        models={"a": cnn, "b": cnn},
+    )
+    m = metrics["b"]
+    assert "interior points recomputed on training data" in report
+    assert m["lmc_none_loss_barrier"] >= 0 and m["lmc_weight_loss_barrier"] >= 0
+    assert m["align_max_output_change"] <= 1e-4  # batch-norm statistics permuted with their channels
