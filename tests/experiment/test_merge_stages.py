@@ -135,3 +135,36 @@ def test_cnn_with_batch_norm_statistics_reset_on_the_path(runs_dir):
     assert "interior points recomputed on training data" in report
     assert m["lmc_none_loss_barrier"] >= 0 and m["lmc_weight_loss_barrier"] >= 0
     assert m["align_max_output_change"] <= 1e-4  # batch-norm statistics permuted with their channels
+
+
+def test_task_merge_of_two_identical_fine_tunes_keeps_each_task(runs_dir):
+    """The same task twice: both fine-tuned models are one model, so every merge returns it and
+    every normalised accuracy is 1 (exactly, for methods that merge copies exactly)."""
+    rec, metrics, report = run(
+        runs_dir,
+        [
+            {
+                "stage": "task_merge",
+                "other_data": {"name": "digits"},
+                "methods": ["linear", "ties", "fisher", "regmean"],
+                # digits' corner pixels are always 0: the stem's Gram matrix is singular, so RegMean
+                # merges the stem linearly (a module-path override) and the other layers by its solve
+                "options": {"ties": {"density": 1.0}, "regmean": {"overrides": {"stem.*": {"method": "linear"}}}},
+                "epochs": 1,
+                "lr": 0.01,
+                "samples": 64,
+            }
+        ],
+        models={"a": MLP},
+    )
+    m = metrics["a"]
+    for method in ("linear", "ties", "fisher"):
+        assert m[f"task_merge_{method}_normalised_digits"] == 1.0
+        assert m[f"task_merge_{method}_normalised_digits-2"] == 1.0
+    assert m["task_merge_regmean_normalised_mean"] == pytest.approx(1.0, abs=0.01)  # a solve, not a copy
+    assert "### Multi-task merge: fine-tuned on digits and digits-2" in report
+
+
+def test_task_merge_refuses_data_of_another_shape(runs_dir):
+    with pytest.raises(BrickworkError, match="task_merge: mnist5k has inputs \\(1, 28, 28\\)"):
+        run(runs_dir, [{"stage": "task_merge", "other_data": {"name": "mnist5k"}, "epochs": 1}], models={"a": MLP})
