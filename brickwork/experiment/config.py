@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from brickwork.errors import ConfigError
 from brickwork.experiment.yaml_io import safe_load
 from brickwork.registry import REGISTRY, Entry, RegistryName
+from brickwork.textio import read_utf8
 
 #: Names that become file or folder names (the run's ``name``, model labels): one path segment of
 #: safe characters, bounded length, never ``.``/``..`` (a label like ``../x`` or ``/etc`` would write
@@ -139,7 +140,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             "", f"config file {str(path)!r} not found (paths are relative to {os.getcwd()})", show_value=False
         )
     try:
-        raw = safe_load(path.read_text())  # safe: YAML tags cannot construct objects; duplicates refused
+        raw = safe_load(read_utf8(path))  # safe: YAML tags cannot construct objects; duplicates refused
     except ConfigError as e:
         raise ConfigError("", f"{path}: {e}", show_value=False) from None
     except yaml.YAMLError as e:
@@ -204,12 +205,12 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     where = "models" if top.models is not None else "model"
     if not models_raw:
         raise ConfigError(where, "expected at least one model variant", models_raw)
-    for label in models_raw:
-        check_name(f"{where}.{label}" if top.models is not None else f"{where}.name", label, "a model label")
     models = {
         label: _resolve_spec("model", spec, f"{where}.{label}" if top.models is not None else where)
         for label, spec in models_raw.items()
     }
+    for label in models:  # after resolving: a shorthand's label is its model's (registered) name
+        check_name(f"{where}.{label}" if top.models is not None else f"{where}.name", label, "a model label")
     stages = [_resolve_spec("stage", s, f"stages[{i}]", key="stage") for i, s in enumerate(top.stages)]
     return RunConfig(
         name=top.name,

@@ -87,6 +87,8 @@ def _step(where: str, what: str, fn: Callable[[], Any]) -> Any:
         if _on_meta(e):
             raise _MetaUnsupported from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, OverflowError) or "overflow" in first.lower():
+            first = f"a size is too large to allocate ({first})"
         raise ConfigError(where, f"the model {what}: {shorten(first)}", show_value=False) from None
 
 
