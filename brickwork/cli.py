@@ -7,8 +7,10 @@ no traceback. Ctrl-C or SIGTERM during a run records the run as interrupted (exi
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -86,14 +88,81 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    verb = ""
     try:
-        return _dispatch(args)
+        args = _parser().parse_args(argv)
+        verb = f" {args.verb}"
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
+        return code
     except BrickworkError as e:
-        print(f"brickwork {args.verb}: error: {e}", file=sys.stderr)
+        print(f"brickwork{verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # Also before a run exists (start-up, imports, config loading): one line, no traceback.
+        print(f"brickwork{verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+    except (OSError, sqlite3.Error) as e:
+        message = environment_error(e)
+        if message is None:
+            raise  # not the environment: a bug, with its traceback
+        print(f"brickwork{verb}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``brickwork ls | head -1``): exit quietly.
+
+    As Python's documentation advises (``signal`` module, "Note on SIGPIPE"), stdout is pointed at
+    devnull so that the interpreter's final flush does not raise again. The status is 141
+    (128 + SIGPIPE), what a shell reports for a tool killed by the closed pipe.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
+#: What to do about an error of the environment (the file system, not brickwork), by errno.
+_RESUME = "free some space, then `brickwork run --resume RUN` (`brickwork runs` lists the runs)"
+_WRITABLE = "use a writable folder (--runs-dir, --out)"
+_ERRNO_HINTS = {
+    errno.ENOSPC: _RESUME,
+    errno.EDQUOT: _RESUME,
+    errno.EROFS: _WRITABLE,
+    errno.EACCES: _WRITABLE,
+    errno.EPERM: _WRITABLE,
+    errno.ENOTDIR: "a folder on the way is a file",
+    errno.EISDIR: "a folder is where a file was expected",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.EIO: "the device failed; check the disk",
+}
+#: SQLite's messages for the same conditions (its errors carry no errno).
+_SQLITE_HINTS = {
+    "database or disk is full": errno.ENOSPC,
+    "readonly database": errno.EROFS,
+    "unable to open database file": errno.EACCES,
+    "disk i/o error": errno.EIO,
+}
+
+
+def environment_error(e: BaseException) -> str | None:
+    """One line for an error of the file system (full, read-only, no permission), or None for others.
+
+    Covers ``OSError`` with one of the errnos of :data:`_ERRNO_HINTS` (with the file named where the
+    error names it) and ``sqlite3.OperationalError`` (the run store) with one of SQLite's messages
+    for the same conditions. Anything else is not the user's environment and returns None.
+    """
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e)
+        code = next((c for m, c in _SQLITE_HINTS.items() if m in text.lower()), None)
+        return None if code is None else f"run store: {text}: {os.strerror(code)} ({_ERRNO_HINTS[code]})"
+    if isinstance(e, OSError) and e.errno in _ERRNO_HINTS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or os.strerror(e.errno)} ({_ERRNO_HINTS[e.errno]})"
+    return None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -142,7 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         raise BrickworkError("give a config to run, or --resume RUN (not both)")
     cfg = None if args.resume else load_config(args.config, args.overrides)  # fails before any work
     store = RunStore(args.runs_dir)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupt)
     if cfg is None:
         execute(None, store, resume=args.resume, progress=args.progress)  # type: ignore[arg-type]
     else:
@@ -150,8 +220,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(signum: int, frame: object) -> NoReturn:
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored while it is recorded.
+
+    A second interrupt raised inside the handler that records the first would abort that
+    record and leave the run ``running``; the process is on its way out already.
+    """
+    if _interrupted:
+        return
+    _interrupted.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+_interrupted: list[int] = []  # the interrupt being handled, once one came
 
 
 def _ls(kind: str | None, pattern: str) -> int:
@@ -185,7 +266,9 @@ def _runs(store: object, limit: int) -> int:
     print(f"{'id':<21} {'name':<24} {'started':<16} {'status':<11} main metrics")
     for r in records:
         main = "; ".join(
-            f"{label}: acc {m['test_accuracy']:.3f}" for label, m in r.metrics.items() if "test_accuracy" in m
+            f"{label}: acc {m['test_accuracy']:.3f}"
+            for label, m in r.metrics.items()
+            if isinstance(m.get("test_accuracy"), (int, float))  # None: a NaN written as null
         )
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started))
         print(f"{r.id:<21} {r.name[:24]:<24} {started:<16} {r.status:<11} {main}")
@@ -215,7 +298,7 @@ def _show(store: object, ref: str) -> int:
 
 
 def _report(store: object, refs: list[str], out: str | None) -> int:
-    from brickwork.experiment.report import compare_runs
+    from brickwork.experiment.report import compare_dir_name, compare_runs
 
     records = [store.get(ref) for ref in refs]  # type: ignore[attr-defined]
     if len(records) == 1:
@@ -224,7 +307,11 @@ def _report(store: object, refs: list[str], out: str | None) -> int:
             raise BrickworkError(f"run {records[0].id} has no report ({records[0].status}); it did not finish")
         print(report.read_text())
         return 0
-    out_dir = Path(out) if out else Path(store.root) / ("compare-" + "-".join(r.id for r in records))  # type: ignore[attr-defined]
+    out_dir = Path(out) if out else Path(store.root) / compare_dir_name([r.id for r in records])  # type: ignore[attr-defined]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BrickworkError(f"--out {out_dir}: is a file, not a folder; name a new folder (nothing is overwritten)")
+    if any(p.exists() and not p.is_dir() for p in out_dir.parents):
+        raise BrickworkError(f"--out {out_dir}: a folder on the way is a file; name a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BrickworkError(
             f"--out {out_dir}: folder exists and is not empty; name a new one (nothing is overwritten)"

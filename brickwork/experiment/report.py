@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,6 +124,16 @@ def write_report(
     path = run_dir / "report.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
+
+
+def compare_dir_name(run_ids: Sequence[str]) -> str:
+    """Default folder of a comparison report: ``compare-<id>-<id>...``, or for many runs (whose
+    joined ids would pass the file system's 255-byte limit) ``compare-<first>-and-<n-1>-more-<hash>``."""
+    name = "compare-" + "-".join(run_ids)
+    if len(name) <= 120:
+        return name
+    digest = hashlib.sha256("\n".join(run_ids).encode()).hexdigest()[:10]
+    return f"compare-{run_ids[0]}-and-{len(run_ids) - 1}-more-{digest}"
 
 
 def compare_runs(records: Sequence[Any], out_dir: Path) -> Path:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from brickwork.errors import BrickworkError, RunNotFoundError
 from brickwork.experiment.owner import Owner, lock_held
+from brickwork.textio import dumps
 
 T = TypeVar("T")
 
@@ -198,7 +199,7 @@ class RunStore:
         self._write(
             "INSERT INTO runs (id, name, status, started, dir, config, pid, host, pid_started)"
             " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-            (run_id, name, time.time(), run_id, json.dumps(config), me.pid, me.host, me.started),
+            (run_id, name, time.time(), run_id, dumps(config, "config"), me.pid, me.host, me.started),
         )
         return self.get(run_id)
 
@@ -225,7 +226,7 @@ class RunStore:
             vals.append(error)
         if metrics is not None:
             sets.append("metrics = ?")
-            vals.append(json.dumps(metrics, default=float))
+            vals.append(dumps(metrics, "metrics"))  # strict JSON: NaN as null
         if sets:
             self._write(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*vals, run_id))
 

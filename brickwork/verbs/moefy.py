@@ -26,6 +26,7 @@ from torch import nn
 from brickwork.errors import BrickworkError
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.build import load, read_meta
+from brickwork.textio import dumps
 
 __all__ = ["HELP", "add_arguments", "load_converted", "run", "study_config"]
 
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         **parts,
         "seconds": time.perf_counter() - t0,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.json").write_text(dumps(results, "results", indent=2) + "\n")
     m = results["main"]
     print(
         f"wrote {out / 'model.safetensors'} (+ .json): {m['label']}, fidelity {m['fidelity']:.4f}, "

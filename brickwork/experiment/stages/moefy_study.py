@@ -16,7 +16,6 @@ copies them to ``results.json``), the tables to the run's report.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from brickwork.ops.chain import drop_attention, drop_layers, layer_importance, l
 from brickwork.ops.moefy import Clustering, RouterKind, ffn_inputs, moefy, partition_ffn, set_top_k
 from brickwork.persist import atomic_write_text
 from brickwork.registry import register
+from brickwork.textio import dumps
 from brickwork.train.checkpoint import save_model
 from brickwork.train.finetune import finetune_classifier
 
@@ -153,7 +153,7 @@ def moefy_study(
     ctx.report.extend(study_report(setting, bench, results))
     atomic_write_text(
         ctx.stage_path("results").with_suffix(".json"),
-        json.dumps({"dense": bench.dense_row, **results}, indent=2, default=float) + "\n",
+        dumps({"dense": bench.dense_row, **results}, "results", indent=2) + "\n",
     )
 
 
