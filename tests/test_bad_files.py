@@ -1,0 +1,112 @@
+"""The corpus of bad files (tests/corpus/files/cases.py), each met where a user meets it:
+``brickwork run`` on a config naming a bad data file; ``run --resume`` and ``slice`` on a run
+whose checkpoint files were damaged. Each is one line on stderr, exit status 2, no traceback,
+and nothing in the run's folder is written or changed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brickwork.experiment import RunStore, execute, validate
+from brickwork.persist import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bad_file_cases", ROOT / "tests" / "corpus" / "files" / "cases.py")
+assert _spec is not None and _spec.loader is not None
+cases = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = cases  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(cases)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def assert_one_line_refusal(r: subprocess.CompletedProcess, expected: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert expected in r.stderr, r.stderr
+
+
+def test_the_corpus_has_at_least_20_bad_files():
+    assert len(cases.DATA) + len(cases.CHECKPOINT) >= 20
+    kinds = {name.split("-")[0] for name in [*cases.DATA, *cases.CHECKPOINT]}
+    assert kinds == {"npz", "csv", "state", "model"}
+
+
+@pytest.mark.parametrize("name", sorted(cases.DATA))
+def test_bad_data_file_is_refused_by_run(tmp_path, tiny_config, name):
+    case = cases.DATA[name]
+    tiny_config["data"] = case.write(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config))
+    before = sorted(tmp_path.rglob("*"))
+    r = cli("--runs-dir", str(tmp_path / "runs"), "run", str(cfg), "--no-progress")
+    assert_one_line_refusal(r, case.expected)
+    runs = tmp_path / "runs"
+    assert not (runs / "runs.db").exists() or not RunStore(runs).list()  # no run recorded
+    assert not [p for p in sorted(tmp_path.rglob("*")) if p not in before and runs not in p.parents and p != runs]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished run over seeds 0 and 1 of a nested MLP, turned back into one that is
+    interrupted before its train stage ended (so ``--resume`` reads the training state)."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = {
+        "name": "bad-files",
+        "seed": 0,
+        "seeds": [0, 1],
+        "threads": 1,
+        "data": {"name": "digits"},
+        "models": {"sn": {"name": "nested_mlp", "width": 16, "depth": 2}},
+        "stages": [{"stage": "train", "epochs": 2, "lr": 0.01}],
+    }
+    rec = execute(validate(cfg), RunStore(runs), progress=False, echo=lambda s: None)
+    for seed in (0, 1):
+        write_json(rec.dir / "sn" / f"seed-{seed}" / "progress.json", {"done": 0})
+    return runs, rec
+
+
+@pytest.mark.parametrize("name", sorted(cases.CHECKPOINT))
+def test_bad_checkpoint_is_refused(trained, tmp_path, name):
+    runs, rec = trained
+    case = cases.CHECKPOINT[name]
+    vdir, other = rec.dir / "sn" / "seed-0", rec.dir / "sn" / "seed-1"
+    backup = tmp_path / "backup"
+    shutil.copytree(vdir, backup)
+    try:
+        case.spoil(vdir, other)
+        spoiled = {p.name: p.read_bytes() for p in vdir.iterdir()}
+        RunStore(runs).update(rec.id, status="interrupted")
+        if case.verb == "resume":
+            r = cli("--runs-dir", str(runs), "run", "--resume", rec.id, "--no-progress")
+        else:
+            r = cli("--runs-dir", str(runs), "slice", rec.id, "--width", "0.5", "--seed", "0")
+        assert_one_line_refusal(r, case.expected)
+        assert {p.name: p.read_bytes() for p in vdir.iterdir()} == spoiled  # nothing written or rolled over
+        assert RunStore(runs).get(rec.id).status != "completed"  # a failure is never recorded as success
+    finally:
+        shutil.rmtree(vdir)
+        shutil.copytree(backup, vdir)
+
+
+def test_the_undamaged_run_resumes(trained):
+    # The control: the same run, with nothing spoiled, resumes and completes.
+    runs, rec = trained
+    RunStore(runs).update(rec.id, status="interrupted")
+    r = cli("--runs-dir", str(runs), "run", "--resume", rec.id, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert RunStore(runs).get(rec.id).status == "completed"
