@@ -1,13 +1,16 @@
 """The init_seed, align, lmc and merge stages end to end on digits, and the ``brickwork merge`` verb."""
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from brickwork.analysis import parameter_distance
+from brickwork.analysis import parameter_distance, reset_batch_norm
 from brickwork.cli import main
+from brickwork.data import load_dataset
+from brickwork.data.batching import input_batches
 from brickwork.errors import BrickworkError
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.artifacts import load_trained
@@ -119,6 +122,10 @@ def test_verb_merges_plain_safetensors_files(tmp_path, capsys):
     assert "density" in capsys.readouterr().err and not (tmp_path / "out2").exists()  # nothing left behind
 
 
+def rec_data():
+    return load_dataset("digits", seed=0)  # the run's data: same name and seed, same split
+
+
 def test_cnn_with_batch_norm_statistics_reset_on_the_path(runs_dir):
     cnn = {"name": "cnn", "channels": [4, 8], "norm": "batch"}
     rec, metrics, report = run(
@@ -128,10 +135,17 @@ def test_cnn_with_batch_norm_statistics_reset_on_the_path(runs_dir):
             {"stage": "train", "epochs": 1, "lr": 0.01},
             {"stage": "lmc", "other": "a", "align": ["none", "weight"], "points": 3, "samples": 256},
             {"stage": "align", "to": "a", "method": "activation", "samples": 256},
+            {"stage": "merge", "models": ["a"], "align": "weight", "samples": 256},
         ],
         models={"a": cnn, "b": cnn},
     )
     m = metrics["b"]
+    # the merged model's batch-norm statistics are those recomputed on the first 256 training rows
+    merged = load(rec.dir / "b" / "stage4-merged-linear").model
+    again = reset_batch_norm(copy.deepcopy(merged), list(input_batches(rec_data().train.x, 256, limit=256)))
+    for k, t in merged.state_dict().items():
+        if "running" in k:
+            assert torch.allclose(t, again.state_dict()[k], rtol=1e-5, atol=1e-6), k
     assert "interior points recomputed on training data" in report
     assert m["lmc_none_loss_barrier"] >= 0 and m["lmc_weight_loss_barrier"] >= 0
     assert m["align_max_output_change"] <= 1e-4  # batch-norm statistics permuted with their channels

@@ -31,6 +31,7 @@ from brickwork.analysis.connectivity import (
     evaluate_loss_accuracy,
     linear_path,
     parameter_distance,
+    reset_batch_norm,
 )
 from brickwork.analysis.plots import plot_linear_paths
 from brickwork.data import Dataset, load_dataset
@@ -232,6 +233,7 @@ def merge_stage(
     name: str | None = None,
     adopt: bool = False,
     samples: Annotated[int, Field(ge=1)] = 1024,
+    reset_bn: bool = True,
     split: SplitName = "test",
     batch_size: Annotated[int, Field(ge=1)] = 256,
 ) -> None:
@@ -245,7 +247,9 @@ def merge_stage(
     the variant continues as the merged model (later stages such as ``evaluate`` see it); its own
     weights from before are then kept in ``<variant>/stage<k>-before-merge``. ``models`` is one
     list (merged into every variant not in it) or ``{variant: [labels]}`` (only those variants
-    act); in a variant named in its own list, or in ``base``, the stage does nothing.
+    act); in a variant named in its own list, or in ``base``, the stage does nothing. With
+    ``reset_bn`` the merged model's batch-norm statistics are recomputed on ``samples`` training
+    inputs (merged running statistics do not describe the merged network: Jordan et al., 2023).
     """
     labels = models.get(ctx.label, []) if isinstance(models, dict) else models
     if not labels or ctx.label in labels or ctx.label == base:
@@ -265,13 +269,23 @@ def merge_stage(
     if method in NEEDS_STATS:  # Fisher / RegMean statistics estimated on training data
         kw["data"] = list(batches(ctx.data.train.x, ctx.data.train.y, 256, limit=samples, device=ctx.device))
     merged = merge_models(list(inputs.values()), method, **kw).to(ctx.device).eval()
+    if reset_bn:
+        reset_batch_norm(merged, input_batches(ctx.data.train.x, 256, limit=samples, device=ctx.device))
     data = getattr(ctx.data, split)
     rows = []
     for label, m in [*inputs.items(), (f"merged ({method})", merged)]:
         loss, acc = evaluate_loss_accuracy(m, data, batch_size, ctx.device)
         rows.append({"label": label, "accuracy": acc, "loss": loss})
     spec = variant_spec(ctx.run_dir, ctx.label)
-    provenance = {"method": method, "align": align, "models": list(inputs), "base": base, "weights": weights}
+    provenance = {
+        "method": method,
+        "align": align,
+        "models": list(inputs),
+        "base": base,
+        "weights": weights,
+        "options": options,
+        "bn_reset": reset_bn,
+    }
     stem = ctx.stage_path(name or f"merged-{method}")
     save_model(stem, merged, model_meta(spec, ctx.data, ctx.structure, merged_from=provenance, seed=ctx.seed))
     key = name or method
