@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from brickwork.errors import CheckpointError
+from brickwork.orphans import clean_stem
 from brickwork.textio import dumps
 
 FORMAT_VERSION = 2
@@ -133,6 +134,8 @@ def save_tensors(stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
     """
     st_path, meta_path = _paths(stem)
     st_path.parent.mkdir(parents=True, exist_ok=True)
+    # Finish or remove what a killed save of this stem left (only in a folder this process owns).
+    clean_stem(st_path, meta_path)
     flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=st_path.parent, prefix=f".{st_path.name}.", suffix=".tmp")
     os.close(fd)

@@ -8,21 +8,26 @@ epoch.
 
 from __future__ import annotations
 
+import signal
 import statistics
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from brickwork import orphans
 from brickwork.data import Dataset, load_dataset
-from brickwork.errors import BrickworkError
+from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.experiment.build import apply_structure, build_model, model_meta
 from brickwork.experiment.config import RunConfig, Spec, validate
 from brickwork.experiment.context import StageContext
+from brickwork.experiment.owner import RunBusyError, RunLock
 from brickwork.experiment.preflight import check_models
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore
@@ -61,6 +66,13 @@ def execute(
         record = store.get(resume)
         if record.status == "completed":
             raise BrickworkError(f"run {record.id} already completed; nothing to resume")
+        if record.status == "running":
+            raise RunBusyError(
+                f"run {record.id} is still running ({record.owner or 'owner unknown'}); "
+                "wait for it to end or stop it, then resume"
+            )
+        if not record.dir.is_dir():
+            raise CheckpointError(f"run {record.id}: its folder {record.dir} is missing; nothing to resume")
         cfg = validate(record.config)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -70,32 +82,83 @@ def execute(
     if resume is None:
         record = store.create(store.new_id(), cfg.name, cfg.to_dict())
         record.dir.mkdir(parents=True, exist_ok=False)
+        lock = RunLock(record.dir, record.id)
         atomic_write_text(record.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
-        store.update(record.id, status="running")
+        # The lock, not the status read above, decides: two resumes racing get one winner.
+        lock = RunLock(record.dir, record.id, who=str(record.owner or ""))
+        try:
+            store.claim(record.id)
+        except BaseException:
+            lock.release()
+            raise
     echo(f"run {record.id}: {data.summary()}")
     try:
-        results = {}
-        for label, spec in cfg.models.items():
-            per_seed = [
-                _run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
-                for seed in cfg.run_seeds
-            ]
-            results[label] = per_seed[0] if cfg.seeds is None else aggregate_seeds(per_seed, cfg.run_seeds)
-        summary = {label: r["metrics"] for label, r in results.items()}
-        write_json(record.dir / "metrics.json", summary)
-        write_report(record.dir, cfg, data, results, run_id=record.id)
-        store.update(record.id, status="completed", metrics=summary)
+        with orphans.owned_folder(record.dir):  # this process alone writes here while it holds the lock
+            if resume is not None:
+                orphans.sweep(record.dir)  # what killed saves of the last owner left
+            results = {}
+            for label, spec in cfg.models.items():
+                per_seed = [
+                    _run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
+                    for seed in cfg.run_seeds
+                ]
+                results[label] = per_seed[0] if cfg.seeds is None else aggregate_seeds(per_seed, cfg.run_seeds)
+            summary = {label: r["metrics"] for label, r in results.items()}
+            write_json(record.dir / "metrics.json", summary)
+            write_report(record.dir, cfg, data, results, run_id=record.id)
     except KeyboardInterrupt:
-        store.update(record.id, status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        _finish(store, record.id, lock, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
         echo(f"run {record.id} interrupted; continue it with: brickwork run --resume {record.id}")
         raise
     except BaseException as e:
-        store.update(record.id, status="failed", error="".join(traceback.format_exception_only(e)).strip())
+        _finish(store, record.id, lock, "failed", error="".join(traceback.format_exception_only(e)).strip())
         raise
+    _finish(store, record.id, lock, "completed", metrics=summary)
     echo(results_table(summary))
     echo(f"run folder: {record.dir}")
     return store.get(record.id)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM while a final state is written; yields the signals that came.
+
+    A second Ctrl-C landing inside the recording of the first would otherwise abort it and
+    leave the run ``running``. Only the main thread may set handlers; elsewhere nothing is held.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in held}
+    for s in held:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _finish(store: RunStore, run_id: str, lock: RunLock, status: str, **fields: Any) -> None:
+    """Write a run's final state (retried while the store is locked), then let go of its folder.
+
+    When the run already failed, a store that cannot be written is reported on stderr and the
+    original error goes on; when it completed, that is an error of its own.
+    """
+    with _signals_deferred() as caught:
+        try:
+            store.update(run_id, status=status, **fields)
+        except BrickworkError as e:
+            if status == "completed":
+                raise BrickworkError(f"run {run_id} completed, but its status could not be recorded: {e}") from None
+            print(f"brickwork: run {run_id} is {status}, but the store could not record it: {e}", file=sys.stderr)
+        finally:
+            lock.release()
+    if caught and status == "completed":
+        raise KeyboardInterrupt  # asked to stop while the finished run was recorded: stop now
 
 
 def _run_variant(
