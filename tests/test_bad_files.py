@@ -6,6 +6,7 @@ and nothing in the run's folder is written or changed."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -103,10 +104,26 @@ def test_bad_checkpoint_is_refused(trained, tmp_path, name):
         shutil.copytree(backup, vdir)
 
 
-def test_the_undamaged_run_resumes(trained):
-    # The control: the same run, with nothing spoiled, resumes and completes.
+def test_the_undamaged_run_resumes_with_legacy_checkpoints(trained):
+    # The control: the same run, with nothing spoiled, resumes and completes; seed 0's files are
+    # turned into ones written before the metadata hash and the seed binding (format 1), which
+    # must still resume, as runs made before this change do.
     runs, rec = trained
+    vdir = rec.dir / "sn" / "seed-0"
+    _make_legacy(vdir / f"{cases.TRAIN_STATE}.json")
     RunStore(runs).update(rec.id, status="interrupted")
     r = cli("--runs-dir", str(runs), "run", "--resume", rec.id, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert RunStore(runs).get(rec.id).status == "completed"
+    _make_legacy(vdir / f"{cases.MODEL}.json")  # the model checkpoint the resume wrote
+    r = cli("--runs-dir", str(runs), "slice", rec.id, "--width", "0.5", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def _make_legacy(path: Path) -> None:
+    """Rewrite a checkpoint's JSON as brickwork wrote it before format 2: no metadata hash, no binding."""
+    meta = json.loads(path.read_text())
+    meta.pop("meta_sha256")
+    meta.pop("seed", None)
+    meta["format"] = 1
+    path.write_text(json.dumps(meta))
