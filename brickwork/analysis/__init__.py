@@ -1,8 +1,8 @@
 """Measurements of models and runs; nothing here changes a model.
 
 Compute (parameters, executed FLOPs), latency (one timing harness), calibration, routing and
-modularity statistics, equal-size clustering of units, early-exit simulation, Pareto fronts
-and the plots of a report.
+modularity statistics, equal-size clustering of units, early-exit simulation, linear mode
+connectivity (paths and barriers between two models), Pareto fronts and the plots of a report.
 """
 
 from brickwork.analysis.calibration import Reliability, expected_calibration_error, reliability
