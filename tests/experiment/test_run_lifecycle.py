@@ -166,3 +166,24 @@ def test_a_committed_pending_file_is_rolled_forward_not_deleted(tmp_path):
         save_tensors(tmp_path / "model", {"w": torch.full((3,), 2.0)})
     assert torch.equal(load_tensors(stem)[0]["w"], torch.full((3,), 2.0))
     assert not (tmp_path / "model.safetensors.pending").exists()
+
+
+def test_a_finished_run_is_recorded_though_the_store_is_locked_past_its_timeout(tiny_config, runs_dir, monkeypatch):
+    import sqlite3
+    import threading
+
+    tiny_config["stages"][0]["epochs"] = 1
+    store = RunStore(runs_dir, timeout=0.05, patience=30)
+    real_update = RunStore.update
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+
+    def update_while_locked(self: RunStore, run_id: str, **kw: Any) -> None:
+        if kw.get("status") == "completed":
+            holder.execute("BEGIN EXCLUSIVE")  # another process's long transaction
+            threading.Timer(0.5, holder.rollback).start()  # ten times SQLite's own timeout
+        real_update(self, run_id, **kw)
+
+    monkeypatch.setattr(RunStore, "update", update_while_locked)
+    rec = execute(validate(tiny_config), store, progress=False, echo=lambda s: None)
+    holder.close()
+    assert rec.status == "completed" and RunStore(runs_dir).get(rec.id).status == "completed"
