@@ -94,10 +94,15 @@ def path_alphas(points: int) -> list[float]:
     return [i / (points - 1) for i in range(points)]
 
 
-def check_same_architecture(a: nn.Module, b: nn.Module, what: str = "linear path") -> None:
+def check_same_architecture(
+    a: nn.Module, b: nn.Module, what: str = "linear path", *, equal_integers: bool = True
+) -> None:
     """Raise one clear :class:`BrickworkError` unless ``a`` and ``b`` have the same tensors.
 
-    Same state-dict keys, shapes and dtypes; integer buffers other than ``num_batches_tracked`` equal.
+    Same state-dict keys, shapes and dtypes; with ``equal_integers`` (interpolation: integer
+    buffers are taken from ``a``) also integer buffers other than ``num_batches_tracked`` equal.
+    Alignment passes ``equal_integers=False``: two seeds' integer buffers (rewiring seeds and
+    counters) may differ without the architecture differing.
     """
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys():
@@ -113,7 +118,12 @@ def check_same_architecture(a: nn.Module, b: nn.Module, what: str = "linear path
                 f"{what}: tensor {k!r} is {tuple(t.shape)} {t.dtype} in the first model and {tuple(u.shape)} "
                 f"{u.dtype} in the second; expected equal shapes and dtypes"
             )
-        if not t.is_floating_point() and not k.endswith("num_batches_tracked") and not torch.equal(t, u):
+        if (
+            equal_integers
+            and not t.is_floating_point()
+            and not k.endswith("num_batches_tracked")
+            and not torch.equal(t, u)
+        ):
             raise BrickworkError(
                 f"{what}: integer tensor {k!r} (a mask, partition or index) differs between the two models; "
                 "they cannot be interpolated"

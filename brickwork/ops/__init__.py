@@ -17,9 +17,7 @@ changed exactly as intended).
 from brickwork.ops.align import (
     activation_matching,
     align,
-    interpolate,
     repair,
-    reset_bn_stats,
     weight_matching,
 )
 from brickwork.ops.chain import (
@@ -70,7 +68,6 @@ __all__ = [
     "fisher_diagonal",
     "flat_perm",
     "gram_matrices",
-    "interpolate",
     "invert",
     "layer_importance",
     "least_important",
@@ -88,7 +85,6 @@ __all__ = [
     "plan_sparsify",
     "random_perms",
     "repair",
-    "reset_bn_stats",
     "set_top_k",
     "slice_error",
     "slice_model",

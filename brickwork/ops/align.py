@@ -17,7 +17,11 @@
   Interpolation Repair", ICLR 2023): after interpolating, each chosen layer's output units get the
   interpolation of the endpoints' per-unit mean and std on data (folded into its weight and bias),
   layer after layer in forward order; BatchNorm running statistics are re-estimated on the data
-  (the "reset BN statistics" variant, which is what REPAIR reduces to for BatchNorm networks).
+  (the "reset BN statistics" variant, which is what REPAIR reduces to for BatchNorm networks;
+  :func:`brickwork.analysis.reset_batch_norm`, the one home of that reset).
+
+The linear path between two models (:func:`brickwork.analysis.interpolate`) lives in
+``analysis/connectivity.py``.
 
 Every function **copies**: the models passed in are not modified.
 """
@@ -33,6 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from brickwork.analysis.connectivity import check_same_architecture, reset_batch_norm
 from brickwork.errors import BrickworkError
 from brickwork.nn.modes import evaluating
 from brickwork.ops.permutation import (
@@ -46,21 +51,6 @@ from brickwork.ops.permutation import (
 )
 
 Method = Literal["weight", "activation"]
-
-
-def _check_same(reference: nn.Module, other: nn.Module) -> None:
-    a, b = reference.state_dict(), other.state_dict()
-    if a.keys() != b.keys():
-        only = sorted(set(a) ^ set(b))[:3]
-        raise BrickworkError(
-            f"align: the models differ in architecture: tensors {only} are in only one (expected the same architecture)"
-        )
-    for k in a:
-        if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype:
-            raise BrickworkError(
-                f"align: tensor {k!r} is {tuple(a[k].shape)} {a[k].dtype} in the reference and "
-                f"{tuple(b[k].shape)} {b[k].dtype} in the other model (expected the same architecture)"
-            )
 
 
 def _families(spec: PermutationSpec) -> dict[str, list[str]]:
@@ -174,7 +164,7 @@ def weight_matching(
     Returns:
         name -> (n,) or (P, n): apply to ``other`` with :func:`brickwork.ops.permute`.
     """
-    _check_same(reference, other)
+    check_same_architecture(reference, other, "align", equal_integers=False)
     spec = permutation_spec(reference) if spec is None else spec
     spec.check(reference, "reference")
     a = {k: v.detach().cpu() for k, v in reference.state_dict().items()}
@@ -263,7 +253,7 @@ def activation_matching(
         reference, other: same-architecture models; batches: inputs (B, ...) for both.
         spec: default derived from ``reference``; max_rows: activation rows kept per probe.
     """
-    _check_same(reference, other)
+    check_same_architecture(reference, other, "align", equal_integers=False)
     spec = permutation_spec(reference) if spec is None else spec
     spec.check(reference, "reference")
     data = list(batches)
@@ -333,18 +323,6 @@ def align(
     return permute(other, perms, spec), perms
 
 
-def interpolate(a: nn.Module, b: nn.Module, t: float) -> nn.Module:
-    """A copy of ``a`` with every floating tensor ``(1 - t) a + t b`` (integer buffers from ``a``)."""
-    _check_same(a, b)
-    out = copy.deepcopy(a)
-    sb = b.state_dict()
-    with torch.no_grad():
-        for k, v in out.state_dict().items():
-            if v.is_floating_point():
-                v.copy_(torch.lerp(v, sb[k].to(v.dtype), t))
-    return out
-
-
 def _default_targets(model: nn.Module) -> list[str]:
     """``nn.Linear`` / ``nn.Conv2d`` whose parent has no BatchNorm (those are reset through their BN)."""
     out = []
@@ -380,31 +358,6 @@ def _unit_stats(model: nn.Module, path: str, batches: Sequence[Tensor]) -> tuple
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``batches`` (cumulative average)."""
-    out = copy.deepcopy(model)
-    bns = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return out
-    modes = {m: m.training for m in out.modules()}
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    out.eval()
-    for m in bns:
-        m.train()
-    try:
-        for x in batches:
-            out(x)
-    finally:
-        for mod, was in modes.items():
-            mod.train(was)
-    for m in bns:
-        m.momentum = 0.1
-    return out
-
-
-@torch.no_grad()
 def repair(
     merged: nn.Module,
     reference: nn.Module,
@@ -423,7 +376,8 @@ def repair(
     BatchNorm running statistics are then re-estimated (the simplified "reset BN statistics" variant).
 
     Args:
-        merged: the interpolated model (e.g. :func:`interpolate` of ``reference`` and an aligned ``other``).
+        merged: the interpolated model (e.g. :func:`brickwork.analysis.interpolate` of ``reference``
+            and an aligned ``other``).
         reference, other: the endpoints (``other`` already aligned).
         batches: inputs (B, ...); t: the interpolation weight of ``other``.
         targets: module paths of ``nn.Linear`` / ``nn.Conv2d`` layers (default: all whose parent
@@ -432,7 +386,7 @@ def repair(
     data = list(batches)
     if not data:
         raise BrickworkError("repair: needs data batches (got none)")
-    out = reset_bn_stats(merged, data)
+    out = reset_batch_norm(copy.deepcopy(merged), data)
     names = _default_targets(out) if targets is None else list(targets)
     for path in names:
         layer = out.get_submodule(path)
@@ -448,4 +402,4 @@ def repair(
         w = layer.weight
         w.mul_(scale.to(w.dtype).view(-1, *[1] * (w.dim() - 1)))
         layer.bias.copy_((scale * (layer.bias.double() - mu_m) + mu).to(w.dtype))
-    return reset_bn_stats(out, data)
+    return reset_batch_norm(out, data)

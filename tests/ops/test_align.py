@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from brickwork.analysis import interpolate
 from brickwork.errors import BrickworkError
 from brickwork.models.cnn import cnn
 from brickwork.models.mlp import mlp
@@ -16,7 +17,6 @@ from brickwork.ops import (
     PermutationSpec,
     align,
     flat_perm,
-    interpolate,
     invert,
     permutation_spec,
     permute,
@@ -126,9 +126,9 @@ def test_user_spec_for_a_plain_module():
 
 def test_bad_input_gets_one_clear_message():
     a = mlp((1, 4, 4), 5, width=8, depth=2)
-    with pytest.raises(BrickworkError, match="expected the same architecture"):
+    with pytest.raises(BrickworkError, match="expected equal shapes and dtypes"):
         align(a, mlp((1, 4, 4), 5, width=10, depth=2))
-    with pytest.raises(BrickworkError, match="only one"):
+    with pytest.raises(BrickworkError, match="different tensors"):
         align(a, mlp((1, 4, 4), 5, width=8, depth=3))
     with pytest.raises(BrickworkError, match="needs batches"):
         align(a, a, method="activation")
