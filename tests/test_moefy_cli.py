@@ -79,8 +79,9 @@ def test_moefy_writes_a_reloadable_model_and_a_report(tmp_path, capsys):
         assert torch.equal(model(x), trained(x))
         # A file of the earlier layout (model name + moefy section, no recipe) still loads.
         meta = json.loads((out / "model.json").read_text())
-        legacy = {k: v for k, v in meta.items() if k not in ("model", "data", "structure")}
-        legacy |= {"model": "minilm-l6", "moefy": {"experts": 8, "top_k": 2, "router": "emoe"}}
+        # (written before the metadata hash: format 1, no meta_sha256)
+        legacy = {k: v for k, v in meta.items() if k not in ("model", "data", "structure", "meta_sha256")}
+        legacy |= {"model": "minilm-l6", "moefy": {"experts": 8, "top_k": 2, "router": "emoe"}, "format": 1}
         (tmp_path / "old.json").write_text(json.dumps(legacy))
         (tmp_path / "old.safetensors").write_bytes((out / "model.safetensors").read_bytes())
         assert torch.equal(load_converted(tmp_path / "old")(x), model(x))
