@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from brickwork.errors import CheckpointError
+from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.experiment.build import load
 from brickwork.experiment.config import Spec
+from brickwork.experiment.context import StageContext
 from brickwork.experiment.store import RunRecord, RunStore
 
 
@@ -51,3 +52,25 @@ def load_trained(store: RunStore, ref: str, label: str | None = None, seed: int 
     vdir = record.dir / label / f"seed-{seed}" if seeds else record.dir / label
     ckpt = load(vdir / "model", where=f"models.{label}")
     return TrainedModel(ckpt.model, ckpt.spec, label, record, ckpt.meta, vdir)
+
+
+def earlier_variant(ctx: StageContext, label: str, stage: str) -> TrainedModel:
+    """Variant ``label`` of the run ``ctx`` is in, finished earlier (the same seed in a repeated-seed run).
+
+    Raises:
+        BrickworkError: ``label`` is the variant running now, or it cannot be loaded (not
+            listed before it under ``models:``, or not trained yet): one line naming ``stage``.
+    """
+    if label == ctx.label:
+        raise BrickworkError(f"{stage}: variant {label!r} names itself; name another variant of this run")
+    try:
+        return load_trained(
+            RunStore(ctx.run_dir.parent),
+            ctx.run_dir.name,
+            label,
+            seed=ctx.seed if ctx.dir.name.startswith("seed-") else None,
+        )
+    except BrickworkError as e:
+        raise BrickworkError(
+            f"{stage}: cannot load variant {label!r} of this run ({e}); list it before {ctx.label!r} under models:"
+        ) from None

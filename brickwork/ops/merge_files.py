@@ -22,7 +22,6 @@ data shapes of the first input's metadata are carried over, so the result loads 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.ops.merge import CHUNK, MergeMethod, make_options, merge_sources
-from brickwork.persist import read_meta, save_tensors
+from brickwork.persist import _sha256, read_meta, save_tensors  # the one file hash (as orphans.py uses it)
 
 _DTYPES = {
     "F64": torch.float64,
@@ -87,14 +86,6 @@ class FileSource:
                 return f.get_tensor(name)
             out: Tensor = f.get_slice(name)[rows.start : rows.stop]
             return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_input(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -37,12 +37,11 @@ from brickwork.analysis.plots import plot_linear_paths
 from brickwork.data import Dataset, load_dataset
 from brickwork.data.batching import batches, input_batches
 from brickwork.errors import BrickworkError
-from brickwork.experiment.artifacts import load_trained
+from brickwork.experiment.artifacts import earlier_variant
 from brickwork.experiment.build import build_model, model_meta, variant_spec
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.report import stage_plot_stem
-from brickwork.experiment.store import RunStore
 from brickwork.nn.stack import StackModel
 from brickwork.ops.align import align as align_models
 from brickwork.ops.merge import NEEDS_BASE, NEEDS_STATS, MergeMethod, fisher_diagonal, gram_matrices
@@ -68,20 +67,7 @@ def _reference(ctx: StageContext, ref: Reference) -> str | None:
 
 def _variant(ctx: StageContext, label: str, stage: str) -> nn.Module:
     """The finished model of variant ``label`` of this run (same seed in a repeated-seed run)."""
-    if label == ctx.label:
-        raise BrickworkError(f"{stage}: variant {label!r} names itself; name another variant of this run")
-    try:
-        trained = load_trained(
-            RunStore(ctx.run_dir.parent),
-            ctx.run_dir.name,
-            label,
-            seed=ctx.seed if ctx.dir.name.startswith("seed-") else None,
-        )
-    except BrickworkError as e:
-        raise BrickworkError(
-            f"{stage}: cannot load variant {label!r} of this run ({e}); list it before {ctx.label!r} under models:"
-        ) from None
-    return trained.model.to(ctx.device).eval()
+    return earlier_variant(ctx, label, stage).model.to(ctx.device).eval()
 
 
 def _aligned(ctx: StageContext, reference: nn.Module, model: nn.Module, method: AlignMethod, samples: int) -> nn.Module:

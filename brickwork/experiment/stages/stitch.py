@@ -9,12 +9,10 @@ from pydantic import Field
 from torch import nn
 
 from brickwork.analysis.tradeoff import measure_point
-from brickwork.errors import BrickworkError
-from brickwork.experiment.artifacts import load_trained
+from brickwork.experiment.artifacts import earlier_variant
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.experiment.report import POINT_COLUMNS, tradeoff_section
 from brickwork.experiment.report import markdown_table as table
-from brickwork.experiment.store import RunStore
 from brickwork.nn.stack import StackModel, stack_of
 from brickwork.ops.stitch import default_cuts, stitched
 from brickwork.registry import register
@@ -72,17 +70,7 @@ def stitch_stage(
     """
     if ctx.label == front:
         return
-    try:
-        anchor = load_trained(
-            RunStore(ctx.run_dir.parent),
-            ctx.run_dir.name,
-            front,
-            seed=ctx.seed if ctx.dir.name.startswith("seed-") else None,
-        )
-    except BrickworkError as e:
-        raise BrickworkError(
-            f"stitch: cannot load variant {front!r} of this run ({e}); list it before {ctx.label!r} under models:"
-        ) from None
+    anchor = earlier_variant(ctx, front, "stitch")
     models = {front: stack_of(anchor.model.to(ctx.device)), ctx.label: stack_of(ctx.model)}
     data = getattr(ctx.data, split)
     x_fit = ctx.data.train.x[:fit_samples].to(ctx.device)
