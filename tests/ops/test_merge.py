@@ -211,7 +211,7 @@ def linear_pair(seed: int, n: int) -> tuple[nn.Linear, torch.Tensor]:
 def test_regmean_is_least_squares_on_the_concatenated_data_and_the_average_for_equal_grams():
     (l1, x1), (l2, x2) = linear_pair(0, 30), linear_pair(1, 50)
     grams = [gram_matrices(l1, [x1]), gram_matrices(l2, [x2])]
-    out = merge([l1, l2], "regmean", statistics=grams)
+    out = merge([l1, l2], "regmean", statistics=grams, ridge=0.0)
     x = torch.cat([x1, x2]).double()
     y = torch.cat([x1 @ l1.weight.T, x2 @ l2.weight.T]).double()
     want = torch.linalg.lstsq(x, y).solution.T
@@ -223,9 +223,44 @@ def test_regmean_is_least_squares_on_the_concatenated_data_and_the_average_for_e
     from_data = merge([l1, l2], "regmean", data=[x1], statistics=None)
     torch.testing.assert_close(from_data.weight, same.weight)
     # alpha = 0 keeps only the diagonal: a per-input-unit weighted average
-    diag = merge([l1, l2], "regmean", statistics=grams, alpha=0.0)
+    diag = merge([l1, l2], "regmean", statistics=grams, alpha=0.0, ridge=0.0)
     d1, d2 = grams[0]["weight"].diagonal(), grams[1]["weight"].diagonal()
     torch.testing.assert_close(diag.weight.double(), ((l1.weight * d1 + l2.weight * d2) / (d1 + d2)).double())
+
+
+def test_regmean_on_a_singular_gram_is_the_ridge_least_squares_solution():
+    """An input always 0 (MNIST's border pixels) and collinear inputs: both Grams are singular.
+    ridge 0 is refused; with a ridge the merge is the minimiser of sum_i w_i (||X_i W^T - X_i W_i^T||^2
+    + ridge m ||W - W_i||^2), computed here by one least-squares solve on the stacked, augmented
+    system, and the direction no data reaches (input 0) gets the plain average of the two weights."""
+    (l1, x1), (l2, x2) = linear_pair(0, 30), linear_pair(1, 50)
+    for x in (x1, x2):
+        x[:, 0] = 0.0  # never active
+        x[:, 3] = 2 * x[:, 2]  # collinear with input 2
+    grams = [gram_matrices(l1, [x1]), gram_matrices(l2, [x2])]
+    assert int(torch.linalg.matrix_rank(grams[0]["weight"] + grams[1]["weight"])) == 2
+    with pytest.raises(BrickworkError, match="singular.*ridge > 0"):
+        merge([l1, l2], "regmean", statistics=grams, ridge=0.0)
+    ridge, w = 1e-3, (0.3, 0.7)
+    out = merge([l1, l2], "regmean", statistics=grams, ridge=ridge, weights=w)
+    m = sum(wi * float(g["weight"].diagonal().mean()) for wi, g in zip(w, grams, strict=True)) / sum(w)
+    rows, targets = [], []
+    for wi, lin, x in zip(w, (l1, l2), (x1, x2), strict=True):
+        xd, wd = x.double(), lin.weight.detach().double()
+        rows += [wi**0.5 * xd, (wi * ridge * m) ** 0.5 * torch.eye(4, dtype=torch.float64)]
+        targets += [wi**0.5 * xd @ wd.T, (wi * ridge * m) ** 0.5 * wd.T]
+    want = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+    torch.testing.assert_close(out.weight.double(), want, rtol=1e-5, atol=1e-6)
+    avg = 0.3 * l1.weight[:, 0] + 0.7 * l2.weight[:, 0]
+    torch.testing.assert_close(out.weight[:, 0], avg)
+    # on the data the ridge solution fits as well as the unregularised least squares (up to the ridge)
+    with torch.no_grad():
+        x, y = torch.cat([x1, x2]).double(), torch.cat([x1 @ l1.weight.T, x2 @ l2.weight.T]).double()
+        best = torch.linalg.lstsq(x, y).solution.T
+        residual = [float((x @ wt.T - y).pow(2).sum()) for wt in (out.weight.double(), best)]
+    assert residual[0] <= residual[1] * (1 + 1e-2) + 1e-6
+    with pytest.raises(BrickworkError, match="ridge must be"):
+        merge([l1, l2], "regmean", statistics=grams, ridge=-1.0)
 
 
 def test_fisher_with_equal_fishers_is_linear_and_weights_follow_fisher():
