@@ -32,6 +32,7 @@ RANK = {
     "persist": 0,
     "registry": 0,
     "_version": 0,
+    "textio": 0,
     "kernels": 1,
     "nn": 2,
     "ops": 3,
@@ -48,7 +49,13 @@ RANK = {
 }
 
 # Bottom modules that may import only the modules listed.
-ONLY = {"errors": set(), "_version": set(), "persist": {"errors"}, "registry": {"errors"}}
+ONLY = {
+    "errors": set(),
+    "_version": set(),
+    "textio": {"errors"},
+    "persist": {"errors", "textio"},
+    "registry": {"errors"},
+}
 
 # Edges forbidden although the ranks alone would allow them (siblings).
 FORBIDDEN = {

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import yaml
 
-from brickwork import orphans
 from brickwork.data import Dataset, load_dataset
 from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.experiment.build import apply_structure, build_model, model_meta
@@ -31,7 +30,7 @@ from brickwork.experiment.owner import RunBusyError, RunLock
 from brickwork.experiment.preflight import check_models
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore
-from brickwork.persist import atomic_write_text, read_json, write_json
+from brickwork.persist import atomic_write_text, owned_folder, read_json, sweep, write_json
 from brickwork.train.checkpoint import load_model, save_model
 
 
@@ -94,9 +93,9 @@ def execute(
             raise
     echo(f"run {record.id}: {data.summary()}")
     try:
-        with orphans.owned_folder(record.dir):  # this process alone writes here while it holds the lock
+        with owned_folder(record.dir):  # this process alone writes here while it holds the lock
             if resume is not None:
-                orphans.sweep(record.dir)  # what killed saves of the last owner left
+                sweep(record.dir)  # what killed saves of the last owner left
             results = {}
             for label, spec in cfg.models.items():
                 per_seed = [

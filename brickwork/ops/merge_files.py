@@ -32,7 +32,7 @@ from torch import Tensor
 
 from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.ops.merge import CHUNK, MergeMethod, make_options, merge_sources
-from brickwork.persist import _sha256, read_meta, save_tensors  # the one file hash (as orphans.py uses it)
+from brickwork.persist import _sha256, read_meta, save_tensors  # the one file hash
 
 _DTYPES = {
     "F64": torch.float64,

@@ -16,7 +16,7 @@ import yaml
 
 import brickwork.experiment.pipeline as pipeline
 from brickwork.experiment import RunStore, execute, validate
-from brickwork.orphans import owned_folder
+from brickwork.persist import owned_folder
 from brickwork.persist import load_tensors, save_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
