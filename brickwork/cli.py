@@ -210,7 +210,8 @@ def _run(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.resume is None):
         raise BrickworkError("give a config to run, or --resume RUN (not both)")
     cfg = None if args.resume else load_config(args.config, args.overrides)  # fails before any work
-    store = RunStore(args.runs_dir)
+    # A new run opens the store only after its data and models pass (nothing written otherwise).
+    store = RunStore(args.runs_dir) if args.resume else args.runs_dir
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupt)
     if cfg is None:

@@ -47,9 +47,13 @@ def variant_dir(run_dir: Path, cfg: RunConfig, label: str, seed: int) -> Path:
     return run_dir / label if cfg.seeds is None else run_dir / label / f"seed-{seed}"
 
 
+def _opened(store: RunStore | str | Path) -> RunStore:
+    return store if isinstance(store, RunStore) else RunStore(store)
+
+
 def execute(
     cfg: RunConfig,
-    store: RunStore,
+    store: RunStore | str | Path,
     *,
     resume: str | None = None,
     progress: bool | None = None,
@@ -57,12 +61,16 @@ def execute(
 ) -> RunRecord:
     """Run ``cfg`` (or continue the run ``resume``) and record it in ``store``.
 
+    ``store`` may be the store's folder: it is then opened (and created) only once the data and
+    every model have passed their checks, so a config that fails leaves nothing on disk.
+
     Raises:
         BrickworkError: bad input found before work started (nothing is recorded then).
         KeyboardInterrupt: the run was interrupted; it is recorded as ``interrupted``.
     """
     if resume is not None:
-        record = store.get(resume)
+        runs = _opened(store)
+        record = runs.get(resume)
         if record.status == "completed":
             raise BrickworkError(f"run {record.id} already completed; nothing to resume")
         if record.status == "running":
@@ -79,7 +87,8 @@ def execute(
     data = load_dataset(cfg.data.name, seed=cfg.seed, **cfg.data.args)  # bad data fails before a run exists
     check_models(cfg, data)  # a model that cannot be built for this data fails before a run exists too
     if resume is None:
-        record = store.create(store.new_id(), cfg.name, cfg.to_dict())
+        runs = _opened(store)
+        record = runs.create(runs.new_id(), cfg.name, cfg.to_dict())
         record.dir.mkdir(parents=True, exist_ok=False)
         lock = RunLock(record.dir, record.id)
         atomic_write_text(record.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -87,7 +96,7 @@ def execute(
         # The lock, not the status read above, decides: two resumes racing get one winner.
         lock = RunLock(record.dir, record.id, who=str(record.owner or ""))
         try:
-            store.claim(record.id)
+            runs.claim(record.id)
         except BaseException:
             lock.release()
             raise
@@ -107,16 +116,16 @@ def execute(
             write_json(record.dir / "metrics.json", summary)
             write_report(record.dir, cfg, data, results, run_id=record.id)
     except KeyboardInterrupt:
-        _finish(store, record.id, lock, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        _finish(runs, record.id, lock, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
         echo(f"run {record.id} interrupted; continue it with: brickwork run --resume {record.id}")
         raise
     except BaseException as e:
-        _finish(store, record.id, lock, "failed", error="".join(traceback.format_exception_only(e)).strip())
+        _finish(runs, record.id, lock, "failed", error="".join(traceback.format_exception_only(e)).strip())
         raise
-    _finish(store, record.id, lock, "completed", metrics=summary)
+    _finish(runs, record.id, lock, "completed", metrics=summary)
     echo(results_table(summary))
     echo(f"run folder: {record.dir}")
-    return store.get(record.id)
+    return runs.get(record.id)
 
 
 @contextmanager

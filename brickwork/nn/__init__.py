@@ -17,9 +17,9 @@ from brickwork.nn.heads import ClassifierHead, SentenceClassifier, pool
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.masking import PaddingMask
 from brickwork.nn.mod import DepthRecord, MixtureOfDepths, mod_transformer_block
+from brickwork.nn.modes import evaluating
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.nested import NestedAttention, NestedConv2d, NestedGroupNorm, NestedLinear, NestedModel
-from brickwork.nn.modes import evaluating
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.residual import ResidualFFN
 from brickwork.nn.routing import (

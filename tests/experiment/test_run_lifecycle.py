@@ -16,8 +16,7 @@ import yaml
 
 import brickwork.experiment.pipeline as pipeline
 from brickwork.experiment import RunStore, execute, validate
-from brickwork.persist import owned_folder
-from brickwork.persist import load_tensors, save_tensors
+from brickwork.persist import load_tensors, owned_folder, save_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
