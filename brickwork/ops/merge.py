@@ -454,7 +454,7 @@ def merge_tensor(
         coef = multislerp_coefficients(_gram(xs, chs), w)
     if coef is not None:  # one model's chunk at a time, accumulated in place (no (N, ...) stack)
         for ch in chs:
-            acc = models[0].read(name, ch).to(F64).mul_(float(coef[0]))
+            acc = models[0].read(name, ch).to(F64, copy=True).mul_(float(coef[0]))  # a float64 input stays
             for i in range(1, n):
                 acc.add_(models[i].read(name, ch).to(F64), alpha=float(coef[i]))
             put(ch, acc)
@@ -468,6 +468,14 @@ def merge_tensor(
         return out
     if method in ("task_arithmetic", "dare_linear"):
         ww = w / w.sum() if o.normalize else w
+        if method == "task_arithmetic":  # one model's chunk at a time, as for linear
+            for ch in chs:
+                b = bs(ch)
+                acc = (models[0].read(name, ch).to(F64) - b).mul_(float(ww[0]))
+                for i in range(1, n):
+                    acc.add_(models[i].read(name, ch).to(F64) - b, alpha=float(ww[i]))
+                put(ch, acc.mul_(o.scale).add_(b))
+            return out
         for ch in chs:
             b = bs(ch)
             tau = xs(ch) - b

@@ -1,9 +1,10 @@
 """Merging safetensors checkpoints tensor by tensor, so memory does not grow with the number of models.
 
 :func:`merge_files` runs the engine of :mod:`brickwork.ops.merge` over :class:`FileSource`s:
-every read opens the file with ``safetensors.safe_open`` (memory-mapped) and takes one row
-chunk of one tensor (``get_slice``), then closes it, so no input stays mapped and the resident
-memory is the output (one model) plus a few chunks per model. The output is written once,
+each file is opened once for the whole merge (its header parsed once), and every read is one
+positioned read (``os.preadv``) of one row chunk of one tensor into a fresh buffer; nothing is
+memory-mapped, so the pages read do not stay resident and the resident memory is the output
+(one model) plus a few chunks per model. The output is written once,
 atomically, by :func:`brickwork.persist.save_tensors` (which copies its tensors while saving:
 the peak is about twice one model). Same chunks, same float64 arithmetic: a streaming merge is
 bit-identical to the in-memory one.
@@ -21,7 +22,11 @@ data shapes of the first input's metadata are carried over, so the result loads 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,11 +61,18 @@ def tensor_path(path: str | Path) -> Path:
 
 
 class FileSource:
-    """A :class:`~brickwork.ops.merge.Source` over one safetensors file, opened (mapped) per read."""
+    """A :class:`~brickwork.ops.merge.Source` over one safetensors file, read with ``os.preadv``.
+
+    The header is parsed once (by ``safetensors.safe_open``, which also validates it, and for the
+    byte offsets). Inside ``with source:`` the file stays open and every read is one positioned
+    read of the chunk's bytes into a fresh buffer (no mapping, so the pages read do not stay in
+    the process's resident memory); outside it, each read opens and closes the file.
+    """
 
     def __init__(self, path: str | Path, label: str | None = None) -> None:
         self.path = tensor_path(path)
         self.label = label or str(self.path)
+        self._fd: int | None = None
         if not self.path.is_file():
             raise CheckpointError(f"merge: {self.path}: file not found")
         try:
@@ -73,6 +85,20 @@ class FileSource:
             raise CheckpointError(f"merge: {self.path}: unsupported tensor dtype {e}") from None
         except Exception as e:  # safetensors raises its own error types for malformed headers
             raise CheckpointError(f"merge: {self.path}: not a readable safetensors file ({e})") from None
+        with open(self.path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        self._start = {k: 8 + size + int(v["data_offsets"][0]) for k, v in header.items() if k in self._info}
+
+    def __enter__(self) -> FileSource:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def names(self) -> list[str]:
         return list(self._info)
@@ -81,11 +107,28 @@ class FileSource:
         return self._info[name]
 
     def read(self, name: str, rows: slice | None = None) -> Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            if rows is None:
-                return f.get_tensor(name)
-            out: Tensor = f.get_slice(name)[rows.start : rows.stop]
-            return out
+        shape, dtype = self._info[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        first, stop = (0, shape[0] if shape else 1) if rows is None else (rows.start, rows.stop)
+        out_shape = shape if rows is None else (stop - first, *shape[1:])
+        buf = bytearray(math.prod(out_shape) * dtype.itemsize)
+        if self._fd is None:
+            with self:
+                self._pread(buf, self._start[name] + first * row)
+        else:
+            self._pread(buf, self._start[name] + first * row)
+        if not buf:
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
+
+    def _pread(self, buf: bytearray, offset: int) -> None:
+        assert self._fd is not None
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"merge: {self.path}: file ends inside tensor data (truncated?)")
+            done += got
 
 
 def describe_input(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,7 +182,12 @@ def merge_files(
     base_src = None if base is None else FileSource(base, f"base ({tensor_path(base)})")
     stats = None if statistics is None else [FileSource(p, f"statistics {i}") for i, p in enumerate(statistics)]
     described = [describe_input(p, verify) for p in paths]
-    merged = merge_sources(models, opts, base=base_src, statistics=stats, overrides=overrides, chunk_elems=chunk_elems)
+    with contextlib.ExitStack() as files:  # each file opened once for the whole merge
+        for src in [*models, *([base_src] if base_src else []), *(stats or [])]:
+            files.enter_context(src)
+        merged = merge_sources(
+            models, opts, base=base_src, statistics=stats, overrides=overrides, chunk_elems=chunk_elems
+        )
     first_meta = described[0][1]
     record = {
         "method": opts.method,

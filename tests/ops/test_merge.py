@@ -263,6 +263,24 @@ def test_regmean_on_a_singular_gram_is_the_ridge_least_squares_solution():
         merge([l1, l2], "regmean", statistics=grams, ridge=-1.0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_inputs_are_not_modified(method):
+    """The engine computes in float64: a float64 input's chunk must be copied, never accumulated into."""
+
+    def f64(m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.double() if v.is_floating_point() else v for k, v in m.items()}
+
+    models, base = [f64(m) for m in states(0, 1)], f64(mlp(2).state_dict())
+    before = [{k: v.clone() for k, v in m.items()} for m in [*models, base]]
+    kw = dict(EXTRA.get(method, {}))
+    if method in ("fisher", "regmean"):
+        kw["statistics"] = [ones_like_stats(models[0], method) for _ in models]
+    merge_state_dicts(models, method, base=base, **kw)
+    for m, b in zip([*models, base], before, strict=True):
+        for k in m:
+            assert torch.equal(m[k], b[k]), (method, k)
+
+
 def test_fisher_with_equal_fishers_is_linear_and_weights_follow_fisher():
     a, b = states(0, 1)
     eq = run("fisher", [a, b], weights=[0.3, 0.7])
