@@ -9,6 +9,7 @@ loader here refuses both with one :class:`~brickwork.errors.ConfigError` naming 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -51,6 +52,17 @@ class StrictLoader(yaml.SafeLoader):
                     "", f"duplicate key {key!r} at {_where(key_node)} (each key may appear once)", show_value=False
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `1e6` as strings: its float pattern needs a dot. Configs
+# are validated strictly (a string is not a number), so such values would be refused although
+# every user means a float; resolve them as YAML 1.2 does. Plain integers stay integers (their
+# resolver comes first), and `.inf` / `.nan` stay floats that validation refuses.
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _expanded_size(node: Node, sizes: dict[int, int], open_: set[int]) -> int:

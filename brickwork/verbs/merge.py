@@ -15,12 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from brickwork.errors import BrickworkError
 from brickwork.experiment.artifacts import load_trained
 from brickwork.experiment.build import load
 from brickwork.experiment.store import RunStore
+from brickwork.experiment.yaml_io import safe_load
 from brickwork.ops.merge import METHODS
 from brickwork.ops.merge_files import merge_files
 from brickwork.persist import read_json
@@ -51,7 +50,7 @@ def _parse_option(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise BrickworkError(f"--option {item!r}: expected KEY=VALUE, e.g. density=0.2")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), safe_load(value)
 
 
 def resolve_input(ref: str, runs_dir: str | Path, seed: int | None = None) -> Path:

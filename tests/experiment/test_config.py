@@ -286,3 +286,14 @@ def test_a_settings_default_object_gives_the_defaults():
     assert [(p.name, p.default, p.group) for p in entry.params()] == [("n", 0, None), ("a", 5, "s"), ("b", "x", "s")]
     assert entry.call_args({"n": 1, "b": "y"}) == {"n": 1, "s": S(a=5, b="y")}
     assert entry.flat_args({"n": 1, "s": S(a=2, b="z")}) == {"n": 1, "a": 2, "b": "z"}
+
+
+def test_exponent_floats_are_numbers_in_configs_and_overrides(tmp_path):
+    """PyYAML reads `1e-3` as a string; validation is strict, so the loader must read it as a float."""
+    from brickwork.experiment import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: q\ndata: {name: digits}\nmodel: {name: mlp-tiny}\nstages: [{stage: train, lr: 1e-3}]\n")
+    stage = load_config(path, ["stages[0].weight_decay=5E-4"]).to_dict()["stages"][0]
+    assert stage["lr"] == 0.001 and stage["weight_decay"] == 0.0005
+    assert load_config(path, ["stages[0].epochs=3"]).to_dict()["stages"][0]["epochs"] == 3  # ints stay ints
