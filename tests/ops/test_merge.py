@@ -253,12 +253,29 @@ def test_regmean_on_a_singular_gram_is_the_ridge_least_squares_solution():
     torch.testing.assert_close(out.weight.double(), want, rtol=1e-5, atol=1e-6)
     avg = 0.3 * l1.weight[:, 0] + 0.7 * l2.weight[:, 0]
     torch.testing.assert_close(out.weight[:, 0], avg)
-    # on the data the ridge solution fits as well as the unregularised least squares (up to the ridge)
+    # the merge minimises the ridge objective: no other candidate (either input, their average, the
+    # unregularised least-squares fit of the pooled data) scores lower on it
     with torch.no_grad():
+
+        def objective(wt: torch.Tensor) -> float:
+            return sum(
+                wi
+                * (
+                    float((x.double() @ (wt - lin.weight.double()).T).pow(2).sum())
+                    + ridge * m * float((wt - lin.weight.double()).pow(2).sum())
+                )
+                for wi, lin, x in zip(w, (l1, l2), (x1, x2), strict=True)
+            )
+
         x, y = torch.cat([x1, x2]).double(), torch.cat([x1 @ l1.weight.T, x2 @ l2.weight.T]).double()
-        best = torch.linalg.lstsq(x, y).solution.T
-        residual = [float((x @ wt.T - y).pow(2).sum()) for wt in (out.weight.double(), best)]
-    assert residual[0] <= residual[1] * (1 + 1e-2) + 1e-6
+        candidates = [
+            l1.weight.double(),
+            l2.weight.double(),
+            0.3 * l1.weight.double() + 0.7 * l2.weight.double(),
+            torch.linalg.lstsq(x, y).solution.T,
+        ]
+        best = objective(out.weight.double())
+        assert all(best <= objective(c) * (1 + 1e-6) for c in candidates)  # float32 rounding of the output
     with pytest.raises(BrickworkError, match="ridge must be"):
         merge([l1, l2], "regmean", statistics=grams, ridge=-1.0)
 
