@@ -222,11 +222,12 @@ def load_tensors(
     st_path, meta_path = _paths(stem)
     meta = read_meta(stem, verify=verify, expect=expect)
     pending = _pending(st_path)
-    if pending.exists() and meta["sha256"] == _sha256(pending):
+    rolled = pending.exists() and meta["sha256"] == _sha256(pending)
+    if rolled:
         os.replace(pending, st_path)  # a save was cut off after its commit point: finish it
     if not st_path.exists():
         raise CheckpointError(f"{st_path}: weights file not found (metadata is at {meta_path})")
-    if verify and meta["sha256"] != _sha256(st_path):
+    if verify and not rolled and meta["sha256"] != _sha256(st_path):  # a rolled file was just hashed
         raise CheckpointError(
             f"{st_path}: contents do not match the SHA-256 recorded in {meta_path.name}; "
             "the file is corrupt or was changed after it was written"
@@ -292,7 +293,7 @@ def clean_stem(st_path: Path, meta_path: Path) -> int:
     if not is_owned(st_path.parent):
         return 0
     removed = 0
-    pending = st_path.with_name(st_path.name + ".pending")
+    pending = _pending(st_path)
     if pending.exists():
         committed = _committed(pending, meta_path)
         if committed:
@@ -314,8 +315,7 @@ def sweep(folder: str | Path) -> int:
         return 0
     removed = 0
     for pending in sorted(root.rglob(f"*{_PENDING}")):
-        stem = pending.with_name(pending.name[: -len(_PENDING)])
-        removed += clean_stem(stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json"))
+        removed += clean_stem(*_paths(pending.with_name(pending.name[: -len(_PENDING)])))
     for tmp in root.rglob(".*.tmp"):  # atomic writes of any file: config, progress, report
         tmp.unlink(missing_ok=True)
         removed += 1

@@ -20,7 +20,7 @@ from brickwork.data.batching import batches
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.report import stage_plot_stem
-from brickwork.nn.exits import EarlyExit, ExitAt, ExitPolicy
+from brickwork.nn.exits import EarlyExit, ExitAt, ExitPolicy, can_exit
 from brickwork.persist import write_json
 from brickwork.registry import register
 
@@ -112,7 +112,7 @@ def exits(
                     name = "val" if key else "test"
                     where, hit = simulate(scores[name], outs[name], data.y, t)
                     point[f"{key}accuracy"] = float(hit.mean())
-                    point[f"{key}flops"] = float(costs[where].mean()) if t < 1.0 else plain
+                    point[f"{key}flops"] = float(costs[where].mean()) if can_exit(t) else plain
                 point["latency_us"] = measure_latency(model, xb, repeats=latency_repeats) * 1e6
                 sweep.append(point)
             full = sweep[0]  # threshold 1.0: nobody exits
