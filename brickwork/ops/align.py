@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from brickwork.analysis.connectivity import check_same_architecture, reset_batch_norm
 from brickwork.errors import BrickworkError
 from brickwork.nn.modes import evaluating
+from brickwork.nn.permutation import Axis
 from brickwork.ops.permutation import (
     Perms,
     PermutationSpec,
@@ -105,10 +106,15 @@ def _units(t: Tensor, dim: int, offset: int, count: int) -> Tensor:
 
 
 def _weight_similarity(
-    spec: PermutationSpec, a: dict[str, Tensor], b: dict[str, Tensor], perms: Perms, family: list[str]
+    spec: PermutationSpec,
+    by_tensor: dict[str, list[Axis]],
+    a: dict[str, Tensor],
+    b: dict[str, Tensor],
+    perms: Perms,
+    family: list[str],
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """Similarities of one family's units between ``a`` and ``b`` (b's other permutations applied)."""
-    by_tensor = axes_by_tensor(spec)
+    """Similarities of one family's units between ``a`` and ``b`` (b's other permutations applied);
+    ``by_tensor`` is :func:`axes_by_tensor` of ``spec``, computed once per matching."""
     root_name = family[0]
     p_size = spec.perms[root_name].size
     root: Tensor | None = None
@@ -173,11 +179,12 @@ def weight_matching(
     fams = {r: [r, *kids] for r, kids in _families(spec).items() if r not in (hold or {})}
     rng = np.random.default_rng(seed)
     names = sorted(fams)
+    by_tensor = axes_by_tensor(spec)
     for _ in range(max_iter):
         changed = False
         for r in [names[i] for i in rng.permutation(len(names))]:
             fam = fams[r]
-            root, kids = _weight_similarity(spec, a, b, perms, fam)
+            root, kids = _weight_similarity(spec, by_tensor, a, b, perms, fam)
             parent, nested, new = _solve(root, kids, spec.perms[r].size, spec.perms[r].fixed)
             old = _objective(root, kids, perms, fam)
             if new > old + 1e-12 * max(1.0, abs(old)):
