@@ -1,0 +1,56 @@
+"""Routing properties that hold only in the general case: k > 1 and capacities that are not whole.
+
+The cases the older tests use (top-1 with renormalisation, N * c / E a whole number) make the
+property trivially true: every top-1 renormalised weight is 1.0, and floor equals ceil.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
+from brickwork.nn.routing.topk import TopKRouter
+
+D, E = 6, 5
+
+
+@pytest.mark.parametrize("gate", ["softmax_topk", "softmax_topk_renorm", "sigmoid_topk_renorm"])
+def test_aux_free_bias_moves_the_choice_but_not_the_weights(gate: str) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: the bias enters the choice of the k experts
+    only; the combine weights are the unbiased scores of the chosen experts (renormalised over
+    them where the gate renormalises)."""
+    torch.manual_seed(0)
+    r = TopKRouter(D, E, top_k=2, gate=gate, balance_rate=0.01, load_balance=False, z_loss=False).eval()  # type: ignore[arg-type]
+    assert r.selection_bias is not None
+    # a bias large enough to change the choice, and unequal, so a weight taken from the biased
+    # scores differs from the unbiased one even after renormalisation
+    r.selection_bias.bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.5, 0.1]))
+    x = torch.randn(64, D)
+    out = r(x)
+
+    logits = r.proj(x).float()
+    scores = torch.sigmoid(logits) if gate.startswith("sigmoid") else torch.softmax(logits, -1)
+    chosen = torch.topk(scores + r.selection_bias.bias, 2, dim=-1).indices
+    assert not torch.equal(chosen.sort(-1).values, torch.topk(scores, 2, -1).indices.sort(-1).values)
+    expected = scores.gather(-1, chosen)
+    if gate.endswith("renorm"):
+        expected = expected / expected.sum(-1, keepdim=True)
+    assert torch.equal(out.expert_idx.view(-1, 2), chosen)
+    # the router computes in float32 by design; the same operations in the same order agree to
+    # float32 round-off, while weights taken from the biased scores differ by about 0.1
+    torch.testing.assert_close(out.weights.view(-1, 2), expected, rtol=1.3e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("n", "c", "expected"), [(10, 1.0, 3), (7, 2.0, 4), (11, 0.5, 2), (3, 1.0, 1), (9, 8.0, 9)])
+def test_expert_choice_capacity_rounds_up(n: int, c: float, expected: int) -> None:
+    """C = ceil(N c / E), at least 1, at most N (Zhou et al., 2022): with N c / E = 2.5 every
+    expert takes 3 tokens, not 2; the forward gives each expert exactly C distinct tokens."""
+    r = ExpertChoiceRouter(D, E - 1, capacity_factor=c)
+    assert r.capacity(n) == expected == max(1, min(n, math.ceil(n * c / (E - 1))))
+    out = r(torch.randn(n, D))
+    load = torch.bincount(out.expert_idx, minlength=E - 1)
+    assert torch.equal(load, torch.full((E - 1,), expected))
+    assert all(len(set(row.tolist())) == expected for row in out.token_idx.view(E - 1, expected))
