@@ -120,3 +120,30 @@ def test_group_conv_matches_dense_conv_with_zeroed_kernel():
     )
     zero = (w == 0).view(12, 8, 9).all(-1)
     assert zero.float().mean() == 0.5  # half of the channel pairs are unconnected
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ignores_what_is_stored_behind_the_edge_mask(name):
+    """The stored compressed weights may hold anything behind the edge mask (an optimizer with
+    weight decay or momentum may put values there): the forward uses only connected edges, and
+    those edges alone get a gradient. The reference is a dense matrix times the 0/1 mask, built
+    without the layer's own ``dense_weight``."""
+    layer = GroupLinear(16, 8, **CASES[name])
+    dense = torch.randn(8, 16)
+    layer.copy_dense_(dense)
+    if layer.mask is not None:
+        with torch.no_grad():
+            layer.weight.add_(7.0 * ~layer.mask)  # junk behind the mask
+    x = torch.randn(5, 16)
+    mask = layer.connectivity_mask()
+    torch.testing.assert_close(layer(x), F.linear(x, dense * mask, layer.bias), rtol=1e-5, atol=1e-5)
+    (gw,) = torch.autograd.grad(layer(x).square().sum(), (layer.weight,))
+    if layer.mask is not None:
+        assert torch.equal(gw * ~layer.mask, torch.zeros_like(gw))
+
+
+def test_connectivity_mask_expands_the_user_matrix_block_by_block():
+    conn = CASES["uneven user matrix"]["connectivity"]
+    layer = GroupLinear(16, 8, groups=4, connectivity=conn)
+    expected = torch.kron(conn.long(), torch.ones(2, 4, dtype=torch.long)).bool()  # blocks of 2 x 4
+    assert torch.equal(layer.connectivity_mask(), expected)
