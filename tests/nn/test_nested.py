@@ -11,6 +11,7 @@ from brickwork.nn import MultiHeadAttention
 from brickwork.nn.nested import (
     NestedAttention,
     NestedConv2d,
+    NestedGroupNorm,
     NestedLinear,
     NestedModel,
     matryoshka_loss,
@@ -156,3 +157,50 @@ def test_matryoshka_loss_is_the_mean_over_nested_prefixes():
     manual = sum(F.cross_entropy(model.head(prefix(h, m)), y) for m in (4, 8, 16)) / 3
     torch.testing.assert_close(matryoshka_loss(h, model.head, y, F.cross_entropy, [4, 8, 32]), manual)
     torch.testing.assert_close(model.training_loss(x, y, F.cross_entropy), manual)
+
+
+WIDTHS = (0.2, 0.25, 1 / 3, 0.5, 0.7, 1.0)
+
+
+def _random_norm(channels: int) -> NestedGroupNorm:
+    norm = NestedGroupNorm(channels, dtype=torch.float64)
+    with torch.no_grad():  # not the ones/zeros init, so a wrong slice of the affine shows
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+BRICKS = {
+    "linear": (lambda: NestedLinear(12, 10, dtype=torch.float64), lambda w: torch.randn(3, units(w, 12))),
+    "linear, input not nested": (
+        lambda: NestedLinear(12, 10, nest_in=False, dtype=torch.float64),
+        lambda w: torch.randn(3, 12),
+    ),
+    "conv": (lambda: NestedConv2d(6, 8, dtype=torch.float64), lambda w: torch.randn(2, units(w, 6), 5, 5)),
+    "group norm": (lambda: _random_norm(8), lambda w: torch.randn(2, units(w, 8), 3, 3)),
+    "attention": (lambda: NestedAttention(12, 4, causal=True, dtype=torch.float64), lambda w: torch.randn(2, 5, 12)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BRICKS))
+def test_sliced_brick_equals_the_supernet_at_every_width(name):
+    """``sliced(w)`` is a standalone brick with smaller copied parameters whose output equals the
+    supernet's at width ``w`` (float64, exact up to round-off), and which leaves the supernet alone."""
+    torch.manual_seed(0)
+    make, inputs = BRICKS[name]
+    brick = make()
+    full = sum(p.numel() for p in brick.parameters())
+    before = {k: v.clone() for k, v in brick.state_dict().items()}
+    for w in WIDTHS:
+        x = inputs(w).double()
+        brick.width = w
+        ref = brick(x)
+        small = brick.sliced(w)
+        assert type(small) is type(brick) and small.width == 1.0
+        torch.testing.assert_close(small(x), ref, rtol=0, atol=1e-12)
+        if w < 0.5:
+            assert sum(p.numel() for p in small.parameters()) < full
+        with torch.no_grad():
+            for p in small.parameters():
+                p.add_(1.0)  # a copy: the supernet does not change
+        assert all(torch.equal(before[k], v) for k, v in brick.state_dict().items())
