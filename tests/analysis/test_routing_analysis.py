@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from brickwork.analysis.routing import (
     class_expert_counts,
     expert_specialisation,
     plot_routing_heatmap,
+    routing_stats,
     routing_summary,
     token_labels,
 )
 from brickwork.nn.moe import MoE, moe_ffn
 from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter
+from brickwork.nn.routing.types import RoutingRecord
 
 
 def _class_routed_model() -> MoE:
@@ -76,7 +79,7 @@ def test_routing_summary() -> None:
     assert s0.entropy is not None and 0 < s0.entropy <= torch.log(torch.tensor(4.0)).item() + 1e-6
     assert float(s0.load_fraction.sum()) == pytest.approx(1.0)
     assert summary["1"].entropy is None and summary["1"].drop_rate == 0.0
-    assert summary["1"].imbalance >= 1.0
+    assert int(summary["1"].load.sum()) == 24 and summary["1"].unrouted_tokens == 0  # 12 tokens x k = 2, dropless
 
 
 def test_heatmap_png(tmp_path: Path) -> None:
@@ -84,3 +87,27 @@ def test_heatmap_png(tmp_path: Path) -> None:
     path = plot_routing_heatmap(matrix, tmp_path / "sub" / "spec.png", title="layer 0")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_routing_stats_of_a_hand_made_record() -> None:
+    """Every statistic against its value worked out by hand: 4 tokens, 3 experts, top-2, one
+    assignment dropped by capacity, expert 2 dead."""
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5], [0.5, 0.5, 0.0]])
+    record = RoutingRecord(
+        num_tokens=4,
+        num_experts=3,
+        leading_shape=(2, 2),
+        token_idx=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+        expert_idx=torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]),
+        weights=torch.full((8,), 0.5),
+        kept=torch.tensor([True, True, True, True, True, True, False, False]),  # token 3 lost both
+        load=torch.tensor([3, 3, 0]),
+        capacity=3,
+        probs=probs,
+    )
+    s = routing_stats(record)
+    assert s.imbalance == 3 / 2  # max 3 over mean 2
+    assert s.drop_rate == 2 / 8 and s.unrouted_tokens == 1 and s.dead_experts == 1
+    assert torch.equal(s.load_fraction, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    ln2 = math.log(2)
+    assert s.entropy == pytest.approx((ln2 + 0.0 + 1.5 * ln2 + ln2) / 4, abs=1e-12)  # H(1/4, 1/4, 1/2) = 1.5 ln 2
