@@ -5,9 +5,15 @@ import json
 
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 
+from brickwork.analysis.compute import accuracy_and_flops
+from brickwork.data import load_dataset
+from brickwork.data.batching import batches
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.artifacts import load_trained
+from brickwork.experiment.build import load
+from brickwork.train.loop import evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +45,17 @@ def test_nested_subnetworks_and_separate_baselines(runs_dir):
     m = metrics["sn"]
     assert m["nested_subnetworks"] == 4 and m["nested_slice_max_error"] <= 1e-5
     assert m["nested_min_accuracy"] > 0.5  # far above chance (0.1) on digits
-    assert 0.5 < m["nested_min_ratio"] <= 1.5 and 0 <= m["nested_subnets_at_target"] <= 4
+    # the summary metrics recomputed from the saved supernet and the saved separate models
+    test = load_dataset("digits", seed=0).test
+    supernet = load_trained(RunStore(runs_dir), rec.id, "sn").model
+    ratios = []
+    for w, d in [(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]:
+        with supernet.at(w, d):
+            nested_acc = evaluate(supernet, test, cross_entropy)["accuracy"]
+        separate = load(rec.dir / "sn" / f"stage2-baseline-w{w:g}-d{d}" / "model").model
+        ratios.append(nested_acc / evaluate(separate, test, cross_entropy)["accuracy"])
+    assert m["nested_min_ratio"] == pytest.approx(min(ratios), rel=1e-12)
+    assert m["nested_subnets_at_target"] == sum(r >= 0.96 for r in ratios)  # the stage's default target
     assert "separately trained" in report and "| w0.5-d1 |" in report
     assert (rec.dir / "plots" / "nested-sn-latency.png").exists()
     assert (rec.dir / "sn" / "stage2-baseline-w0.5-d1" / "model.safetensors").exists()
@@ -57,13 +73,20 @@ def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
         ],
     )
     m = metrics["ee"]
-    assert m["exit_accuracy_drop"] <= 0.05 and 0 <= m["exit_flops_saving"] < 1
+    assert m["exit_accuracy_drop"] == pytest.approx(m["exit_full_accuracy"] - m["exit_accuracy"], abs=1e-12)
+    assert m["exit_accuracy_drop"] <= 0.05
     # The threshold sweep's per-path prices equal what the dispatcher counts in the compacting forward.
     assert m["exit_sweep_flops_error"] < 1e-9 and m["exit_sweep_accuracy_error"] < 2e-3
     assert "ECE" in report and "| gate |" in report
     trained = load_trained(RunStore(runs_dir), rec.id, "ee")
     assert float(trained.model.threshold) == m["exit_threshold"]  # the operating point is in the checkpoint
     assert m["test_accuracy"] == pytest.approx(m["exit_accuracy"])  # evaluate measures that operating point
+    # the saving is against the same model at full depth (threshold 1.0 never exits), counted here
+    test = load_dataset("digits", seed=0).test
+    trained.model.threshold.fill_(1.0)
+    full_acc, full_flops = accuracy_and_flops(trained.model, batches(test.x, test.y, 256))
+    assert full_acc == pytest.approx(m["exit_full_accuracy"], abs=1e-6)  # the stage's is a float32 mean
+    assert m["exit_flops_saving"] == pytest.approx(1 - m["flops_per_sample"] / full_flops, rel=1e-9)
 
 
 def test_chains_and_layer_importance(runs_dir):
