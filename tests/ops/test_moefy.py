@@ -102,7 +102,7 @@ def test_unchosen_experts_cost_nothing():
 def test_mlp_router_is_trained_and_saved_conversions_reload(tmp_path):
     model = tiny_model()
     conv, stats = moefy(model, calib(), num_experts=4, top_k=1, clustering="kmeans", router="mlp", router_epochs=3)
-    assert set(stats) == {0, 1} and all(0 <= s["recall"] <= 1 for s in stats.values())
+    assert set(stats) == {0, 1}  # one fit per converted layer (the fit itself: test_moefy_router.py)
     assert isinstance(conv.body.layers[0].ffn.router, MLPRouter)
     save_model(tmp_path / "m", conv)
     again = moefy_like(model, 4, 1, "mlp")
