@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean
+.PHONY: demo test lint setup bench mutation clean
 
 demo: $(STAMP)
 	$(BIN)/brickwork run configs/default.yaml
@@ -36,6 +36,11 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/brickwork bench overhead
+
+# Mutation testing of the core with mutmut, one package at a time (hours on 2 cores; not in CI).
+# `make mutation TARGETS="routing exits"` runs some; docs/testing.md records the scores.
+mutation: $(STAMP)
+	$(BIN)/python tools/mutation.py $(TARGETS)
 
 clean:
 	rm -rf $(VENV) runs
