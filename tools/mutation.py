@@ -31,17 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "routing": (
         ["brickwork/nn/routing/*", "brickwork/nn/moe.py"],
-        ["tests/nn/test_routing_routers.py", "tests/nn/test_routing_losses.py", "tests/nn/test_routing_properties.py", "tests/nn/test_moe.py"],
+        [
+            "tests/nn/test_routing_routers.py",
+            "tests/nn/test_routing_losses.py",
+            "tests/nn/test_routing_properties.py",
+            "tests/nn/test_moe.py",
+        ],
     ),
     "kernels": (["brickwork/kernels/*"], ["tests/kernels"]),
-    "sparse": (["brickwork/nn/sparse/*"], ["tests/nn/test_sparse_linear.py", "tests/nn/test_sparse_connectivity.py", "tests/nn/test_sparse_rewiring.py"]),
+    "sparse": (
+        ["brickwork/nn/sparse/*"],
+        ["tests/nn/test_sparse_linear.py", "tests/nn/test_sparse_connectivity.py", "tests/nn/test_sparse_rewiring.py"],
+    ),
     "nested": (["brickwork/nn/nested/*"], ["tests/nn/test_nested.py", "tests/ops/test_slice.py"]),
     "exits": (["brickwork/nn/exits.py"], ["tests/nn/test_exits.py", "tests/analysis/test_exits.py"]),
     "mod": (["brickwork/nn/mod.py"], ["tests/nn/test_mod.py", "tests/nn/test_mod_properties.py"]),
     "compute": (["brickwork/analysis/compute.py"], ["tests/analysis/test_compute.py"]),
     "persist": (["brickwork/persist.py"], ["tests/test_persist.py"]),
     "train": (["brickwork/train/*"], ["tests/train"]),
-    "config": (["brickwork/experiment/config.py"], ["tests/experiment/test_config.py", "tests/experiment/test_bad_configs.py"]),
+    "config": (
+        ["brickwork/experiment/config.py"],
+        ["tests/experiment/test_config.py", "tests/experiment/test_bad_configs.py"],
+    ),
     "ops": (["brickwork/ops/*"], ["tests/ops"]),
 }
 
@@ -130,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         score = "n/a" if r["score"] is None else f"{r['score']:.1%}"
         print(
-            f"{name:8s} killed {r.get('killed', 0):4} survived {r.get('survived', 0):4} timeout {r.get('timeout', 0):3} "
-            f"no tests {r.get('no_tests', 0):4}  score {score}  ({r['seconds']} s)",
+            f"{name:8s} killed {r.get('killed', 0):4} survived {r.get('survived', 0):4} "
+            f"timeout {r.get('timeout', 0):3} no tests {r.get('no_tests', 0):4}  score {score}  ({r['seconds']} s)",
             flush=True,
         )
         if r["returncode"]:
