@@ -46,7 +46,10 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "nested": (["brickwork/nn/nested/*"], ["tests/nn/test_nested.py", "tests/ops/test_slice.py"]),
     "exits": (["brickwork/nn/exits.py"], ["tests/nn/test_exits.py", "tests/analysis/test_exits.py"]),
     "mod": (["brickwork/nn/mod.py"], ["tests/nn/test_mod.py", "tests/nn/test_mod_properties.py"]),
-    "compute": (["brickwork/analysis/compute.py"], ["tests/analysis/test_compute.py"]),
+    "compute": (
+        ["brickwork/analysis/compute.py"],
+        ["tests/analysis/test_compute.py", "tests/analysis/test_compute_counting.py"],
+    ),
     "persist": (["brickwork/persist.py"], ["tests/test_persist.py"]),
     "train": (["brickwork/train/*"], ["tests/train"]),
     "config": (
