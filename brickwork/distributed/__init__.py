@@ -1,0 +1,29 @@
+"""Scale-out on ``torch.distributed``: process groups, data parallelism, rank-0 guards.
+
+This package sits at the level of ``train/``: it knows torch's distributed engine and nothing
+of configs. A run launched by ``torchrun`` gets a :class:`DistContext` from
+:func:`init_from_env`; a single process gets ``DistContext()`` (rank 0 of 1), so callers never
+branch on "distributed or not".
+"""
+
+from brickwork.distributed.process_group import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    init_from_env,
+    launched_by_torchrun,
+    shutdown,
+    timeout_from_env,
+)
+from brickwork.distributed.spawn import RankFailed, free_port, run_ranks
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DistContext",
+    "RankFailed",
+    "free_port",
+    "init_from_env",
+    "launched_by_torchrun",
+    "run_ranks",
+    "shutdown",
+    "timeout_from_env",
+]
