@@ -6,9 +6,12 @@ of configs. A run launched by ``torchrun`` gets a :class:`DistContext` from
 branch on "distributed or not".
 """
 
+from brickwork.distributed.batch import all_sum, local_rows, shard_batch
+from brickwork.distributed.data_parallel import DataParallel, gathered, plain_module, wrap
 from brickwork.distributed.process_group import (
     DEFAULT_TIMEOUT_S,
     DistContext,
+    current,
     init_from_env,
     launched_by_torchrun,
     shutdown,
@@ -18,12 +21,20 @@ from brickwork.distributed.spawn import RankFailed, free_port, run_ranks
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "DataParallel",
     "DistContext",
     "RankFailed",
+    "all_sum",
+    "current",
     "free_port",
+    "gathered",
     "init_from_env",
     "launched_by_torchrun",
+    "local_rows",
+    "plain_module",
     "run_ranks",
+    "shard_batch",
     "shutdown",
     "timeout_from_env",
+    "wrap",
 ]

@@ -163,12 +163,30 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BrickworkError(f"distributed launch: cannot reach the rendezvous at {where} ({first})") from e
-    return DistContext(
+    global _CURRENT
+    _CURRENT = DistContext(
         rank=rank, world_size=world, local_rank=local, device=device, group=dist.group.WORLD, timeout_s=timeout
     )
+    return _CURRENT
+
+
+#: The context :func:`init_from_env` joined in this process (the process group is process-wide
+#: in torch.distributed too); :func:`current` reads it.
+_CURRENT: DistContext | None = None
+
+
+def current() -> DistContext:
+    """The context this process joined with :func:`init_from_env`, or a single process.
+
+    Training (``train.train_with``) reads it, so every stage that trains runs data-parallel
+    under torchrun without a rank argument threaded through stages and models.
+    """
+    return _CURRENT if _CURRENT is not None and dist.is_initialized() else DistContext()
 
 
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group (no-op for a single process or an already destroyed group)."""
+    global _CURRENT
     if ctx.group is not None and dist.is_initialized():
         dist.destroy_process_group()
+    _CURRENT = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -40,7 +41,8 @@ def _child(
     ctx: DistContext | None = None
     try:
         ctx = init_from_env(backend="gloo", timeout_s=timeout_s)
-        out.put((rank, True, fn(ctx, *args)))
+        # plain pickle: tensors travel as bytes, not as shared memory that dies with this process
+        out.put((rank, True, pickle.dumps(fn(ctx, *args))))
     except BaseException as e:  # reported to the parent, which raises it with the rank's traceback
         out.put((rank, False, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -104,7 +106,7 @@ def run_ranks(
                     raise RankFailed(f"ranks {dead} exited with {codes} and no result") from None
                 continue
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(value)
         if errors:
