@@ -201,4 +201,3 @@ def combine(local_out: Tensor, ex: Exchange) -> Tensor:
     """Return expert outputs (R, D') in expert-major order to the ranks their rows came from -> (A, D')."""
     rank_major = local_out.index_select(0, inverse_permutation(ex.order))
     return all_to_all(rank_major, ex.send_splits, ex.recv_splits, ex.group)
-

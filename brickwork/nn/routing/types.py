@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 
+def router_precision(t: Tensor) -> Tensor:
+    """``t`` in at least float32 for router math (softmax, sigmoid, logsumexp are sensitive to
+    round-off): half-precision logits are upcast, float64 ones stay float64 (so a float64 model
+    is float64 throughout, as exactness tests need)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass
 class Routing:
     """A router's decision for N tokens over E experts.
