@@ -80,7 +80,7 @@ def save_expert_shards(folder: str | Path, model: nn.Module, groups: ExpertParal
     return path
 
 
-def read_full_state(folder: str | Path) -> dict[str, Tensor]:
+def read_expert_shards(folder: str | Path) -> dict[str, Tensor]:
     """The single-process state dict assembled from all shards of ``folder`` (each one verified).
 
     Raises:
@@ -122,9 +122,9 @@ def load_expert_shards(folder: str | Path, model: nn.Module) -> None:
     """Load a sharded checkpoint into ``model``: a single-process model, or an expert-parallel one of any degree.
 
     Raises:
-        CheckpointError: as :func:`read_full_state`, or tensors the model does not have / lacks.
+        CheckpointError: as :func:`read_expert_shards`, or tensors the model does not have / lacks.
     """
-    full = read_full_state(folder)
+    full = read_expert_shards(folder)
     keys = _expert_keys(model)
     local: dict[str, Any] = {}
     missing = []

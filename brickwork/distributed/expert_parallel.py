@@ -18,14 +18,14 @@ model) is replicated on every rank. What must be global is global:
   differs because ``f`` and ``P`` are batch statistics);
 * the routing record's ``load`` is the global per-expert load, and the auxiliary-loss-free
   selection bias counts the global load;
-* gradients (:func:`reduce_gradients`): a replicated parameter's gradient is averaged over all
+* gradients (:func:`reduce_expert_parallel_grads`): a replicated parameter's gradient is averaged over all
   W ranks (as DDP does); an expert's gradient arrives through the exchanges already summed over
   its EP group's ranks, so it is summed over ``dp`` and divided by W. Dividing by the EP size is
   the step whose omission makes expert gradients exactly P times too large (pytorch #160285);
   summing the router's per-rank partial gradients is the one transformers #48205 missed. An
   expert that received no token gets a zero gradient, never None, so its optimizer state moves
   exactly as in the single process (NeMo Automodel #2995).
-* gradient clipping (:func:`clip_grad_norm`) uses the global norm: replicated parameters once,
+* gradient clipping (:func:`clip_expert_parallel_grad_norm`) uses the global norm: replicated parameters once,
   each expert once (Megatron #5916 undercounted it).
 
 Limits (refused with one clear message): expert-choice routing and a capacity limit decide from
@@ -42,6 +42,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from brickwork.distributed.expert_dispatch import all_gather, all_reduce_sum, check_expert_split, combine, dispatch
 from brickwork.errors import BrickworkError
@@ -312,6 +313,17 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def ignore_experts_in_ddp(model: nn.Module) -> None:
+    """Have DDP (wrapping ``model`` afterwards) leave the sharded experts alone.
+
+    DDP would broadcast rank 0's experts over every rank at construction and average gradients
+    of different experts; with them ignored, DDP averages the replicated parameters over its
+    group (the world) and :func:`reduce_expert_grads` reduces the experts after ``backward``.
+    """
+    names = list(expert_parameters(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
 def _groups_of(model: nn.Module) -> ExpertParallelGroups | None:
     for module in model.modules():
         if isinstance(module, ExpertParallelMoE):
@@ -333,11 +345,11 @@ def _reduce(grads: list[Tensor], group: Any, scale: float) -> None:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, groups: ExpertParallelGroups | None = None) -> None:
+def reduce_expert_parallel_grads(model: nn.Module, groups: ExpertParallelGroups | None = None) -> None:
     """Make every rank's gradients those of the global-batch mean loss (call after ``backward``).
 
     Replicated parameters: mean over all W ranks (skip this part when DDP already does it, by
-    passing only the experts to :func:`reduce_expert_gradients`). Experts: sum over ``dp``,
+    passing only the experts to :func:`reduce_expert_grads`). Experts: sum over ``dp``,
     divided by W; an expert without gradient gets zeros first.
     """
     groups = groups or _groups_of(model)
@@ -346,12 +358,12 @@ def reduce_gradients(model: nn.Module, groups: ExpertParallelGroups | None = Non
     experts = {id(p) for p in expert_parameters(model).values()}
     replicated = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
     _reduce(replicated, groups.world, 1.0 / groups.world_size)
-    reduce_expert_gradients(model, groups)
+    reduce_expert_grads(model, groups)
 
 
 @torch.no_grad()
-def reduce_expert_gradients(model: nn.Module, groups: ExpertParallelGroups | None = None) -> None:
-    """The experts' part of :func:`reduce_gradients` (for use beside DDP, which averages the rest)."""
+def reduce_expert_grads(model: nn.Module, groups: ExpertParallelGroups | None = None) -> None:
+    """The experts' part of :func:`reduce_expert_parallel_grads` (for use beside DDP, which averages the rest)."""
     groups = groups or _groups_of(model)
     if groups is None:
         return
@@ -363,11 +375,13 @@ def reduce_expert_gradients(model: nn.Module, groups: ExpertParallelGroups | Non
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, groups: ExpertParallelGroups | None = None) -> Tensor:
+def clip_expert_parallel_grad_norm(
+    model: nn.Module, max_norm: float, groups: ExpertParallelGroups | None = None
+) -> Tensor:
     """Clip to the global gradient norm (every expert counted once); returns that norm.
 
     The same rule as :func:`torch.nn.utils.clip_grad_norm_` (scale by ``max_norm / (norm + 1e-6)``
-    when below 1), on reduced gradients (:func:`reduce_gradients` first).
+    when below 1), on reduced gradients (:func:`reduce_expert_parallel_grads` first).
     """
     groups = groups or _groups_of(model)
     experts = {id(p) for p in expert_parameters(model).values()}

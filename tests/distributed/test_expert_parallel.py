@@ -19,16 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from brickwork.distributed import DistContext, run_ranks
-from brickwork.distributed.expert_checkpoint import load_expert_shards, read_full_state, save_expert_shards
+from brickwork.distributed.expert_checkpoint import load_expert_shards, read_expert_shards, save_expert_shards
 from brickwork.distributed.expert_dispatch import combine, dispatch
 from brickwork.distributed.expert_parallel import (
     ExpertParallelGroups,
-    clip_grad_norm,
+    clip_expert_parallel_grad_norm,
     expert_parallel,
     expert_parameters,
-    reduce_gradients,
+    ignore_experts_in_ddp,
+    reduce_expert_grads,
+    reduce_expert_parallel_grads,
 )
 from brickwork.errors import BrickworkError
 from brickwork.nn import collect_aux_losses, collect_records
@@ -127,11 +130,21 @@ def _max_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def _compare(ctx: DistContext, kind: str, groups: ExpertParallelGroups, silent: tuple[int, ...], steps: int) -> dict:
-    """Train the single-process model and its expert-parallel copy side by side; worst differences."""
+def _compare(
+    ctx: DistContext, kind: str, groups: ExpertParallelGroups, silent: tuple[int, ...], steps: int, ddp: bool = False
+) -> dict:
+    """Train the single-process model and its expert-parallel copy side by side; worst differences.
+
+    With ``ddp`` the expert-parallel model runs inside torch's DistributedDataParallel (experts
+    ignored by it), which averages the replicated gradients; only the experts are reduced here.
+    """
     w, r = groups.world_size, dist.get_rank(groups.world)
     ref = _model(kind, silent=silent)
     ep = expert_parallel(ref, groups)
+    engine: nn.Module = ep
+    if ddp:
+        ignore_experts_in_ddp(ep)
+        engine = DistributedDataParallel(ep)
     x, y = _batch(2 * w)
     b = x.shape[0] // w
     xl, yl = x[r * b : (r + 1) * b].clone(), y[r * b : (r + 1) * b]
@@ -146,7 +159,7 @@ def _compare(ctx: DistContext, kind: str, groups: ExpertParallelGroups, silent: 
     for step in range(steps):
         xr, xe = x.clone().requires_grad_(step == 0), xl.clone().requires_grad_(step == 0)
         out_r, _, loss_r = _objective(ref, xr, y)
-        out_e, task_e, loss_e = _objective(ep, xe, yl)
+        out_e, task_e, loss_e = _objective(engine, xe, yl)
         task_global = task_e.detach().clone()
         dist.all_reduce(task_global, group=groups.world)
         aux_e = loss_e.detach() - task_e.detach()
@@ -160,12 +173,12 @@ def _compare(ctx: DistContext, kind: str, groups: ExpertParallelGroups, silent: 
             opt.zero_grad(set_to_none=True)
         loss_r.backward()
         loss_e.backward()
-        reduce_gradients(ep)
+        reduce_expert_grads(ep) if ddp else reduce_expert_parallel_grads(ep)
         if step == 0:  # the input's gradient: rank r's share of the global mean loss is 1/W of its own
             note("input_grad", float((xe.grad / w - xr.grad[r * b : (r + 1) * b]).abs().max()))
         note("grad", _max_diff(_full(ep, groups, "grad"), {n: p.grad for n, p in ref.named_parameters()}))
         norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)))
-        note("norm", abs(float(clip_grad_norm(ep, 0.05)) - norms[-1]))
+        note("norm", abs(float(clip_expert_parallel_grad_norm(ep, 0.05)) - norms[-1]))
         opt_ref.step()
         opt_ep.step()
         after_optimizer_step(ref)
@@ -227,6 +240,7 @@ def _four_ranks(ctx: DistContext, folder: str) -> dict:
     mesh = ctx.mesh((2, 2), ("dp", "ep"))
     groups = ExpertParallelGroups.from_mesh(mesh)
     got["dp_ep"] = _compare(ctx, "topk", groups, (2, 3), steps=2)  # ep rank 1 receives no token at all
+    got["ddp"] = _compare(ctx, "topk", groups, (3,), steps=2, ddp=True)
     got["round_trip"] = _round_trip(groups)
     ep4 = ExpertParallelGroups.from_mesh(ctx.mesh((4,), ("ep",)))
     model = expert_parallel(_model("topk"), ep4)
@@ -275,12 +289,13 @@ def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_relo
         out = single(x)
     for rank in range(2):
         assert (two[rank]["saved_out"] - out[rank : rank + 1]).abs().max() <= TOL
-    assert read_full_state(tmp_path / "ckpt").keys() == single.state_dict().keys()
+    assert read_expert_shards(tmp_path / "ckpt").keys() == single.state_dict().keys()
 
     # Load on four ranks (one expert each): same outputs again.
     four = run_ranks(_four_ranks, 4, folder, timeout_s=240)
     for rank in range(4):
         _assert_close(dict(four[rank]["dp_ep"]), f"dp x ep rank {rank}")
+        _assert_close(dict(four[rank]["ddp"]), f"dp x ep inside DDP, rank {rank}")
         assert four[rank]["round_trip"]
         for i in range(2):
             assert (four[rank]["loaded_out"][i] - out[i : i + 1]).abs().max() <= TOL
