@@ -217,17 +217,8 @@ class ExpertParallelMoE(nn.Module):
             out = out + self.shared(flat)
         load, num_tokens = self._global_load(routing, plan.counts)
         self.aux_losses = global_aux_losses(routing, load, num_tokens, self.groups.world)
-        self.record = RoutingRecord(
-            num_tokens=routing.num_tokens,
-            num_experts=self.num_experts,
-            leading_shape=tuple(lead),
-            token_idx=routing.token_idx.detach(),
-            expert_idx=routing.expert_idx.detach(),
-            weights=routing.weights.detach(),
-            kept=torch.ones(routing.num_assignments, dtype=torch.bool, device=x.device),
-            load=load,
-            probs=None if routing.probs is None else routing.probs.detach(),
-        )
+        kept = torch.ones(routing.num_assignments, dtype=torch.bool, device=x.device)  # dropless
+        self.record = RoutingRecord.of(routing, tuple(lead), kept, load)  # load: the global batch's
         return out.reshape(*lead, d)
 
     @torch.no_grad()

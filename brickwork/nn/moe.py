@@ -90,18 +90,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
         self.aux_losses = routing.aux_losses
-        self.record = RoutingRecord(
-            num_tokens=routing.num_tokens,
-            num_experts=self.num_experts,
-            leading_shape=tuple(lead),
-            token_idx=routing.token_idx.detach(),
-            expert_idx=routing.expert_idx.detach(),
-            weights=routing.weights.detach(),
-            kept=plan.kept,
-            load=plan.counts.detach(),
-            capacity=plan.capacity,
-            probs=None if routing.probs is None else routing.probs.detach(),
-        )
+        self.record = RoutingRecord.of(routing, tuple(lead), plan.kept, plan.counts, plan.capacity)
         return out.reshape(*lead, d)
 
     def permutation_symmetry(self) -> Symmetry:

@@ -41,6 +41,7 @@ from brickwork.nn.moe import MoE
 from brickwork.nn.routing import (
     DenseToSparseRouter,
     ExpertChoiceRouter,
+    ExpertList,
     GroupedFFNExperts,
     HashRouter,
     KeyRouter,
@@ -56,7 +57,7 @@ torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
 D, H, E, K, T = 8, 6, 4, 3, 3  # width, expert hidden, experts, classes, tokens per sample
 F64 = torch.float64
 AUX = {"load_balance": 0.3, "z_loss": 0.01}
-ROUTERS = ("topk", "sigmoid_aux_free", "dense_to_sparse", "hash", "emoe", "mlp")
+ROUTERS = ("topk", "sigmoid_aux_free", "dense_to_sparse", "hash", "emoe", "mlp", "list")
 
 
 def _model(kind: str, num_experts: int = E, silent: tuple[int, ...] = ()) -> nn.Module:
@@ -66,7 +67,10 @@ def _model(kind: str, num_experts: int = E, silent: tuple[int, ...] = ()) -> nn.
     bank = GroupedFFNExperts(num_experts, D, H, "gelu", glu=kind == "sigmoid_aux_free", bias=True, **kw)
     shared = None
     router: nn.Module
-    if kind == "topk":
+    if kind == "list":  # the generic bank: any modules, one call per expert
+        bank = ExpertList(FeedForward(D, H, bias=True, **kw) for _ in range(num_experts))  # type: ignore[assignment]
+        router = TopKRouter(D, num_experts, top_k=2, **kw)
+    elif kind == "topk":
         router = TopKRouter(D, num_experts, top_k=2, bias=True, **kw)
         shared = FeedForward(D, H, **kw)
         with torch.no_grad():
@@ -107,12 +111,24 @@ def _gathered(t: torch.Tensor, group: object) -> torch.Tensor:
 
 
 def _full(model: nn.Module, groups: ExpertParallelGroups, what: str) -> dict[str, torch.Tensor | None]:
-    """Each parameter's value / grad / Adam state by name, experts gathered over the EP group."""
+    """Each parameter's value / grad / Adam state by single-process name, experts gathered over the EP group."""
     experts = set(expert_parameters(model))
+    moe = model[1]
+    listed = isinstance(moe.experts, ExpertList)
     out: dict[str, torch.Tensor | None] = {}
+    mine: dict[str, torch.Tensor | None] = {}  # a list bank's experts under their global index
     for name, p in model.named_parameters():
         t = p.detach() if what == "param" else p.grad if what == "grad" else _opt_state[id(p)].get(what)
-        out[name] = None if t is None else _gathered(t, groups.ep) if name in experts else t.clone()
+        if name in experts and listed:
+            j, rest = name.removeprefix("1.experts.").split(".", 1)
+            mine[f"1.experts.{moe.expert_offset + int(j)}.{rest}"] = t
+        else:
+            out[name] = None if t is None else _gathered(t, groups.ep) if name in experts else t.clone()
+    if listed:
+        parts: list = [None] * groups.ep_size
+        dist.all_gather_object(parts, mine, group=groups.ep)
+        for part in parts:
+            out.update(part)
     return out
 
 

@@ -122,6 +122,24 @@ class RoutingRecord:
     capacity: int | None = None
     probs: Tensor | None = None
 
+    @classmethod
+    def of(
+        cls, routing: Routing, leading_shape: tuple[int, ...], kept: Tensor, load: Tensor, capacity: int | None = None
+    ) -> RoutingRecord:
+        """The record of ``routing`` as a routed layer executed it (tensors detached)."""
+        return cls(
+            num_tokens=routing.num_tokens,
+            num_experts=routing.num_experts,
+            leading_shape=tuple(leading_shape),
+            token_idx=routing.token_idx.detach(),
+            expert_idx=routing.expert_idx.detach(),
+            weights=routing.weights.detach(),
+            kept=kept,
+            load=load.detach(),
+            capacity=capacity,
+            probs=None if routing.probs is None else routing.probs.detach(),
+        )
+
     @property
     def dropped(self) -> int:
         """Assignments dropped by the capacity limit."""
