@@ -237,16 +237,21 @@ def _two_ranks(ctx: DistContext, folder: str) -> dict:
     got = {kind: _compare(ctx, kind, groups, (), steps=2) for kind in ROUTERS}
     got["silent"] = _compare(ctx, "topk", groups, (3,), steps=3)
     got["round_trip"] = _round_trip(groups)
-    trained = _model("topk", silent=(3,))
-    ep = expert_parallel(trained, groups)
-    with torch.no_grad():
-        for p in ep.parameters():  # moved off the initialisation: experts by a rank-specific step
-            p.add_(0.01 * (1 + groups.ep_rank) if p in set(expert_parameters(ep).values()) else 0.01)
-    save_expert_shards(folder, ep, groups)
+    ep = _saved(_model("topk", silent=(3,)), groups, folder)
     x, _ = _batch(2)
     got["saved_out"] = ep(x[ctx.rank : ctx.rank + 1])
     got["saved_experts"] = _gathered(ep[1].experts.w_in.detach(), groups.ep)
     return got
+
+
+def _saved(model: nn.Module, groups: ExpertParallelGroups, folder: str) -> nn.Module:
+    """``model`` made expert-parallel, moved off its initialisation (experts by a rank-specific step), saved."""
+    ep = expert_parallel(model, groups)
+    with torch.no_grad():
+        for p in ep.parameters():
+            p.add_(0.01 * (1 + groups.ep_rank) if p in set(expert_parameters(ep).values()) else 0.01)
+    save_expert_shards(folder, ep, groups)
+    return ep
 
 
 def _four_ranks(ctx: DistContext, folder: str) -> dict:
@@ -261,6 +266,8 @@ def _four_ranks(ctx: DistContext, folder: str) -> dict:
     load_expert_shards(folder, model)
     x, _ = _batch(2)
     got["loaded_out"] = [model(x[i : i + 1]) for i in range(2)]  # every rank runs both samples
+    x_mine = x[ctx.rank % 2 : ctx.rank % 2 + 1]  # the dp replicas hold the same model
+    got["list_out"] = _saved(_model("list"), groups, folder + "-dp-ep")(x_mine)  # written by dp index 0 only
     try:
         expert_parallel(_model("topk", num_experts=6), ep4)
     except BrickworkError as e:
@@ -313,6 +320,18 @@ def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_relo
         for i in range(2):
             assert (four[rank]["loaded_out"][i] - out[i : i + 1]).abs().max() <= TOL
         assert "6 experts cannot be split evenly over an expert-parallel group of 4 ranks" in four[rank]["error"]
+
+    # Saved from the 2 x 2 dp x ep mesh with a list bank: two shards (dp index 0), experts by global index.
+    dp_ep = tmp_path / "ckpt-dp-ep"
+    assert sorted(f.name for f in dp_ep.glob("*.json")) == ["experts-000-of-002.json", "experts-001-of-002.json"]
+    second = load_tensors(dp_ep / "experts-001-of-002")[0]
+    assert {k.split(".")[2] for k in second if k.startswith("1.experts.")} == {"2", "3"}
+    listed = _model("list")
+    load_expert_shards(dp_ep, listed)
+    with torch.no_grad():
+        out = listed(x)
+    for rank in range(4):
+        assert (four[rank]["list_out"] - out[rank % 2 : rank % 2 + 1]).abs().max() <= TOL
 
 
 def _refusals(ctx: DistContext) -> list[str]:
