@@ -236,6 +236,8 @@ def _two_ranks(ctx: DistContext, folder: str) -> dict:
     groups = ExpertParallelGroups.from_mesh(ctx.mesh((2,), ("ep",)))
     got = {kind: _compare(ctx, kind, groups, (), steps=2) for kind in ROUTERS}
     got["silent"] = _compare(ctx, "topk", groups, (3,), steps=3)
+    # EP degree 1: plain data parallelism, but with the auxiliary losses of the global batch
+    got["ep1"] = _compare(ctx, "topk", ExpertParallelGroups.from_mesh(ctx.mesh((2, 1), ("dp", "ep"))), (), steps=2)
     got["round_trip"] = _round_trip(groups)
     ep = _saved(_model("topk", silent=(3,)), groups, folder)
     x, _ = _batch(2)
@@ -287,7 +289,7 @@ def _assert_close(worst: dict, what: str) -> None:
 def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_reload_anywhere(tmp_path: Path):
     folder = str(tmp_path / "ckpt")
     two = run_ranks(_two_ranks, 2, folder, timeout_s=240)
-    for kind in (*ROUTERS, "silent"):
+    for kind in (*ROUTERS, "silent", "ep1"):
         for rank in range(2):
             _assert_close(dict(two[rank][kind]), f"{kind} rank {rank}")
     assert all(t["round_trip"] for t in two)
