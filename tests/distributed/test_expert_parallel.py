@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from brickwork.distributed import DistContext, run_ranks
 from brickwork.distributed.expert_checkpoint import load_expert_shards, read_expert_shards, save_expert_shards
-from brickwork.distributed.expert_dispatch import combine, dispatch
+from brickwork.distributed.expert_dispatch import all_gather, all_reduce_sum, combine, dispatch
 from brickwork.distributed.expert_parallel import (
     ExpertParallelGroups,
     clip_expert_parallel_grad_norm,
@@ -232,6 +232,21 @@ def _round_trip(groups: ExpertParallelGroups) -> bool:
     return owner_ok and ordered and torch.equal(back, rows)
 
 
+def _collective_grads(groups: ExpertParallelGroups) -> bool:
+    """The differentiable all-gather and all-reduce: values, and the summed-over-ranks backward."""
+    p, r = groups.ep_size, groups.ep_rank
+    x = torch.full((2, 3), float(r + 1), dtype=F64, requires_grad=True)
+    w = torch.arange(6 * p, dtype=F64).view(2 * p, 3)  # the same on every rank
+    y = all_gather(x, groups.ep)
+    (y * w).sum().backward()
+    gather_ok = torch.equal(y.detach(), torch.cat([torch.full((2, 3), float(q + 1), dtype=F64) for q in range(p)]))
+    gather_ok &= torch.equal(x.grad, p * w[2 * r : 2 * r + 2])  # every rank's loss reaches my block
+    z = torch.tensor([float(r + 1)], dtype=F64, requires_grad=True)
+    s = all_reduce_sum(z, groups.ep)
+    (3.0 * s).sum().backward()
+    return gather_ok and float(s) == p * (p + 1) / 2 and float(z.grad) == 3.0 * p
+
+
 def _two_ranks(ctx: DistContext, folder: str) -> dict:
     groups = ExpertParallelGroups.from_mesh(ctx.mesh((2,), ("ep",)))
     got = {kind: _compare(ctx, kind, groups, (), steps=2) for kind in ROUTERS}
@@ -239,6 +254,7 @@ def _two_ranks(ctx: DistContext, folder: str) -> dict:
     # EP degree 1: plain data parallelism, but with the auxiliary losses of the global batch
     got["ep1"] = _compare(ctx, "topk", ExpertParallelGroups.from_mesh(ctx.mesh((2, 1), ("dp", "ep"))), (), steps=2)
     got["round_trip"] = _round_trip(groups)
+    got["collective_grads"] = _collective_grads(groups)  # both run on every rank whatever the other gives
     ep = _saved(_model("topk", silent=(3,)), groups, folder)
     x, _ = _batch(2)
     got["saved_out"] = ep(x[ctx.rank : ctx.rank + 1])
@@ -292,7 +308,7 @@ def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_relo
     for kind in (*ROUTERS, "silent", "ep1"):
         for rank in range(2):
             _assert_close(dict(two[rank][kind]), f"{kind} rank {rank}")
-    assert all(t["round_trip"] for t in two)
+    assert all(t["round_trip"] and t["collective_grads"] for t in two)
 
     # Each shard holds its own rank's experts (not the same ones), under single-process names.
     from brickwork.persist import load_tensors
