@@ -100,8 +100,23 @@ class DataParallel(nn.Module):
         self.objective.loss_fn = loss_fn
         return self.engine(x, y)
 
+    def reshard(self) -> None:
+        """Put FSDP2's sharded parameters back in place (no-op for DDP).
+
+        A forward without a backward (evaluation through :meth:`forward`) leaves the root unit
+        unsharded, its module holding plain tensors instead of the DTensors the optimizer steps;
+        the state-dict functions need the sharded ones.
+        """
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.objective.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     def gather(self) -> nn.Module:
         """Bring the full trained weights into :attr:`plain` (a collective for FSDP2); returns it."""
+        self.reshard()
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -111,6 +126,7 @@ class DataParallel(nn.Module):
 
     def scatter(self) -> None:
         """Shard :attr:`plain`'s weights into the engine (after a load; no-op for DDP)."""
+        self.reshard()
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -202,6 +218,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    model.reshard()
     full: Any = get_optimizer_state_dict(model.objective, optimizer, options=StateDictOptions(full_state_dict=True))
     pid = {name: i for i, name in enumerate(_fqns(model.objective, optimizer))}
     groups = [{**g, "params": [pid[n] for n in g["params"]]} for g in full["param_groups"]]
@@ -215,6 +232,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    model.reshard()
+    for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=False):
+        # plain load_state_dict replaces the groups' settings; the DCP loader wants the same keys
+        mine.update({k: v for k, v in saved.items() if k != "params"})
     names = _fqns(model.objective, optimizer)
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     full: Any = {"state": {names[int(i)]: st for i, st in state["state"].items()}, "param_groups": groups}
