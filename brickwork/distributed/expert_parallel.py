@@ -281,8 +281,11 @@ def expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module
     Every rank must call it with the same weights (same seed, or loaded from one checkpoint).
 
     Raises:
-        BrickworkError: as :meth:`ExpertParallelMoE.from_moe`, naming the module path.
+        BrickworkError: no MoE in ``model``, or as :meth:`ExpertParallelMoE.from_moe` (naming the module path).
     """
+    if not any(isinstance(m, MoE) for m in model.modules()):
+        name = type(model).__name__
+        raise BrickworkError(f"expert parallelism: {name} has no MoE layer whose experts could be sharded")
     out = copy.deepcopy(model)
     for name, module in list(out.named_modules()):
         if isinstance(module, MoE):

@@ -366,7 +366,7 @@ def _refusals(ctx: DistContext) -> list[str]:
     capped = _model("topk")
     capped[1].capacity_factor = 1.0
     messages = []
-    for model in (_model("expert_choice"), capped):
+    for model in (_model("expert_choice"), capped, nn.Sequential(nn.Linear(D, D))):
         try:
             expert_parallel(model, groups)
         except BrickworkError as e:
@@ -376,6 +376,7 @@ def _refusals(ctx: DistContext) -> list[str]:
 
 def test_non_causal_routing_is_refused_with_one_clear_message():
     for messages in run_ranks(_refusals, 2):
-        assert len(messages) == 2
+        assert len(messages) == 3
+        assert messages[2] == "expert parallelism: Sequential has no MoE layer whose experts could be sharded"
         assert messages[0].startswith("1: router expert_choice picks each expert's top tokens over the whole batch")
         assert messages[1].startswith("1: capacity_factor 1.0 drops assignments by their place in the whole batch")
