@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
 from brickwork.data.batching import batches, epoch_order, num_batches
-from brickwork.distributed.batch import all_sum, shard_batch
+from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
 from brickwork.distributed.data_parallel import context_of, gathered
 from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
@@ -89,14 +89,20 @@ def train_step(
         total = loss + share * sum(weights.get(k, 1.0) * v for k, v in aux.items())
     values = [loss.item(), *(share * v.item() for v in aux.values())]  # each times this rank's share
     finite = math.isfinite(total.item())
-    if dist.active:  # one all-reduce: the whole batch's scalars, and one skip decision for all ranks
-        *sums, bad = all_sum(dist, [*values, 0.0 if finite else 1.0])
-        values, finite = [v / dist.world_size for v in sums], bad == 0
+    if dist.active:
+        # One all-reduce, overlapped with the backward pass: the whole batch's scalars and one
+        # skip decision for all ranks. A non-finite step is then skipped after its backward, but
+        # before any update: the weights stay as they were, as in one process.
+        sums = all_sum_start(dist, [*values, 0.0 if finite else 1.0])
+        total.backward()
+        *summed, bad = sums()
+        values, finite = [v / dist.world_size for v in summed], bad == 0
     scalars = StepResult(values[0], dict(zip(aux, values[1:], strict=True)))
     if not finite:
         scalars.skipped = True
         return scalars
-    total.backward()
+    if not dist.active:
+        total.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
