@@ -32,6 +32,7 @@ from brickwork.persist import load_tensors, save_tensors
 
 _SHARD = re.compile(r"experts-(\d{3})-of-(\d{3})\.json")
 KIND = "expert_parallel_shard"
+OPTIM = "optim."  # prefix of optimizer-state tensors: optim.{state key}/{parameter name}
 
 
 def _expert_keys(model: nn.Module) -> dict[str, tuple[str, tuple[int, int, int] | None]]:
@@ -52,8 +53,18 @@ def _expert_keys(model: nn.Module) -> dict[str, tuple[str, tuple[int, int, int] 
     return out
 
 
-def save_expert_shards(folder: str | Path, model: nn.Module, groups: ExpertParallelGroups) -> Path | None:
+def save_expert_shards(
+    folder: str | Path, model: nn.Module, groups: ExpertParallelGroups, optimizer: torch.optim.Optimizer | None = None
+) -> Path | None:
     """Write this rank's shard (ranks with dp index 0 only); every rank waits until all are written.
+
+    Args:
+        folder: where the shards go.
+        model: the expert-parallel model (or one without MoE: then shard 0 holds everything).
+        groups: its process groups.
+        optimizer: also save its per-parameter state (Adam's moments and step), named
+            ``optim.{key}/{parameter}`` and sharded like the parameter, so training resumes on any
+            EP degree (the optimizer's hyperparameters come from the config, not the file).
 
     Returns:
         The shard's ``.safetensors`` path, or None on a rank that writes nothing.
@@ -73,11 +84,39 @@ def save_expert_shards(folder: str | Path, model: nn.Module, groups: ExpertParal
                     slices[name] = list(sl)
             elif groups.ep_rank == 0:
                 tensors[local] = value
+        if optimizer is not None:
+            _optimizer_tensors(model, optimizer, keys, groups.ep_rank, tensors, slices)
         p, size = groups.ep_rank, groups.ep_size
         meta = {"kind": KIND, "shard": p, "shards": size, "slices": slices}
         path = save_tensors(folder / f"experts-{p:03d}-of-{size:03d}", tensors, meta)
     dist.barrier(group=groups.world)
     return path
+
+
+def _optimizer_tensors(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keys: dict[str, tuple[str, tuple[int, int, int] | None]],
+    ep_rank: int,
+    tensors: dict[str, Tensor],
+    slices: dict[str, list[int]],
+) -> None:
+    """Add the optimizer's state of the parameters this shard holds, named like them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, state in optimizer.state.items():
+        local = names[id(param)]
+        name, sl = keys.get(local, (local, None))
+        for k, v in state.items():
+            if not isinstance(v, Tensor):
+                raise CheckpointError(f"optimizer state {k!r} of {local} is not a tensor; cannot shard it")
+            key = f"{OPTIM}{k}/{name}"
+            shaped = sl is not None and v.shape == param.shape  # a moment: sliced like its parameter
+            if local not in keys or (sl is not None and not shaped):
+                if ep_rank != 0:  # replicated (or a stacked bank's scalar step): shard 0 holds it
+                    continue
+            elif shaped:
+                slices[key] = list(sl)  # type: ignore[arg-type]
+            tensors[key] = v
 
 
 def read_expert_shards(folder: str | Path) -> dict[str, Tensor]:
@@ -118,13 +157,21 @@ def read_expert_shards(folder: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_expert_shards(folder: str | Path, model: nn.Module) -> None:
+def load_expert_shards(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a sharded checkpoint into ``model``: a single-process model, or an expert-parallel one of any degree.
 
+    Args:
+        folder: the shards' folder.
+        model: the model to fill (its own slice of every expert tensor is taken).
+        optimizer: an optimizer over ``model``'s parameters whose state is restored from the
+            checkpoint's ``optim.*`` tensors (saved with ``save_expert_shards(..., optimizer)``).
+
     Raises:
-        CheckpointError: as :func:`read_expert_shards`, or tensors the model does not have / lacks.
+        CheckpointError: as :func:`read_expert_shards`, or tensors the model does not have / lacks,
+            or an optimizer asked for and no optimizer state saved.
     """
-    full = read_expert_shards(folder)
+    everything = read_expert_shards(folder)
+    full = {k: v for k, v in everything.items() if not k.startswith(OPTIM)}
     keys = _expert_keys(model)
     local: dict[str, Any] = {}
     missing = []
@@ -148,3 +195,30 @@ def load_expert_shards(folder: str | Path, model: nn.Module) -> None:
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})"
         )
     model.load_state_dict(local)
+    if optimizer is not None:
+        _load_optimizer(folder, model, optimizer, keys, {k: v for k, v in everything.items() if k.startswith(OPTIM)})
+
+
+def _load_optimizer(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keys: dict[str, tuple[str, tuple[int, int, int] | None]],
+    saved: dict[str, Tensor],
+) -> None:
+    if not saved:
+        raise CheckpointError(f"{folder}: no optimizer state saved (save_expert_shards was not given the optimizer)")
+    by_param: dict[str, dict[str, Tensor]] = {}
+    for key, value in saved.items():
+        k, _, name = key.removeprefix(OPTIM).partition("/")
+        by_param.setdefault(name, {})[k] = value
+    wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for local, param in model.named_parameters():
+        name, sl = keys.get(local, (local, None))
+        if id(param) not in wanted or name not in by_param:
+            continue  # a parameter that never had a gradient has no state (as in the saved run)
+        state = {}
+        for k, v in by_param[name].items():
+            sliced = sl is not None and v.dim() > 0 and v.shape[0] == sl[2] and v.shape[1:] == param.shape[1:]
+            state[k] = v[sl[0] : sl[1]].clone() if sliced else v.clone()  # type: ignore[index]
+        optimizer.state[param] = state

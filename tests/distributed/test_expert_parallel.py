@@ -262,11 +262,26 @@ def _two_ranks(ctx: DistContext, folder: str) -> dict:
     got["ep1"] = _compare(ctx, "topk", ExpertParallelGroups.from_mesh(ctx.mesh((2, 1), ("dp", "ep"))), (), steps=2)
     got["round_trip"] = _round_trip(groups)
     got["collective_grads"] = _collective_grads(groups)  # both run on every rank whatever the other gives
+    x, y = _batch(4)
+    trained = expert_parallel(_model("topk", silent=(3,)), groups)
+    opt = _train(trained, x[2 * ctx.rank : 2 * ctx.rank + 2], y[2 * ctx.rank : 2 * ctx.rank + 2], steps=2)
+    save_expert_shards(folder + "-optim", trained, groups, opt)  # to resume on one process
     ep = _saved(_model("topk", silent=(3,)), groups, folder)
     x, _ = _batch(2)
     got["saved_out"] = ep(x[ctx.rank : ctx.rank + 1])
     got["saved_experts"] = _gathered(ep[1].experts.w_in.detach(), groups.ep)
     return got
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer | None = None):
+    """AdamW steps on ``(x, y)`` (gradients reduced when ``model`` is expert-parallel); returns the optimizer."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        _objective(model, x, y)[2].backward()
+        reduce_expert_parallel_grads(model)
+        opt.step()
+    return opt
 
 
 def _saved(model: nn.Module, groups: ExpertParallelGroups, folder: str) -> nn.Module:
@@ -337,6 +352,23 @@ def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_relo
     for rank in range(2):
         assert (two[rank]["saved_out"] - out[rank : rank + 1]).abs().max() <= TOL
     assert read_expert_shards(tmp_path / "ckpt").keys() == single.state_dict().keys()
+
+    # Trained 2 steps on 2 ranks, resumed on one process with its optimizer state: the same as
+    # 3 steps of the single process (weights, Adam's moments and step, to 1e-10).
+    x4, y4 = _batch(4)
+    ref = _model("topk", silent=(3,))
+    ref_opt = _train(ref, x4, y4, steps=2)
+    resumed = _model("topk", silent=(3,))
+    res_opt = torch.optim.AdamW(resumed.parameters(), lr=0.05, weight_decay=0.1)
+    load_expert_shards(tmp_path / "ckpt-optim", resumed, res_opt)
+    for (name, p), q in zip(ref.named_parameters(), resumed.parameters(), strict=True):
+        for k, v in ref_opt.state[p].items():
+            assert (res_opt.state[q][k] - v).abs().max() <= TOL, (name, k)
+    _train(ref, x4, y4, 1, ref_opt)
+    _train(resumed, x4, y4, 1, res_opt)
+    pairs = zip(ref.parameters(), resumed.parameters(), strict=True)
+    worst = max(float((p - q).detach().abs().max()) for p, q in pairs)
+    assert worst <= TOL
 
     # Load on four ranks (one expert each): same outputs again.
     four = run_ranks(_four_ranks, 4, folder, timeout_s=240)
