@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from brickwork.distributed.expert_dispatch import all_gather, all_reduce_sum, check_expert_split, combine, dispatch
 from brickwork.errors import BrickworkError
-from brickwork.nn.moe import MoE
+from brickwork.nn.moe import MoE, route
 from brickwork.nn.routing import (
     ExpertChoiceRouter,
     ExpertList,
@@ -198,10 +198,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead, d = x.shape[:-1], x.shape[-1]
-        flat = x.reshape(-1, d)
-        routing: Routing = self.router(x)
-        if routing.num_experts != self.num_experts:
-            raise ValueError(f"MoE: router routes to {routing.num_experts} experts, the bank has {self.num_experts}")
+        flat, routing = route(self.router, x, self.num_experts)
         plan = plan_dispatch(routing)  # dropless: sorted by global expert, hence by destination rank
         rows = flat.index_select(0, plan.token_idx)
         local_rows, exchange = dispatch(rows, plan.counts, self.groups.ep)
