@@ -121,3 +121,21 @@ def test_ddp_float32_within_1e6():
 
 def test_ddp_on_4_ranks():
     _check("lm", torch.float64, "ddp", world=4)
+
+
+def _nan_on_rank_1(ctx: DistContext) -> tuple[bool, bool]:
+    build, args, shape, classes = CASES["mlp"]
+    torch.manual_seed(0)
+    engine = wrap(build(in_shape=shape, num_classes=classes, **args).double(), ctx, "ddp")
+    opt = torch.optim.AdamW(engine.parameters(), lr=0.02)
+    before = [p.detach().clone() for p in engine.parameters()]
+    x, y = _data("mlp", torch.float64)
+    x = x[:4].clone()
+    x[3] = float("nan")  # in rank 1's half of the batch only
+    r = train_step(engine, x, y[:4], LOSS, opt)
+    same = all(torch.equal(a, b) for a, b in zip(before, engine.parameters(), strict=True))
+    return r.skipped, same
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
+    assert run_ranks(_nan_on_rank_1, 2) == [(True, True), (True, True)]
