@@ -100,7 +100,7 @@ def test_ddp_steps_equal_the_full_batch_steps_float64(case):
     _check(case, torch.float64, "ddp")
 
 
-@pytest.mark.parametrize("case", ["mlp", "lm", "moe"])
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"nested"}))  # nested: refused, below
 def test_fsdp2_steps_equal_the_full_batch_steps_float64(case):
     _check(case, torch.float64, "fsdp")
 
