@@ -75,7 +75,10 @@ def _model(kind: str, num_experts: int = E, silent: tuple[int, ...] = ()) -> nn.
     router: nn.Module
     if kind == "list":  # the generic bank: any modules, one call per expert
         bank = ExpertList(FeedForward(D, H, bias=True, **kw) for _ in range(num_experts))  # type: ignore[assignment]
-        router = TopKRouter(D, num_experts, top_k=2, **kw)
+        router = TopKRouter(D, num_experts, top_k=2, bias=bool(silent), **kw)
+        if silent:
+            with torch.no_grad():
+                router.proj.bias.zero_()[list(silent)] = -60.0
     elif kind == "topk":
         router = TopKRouter(D, num_experts, top_k=2, bias=True, **kw)
         shared = FeedForward(D, H, **kw)
@@ -238,6 +241,27 @@ def _round_trip(groups: ExpertParallelGroups) -> bool:
     return owner_ok and ordered and torch.equal(back, rows)
 
 
+def _silent_list_grads(groups: ExpertParallelGroups) -> bool:
+    """A list bank's expert that no token reaches has zero gradients after the reduction, not None.
+
+    (The single process leaves None there, a module that never ran; under expert parallelism the dp
+    replicas must agree and the optimizer must keep the expert's state moving on every rank.)
+    """
+    ep = expert_parallel(_model("list", silent=(3,)), groups)
+    x, y = _batch(2 * groups.world_size)
+    b = 2
+    r = dist.get_rank(groups.world)
+    _objective(ep, x[r * b : (r + 1) * b], y[r * b : (r + 1) * b])[2].backward()
+    reduce_expert_parallel_grads(ep)
+    moe = ep[1]
+    ok = True
+    for j, expert in enumerate(moe.experts):
+        silent = moe.expert_offset + j == 3
+        for p in expert.parameters():
+            ok &= p.grad is not None and bool((p.grad == 0).all()) == silent
+    return ok
+
+
 def _collective_grads(groups: ExpertParallelGroups) -> bool:
     """The differentiable all-gather and all-reduce: values, and the summed-over-ranks backward."""
     p, r = groups.ep_size, groups.ep_rank
@@ -259,6 +283,7 @@ def _two_ranks(ctx: DistContext, folder: str) -> dict:
     got["silent"] = _compare(ctx, "topk", groups, (3,), steps=3)
     got["float32"] = _compare(ctx, "topk_f32", groups, (3,), steps=3)  # the grouped_mm path, to 1e-6
     # EP degree 1: plain data parallelism, but with the auxiliary losses of the global batch
+    got["silent_list_grads"] = _silent_list_grads(groups)
     got["ep1"] = _compare(ctx, "topk", ExpertParallelGroups.from_mesh(ctx.mesh((2, 1), ("dp", "ep"))), (), steps=2)
     got["round_trip"] = _round_trip(groups)
     got["collective_grads"] = _collective_grads(groups)  # both run on every rank whatever the other gives
@@ -332,7 +357,7 @@ def test_expert_parallel_equals_single_process_on_two_ranks_and_checkpoints_relo
             _assert_close(dict(two[rank][kind]), f"{kind} rank {rank}")
     for rank in range(2):
         _assert_close(dict(two[rank]["float32"]), f"float32 rank {rank}", tol=1e-6)
-    assert all(t["round_trip"] and t["collective_grads"] for t in two)
+    assert all(t["round_trip"] and t["collective_grads"] and t["silent_list_grads"] for t in two)
 
     # Each shard holds its own rank's experts (not the same ones), under single-process names.
     from brickwork.persist import load_tensors
