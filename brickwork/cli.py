@@ -260,6 +260,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _run_ranked(args: argparse.Namespace, cfg: object) -> int:
     """One rank of a torchrun launch: join the group, run, leave (every rank, even on error)."""
+    import torch.distributed
+
     from brickwork.distributed import init_from_env, shutdown
     from brickwork.experiment.pipeline import execute_ranked
 
@@ -269,6 +271,13 @@ def _run_ranked(args: argparse.Namespace, cfg: object) -> int:
     signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         execute_ranked(cfg, args.runs_dir, ctx, resume=args.resume, progress=args.progress)  # type: ignore[arg-type]
+    except (RuntimeError, torch.distributed.DistError) as e:
+        # The run is recorded failed already; a broken or timed-out collective is the launch's
+        # fault (a rank died or hung), not a bug: one line, not a traceback.
+        text = str(e).strip()
+        if not (isinstance(e, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
+            raise
+        raise BrickworkError(f"another rank stopped or hung: {text.splitlines()[0][:300]}") from None
     finally:
         shutdown(ctx)
     return 0
