@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.path=value")
     run.add_argument("--resume", metavar="RUN", help="continue an interrupted or failed run")
     run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run on N local processes: launches `torchrun --nproc-per-node N -m brickwork run ...`",
+    )
+    run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -96,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
     except BrickworkError as e:
-        print(f"brickwork{verb}: error: {e}", file=sys.stderr)
+        if _speaks():
+            print(f"brickwork{verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Also before a run exists (start-up, imports, config loading): one line, no traceback.
@@ -204,12 +211,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(verb)
 
 
+def _speaks() -> bool:
+    """False on the non-zero ranks of a torchrun launch: one message per run, from rank 0."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _run(args: argparse.Namespace) -> int:
     from brickwork.experiment import RunStore, execute, load_config
 
     if (args.config is None) == (args.resume is None):
         raise BrickworkError("give a config to run, or --resume RUN (not both)")
     cfg = None if args.resume else load_config(args.config, args.overrides)  # fails before any work
+    if args.nproc is not None:
+        return _launch(args)
+    from brickwork.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _run_ranked(args, cfg)
     # A new run opens the store only after its data and models pass (nothing written otherwise).
     store = RunStore(args.runs_dir) if args.resume else args.runs_dir
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -219,6 +237,61 @@ def _run(args: argparse.Namespace) -> int:
     else:
         execute(cfg, store, progress=args.progress)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``brickwork run --nproc N``: the same command under ``torchrun`` (one machine, N ranks)."""
+    import subprocess
+
+    from brickwork.distributed import launched_by_torchrun
+
+    if args.nproc < 1:
+        raise BrickworkError(f"--nproc {args.nproc}: expected a number of processes >= 1")
+    if launched_by_torchrun():
+        raise BrickworkError("--nproc: this process is already a rank of a torchrun launch; drop --nproc")
+    rest = [args.config, *args.overrides] if args.resume is None else ["--resume", args.resume]
+    if args.progress is not None:
+        rest.append("--progress" if args.progress else "--no-progress")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd += ["-m", "brickwork", "--runs-dir", str(args.runs_dir), "run", *rest]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks and torchrun themselves
+    return subprocess.call(cmd)
+
+
+def _run_ranked(args: argparse.Namespace, cfg: object) -> int:
+    """One rank of a torchrun launch: join the group, run, leave (every rank, even on error)."""
+    import torch.distributed
+
+    from brickwork.distributed import init_from_env, shutdown
+    from brickwork.experiment.pipeline import execute_ranked
+
+    ctx = init_from_env()
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    # torchrun's agent stops the surviving ranks with SIGTERM when one fails: a failed run
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        execute_ranked(cfg, args.runs_dir, ctx, resume=args.resume, progress=args.progress)  # type: ignore[arg-type]
+    except (RuntimeError, torch.distributed.DistError) as e:
+        # The run is recorded failed already; a broken or timed-out collective is the launch's
+        # fault (a rank died or hung), not a bug: one line, not a traceback.
+        text = str(e).strip()
+        if not (isinstance(e, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
+            raise
+        raise BrickworkError(f"another rank stopped or hung: {text.splitlines()[0][:300]}") from None
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+class RankStopped(BrickworkError):
+    """The launcher stopped this rank (SIGTERM): another rank failed, or the launch was cancelled."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    if _interrupted:
+        return
+    _interrupted.append(signum)
+    raise RankStopped("stopped by the launcher (SIGTERM): another rank failed or the launch was cancelled")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

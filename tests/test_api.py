@@ -27,6 +27,7 @@ PACKAGES = [
     "brickwork.data",
     "brickwork.models",
     "brickwork.experiment",
+    "brickwork.distributed",
 ]
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

@@ -9,7 +9,8 @@ Layers, bottom to top (a module may import its own layer's package and anything 
     errors, persist, registry, _version     bottom (registry and persist import only errors)
     kernels
     nn
-    ops, train, analysis, data, models      siblings, minus the extra forbidden edges below
+    ops, train, analysis, data, models,     siblings, minus the extra forbidden edges below
+    distributed                             (train may import distributed, not the reverse)
     experiment, verbs    |  bench           bench beside experiment: neither imports the other
     cli, __main__, brickwork (the package)  top
 """
@@ -40,6 +41,7 @@ RANK = {
     "analysis": 3,
     "data": 3,
     "models": 3,
+    "distributed": 3,  # process groups, DDP/FSDP2 wrapping, rank-0 guards (train imports it)
     "experiment": 4,
     "verbs": 4,
     "bench": 4,
@@ -63,6 +65,7 @@ FORBIDDEN = {
     ("ops", "experiment"),
     ("train", "experiment"),
     ("data", "models"),  # data is below the reference architectures that consume it
+    ("distributed", "train"),  # train takes a DistContext; distributed knows no training loop
     ("experiment", "bench"),  # bench sits beside experiment: timing lives in analysis/
     ("verbs", "bench"),
     ("bench", "experiment"),

@@ -22,6 +22,8 @@ import torch
 import yaml
 
 from brickwork.data import Dataset, load_dataset
+from brickwork.distributed import DistContext
+from brickwork.distributed.batch import barrier
 from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.experiment.build import apply_structure, build_model, model_meta
 from brickwork.experiment.config import RunConfig, Spec, validate
@@ -126,6 +128,41 @@ def execute(
     echo(results_table(summary))
     echo(f"run folder: {record.dir}")
     return runs.get(record.id)
+
+
+def execute_ranked(
+    cfg: RunConfig | None,
+    store: str | Path,
+    dist: DistContext,
+    *,
+    resume: str | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunRecord | None:
+    """:func:`execute` on every rank of a ``torchrun`` launch; rank 0 alone writes the store.
+
+    Every rank runs the same stages (training needs them all; the other stages are cheap to
+    repeat and keep the ranks in step). Rank 0 records the run in ``store`` and writes its folder,
+    reports and plots; each other rank runs in a private store in a temporary folder, removed at
+    the end, started for a resume from a copy of rank 0's run taken before rank 0 touches it.
+
+    Returns:
+        Rank 0's record; None on the other ranks.
+    """
+    import tempfile
+
+    if dist.is_main:
+        barrier(dist)  # the other ranks have copied the run to resume
+        return execute(cfg, store, resume=resume, progress=progress, echo=echo)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix=f"brickwork-rank{dist.rank}-") as tmp:
+        shadow = RunStore(Path(tmp) / "runs")
+        try:
+            if resume is not None:
+                resume = shadow.adopt(RunStore(store).get(resume)).id
+        finally:
+            barrier(dist)
+        execute(cfg, shadow, resume=resume, progress=False, echo=lambda line: None)  # type: ignore[arg-type]
+    return None
 
 
 @contextmanager

@@ -203,6 +203,23 @@ class RunStore:
         )
         return self.get(run_id)
 
+    def adopt(self, record: RunRecord) -> RunRecord:
+        """Mirror ``record`` of another store here, folder included, with the same status.
+
+        A non-zero rank of a distributed run resumes from such a private copy of rank 0's run
+        (``pipeline.execute_ranked``), so only rank 0 ever writes the user's store and folder; the
+        status is kept (a ``stale`` run becomes ``interrupted``, a live one stays ``running``, owned
+        by this process) so that every rank accepts or refuses the resume alike.
+        """
+        import shutil
+
+        self.create(record.id, record.name, record.config)
+        if record.status != "running":
+            status = "interrupted" if record.status == "stale" else record.status
+            self.update(record.id, status=status, error=record.error)
+        shutil.copytree(record.dir, self.root / record.id, ignore=shutil.ignore_patterns(".lock"))
+        return self.get(record.id)
+
     def claim(self, run_id: str) -> None:
         """Mark a run ``running`` again, owned by this process (a resume); its error is cleared."""
         me = Owner.current()

@@ -35,6 +35,14 @@ from brickwork.nn.routing.types import Routing, RoutingRecord
 from brickwork.registry import Flatten, register
 
 
+def route(router: nn.Module, x: Tensor, num_experts: int) -> tuple[Tensor, Routing]:
+    """``x`` (..., D) flattened to (N, D), and the router's decision on it, checked against the bank's E."""
+    routing: Routing = router(x)
+    if routing.num_experts != num_experts:
+        raise ValueError(f"MoE: router routes to {routing.num_experts} experts, the bank has {num_experts}")
+    return x.reshape(-1, x.shape[-1]), routing
+
+
 @register("brick", "moe")
 class MoE(nn.Module):
     """Routed mixture of experts.
@@ -79,10 +87,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead, d = x.shape[:-1], x.shape[-1]
-        flat = x.reshape(-1, d)
-        routing: Routing = self.router(x)
-        if routing.num_experts != self.num_experts:
-            raise ValueError(f"MoE: router routes to {routing.num_experts} experts, the bank has {self.num_experts}")
+        flat, routing = route(self.router, x, self.num_experts)
         plan = plan_dispatch(routing, self.capacity_factor, self.priority)
         rows = flat.index_select(0, plan.token_idx)  # one gather into expert-contiguous order
         y = self.experts(rows, plan.counts) * plan.weights.unsqueeze(-1).to(flat.dtype)
@@ -90,18 +95,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
         self.aux_losses = routing.aux_losses
-        self.record = RoutingRecord(
-            num_tokens=routing.num_tokens,
-            num_experts=self.num_experts,
-            leading_shape=tuple(lead),
-            token_idx=routing.token_idx.detach(),
-            expert_idx=routing.expert_idx.detach(),
-            weights=routing.weights.detach(),
-            kept=plan.kept,
-            load=plan.counts.detach(),
-            capacity=plan.capacity,
-            probs=None if routing.probs is None else routing.probs.detach(),
-        )
+        self.record = RoutingRecord.of(routing, tuple(lead), plan.kept, plan.counts, plan.capacity)
         return out.reshape(*lead, d)
 
     def permutation_symmetry(self) -> Symmetry:

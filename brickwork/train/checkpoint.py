@@ -20,6 +20,14 @@ import torch
 from torch import nn
 
 from brickwork._version import __version__
+from brickwork.distributed.data_parallel import (
+    load_model_state,
+    load_optimizer_state,
+    main_writes,
+    model_state,
+    optimizer_state,
+    plain_module,
+)
 from brickwork.errors import CheckpointError
 from brickwork.persist import load_tensors, save_tensors
 
@@ -101,7 +109,7 @@ def _check_tensor(name: str, got: torch.Tensor, want: torch.Tensor, finite: bool
 
 
 def _load_state(model: nn.Module, state: dict[str, Any], where: object) -> None:
-    own = model.state_dict()
+    own = plain_module(model).state_dict()  # a data-parallel model is checked as its plain model
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -114,7 +122,7 @@ def _load_state(model: nn.Module, state: dict[str, Any], where: object) -> None:
             f"{where}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {shapes[:5]}); was it saved from a different config?"
         )
-    params = {name for name, _ in model.named_parameters()}
+    params = {name for name, _ in plain_module(model).named_parameters()}
     for k, v in own.items():
         if isinstance(v, torch.Tensor):
             if not isinstance(state[k], torch.Tensor):
@@ -122,7 +130,7 @@ def _load_state(model: nn.Module, state: dict[str, Any], where: object) -> None:
             # Parameters must be finite; a buffer may hold inf on purpose (a threshold), never NaN.
             _check_tensor(k, state[k], v, k in params, where)
     try:
-        model.load_state_dict(state)
+        load_model_state(model, state)  # and into the shards of an FSDP2 model
     except (RuntimeError, TypeError, ValueError, KeyError) as e:  # a module's set_extra_state refusing its JSON
         raise CheckpointError(f"{where}: weights do not load into the model ({str(e).splitlines()[0]})") from None
 
@@ -138,9 +146,13 @@ def save_training_state(
 
     ``bind`` (e.g. ``{"seed": 0}``) is stored in the metadata, under its hash, for
     :func:`load_training_state`'s ``expect`` to check.
+
+    A data-parallel model is saved once, by rank 0, in the single-process format: full tensors
+    (FSDP2 shards gathered, a collective every rank joins) and integer optimizer ids, so the
+    state resumes under any number of processes.
     """
-    opt = optimizer.state_dict()
-    model_tensors, extra = split_state(model.state_dict())
+    opt = optimizer_state(model, optimizer)
+    model_tensors, extra = split_state(model_state(model))
     tensors = {_MODEL + k: v for k, v in model_tensors.items()}
     plain_state: dict[str, dict[str, Any]] = {}
     for pid, st in opt["state"].items():
@@ -157,7 +169,9 @@ def save_training_state(
         "extra_state": extra,
         "optimizer": {"param_groups": opt["param_groups"], "plain_state": plain_state},
     }
-    save_tensors(stem, tensors, meta)
+    with main_writes(model) as main:
+        if main:
+            save_tensors(stem, tensors, meta)
 
 
 def load_training_state(
@@ -198,7 +212,7 @@ def load_training_state(
                 opt_state.setdefault(int(pid), {})[name] = v
         for pid, st in plain.items():
             opt_state.setdefault(int(pid), {}).update(st)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        load_optimizer_state(model, optimizer, {"state": opt_state, "param_groups": groups})
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(
             f"{stem}: the saved optimizer state does not match this optimizer ({str(e).splitlines()[0]:.200})"

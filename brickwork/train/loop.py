@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
 from brickwork.data.batching import batches, epoch_order, num_batches
+from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
+from brickwork.distributed.data_parallel import context_of, gathered
 from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import collect_aux_losses
@@ -65,7 +67,18 @@ def train_step(
     A non-finite objective (NaN or inf) is checked before the backward pass: nothing is
     updated and the result says ``skipped``, so the caller decides (stop or go on) with the
     weights still as they were before the bad batch.
+
+    A data-parallel model (``distributed.DataParallel``) gets the global batch here: each rank
+    takes its slice and weights its loss so that the step equals the full-batch step
+    (``distributed.batch``); the reported loss, auxiliary losses and the skip decision are those
+    of the whole batch, the same on every rank. (Auxiliary losses are computed per rank, on the
+    rank's slice: a batch statistic such as a load-balancing loss is then not the full batch's.)
     """
+    dist = context_of(model)
+    x, y, share = shard_batch(dist, x, y)
+    if share != 1.0:  # scaled where every loss is made: a model may backpropagate inside its objective
+        task_loss = loss_fn
+        loss_fn = lambda logits, target: share * task_loss(logits, target)  # noqa: E731
     optimizer.zero_grad(set_to_none=True)
     objective = getattr(model, "training_loss", None)
     loss = objective(x, y, loss_fn) if callable(objective) else loss_fn(model(x), y)
@@ -73,34 +86,54 @@ def train_step(
     aux = collect_aux_losses(model)
     if aux:
         weights = aux_weights or {}
-        total = loss + sum(weights.get(k, 1.0) * v for k, v in aux.items())
-    if not math.isfinite(total.item()):
-        return StepResult(loss.item(), {k: v.item() for k, v in aux.items()}, skipped=True)
-    total.backward()
+        total = loss + share * sum(weights.get(k, 1.0) * v for k, v in aux.items())
+    values = [loss.item(), *(share * v.item() for v in aux.values())]  # each times this rank's share
+    finite = math.isfinite(total.item())
+    if dist.active:
+        # One all-reduce, overlapped with the backward pass: the whole batch's scalars and one
+        # skip decision for all ranks. A non-finite step is then skipped after its backward, but
+        # before any update: the weights stay as they were, as in one process.
+        sums = all_sum_start(dist, [*values, 0.0 if finite else 1.0])
+        total.backward()
+        *summed, bad = sums()
+        values, finite = [v / dist.world_size for v in summed], bad == 0
+    scalars = StepResult(values[0], dict(zip(aux, values[1:], strict=True)))
+    if not finite:
+        scalars.skipped = True
+        return scalars
+    if not dist.active:
+        total.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     after_optimizer_step(model, progress)
     reset_regrown_state(model, optimizer)
-    return StepResult(loss.item(), {k: v.item() for k, v in aux.items()})
+    return scalars
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, split: Split, loss_fn: LossFn, batch_size: int = 512, device: str = "cpu"
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` on ``split`` (accuracy per token for language models)."""
+    """Mean loss and accuracy of ``model`` on ``split`` (accuracy per token for language models).
+
+    A data-parallel model evaluates each batch's rows spread over the ranks, and the sums are
+    reduced: every rank returns the whole split's figures.
+    """
+    dist = context_of(model)
     was_training = model.training
     model.eval()
-    loss_sum, correct, count, n = 0.0, 0, 0, 0
-    for x, y in batches(split.x, split.y, batch_size):
-        x, y = x.to(device), y.to(device)
+    loss_sum, correct, count, n = 0.0, 0.0, 0.0, 0.0
+    for xb, yb in batches(split.x, split.y, batch_size):
+        x, y, share = shard_batch(dist, xb.to(device), yb.to(device))
         logits = model(x)
-        loss_sum += loss_fn(logits, y).item() * len(x)
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-        n += len(x)
+        used = 1.0 if share else 0.0  # a borrowed row (empty slice) counts nothing
+        loss_sum += used * loss_fn(logits, y).item() * len(x)
+        correct += used * (logits.argmax(-1) == y).sum().item()
+        count += used * y.numel()
+        n += used * len(x)
     model.train(was_training)
+    loss_sum, correct, count, n = all_sum(dist, [loss_sum, correct, count, n])
     return {"loss": loss_sum / n, "accuracy": correct / count}
 
 
@@ -237,7 +270,7 @@ def fit(
         total=total,
         initial=start_epoch * steps_per_epoch,
         desc=desc,
-        disable=not show,
+        disable=not show or not context_of(model).is_main,
         leave=False,
         unit="step",
         dynamic_ncols=True,
@@ -276,7 +309,7 @@ def fit(
         problem = None
         if len(skips) == steps_per_epoch:
             problem = f"every batch of {where} had a non-finite loss ({len(skips)} skipped)"
-        elif (name := _nonfinite_weight(model)) is not None:
+        elif (name := _nonfinite_weight(gathered(model))) is not None:
             problem = f"non-finite weights in {name} after {where}"
         val_metrics = evaluate(model, val, loss_fn, device=cfg.device) if len(val) and problem is None else {}
         if problem is None and not math.isfinite(val_metrics.get("loss", 0.0)):

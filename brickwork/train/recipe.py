@@ -18,6 +18,8 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from brickwork.data.base import Split
+from brickwork.distributed.data_parallel import Strategy, gathered, wrap
+from brickwork.distributed.process_group import current
 from brickwork.registry import RegistryName
 from brickwork.train.loop import FitConfig, NonFinitePolicy, fit
 from brickwork.train.losses import build_loss
@@ -42,6 +44,10 @@ class TrainSettings:
         nonfinite: what a NaN or inf training loss does: ``stop`` the run (it is recorded as
             failed, naming the epoch and step) or ``skip_batch`` (that batch is not applied;
             an epoch in which every batch is skipped still stops the run).
+        data_parallel: how several processes (``torchrun``) share a step: ``ddp`` (replicated
+            weights, all-reduced gradients) or ``fsdp`` (FSDP2: weights, gradients and optimizer
+            state sharded). Either way the step equals the single-process step on the whole
+            batch; a single process ignores it.
     """
 
     epochs: Annotated[int, pydantic.Field(ge=1)] = 10
@@ -55,6 +61,7 @@ class TrainSettings:
     label_smoothing: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.0
     grad_clip: Annotated[float, pydantic.Field(gt=0)] | None = None
     nonfinite: NonFinitePolicy = "stop"
+    data_parallel: Strategy = "ddp"
 
     def fit_config(self, *, seed: int, aux_weights: dict[str, float] | None = None, device: str = "cpu") -> FitConfig:
         """The loop's settings: these, with the run's ``seed`` (batch order), device and aux weights."""
@@ -102,8 +109,14 @@ def train_with(
 
     Returns:
         The per-epoch history of :func:`~brickwork.train.loop.fit`.
+
+    Under ``torchrun`` (``distributed.current()`` has several ranks) the model is trained
+    data-parallel with ``settings.data_parallel``, and ends with the trained weights on every rank.
     """
-    opt = build_optimizer(settings.optimizer, model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    engine = wrap(model, current(), settings.data_parallel)
+    opt = build_optimizer(settings.optimizer, engine.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = build_loss(settings.loss, label_smoothing=settings.label_smoothing)
     cfg = settings.fit_config(seed=seed, aux_weights=aux_weights, device=device)
-    return fit(model, train, val, loss_fn, opt, cfg, state_path=state_path, progress=progress, desc=desc)
+    history = fit(engine, train, val, loss_fn, opt, cfg, state_path=state_path, progress=progress, desc=desc)
+    gathered(engine)  # FSDP2 trained a sharded copy: its weights come back into `model`
+    return history

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from brickwork.nn.routing.losses import load_balance_loss, router_z_loss
 from brickwork.nn.routing.schedule import Schedule, anneal
-from brickwork.nn.routing.types import Routing
+from brickwork.nn.routing.types import Routing, router_precision
 from brickwork.registry import register
 
 GateActivation = Literal["none", "tanh", "sigmoid", "gelu", "softplus"]
@@ -121,7 +121,7 @@ class DenseToSparseRouter(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
-        logits = self.proj(x).float()
+        logits = router_precision(self.proj(x))
         if self.activation != "none":
             logits = _ACTS[self.activation](logits)
         tau = self.temperature

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from brickwork.nn.routing.losses import router_z_loss
-from brickwork.nn.routing.types import Routing
+from brickwork.nn.routing.types import Routing, router_precision
 from brickwork.registry import register
 
 
@@ -61,7 +61,7 @@ class ExpertChoiceRouter(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
-        logits = self.proj(x).float()
+        logits = router_precision(self.proj(x))
         probs = torch.softmax(logits, dim=-1)  # (N, E): softmax over experts, as in the paper
         c = self.capacity(n)
         weights, token_idx = torch.topk(probs.t(), c, dim=-1)  # (E, C): each expert's best tokens

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.nn.routing.types import Routing, token_choice_routing
+from brickwork.nn.routing.types import Routing, router_precision, token_choice_routing
 from brickwork.registry import register
 
 
@@ -91,7 +91,7 @@ class KeyRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:
         x = x.reshape(-1, x.shape[-1])
-        logits = (x @ self.keys().t()).float()  # (N, E): one small matmul, counted as router FLOPs
+        logits = router_precision(x @ self.keys().t())  # (N, E): one small matmul, counted as router FLOPs
         probs = torch.softmax(logits, dim=-1)
         return _top_k_ones(logits, self.top_k, probs, logits)
 
@@ -145,7 +145,7 @@ class MLPRouter(nn.Module):
         return self.w2(torch.tanh(self.w1(F.normalize(x, dim=-1))))
 
     def forward(self, x: Tensor) -> Routing:
-        logits = self.scores(x.reshape(-1, x.shape[-1])).float()
+        logits = router_precision(self.scores(x.reshape(-1, x.shape[-1])))
         return _top_k_ones(logits, self.top_k, torch.softmax(logits, dim=-1), logits)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from brickwork.nn.routing.types import router_precision
+
 
 def load_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
@@ -45,4 +47,4 @@ def router_z_loss(logits: Tensor) -> Tensor:
     Args:
         logits: (N, E) router logits.
     """
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(router_precision(logits), dim=-1).square().mean()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from brickwork.nn.routing.balance import SelectionBias
 from brickwork.nn.routing.losses import load_balance_loss, router_z_loss
-from brickwork.nn.routing.types import Routing, token_choice_routing
+from brickwork.nn.routing.types import Routing, router_precision, token_choice_routing
 from brickwork.registry import register
 
 # How scores become combine weights:
@@ -90,11 +90,11 @@ class TopKRouter(nn.Module):
         noisy = self.training and self.noise != "none"
         if noisy and self.noise == "jitter":
             x = x * torch.empty_like(x).uniform_(1.0 - self.noise_scale, 1.0 + self.noise_scale)
-        logits = self.proj(x).float()  # router math in fp32: the softmax is sensitive to round-off
+        logits = router_precision(self.proj(x))  # router math in >= fp32: the softmax is sensitive to round-off
         if noisy and self.noise == "gaussian":
             logits = logits + torch.randn_like(logits) * self.noise_scale
         elif noisy and self.noise_proj is not None:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise_proj(x).float())
+            logits = logits + torch.randn_like(logits) * F.softplus(router_precision(self.noise_proj(x)))
 
         if self.gate.startswith("sigmoid"):
             scores = torch.sigmoid(logits)

@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 
+def router_precision(t: Tensor) -> Tensor:
+    """``t`` in at least float32 for router math (softmax, sigmoid, logsumexp are sensitive to
+    round-off): half-precision logits are upcast, float64 ones stay float64 (so a float64 model
+    is float64 throughout, as exactness tests need)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass
 class Routing:
     """A router's decision for N tokens over E experts.
@@ -114,6 +121,24 @@ class RoutingRecord:
     load: Tensor
     capacity: int | None = None
     probs: Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, routing: Routing, leading_shape: tuple[int, ...], kept: Tensor, load: Tensor, capacity: int | None = None
+    ) -> RoutingRecord:
+        """The record of ``routing`` as a routed layer executed it (tensors detached)."""
+        return cls(
+            num_tokens=routing.num_tokens,
+            num_experts=routing.num_experts,
+            leading_shape=tuple(leading_shape),
+            token_idx=routing.token_idx.detach(),
+            expert_idx=routing.expert_idx.detach(),
+            weights=routing.weights.detach(),
+            kept=kept,
+            load=load.detach(),
+            capacity=capacity,
+            probs=None if routing.probs is None else routing.probs.detach(),
+        )
 
     @property
     def dropped(self) -> int:

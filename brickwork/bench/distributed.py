@@ -1,0 +1,132 @@
+"""`brickwork bench distributed`: data-parallel training steps against the ideal and one process.
+
+For a dense MLP and an MoE MLP on digits and the causal LM on Hamlet (real data, the shapes of
+``configs/distributed/``), one AdamW training step on a global batch of ``B`` rows is timed:
+
+* ``dp``: 2 processes x 1 thread (gloo, forked by :func:`brickwork.distributed.run_ranks`), each
+  rank running :func:`brickwork.train.train_step` on the DDP-wrapped model (``--strategy fsdp``:
+  FSDP2): its B/2 rows, the gradient all-reduce, the loss reduction;
+* ``ideal``: in the same rank, interleaved with ``dp`` (one rotation, after warm-up, median of
+  repeats, :func:`brickwork.analysis.timing.time_rounds`), the plain model's step on the same
+  B/2 rows with no communication: half the single-process work, the best data parallelism can do;
+* ``1x2``: afterwards, one process with 2 threads taking the step on all B rows.
+
+Printed: ``dp / ideal`` (the overhead of data parallelism; the goal is <= 1.15 for the MLP and the
+LM) and ``1x2 / dp`` (the speed-up of 2 processes over 2 threads). A rank's figure is the slowest
+rank's median. Both ranks are always busy, so the contention filter of the other benches cannot
+be used; on a shared machine the figures are noisy (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
+from brickwork.data import load_dataset
+from brickwork.distributed import DistContext, run_ranks, shard_batch, wrap
+from brickwork.models import mlp, moe_mlp, transformer_lm
+from brickwork.train import cross_entropy, train_step
+
+# name -> (builder, arguments, dataset, dataset arguments, global batch)
+CASES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], str, dict[str, Any], int]] = {
+    "mlp": (mlp, {"width": 256, "depth": 3}, "digits", {}, 128),
+    "moe": (moe_mlp, {"width": 128, "depth": 2, "hidden": 128, "num_experts": 8}, "digits", {}, 128),
+    "lm": (transformer_lm, {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 4}, "hamlet", {"seq_len": 64}, 32),
+}
+LOSS = cross_entropy()
+
+
+def _setup(case: str, x: Tensor, y: Tensor) -> tuple[nn.Module, torch.optim.Optimizer]:
+    build, args, *_ = CASES[case]
+    torch.manual_seed(0)
+    model = build(in_shape=tuple(x.shape[1:]), num_classes=int(y.max()) + 1, **args)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _rank(ctx: DistContext, case: str, x: Tensor, y: Tensor, strategy: str, repeats: int) -> dict[str, Any]:
+    model, _ = _setup(case, x, y)
+    alone = copy.deepcopy(model)
+    engine = wrap(model, ctx, strategy)  # type: ignore[arg-type]
+    opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
+    opt_alone = torch.optim.AdamW(alone.parameters(), lr=1e-3)
+    xr, yr, _ = shard_batch(ctx, x, y)  # the ideal rank's rows: the same B/2
+    samples = time_rounds(
+        {
+            "dp": lambda: train_step(engine, x, y, LOSS, opt),
+            "ideal": lambda: train_step(alone, xr, yr, LOSS, opt_alone),
+        },
+        repeats=repeats,
+        warmup=3,
+    )
+    return {
+        "dp": samples["dp"].median(),
+        "ideal": samples["ideal"].median(),
+        "ratio": paired_ratio(samples["dp"], samples["ideal"]),
+    }
+
+
+def bench_case(case: str, strategy: str = "ddp", repeats: int = 15) -> dict[str, Any]:
+    """Median step seconds of ``dp``, ``ideal`` and ``1x2`` for ``case``, and the ratios."""
+    _, _, data, data_args, batch = CASES[case]
+    ds = load_dataset(data, seed=0, **data_args)
+    x, y = ds.train.x[:batch], ds.train.y[:batch]
+    per_rank = run_ranks(_rank, 2, case, x, y, strategy, repeats, timeout_s=900.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, opt = _setup(case, x, y)
+        one = time_rounds({"1x2": lambda: train_step(model, x, y, LOSS, opt)}, repeats=repeats, warmup=3)["1x2"]
+    finally:
+        torch.set_num_threads(threads)
+    dp = max(r["dp"] for r in per_rank)
+    return {
+        "case": case,
+        "strategy": strategy,
+        "batch": batch,
+        "dp_ms": 1e3 * dp,
+        "ideal_ms": 1e3 * max(r["ideal"] for r in per_rank),
+        "ratio": max(r["ratio"] for r in per_rank),
+        "one_ms": 1e3 * one.median(),
+        "speedup": one.median() / dp,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = "| model | strategy | batch | 2x1 dp ms | ideal ms | dp / ideal | 1x2 ms | 1x2 / dp |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['strategy']} | {r['batch']} | {r['dp_ms']:.2f} | {r['ideal_ms']:.2f} | "
+            f"{r['ratio']:.3f} | {r['one_ms']:.2f} | {r['speedup']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a markdown table; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="brickwork bench distributed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="mlp,moe,lm", help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.models.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown model {unknown}; expected some of {', '.join(CASES)}")
+    print(f"machine: {describe_machine()}; ranks 1 thread each, gloo")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    rows = []
+    for case in cases:
+        rows.append(bench_case(case, args.strategy, args.repeats))
+        print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(_table(rows))
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0

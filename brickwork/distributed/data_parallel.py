@@ -1,0 +1,250 @@
+"""A model wrapped for data parallelism: DDP by default, FSDP2 (``fully_shard``) on request.
+
+What gets wrapped is the model's *objective*, not its ``forward``: :class:`_Objective` returns
+the loss of ``(x, y)`` (the model's own ``training_loss`` when it has one, as nested models do,
+else ``loss_fn(model(x), y)``), so DDP's gradient hooks and FSDP2's unshard/reshard see the
+whole step, whatever method of the model computes it. :class:`DataParallel` keeps the plain
+model beside the engine:
+
+- DDP: the plain model *is* the trained one (DDP shares its parameters); ``find_unused_parameters``
+  is on, because routed, early-exit and nested bricks leave some parameters out of a step. A
+  parameter no rank used keeps ``grad=None`` (as in a single process), so the optimizer skips it.
+- FSDP2: a deep copy of the model is sharded over a 1-D ``DeviceMesh`` (each body layer of a
+  stack model is its own FSDP unit, then the root), the optimizer steps the shards, and
+  :meth:`DataParallel.gather` all-gathers the full weights back into the plain model (every rank
+  then holds them, as evaluation, later stages and the rank-0 checkpoint need). brickwork builds
+  the full model on every rank first, so FSDP2 here saves gradient and optimizer memory during
+  training, not the memory of building the model.
+
+Checkpoints stay the single-process format: :func:`model_state` / :func:`optimizer_state` give
+full tensors and integer parameter ids whatever the strategy, so a state saved by 2 ranks loads
+into 1, 3 or 4 (:func:`load_model_state` / :func:`load_optimizer_state`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from brickwork.distributed.batch import barrier
+from brickwork.distributed.process_group import DistContext
+from brickwork.errors import BrickworkError
+
+Strategy = Literal["ddp", "fsdp"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class _Objective(nn.Module):
+    """The model's training objective as a module: ``forward(x, y)`` is the step's task loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn: LossFn | None = None
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        assert self.loss_fn is not None, "set loss_fn before the forward"
+        objective = getattr(self.model, "training_loss", None)
+        return objective(x, y, self.loss_fn) if callable(objective) else self.loss_fn(self.model(x), y)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """``model(x)`` through the wrapper (FSDP2 registers it as a forward method)."""
+        return self.model(x)
+
+
+class DataParallel(nn.Module):
+    """``model`` trained by ``ctx.world_size`` ranks; behaves as the model for ``forward(x)``.
+
+    Args:
+        model: the plain model (built identically on every rank).
+        ctx: the rank and its group.
+        strategy: ``"ddp"`` (replicated weights, all-reduced gradients) or ``"fsdp"`` (FSDP2:
+            parameters, gradients and optimizer state sharded over the ranks).
+
+    Raises:
+        BrickworkError: FSDP2 cannot shard this model (the message names the module).
+    """
+
+    plain: nn.Module  # the model as built: full weights (after gather() under FSDP2)
+    engine: nn.Module  # what the step runs: DDP(objective), or the fully_shard-ed objective
+
+    def __init__(self, model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp") -> None:
+        super().__init__()
+        self.ctx, self.strategy = ctx, strategy
+        object.__setattr__(self, "plain", model)  # not a submodule: state dicts stay the engine's
+        if strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = _Objective(model)
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            engine: nn.Module = DistributedDataParallel(
+                self.objective, device_ids=device_ids, process_group=ctx.group, find_unused_parameters=True
+            )
+        elif strategy == "fsdp":
+            self.objective = _Objective(copy.deepcopy(model))
+            engine = _fully_shard(self.objective, ctx)
+        else:
+            raise BrickworkError(f"data_parallel: {strategy!r} is not a strategy; expected 'ddp' or 'fsdp'")
+        object.__setattr__(self, "engine", engine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.objective.predict(x)
+
+    def training_loss(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        """The step's loss through the engine (gradients synchronised in backward)."""
+        self.objective.loss_fn = loss_fn
+        return self.engine(x, y)
+
+    def reshard(self) -> None:
+        """Put FSDP2's sharded parameters back in place (no-op for DDP).
+
+        A forward without a backward (evaluation through :meth:`forward`) leaves the root unit
+        unsharded, its module holding plain tensors instead of the DTensors the optimizer steps;
+        the state-dict functions need the sharded ones.
+        """
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.objective.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+    def gather(self) -> nn.Module:
+        """Bring the full trained weights into :attr:`plain` (a collective for FSDP2); returns it."""
+        self.reshard()
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True))
+            self.plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+        return self.plain
+
+    def scatter(self) -> None:
+        """Shard :attr:`plain`'s weights into the engine (after a load; no-op for DDP)."""
+        self.reshard()
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = {f"model.{k}": v for k, v in self.plain.state_dict().items()}
+            set_model_state_dict(self.objective, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _fully_shard(objective: _Objective, ctx: DistContext) -> nn.Module:
+    """FSDP2 over a 1-D mesh: each body layer of a stack model a unit, then the root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from brickwork.nn.nested import NestedModel
+
+    nested = next((m for m in objective.model.modules() if isinstance(m, NestedModel)), None)
+    if nested is not None:
+        raise BrickworkError(
+            f"data_parallel: fsdp: FSDP2 cannot shard {type(objective.model).__name__}: its NestedModel"
+            " backpropagates each sampled sub-network inside training_loss (SortedNet gradient"
+            " accumulation), and FSDP2 reshards the weights after every backward; use data_parallel: ddp"
+        )
+    mesh = ctx.mesh((ctx.world_size,), ("dp",))
+    body = getattr(objective.model, "body", None)
+    layers = [m for m in body.modules() if _is_layer(m, body)] if isinstance(body, nn.Module) else []
+    try:
+        for layer in layers:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(objective, mesh=mesh)
+    except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BrickworkError(
+            f"data_parallel: fsdp: FSDP2 cannot shard {type(objective.model).__name__} ({first});"
+            " use data_parallel: ddp"
+        ) from None
+    register_fsdp_forward_method(objective, "predict")
+    return objective
+
+
+def _is_layer(m: nn.Module, body: nn.Module) -> bool:
+    """A layer of a stack's body: a direct child, or an item of a ModuleList child."""
+    if isinstance(m, nn.ModuleList):
+        return False
+    return any(m is c for c in body.children()) or any(
+        isinstance(c, nn.ModuleList) and any(m is i for i in c) for c in body.children()
+    )
+
+
+def wrap(model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp") -> nn.Module:
+    """``model`` itself for a single process, else a :class:`DataParallel` around it."""
+    return DataParallel(model, ctx, strategy) if ctx.active else model
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The plain model behind a wrapper (the model itself when it is not wrapped)."""
+    return model.plain if isinstance(model, DataParallel) else model
+
+
+def gathered(model: nn.Module) -> nn.Module:
+    """The plain model with the full current weights (gathers FSDP2 shards; a collective)."""
+    return model.gather() if isinstance(model, DataParallel) else model
+
+
+def context_of(model: nn.Module) -> DistContext:
+    """The context a wrapped model trains in; a single process for a plain model."""
+    return model.ctx if isinstance(model, DataParallel) else DistContext()
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """The full state dict of the plain model (gathered first under FSDP2; every rank gets it)."""
+    return gathered(model).state_dict()
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a full state dict into the plain model, then into the engine's shards (FSDP2)."""
+    plain_module(model).load_state_dict(state)
+    if isinstance(model, DataParallel):
+        model.scatter()
+
+
+def _fqns(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's id order (ids count through the param groups)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with full tensors and integer ids (gathered under FSDP2)."""
+    if not (isinstance(model, DataParallel) and model.strategy == "fsdp"):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model.reshard()
+    full: Any = get_optimizer_state_dict(model.objective, optimizer, options=StateDictOptions(full_state_dict=True))
+    pid = {name: i for i, name in enumerate(_fqns(model.objective, optimizer))}
+    groups = [{**g, "params": [pid[n] for n in g["params"]]} for g in full["param_groups"]]
+    return {"state": {pid[n]: st for n, st in full["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state of :func:`optimizer_state`'s format (sharded into FSDP2's optimizer)."""
+    if not (isinstance(model, DataParallel) and model.strategy == "fsdp"):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    model.reshard()
+    for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=False):
+        # plain load_state_dict replaces the groups' settings; the DCP loader wants the same keys
+        mine.update({k: v for k, v in saved.items() if k != "params"})
+    names = _fqns(model.objective, optimizer)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    full: Any = {"state": {names[int(i)]: st for i, st in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model.objective, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+@contextmanager
+def main_writes(model: nn.Module) -> Iterator[bool]:
+    """Yields True on the rank that writes a checkpoint (rank 0); all ranks meet after it."""
+    ctx = context_of(model)
+    yield ctx.is_main
+    barrier(ctx)
