@@ -14,7 +14,9 @@ That is what :func:`check_cacheable` checks before anything is cached, refusing 
   training mode, expert-choice routing (experts pick tokens across the batch), capacity
   limits that drop tokens. Shuffling changes every batch each epoch, so a cached row would be
   what the teacher gave in another batch. Checked by running a probe batch whole, reversed and
-  in halves: every row must come out bit-identical.
+  in halves: every row must come out the same up to float rounding (a dense teacher on the CPU
+  gives bit-identical rows; a top-k MoE teacher groups rows per expert, so its rows may differ
+  in the last bits, and so may the final weights of cached and live training, by rounding only).
 
 In a file: :meth:`TeacherCache.save` writes safetensors + JSON (``persist.save_tensors``),
 bound to the SHA-256 of the teacher's weights, of the training inputs and to the taps; a file
@@ -60,6 +62,12 @@ def _tapped(teacher: nn.Module, taps: Sequence[Tap], x: Tensor) -> dict[Tap, Ten
     return {tap: rec.values[tap] for tap in taps}
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal up to float rounding: a routed layer groups rows per expert, so its sums may round
+    differently in another batch; a real dependence (expert choice) moves outputs far more."""
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def check_cacheable(teacher: nn.Module, taps: Sequence[Tap], probe: Tensor, *, augmented: bool = False) -> None:
     """Refuse caching where it would change training (see the module docstring).
 
@@ -87,7 +95,7 @@ def check_cacheable(teacher: nn.Module, taps: Sequence[Tap], probe: Tensor, *, a
     first, second = _tapped(teacher, taps, probe[:half]), _tapped(teacher, taps, probe[half:])
     for tap in taps:
         halves = torch.cat([first[tap], second[tap]])
-        if not (torch.equal(whole[tap], flipped[tap].flip(0)) and torch.equal(whole[tap], halves)):
+        if not (_same(whole[tap], flipped[tap].flip(0)) and _same(whole[tap], halves)):
             raise BrickworkError(
                 f"teacher cache: the teacher's {tap} for a sample depends on the other samples in its batch "
                 "(batch statistics, expert-choice routing or a capacity limit), and shuffling changes the "
