@@ -28,7 +28,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
-from brickwork.errors import BrickworkError
+from brickwork.errors import BrickworkError, ConfigError
 from brickwork.registry import REGISTRY, RegistryName
 from brickwork.train.distill.losses import LOGIT_TERMS, PairLoss, check_same_space
 from brickwork.train.distill.taps import Tap, TapIO, TapRecorder, adapter, module_at
@@ -62,7 +62,10 @@ class Term:
     adapter: bool = False
 
     def __post_init__(self) -> None:
-        self.build()  # arguments are checked against the loss's typed signature at validation time
+        try:
+            self.build()  # the name and the arguments are checked against the loss's signature at validation
+        except ConfigError as e:  # a ValueError gets the key path from pydantic
+            raise ValueError(str(e)) from None
 
     def build(self) -> PairLoss:
         """The loss function with its arguments (checked strictly: unknown keys, wrong types, ranges)."""
