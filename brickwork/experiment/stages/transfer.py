@@ -55,6 +55,7 @@ def transfer_stage(
     temperature: Annotated[float, Field(gt=0)] = 1.0,
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5,
     keep: TransferMethod | None = None,
+    cache: bool = True,
     split: SplitName = "test",
     settings: Annotated[TrainSettings, Flatten] = DEFAULT_TRAINING,
 ) -> None:
@@ -68,6 +69,8 @@ def transfer_stage(
         alpha: weight of the KL in ``xekl`` (cross-entropy ``1 - alpha``).
         keep: continue as the student of this method (one of ``methods``); None keeps the
             pretrained student.
+        cache: run the frozen teacher (and the student's initial self) once over the training
+            inputs rather than at every step (the same training up to float rounding).
         split: where flips and accuracies are measured.
         settings: the transfer's training (:class:`~brickwork.train.recipe.TrainSettings`,
             flat keys: epochs, lr, optimizer, ...); ``loss`` is the validation loss.
@@ -104,6 +107,7 @@ def transfer_stage(
             seed=ctx.seed,
             temperature=temperature,
             alpha=alpha,
+            cache=cache,
             device=ctx.device,
             state_path=ctx.stage_path(f"transfer-{method}"),
             progress=ctx.progress,

@@ -40,8 +40,9 @@ from torch import Tensor, nn
 from brickwork.data.base import Split
 from brickwork.errors import BrickworkError
 from brickwork.registry import register
+from brickwork.train.distill.cache import build_cache
 from brickwork.train.distill.losses import PairLoss, check_same_space, kd_divergence
-from brickwork.train.distill.objective import Distiller, Term
+from brickwork.train.distill.objective import Distiller, Term, teacher_taps
 from brickwork.train.distill.taps import frozen_teacher
 from brickwork.train.recipe import TrainSettings, train_with
 
@@ -175,6 +176,7 @@ def transfer(
     seed: int,
     temperature: float = 1.0,
     alpha: float = 0.5,
+    cache: bool = True,
     device: str = "cpu",
     state_path: Path | None = None,
     progress: bool | None = None,
@@ -186,7 +188,9 @@ def transfer(
     any step. Training is the ordinary loop (:func:`~brickwork.train.recipe.train_with`) on a
     :class:`~brickwork.train.distill.objective.Distiller`, so batch order, schedules, resume and
     the non-finite policy are those of every ``train`` stage; ``settings.loss`` is the
-    validation loss only.
+    validation loss only. With ``cache`` the frozen teacher (and initial self) run once over the
+    training inputs (:func:`~brickwork.train.distill.cache.build_cache`; refused where that would
+    change training) instead of at every step.
 
     Returns:
         The per-epoch history of the loop.
@@ -197,7 +201,8 @@ def transfer(
     terms = transfer_terms(method, temperature, alpha)
     source: nn.Module = frozen_teacher(teacher)
     if method in ("kl_dp", "kl_dp_unsup"):
-        source = TeacherAndSelf(teacher, copy.deepcopy(student))
-    distiller = Distiller(student, source, terms, train.y.to(device), probe=train.x[:8].to(device))
+        source = frozen_teacher(TeacherAndSelf(teacher, copy.deepcopy(student)))  # the pair in eval mode too
+    cached = build_cache(source, teacher_taps(terms), train.x, device=device) if cache else None
+    distiller = Distiller(student, source, terms, train.y.to(device), probe=train.x[:8].to(device), cache=cached)
     rows = Split(train.x, torch.arange(len(train)))
     return train_with(distiller, rows, val, settings, **fit)
