@@ -17,6 +17,7 @@ The measures are :mod:`brickwork.analysis.embedding_eval`'s; the stage only call
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import numpy as np
@@ -57,6 +58,7 @@ def encoder_quality(
     split: SplitName = "test",
     samples: Annotated[int, Field(ge=10)] = 1000,
     batch_size: Annotated[int, Field(ge=1)] = 64,
+    wordsim: bool = True,
 ) -> None:
     """Measure this variant's sentence embeddings against the pretrained ``reference`` (one report row ``label``).
 
@@ -66,35 +68,35 @@ def encoder_quality(
         split: the held-out split of token ids measured on.
         samples: at most this many sentences of ``split``.
         batch_size: encoding batch size.
+        wordsim: also measure WordSim-353 (437 words through the encoder).
     """
     if ctx.data.task != "classify" or ctx.data.train.x.dtype.is_floating_point:
         raise BrickworkError(f"encoder_quality: data {ctx.data.name!r} is not a labelled set of token ids")
     ref = frozen_teacher(REGISTRY.get("model", reference, path="encoder_quality.reference").obj().to(ctx.device))
     data = getattr(ctx.data, split)
     x, y = data.x[:samples].to(ctx.device), data.y[:samples].cpu().numpy()
-    pairs = wordsim353()
-    words = sorted({w for a, b, _ in pairs for w in (a, b)})
-    index = {w: i for i, w in enumerate(words)}
-    word_ids = Tokenizer(x.shape[1])(words).to(ctx.device)
     emb = encoder_outputs(ctx.model, x, batch_size).cpu()
-    word_emb = encoder_outputs(ctx.model, word_ids, batch_size).cpu()
-    pair_idx = np.array([(index[a], index[b]) for a, b, _ in pairs])
-    human = np.array([s for _, _, s in pairs])
     acc, acc_std = probe_accuracy(emb, y)
     row: dict[str, Any] = {
         "label": label,
         "fidelity": fidelity(encoder_outputs(ref, x, batch_size).cpu(), emb),
         "accuracy": acc,
         "accuracy_std": acc_std,
-        "wordsim": wordsim_spearman(word_emb, pair_idx, human),
         **module_flops(ctx.model, input_batches(x, batch_size, padded=True, limit=256)),
     }
-    key = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+    pairs = wordsim353() if wordsim else []
+    if pairs:
+        words = sorted({w for a, b, _ in pairs for w in (a, b)})
+        index = {w: i for i, w in enumerate(words)}
+        word_emb = encoder_outputs(ctx.model, Tokenizer(x.shape[1])(words).to(ctx.device), batch_size).cpu()
+        pair_idx = np.array([(index[a], index[b]) for a, b, _ in pairs])
+        row["wordsim"] = wordsim_spearman(word_emb, pair_idx, np.array([s for _, _, s in pairs]))
+    key = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")  # "MoE student (k=4)" -> moe_student_k_4
     ctx.metrics.update({f"quality_{key}_{k}": v for k, v in row.items() if k not in ("label", "accuracy_std")})
     ctx.report.extend(
         [
             f"### Encoder quality: {label}",
-            f"{len(x)} {split} sentences (never trained on) and {len(pairs)} WordSim-353 pairs; fidelity is "
+            f"{len(x)} {split} sentences (never trained on), {len(pairs)} WordSim-353 pairs; fidelity is "
             f"the mean cosine to pretrained {reference}; the probe's ± is the spread over 5 folds.",
             table([row], _COLUMNS),
         ]
