@@ -3,7 +3,8 @@
 For each case (a teacher and a student of the fashion-mnist experiment's kind, random inputs of
 its shape: time does not depend on the values), this times side by side in one process
 (rotating order, warm-up, median of per-round ratios, rounds disturbed by other processes
-dropped where possible), each candidate doing ``steps`` optimisation steps:
+dropped where possible; ``--clock cpu`` times this process's CPU time instead of the wall clock,
+for a machine shared with other work), each candidate doing ``steps`` optimisation steps:
 
 * distill: brickwork's step, ``train.train_step`` on a :class:`~brickwork.train.distill.Distiller`
   (logit KD, live teacher): taps by forward hooks, the weighted term sum, the loop's hooks;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 from collections.abc import Callable
 
 import torch
@@ -46,7 +48,9 @@ CASES: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
 BATCH = {name: 64 if "batch 64" in name else 256 for name in CASES}
 
 
-def bench_case(name: str, steps: int, repeats: int, max_foreign: float) -> dict[str, float]:
+def bench_case(
+    name: str, steps: int, repeats: int, max_foreign: float | None, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     torch.manual_seed(0)
     teacher, student = CASES[name]()
     teacher = frozen_teacher(teacher)
@@ -105,6 +109,7 @@ def bench_case(name: str, steps: int, repeats: int, max_foreign: float) -> dict[
         repeats=repeats,
         warmup=1,
         max_foreign=max_foreign,
+        clock=clock,
     )
     return {
         "distill_vs_hand": paired_ratio(samples["distill"], samples["hand"], max_foreign),
@@ -122,19 +127,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-foreign", type=float, default=0.5, help="drop rounds where other processes used more CPU")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (on a shared machine, where other "
+        "processes take the cores, it times the work itself; meaningful with --threads 1)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = tune_glibc_malloc()
     print(f"machine: {describe_machine(malloc)}")
-    print(f"{args.steps} steps per call, median of {args.repeats} interleaved rounds after warm-up")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"{args.steps} steps per call, median of {args.repeats} interleaved rounds after warm-up, {args.clock} clock")
     print(
         "| case | distill / hand-written KD | cached / live teacher | 1 - teacher share "
         "| distill ms/step | clean rounds |"
     )
     print("|---|---|---|---|---|---|")
     for name in args.cases:
-        r = bench_case(name, args.steps, args.repeats, args.max_foreign)
+        # the CPU clock already leaves out time other processes took; the contention filter is for the wall clock
+        foreign = args.max_foreign if args.clock == "wall" else None
+        r = bench_case(name, args.steps, args.repeats, foreign, clock)
         print(
             f"| {name} | {r['distill_vs_hand']:.3f} | {r['cached_vs_live']:.3f} | {1 - r['teacher_share']:.3f} "
             f"| {r['distill_ms']:.2f} | {r['clean']} |",

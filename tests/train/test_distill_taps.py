@@ -47,6 +47,12 @@ def test_taps_by_path_equal_the_stack_taps_on_every_reference_model(name: str) -
     assert torch.equal(rec.values[Tap("body.layers.0", "input")], h0)
     assert torch.equal(rec.values[Tap("body.layers.1")], h1)
     assert torch.equal(rec.values[Tap("head", "input")], last)
+    # one pass through run(): the same tensors (the model's output read from the return value)
+    before = dict(rec.values)
+    with torch.no_grad():
+        ran = rec.run(x)
+    assert ran.keys() == set(taps) and all(torch.equal(ran[t], before[t]) for t in taps)
+    rec.values.update(before)
     # hooks are gone after the block: the next pass records nothing
     rec.values.clear()
     with torch.no_grad():

@@ -57,9 +57,8 @@ def model_digest(model: nn.Module) -> str:
 
 @torch.no_grad()
 def _tapped(teacher: nn.Module, taps: Sequence[Tap], x: Tensor) -> dict[Tap, Tensor]:
-    with TapRecorder(teacher, taps, where="teacher cache") as rec:
-        teacher(x)
-    return {tap: rec.values[tap] for tap in taps}
+    values = TapRecorder(teacher, taps, where="teacher cache").run(x)
+    return {tap: values[tap] for tap in taps}
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -135,6 +135,10 @@ class Distiller(nn.Module):
             module_at(student, t.student, where=f"losses.{name}.student")
             if teacher is not None and t.loss != "labels":
                 module_at(teacher, t.teacher, where=f"losses.{name}.teacher")
+        # Paths resolved once: each step only registers and removes the hooks.
+        self._student_rec = TapRecorder(student, self.student_taps)
+        self._teacher_rec = TapRecorder(teacher, self.teacher_taps) if teacher is not None else None
+        self._plan = [(n, t.weight, self.losses[n], t.student_tap, t.teacher_tap) for n, t in self.terms.items()]
         self.adapters = nn.ModuleDict()
         self._check_shapes(probe)
 
@@ -149,24 +153,22 @@ class Distiller(nn.Module):
         """The teacher's tapped tensors for inputs ``x`` (B, ...): from the cache by ``rows``, or live."""
         if self.cache is not None and rows is not None:
             return self.cache.lookup(rows)
-        teacher = self.teacher
-        if teacher is None:
+        teacher, rec = self.teacher, self._teacher_rec
+        if teacher is None or rec is None:
             raise BrickworkError("distill: the teacher cache needs row indices and there is no live teacher")
-        with torch.no_grad(), TapRecorder(teacher, self.teacher_taps) as rec:
-            teacher(x)
-        return rec.values
+        with torch.no_grad():
+            return rec.run(x)
 
     def objective(self, x: Tensor, y: Tensor, teacher: dict[Tap, Tensor]) -> Tensor:
         """The weighted sum of the terms for inputs ``x`` (B, ...) and targets ``y`` (B, ...)."""
-        with TapRecorder(self.student, self.student_taps) as rec:
-            self.student(x)
+        values = self._student_rec.run(x)
         total: Tensor | None = None
-        for name, term in self.terms.items():
-            s = rec.values[term.student_tap]
+        for name, weight, fn, student_tap, teacher_tap in self._plan:
+            s = values[student_tap]
             if name in self.adapters:
                 s = self.adapters[name](s)
-            t = teacher.get(term.teacher_tap, s)  # the labels term reads no teacher tensor
-            value = term.weight * self.losses[name](s, t, y)
+            t = teacher.get(teacher_tap, s)  # the labels term reads no teacher tensor
+            value = weight * fn(s, t, y)
             total = value if total is None else total + value
         assert total is not None  # terms are never empty (checked in __init__)
         return total
@@ -187,8 +189,7 @@ class Distiller(nn.Module):
         was = self.student.training
         self.student.eval()  # the probe must not move batch-norm statistics
         try:
-            with TapRecorder(self.student, self.student_taps) as rec:
-                self.student(probe)
+            values = self._student_rec.run(probe)
         finally:
             self.student.train(was)
         rows = torch.arange(len(probe)) if self.cache is not None else None
@@ -196,7 +197,7 @@ class Distiller(nn.Module):
         for name, term in self.terms.items():
             if term.loss == "labels":
                 continue
-            s, t = rec.values[term.student_tap], teacher[term.teacher_tap]
+            s, t = values[term.student_tap], teacher[term.teacher_tap]
             where = f"losses.{name}: student {term.student_tap} {tuple(s.shape)}, teacher {term.teacher_tap}"
             if term.loss in LOGIT_TERMS:
                 if term.adapter:

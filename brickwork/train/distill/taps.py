@@ -40,6 +40,10 @@ class Tap:
         return f"{self.path or '<model>'}:{self.io}"
 
 
+#: The tap of a model's own output (its logits).
+MODEL_OUTPUT = Tap()
+
+
 def module_at(model: nn.Module, path: str, *, where: str = "tap") -> nn.Module:
     """The submodule of ``model`` at ``path`` (``""``: ``model`` itself).
 
@@ -84,15 +88,38 @@ class TapRecorder:
 
     def __init__(self, model: nn.Module, taps: Iterable[Tap], *, where: str = "tap") -> None:
         self.values: dict[Tap, Tensor] = {}
+        self.model = model
         self._targets = [(tap, module_at(model, tap.path, where=where)) for tap in dict.fromkeys(taps)]
         self._handles: list[RemovableHandle] = []
+        # The model's own output needs no hook when the pass goes through :meth:`run`.
+        self._output = any(tap == MODEL_OUTPUT for tap, _ in self._targets)
+        self._hooked = [(tap, m) for tap, m in self._targets if tap != MODEL_OUTPUT]
+
+    def run(self, *inputs: Any) -> dict[Tap, Tensor]:
+        """One forward pass of the model with the hooks on; the tapped tensors (a new dict).
+
+        The model's output tap is read from the return value, not from a hook (logit KD then
+        costs no hook at all).
+        """
+        self.values = {}
+        handles = [self._register(tap, m) for tap, m in self._hooked]
+        try:
+            out = self.model(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if self._output:
+            self.values[MODEL_OUTPUT] = _first_tensor(out)
+        values, self.values = self.values, {}
+        return values
+
+    def _register(self, tap: Tap, module: nn.Module) -> RemovableHandle:
+        if tap.io == "input":
+            return module.register_forward_pre_hook(self._pre(tap))
+        return module.register_forward_hook(self._post(tap))
 
     def __enter__(self) -> TapRecorder:
-        for tap, module in self._targets:
-            if tap.io == "input":
-                self._handles.append(module.register_forward_pre_hook(self._pre(tap)))
-            else:
-                self._handles.append(module.register_forward_hook(self._post(tap)))
+        self._handles = [self._register(tap, module) for tap, module in self._targets]
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
