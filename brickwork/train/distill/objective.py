@@ -168,7 +168,7 @@ class Distiller(nn.Module):
             if name in self.adapters:
                 s = self.adapters[name](s)
             t = teacher.get(teacher_tap, s)  # the labels term reads no teacher tensor
-            value = weight * fn(s, t, y)
+            value = fn(s, t, y) if weight == 1.0 else weight * fn(s, t, y)
             total = value if total is None else total + value
         assert total is not None  # terms are never empty (checked in __init__)
         return total
