@@ -1,6 +1,6 @@
 """One generic registry: every named thing a config or the CLI can refer to.
 
-Kinds in use: ``brick``, ``model``, ``dataset``, ``router``, ``loss``, ``optimizer``,
+Kinds in use: ``brick``, ``model``, ``dataset``, ``router``, ``loss``, ``distill_loss``, ``optimizer``,
 ``op`` and ``stage``. An entry is a callable with a typed signature; its arguments are
 what a config may set. Registering never executes user code: a config only names entries.
 
@@ -31,7 +31,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from brickwork.errors import ConfigError
 
-KINDS = ("brick", "model", "dataset", "router", "loss", "optimizer", "op", "stage")
+KINDS = ("brick", "model", "dataset", "router", "loss", "distill_loss", "optimizer", "op", "stage")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

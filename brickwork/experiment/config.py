@@ -22,6 +22,7 @@ expected and the closest valid names. Nothing in a config is ever executed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -377,4 +378,6 @@ def _plain(obj: Any) -> Any:
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a typed argument (a distill term)
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     return obj
