@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brickwork.analysis.compute import FlopMeter
@@ -50,6 +49,7 @@ from brickwork.nn.meta import MetaHybrid, ModuleDistillation, Piece
 from brickwork.nn.modes import evaluating
 from brickwork.nn.stack import Stack, StackModel
 from brickwork.ops.stitch import StitchLayer
+from brickwork.train.distill.losses import kd_divergence
 from brickwork.train.loop import evaluate
 from brickwork.train.losses import build_loss
 from brickwork.train.recipe import TrainSettings, train_with
@@ -325,12 +325,10 @@ def epochs_for_budget(model: nn.Module, train: Split, settings: TrainSettings, b
 
 def logit_kd(temperature: float) -> Callable[[Tensor, Tensor], Tensor]:
     """Hinton et al.'s soft-target term ``tau^2 * KL(p_teacher || p_student)``, batch mean over every
-    row of (B, K) or (B, T, K) logits (``torch.nn.functional``, until the distillation losses land)."""
+    row of (B, K) or (B, T, K) logits: :func:`brickwork.train.distill.losses.kd_divergence`."""
 
     def kd(student: Tensor, teacher: Tensor) -> Tensor:
-        s = F.log_softmax(student.flatten(0, -2) / temperature, dim=-1)
-        t = F.log_softmax(teacher.flatten(0, -2) / temperature, dim=-1)
-        return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+        return kd_divergence(student, teacher, temperature)
 
     return kd
 
