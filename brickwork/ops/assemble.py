@@ -163,6 +163,12 @@ def boundaries(pieces: Sequence[Piece], x: Tensor) -> list[tuple[int, ...]]:
     return out
 
 
+#: What a width mismatch message suggests where stitch layers may be used.
+ADAPTER_HINT = "set adapters: true for learned stitch layers (m2mKD) or match the widths"
+#: ... and where they may not: the modules that go into the final model as they are, and m2mKD's teachers.
+SAME_WIDTH_HINT = "this module must fit the meta model as it is: give a meta model of its widths"
+
+
 def fit_module(
     module: Piece,
     slot: int,
@@ -171,6 +177,7 @@ def fit_module(
     *,
     adapters: bool,
     what: str,
+    hint: str = ADAPTER_HINT,
 ) -> Piece:
     """``module`` ready for position ``slot`` of the meta model: itself when the shapes at its ends
     match the meta model's, else wrapped in linear stitch layers (m2mKD's ``pre_stitch`` /
@@ -184,6 +191,7 @@ def fit_module(
             module, which takes the raw input) and the shape it hands on.
         adapters: whether stitch layers may be inserted.
         what: names the module in messages (``student module 1 (body layers 2-3)``).
+        hint: what the message suggests when the widths differ and ``adapters`` is off.
 
     Raises:
         AssembleError: a shape differs at an end and ``adapters`` is off, or it differs in more
@@ -202,7 +210,7 @@ def fit_module(
         if _others(given) != _others(wanted) or (k == 1 and last):
             raise AssembleError(f"{problem}; they differ in more than the feature size, which no stitch layer mends")
         if not adapters:
-            raise AssembleError(f"{problem}; set adapters: true for learned stitch layers (m2mKD) or match the widths")
+            raise AssembleError(f"{problem}; {hint}")
         stitch[k] = StitchLayer(_features(given), _features(wanted))
     pre, post = stitch
     if pre is None and post is None:
@@ -229,11 +237,12 @@ def module_shapes(
 
 
 def fitted_modules(
-    model: StackModel, meta: StackModel, modules: int, probe: Tensor, *, adapters: bool, role: str
+    model: StackModel, meta: StackModel, modules: int, probe: Tensor, *, adapters: bool | None, role: str
 ) -> tuple[list[Piece], list[Piece]]:
     """``model``'s ``modules`` modules (copies) and each made ready for its position of ``meta``
     (:func:`fit_module`: itself, or wrapped in stitch layers sharing its layers), all checked on the
-    input batch ``probe`` before anything trains.
+    input batch ``probe`` before anything trains. ``adapters=None``: stitch layers are not an option
+    for these modules (a target's, a teacher's), and a width mismatch says so.
 
     Raises:
         AssembleError: ``modules`` above either depth, or a module that does not fit its position.
@@ -244,7 +253,13 @@ def fitted_modules(
     pieces = split_model(model, modules)
     slots = [
         fit_module(
-            p, i, meta_shapes, own[i], adapters=adapters, what=f"{role} module {i} (body layers {r.start}-{r.stop - 1})"
+            p,
+            i,
+            meta_shapes,
+            own[i],
+            adapters=bool(adapters),
+            what=f"{role} module {i} (body layers {r.start}-{r.stop - 1})",
+            hint=ADAPTER_HINT if adapters is not None else SAME_WIDTH_HINT,
         )
         for i, (p, r) in enumerate(zip(pieces, ranges, strict=True))
     ]
@@ -416,7 +431,7 @@ def deep_model_assembling(
     """
     probe = trainer.train.x[:2].to(trainer.device)
     pieces, _ = fitted_modules(
-        target, meta, modules, probe, adapters=False, role="target"
+        target, meta, modules, probe, adapters=None, role="target"
     )  # checked before any training
     meta = copy.deepcopy(meta)
     phases = [] if meta_trained else [pretrain_meta(meta, modules, trainer, settings, meta_epochs)]
@@ -458,7 +473,7 @@ def module_to_module_kd(
             student without ``adapters``, or a teacher).
     """
     probe = trainer.train.x[:2].to(trainer.device)
-    t_pieces, _ = fitted_modules(teacher, meta, modules, probe, adapters=False, role="teacher")
+    t_pieces, _ = fitted_modules(teacher, meta, modules, probe, adapters=None, role="teacher")
     s_pieces, s_slots = fitted_modules(student, meta, modules, probe, adapters=adapters, role="student")
     meta = copy.deepcopy(meta)
     phases = [] if meta_trained else [pretrain_meta(meta, modules, trainer, settings, meta_epochs)]

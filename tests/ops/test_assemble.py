@@ -22,6 +22,7 @@ from brickwork.ops.assemble import (
     boundaries,
     divide,
     fit_module,
+    fitted_modules,
     logit_kd,
     meta_hybrid,
     module_shapes,
@@ -178,6 +179,11 @@ def test_a_student_of_another_width_needs_an_adapter():
     out = meta_hybrid(split_model(meta, 2), 1, adapted)(x)
     assert out.shape == (2, 6, 9)
     assert adapted.body.layers[1] is second.body.layers[0]  # the stitch layers wrap the student's own layers
+    # a teacher (or a target) must fit as it is: no stitch layers are offered
+    wide_teacher = transformer_lm((6,), 9, dim=12, depth=2, heads=2)
+    msg = r"^teacher module 0 \(body layers 0-0\) hands on per-sample shape \(6, 12\) .* meta model of its widths$"
+    with pytest.raises(AssembleError, match=msg):
+        fitted_modules(wide_teacher, meta, 2, x, adapters=None, role="teacher")
     # a teacher of the meta model's width fits as it is
     teacher = transformer_lm((6,), 9, dim=8, depth=4, heads=2)
     t_piece = split_model(teacher, 2)[1]
