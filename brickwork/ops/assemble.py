@@ -401,11 +401,15 @@ class Assembled:
         return sum(p.flops for p in self.phases)
 
 
+#: The name of the meta model's pre-training phase.
+PRETRAIN = "meta model (PT)"
+
+
 def pretrain_meta(meta: StackModel, modules: int, trainer: Trainer, settings: TrainSettings, epochs: int) -> Phase:
     """Train the meta model end to end (Deep-Incubation's PT phase); ``meta`` must have ``modules`` layers
     or more (it is divided like the target)."""
     divide(len(meta.body), modules, "meta model")
-    return trainer.run("meta model (PT)", meta, settings, epochs)
+    return trainer.run(PRETRAIN, meta, settings, epochs)
 
 
 def deep_model_assembling(
@@ -420,8 +424,9 @@ def deep_model_assembling(
     finetune_epochs: int,
     meta_trained: bool = False,
 ) -> Assembled:
-    """Deep Model Assembling: pre-train ``meta`` (unless ``meta_trained``), train each of ``target``'s
-    ``modules`` modules in its position of the meta model on the task loss, assemble, fine-tune.
+    """Deep Model Assembling: pre-train ``meta`` (unless ``meta_trained`` or ``meta_epochs`` is 0), train
+    each of ``target``'s ``modules`` modules in its position of the meta model on the task loss,
+    assemble, fine-tune.
 
     Copies: ``target`` and ``meta`` are not changed (the meta model is trained on a copy).
 
@@ -434,7 +439,8 @@ def deep_model_assembling(
         target, meta, modules, probe, adapters=None, role="target"
     )  # checked before any training
     meta = copy.deepcopy(meta)
-    phases = [] if meta_trained else [pretrain_meta(meta, modules, trainer, settings, meta_epochs)]
+    pretrain = not meta_trained and meta_epochs > 0
+    phases = [pretrain_meta(meta, modules, trainer, settings, meta_epochs)] if pretrain else []
     meta_pieces = split_model(meta, modules, "meta model")
     for i, piece in enumerate(pieces):
         phases.append(trainer.run(f"module {i} (MT)", meta_hybrid(meta_pieces, i, piece), settings, module_epochs))
@@ -476,7 +482,8 @@ def module_to_module_kd(
     t_pieces, _ = fitted_modules(teacher, meta, modules, probe, adapters=None, role="teacher")
     s_pieces, s_slots = fitted_modules(student, meta, modules, probe, adapters=adapters, role="student")
     meta = copy.deepcopy(meta)
-    phases = [] if meta_trained else [pretrain_meta(meta, modules, trainer, settings, meta_epochs)]
+    pretrain = not meta_trained and meta_epochs > 0
+    phases = [pretrain_meta(meta, modules, trainer, settings, meta_epochs)] if pretrain else []
     meta_pieces = split_model(meta, modules, "meta model")
     kd = logit_kd(temperature)
     for i, (t, slot) in enumerate(zip(t_pieces, s_slots, strict=True)):
@@ -492,9 +499,8 @@ def module_to_module_kd(
 def plain_kd(teacher: StackModel, student: StackModel, alpha: float, temperature: float) -> ModuleDistillation:
     """Logit KD of a whole student from a whole teacher: the one-module case of m2mKD's objective
     (no meta model around the pair). Trains ``student`` in place; the teacher is copied and frozen."""
-    empty = Piece([])
     return ModuleDistillation(
-        MetaHybrid(empty, _whole(student), Piece([])), _whole(copy.deepcopy(teacher)), logit_kd(temperature), alpha
+        MetaHybrid(Piece([]), _whole(student), Piece([])), _whole(copy.deepcopy(teacher)), logit_kd(temperature), alpha
     )
 
 

@@ -18,8 +18,10 @@ from brickwork.nn.meta import ModuleDistillation
 from brickwork.nn.routing import MoESettings
 from brickwork.ops.assemble import (
     AssembleError,
+    Trainer,
     assemble,
     boundaries,
+    deep_model_assembling,
     divide,
     fit_module,
     fitted_modules,
@@ -197,3 +199,16 @@ def test_assemble_refuses_pieces_out_of_order():
     pieces = split_model(mlp((4,), 2, width=4, depth=2), 2)
     with pytest.raises(AssembleError, match="piece 0 of 2 has no stem and a head"):
         assemble(list(reversed(copy.deepcopy(pieces))))
+
+
+def test_deep_model_assembling_copies_and_counts_every_phase():
+    target, meta = _mlp_pair(1, depth=4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    data = Split(torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 4, (16,)))
+    trainer = Trainer(data, Split(data.x[:0], data.y[:0]), seed=0)
+    settings = TrainSettings(epochs=1, batch_size=8)
+    out = deep_model_assembling(target, meta, 2, trainer, settings, meta_epochs=0, module_epochs=1, finetune_epochs=1)
+    assert [p.name for p in out.phases] == ["module 0 (MT)", "module 1 (MT)", "assembled (FT)"]  # no PT at 0 epochs
+    assert out.train_flops == sum(p.flops for p in out.phases) > 0
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # the target is not changed
+    assert any(not torch.equal(v, before[k]) for k, v in out.model.state_dict().items())

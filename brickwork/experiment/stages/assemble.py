@@ -30,6 +30,7 @@ from brickwork.experiment.report import stage_plot_stem
 from brickwork.models.nested import ModelSpec
 from brickwork.nn.stack import StackModel, stack_of
 from brickwork.ops.assemble import (
+    PRETRAIN,
     Phase,
     Trainer,
     deep_model_assembling,
@@ -190,7 +191,8 @@ def assemble_stage(
         e2e = _baseline(ctx, trainer, initial, settings, result.train_flops, "end-to-end", epochs=baseline_epochs)
         points.append(_point(ctx, initial, f"end-to-end ({len(e2e.history)} epochs)", split, e2e.flops))
         ctx.metrics.update(assemble_e2e_accuracy=points[1]["accuracy"], assemble_e2e_train_flops=e2e.flops)
-    points.append(_point(ctx, result.meta, "meta model", split, result.phases[0].flops if meta_epochs else None))
+    pt = [p.flops for p in result.phases if p.name == PRETRAIN]
+    points.append(_point(ctx, result.meta, "meta model", split, pt[0] if pt else None))
     ctx.model = result.model
     ctx.structure.append({"op": "assemble", "modules": modules})
     ctx.metrics.update(
