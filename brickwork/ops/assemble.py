@@ -412,6 +412,32 @@ def pretrain_meta(meta: StackModel, modules: int, trainer: Trainer, settings: Tr
     return trainer.run(PRETRAIN, meta, settings, epochs)
 
 
+def _meta_ready(
+    meta: StackModel, modules: int, trainer: Trainer, settings: TrainSettings, epochs: int, trained: bool
+) -> tuple[StackModel, list[Piece], list[Phase]]:
+    """A copy of ``meta``, pre-trained unless ``trained`` or ``epochs`` is 0; its pieces; the phases run."""
+    meta = copy.deepcopy(meta)
+    phases = [pretrain_meta(meta, modules, trainer, settings, epochs)] if not trained and epochs > 0 else []
+    return meta, split_model(meta, modules, "meta model"), phases
+
+
+def _assembled(
+    pieces: Sequence[Piece],
+    meta: StackModel,
+    phases: list[Phase],
+    trainer: Trainer,
+    settings: TrainSettings,
+    epochs: int,
+    name: str,
+) -> Assembled:
+    """The trained modules assembled, validated once, then trained end to end for ``epochs``."""
+    model = assemble(pieces)
+    incubated = trainer.accuracy(model)
+    if epochs:
+        phases.append(trainer.run(name, model, settings, epochs))
+    return Assembled(model, meta, phases, incubated)
+
+
 def deep_model_assembling(
     target: StackModel,
     meta: StackModel,
@@ -435,20 +461,11 @@ def deep_model_assembling(
             model's at its position.
     """
     probe = trainer.train.x[:2].to(trainer.device)
-    pieces, _ = fitted_modules(
-        target, meta, modules, probe, adapters=None, role="target"
-    )  # checked before any training
-    meta = copy.deepcopy(meta)
-    pretrain = not meta_trained and meta_epochs > 0
-    phases = [pretrain_meta(meta, modules, trainer, settings, meta_epochs)] if pretrain else []
-    meta_pieces = split_model(meta, modules, "meta model")
+    pieces, _ = fitted_modules(target, meta, modules, probe, adapters=None, role="target")  # before any training
+    meta, meta_pieces, phases = _meta_ready(meta, modules, trainer, settings, meta_epochs, meta_trained)
     for i, piece in enumerate(pieces):
         phases.append(trainer.run(f"module {i} (MT)", meta_hybrid(meta_pieces, i, piece), settings, module_epochs))
-    model = assemble(pieces)
-    incubated = trainer.accuracy(model)
-    if finetune_epochs:
-        phases.append(trainer.run("assembled (FT)", model, settings, finetune_epochs))
-    return Assembled(model, meta, phases, incubated)
+    return _assembled(pieces, meta, phases, trainer, settings, finetune_epochs, "assembled (FT)")
 
 
 def module_to_module_kd(
@@ -481,19 +498,13 @@ def module_to_module_kd(
     probe = trainer.train.x[:2].to(trainer.device)
     t_pieces, _ = fitted_modules(teacher, meta, modules, probe, adapters=None, role="teacher")
     s_pieces, s_slots = fitted_modules(student, meta, modules, probe, adapters=adapters, role="student")
-    meta = copy.deepcopy(meta)
-    pretrain = not meta_trained and meta_epochs > 0
-    phases = [pretrain_meta(meta, modules, trainer, settings, meta_epochs)] if pretrain else []
-    meta_pieces = split_model(meta, modules, "meta model")
+    meta, meta_pieces, phases = _meta_ready(meta, modules, trainer, settings, meta_epochs, meta_trained)
     kd = logit_kd(temperature)
     for i, (t, slot) in enumerate(zip(t_pieces, s_slots, strict=True)):
         pair = ModuleDistillation(meta_hybrid(meta_pieces, i, slot), t, kd, alpha)
         phases.append(trainer.run(f"student module {i} (m2mKD)", pair.student, settings, module_epochs, objective=pair))
-    model = assemble(s_pieces)  # the stitch layers stay behind, as in the reference code's default
-    incubated = trainer.accuracy(model)
-    if finetune_epochs:
-        phases.append(trainer.run("assembled student (E2E)", model, settings, finetune_epochs))
-    return Assembled(model, meta, phases, incubated)
+    # the stitch layers stay behind, as in the reference code's default
+    return _assembled(s_pieces, meta, phases, trainer, settings, finetune_epochs, "assembled student (E2E)")
 
 
 def plain_kd(teacher: StackModel, student: StackModel, alpha: float, temperature: float) -> ModuleDistillation:

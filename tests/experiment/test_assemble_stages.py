@@ -76,21 +76,21 @@ def test_resume_past_both_stages_gives_the_same_weights(runs_dir, one_thread, tm
     from brickwork.persist import load_tensors
 
     stages = [
-        {**ASSEMBLE, "baseline": False},
-        {**M2MKD, "baselines": False},
-        {"stage": "train", "epochs": 2, "lr": 0.003, "batch_size": 128},
+        {**ASSEMBLE, "baseline": False, "batch_size": 256},
+        {**M2MKD, "baselines": False, "batch_size": 256},
+        {"stage": "train", "epochs": 2, "lr": 0.003, "batch_size": 256},
     ]
     cfg = config(stages)
     reference = execute(validate(cfg), RunStore(tmp_path / "ref"), progress=False, echo=lambda s: None)
     want, _ = load_tensors(reference.dir / "t" / "model")
 
-    # digits in batches of 128: 10 steps per epoch. assemble: meta 1 + 2 modules + fine-tuning 1 = 40
-    # steps; m2mkd (its meta model reused): 2 modules + 1 = 30; stop inside the last stage's 2nd epoch.
+    # digits in batches of 256: 5 steps per epoch. assemble: meta 1 + 2 modules + fine-tuning 1 = 20
+    # steps; m2mkd (its meta model reused): 2 modules + 1 = 15; stop inside the last stage's 2nd epoch.
     real, calls = loop.train_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 40 + 30 + 15:
+        if calls["n"] > 20 + 15 + 7:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
