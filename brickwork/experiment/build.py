@@ -89,8 +89,15 @@ def _sparsify(model: nn.Module, r: Recipe) -> nn.Module:
     return sparsify_like(model, r["layers"])
 
 
+def _student(model: nn.Module, r: Recipe) -> nn.Module:
+    """m2mKD replaced the model by a student of another spec: build that one."""
+    return build_model(model_spec(r["student"], "m2mkd.student"), r["in_shape"], r["num_classes"])
+
+
 #: How each recorded structural change is replayed on a freshly built model.
 REBUILDERS: dict[str, Callable[[nn.Module, Recipe], nn.Module]] = {"moefy": _moefy, "sparsify": _sparsify}
+REBUILDERS["assemble"] = lambda model, r: model  # Deep Model Assembling keeps the target's structure
+REBUILDERS["m2mkd"] = _student
 
 
 def apply_structure(model: nn.Module, recipes: Sequence[Recipe]) -> nn.Module:

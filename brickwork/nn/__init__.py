@@ -16,6 +16,7 @@ from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, SentenceClassifier, pool
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.masking import PaddingMask
+from brickwork.nn.meta import MetaHybrid, ModuleDistillation, Piece
 from brickwork.nn.mod import DepthRecord, MixtureOfDepths, mod_transformer_block
 from brickwork.nn.modes import evaluating
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
@@ -98,4 +99,7 @@ __all__ = [
     "sparse",
     "stack_of",
     "weighted_aux_loss",
+    "MetaHybrid",
+    "ModuleDistillation",
+    "Piece",
 ]

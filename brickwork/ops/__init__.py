@@ -12,6 +12,8 @@ changed exactly as intended).
 * :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks.
 * :func:`merge`, :func:`merge_files`: merging same-architecture models (linear, task arithmetic, TIES,
   DARE, SLERP, Model Stock, Fisher, RegMean), in memory or streamed over safetensors files.
+* :func:`deep_model_assembling`, :func:`module_to_module_kd`: modules trained one by one inside a
+  shared meta model, then assembled (Deep Model Assembling; m2mKD).
 """
 
 from brickwork.ops.align import (
@@ -19,6 +21,28 @@ from brickwork.ops.align import (
     align,
     repair,
     weight_matching,
+)
+from brickwork.ops.assemble import (
+    Assembled,
+    AssembleError,
+    Phase,
+    Trainer,
+    assemble,
+    boundaries,
+    deep_model_assembling,
+    divide,
+    epochs_for_budget,
+    fit_module,
+    fitted_modules,
+    logit_kd,
+    meta_hybrid,
+    module_shapes,
+    module_to_module_kd,
+    plain_kd,
+    pretrain_meta,
+    split_model,
+    step_flops,
+    train_counted,
 )
 from brickwork.ops.chain import (
     ChainModel,
@@ -93,4 +117,24 @@ __all__ = [
     "stitch",
     "stitched",
     "weight_matching",
+    "AssembleError",
+    "Assembled",
+    "Phase",
+    "Trainer",
+    "assemble",
+    "boundaries",
+    "deep_model_assembling",
+    "divide",
+    "epochs_for_budget",
+    "fit_module",
+    "fitted_modules",
+    "logit_kd",
+    "meta_hybrid",
+    "module_shapes",
+    "module_to_module_kd",
+    "plain_kd",
+    "pretrain_meta",
+    "split_model",
+    "step_flops",
+    "train_counted",
 ]
