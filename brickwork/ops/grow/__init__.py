@@ -1,0 +1,20 @@
+"""Function-preserving growth: wider layers, deeper stacks, more heads, more experts, upcycled MoEs.
+
+Every operation returns a grown **copy** unless told ``in_place=True``, and each has a test over
+randomly generated brick models that the grown model computes the same function in float64
+(within 1e-10; bit-exact where the new weights start at zero).
+"""
+
+from brickwork.ops.grow.depth import deepen, identity_block, residual_ffn_block, zero_output_
+from brickwork.ops.grow.units import WidthMode
+from brickwork.ops.grow.width import widen_ffn, widen_layers
+
+__all__ = [
+    "WidthMode",
+    "deepen",
+    "identity_block",
+    "residual_ffn_block",
+    "widen_ffn",
+    "widen_layers",
+    "zero_output_",
+]

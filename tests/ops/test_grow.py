@@ -1,0 +1,313 @@
+"""Growth preserves the function: every operation on randomly generated brick models, in float64.
+
+Each test loops over seeded random sizes (not one hand-picked case) and compares the grown
+model with the original on random inputs: within 1e-10 for Net2Net splits (a division), and
+bit-exact where the new weights start at zero and the summation is otherwise unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from brickwork.errors import BrickworkError
+from brickwork.models import cnn, mlp, moe_lm, moe_mlp, nested_lm, nested_mlp, sparse_mlp, transformer_lm, vit
+from brickwork.nn import StackModel
+from brickwork.ops.grow import deepen, residual_ffn_block, widen_ffn, widen_layers
+
+TOL = 1e-10
+CASES = 4  # random models per family and test
+
+
+def _prep(model: nn.Module, seed: int) -> nn.Module:
+    """float64, eval mode, every bias and norm affine non-trivial (so mishandling them shows)."""
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or p.dim() == 1:
+                p.copy_(
+                    torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
+                    + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                )
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return model
+
+
+def random_model(family: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """A random tiny model of ``family`` and a random input batch for it."""
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    if family == "mlp":
+        m = mlp(
+            (r.randint(3, 9),),
+            r.randint(2, 5),
+            width=r.randint(3, 12),
+            depth=r.randint(1, 3),
+            act=r.choice(["gelu", "relu", "tanh"]),
+        )
+        x = torch.randn(5, m.stem.proj.in_features)
+    elif family == "cnn":
+        chans = tuple(r.randint(2, 6) for _ in range(r.randint(1, 3)))
+        m = cnn(
+            (r.randint(1, 3), 8, 8),
+            r.randint(2, 4),
+            channels=chans,
+            blocks=r.randint(1, 2),
+            norm=r.choice(["batch", "none"]),
+        )
+        x = torch.randn(3, m.stem.conv.in_channels, 8, 8)
+    elif family == "sparse":
+        groups = r.choice([2, 4])
+        m = sparse_mlp(
+            (8,), 3, width=groups * r.randint(1, 3), depth=r.randint(1, 3), groups=groups, in_groups=2, density=0.5
+        )
+        x = torch.randn(5, 8)
+    elif family == "nested":
+        m = nested_mlp((6,), 3, width=r.randint(4, 10), depth=r.randint(1, 3))
+        x = torch.randn(5, 6)
+    elif family == "nested_lm":
+        m = nested_lm((5,), 7, dim=4, depth=r.randint(1, 2), heads=2, ffn_hidden=r.randint(3, 9))
+        x = torch.randint(0, 7, (3, 5))
+    elif family == "lm":
+        heads = r.choice([1, 2])
+        m = transformer_lm(
+            (6,),
+            r.randint(5, 11),
+            dim=heads * r.randint(2, 4),
+            depth=r.randint(1, 3),
+            heads=heads,
+            mlp_ratio=r.randint(1, 3),
+        )
+        x = torch.randint(0, m.stem.tok.num_embeddings, (3, 6))
+    elif family == "vit":
+        heads = r.choice([1, 2])
+        m = vit(
+            (1, 8, 8),
+            3,
+            dim=heads * r.randint(2, 4),
+            depth=r.randint(1, 2),
+            heads=heads,
+            patch=4,
+            mlp_ratio=r.randint(1, 2),
+        )
+        x = torch.randn(3, 1, 8, 8)
+    elif family == "moe_mlp":
+        m = moe_mlp(
+            (6,), 3, width=r.randint(3, 8), depth=r.randint(1, 2), hidden=r.randint(2, 6), num_experts=r.randint(2, 4)
+        )
+        x = torch.randn(5, 6)
+    elif family == "moe_lm":
+        m = moe_lm((5,), 7, dim=4, depth=r.randint(1, 2), heads=2, hidden=r.randint(2, 6), num_experts=r.randint(2, 4))
+        x = torch.randint(0, 7, (3, 5))
+    else:
+        raise AssertionError(family)
+    model = _prep(m, seed)
+    return model, x.double() if x.is_floating_point() else x
+
+
+def _gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x) - b(x)).abs().max())
+
+
+def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+# ---------------------------------------------------------------- width
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "sparse", "nested"])
+@pytest.mark.parametrize("mode", ["split", "zero"])
+def test_widening_every_representation_preserves_the_function(family, mode):
+    for seed in range(CASES):
+        model, x = random_model(family, seed)
+        pieces = [model.stem, *model.body.layers]
+        positions = list(range(len(pieces)))
+        r = random.Random(100 + seed)
+        chosen = sorted(r.sample(positions, r.randint(1, len(positions))))
+        widest = max(_out(pieces[k]) for k in chosen)
+        width = widest + r.randint(1, 6)
+        if family == "sparse":  # group-connected layers grow by whole groups
+            step = _lcm_blocks(model)
+            width = _round_up(widest + 1, step) + step * r.randint(0, 2)
+        grown = widen_layers(model, width, chosen, mode=mode, seed=seed)
+        assert all(_out(p) == width for k, p in enumerate([grown.stem, *grown.body.layers]) if k in chosen)
+        assert _gap(model, grown, x) < TOL, (family, mode, seed, chosen, width)
+        if mode == "zero" and family != "sparse":
+            assert _gap(model, grown, x) < 1e-12
+
+
+def _out(piece: nn.Module) -> int:
+    from brickwork.ops.grow.width import out_width
+
+    return out_width(piece)
+
+
+def _lcm_blocks(model: nn.Module) -> int:
+    import math
+
+    from brickwork.nn.sparse import GroupLinear
+
+    sizes = [m.block_out for m in model.modules() if isinstance(m, GroupLinear)]
+    sizes += [m.block_in for m in model.modules() if isinstance(m, GroupLinear)]
+    return math.lcm(*sizes)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def test_widening_copies_and_the_original_is_unchanged():
+    model, x = random_model("mlp", 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = widen_layers(model, 40)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert grown.body.layers[0].linear.weight.shape == (40, 40)
+    assert widen_layers(model, 40, in_place=True) is model
+
+
+def test_split_units_are_copies_and_zero_units_have_zero_outgoing_weights():
+    model, _ = random_model("mlp", 1)
+    old = model.body.layers[0].linear.out_features
+    split = widen_layers(model, old + 3, [1], mode="split", seed=3)
+    w = split.body.layers[0].linear.weight
+    assert any(torch.equal(w[j], w[i]) for j in range(old, old + 3) for i in range(old))
+    zero = widen_layers(model, old + 3, [1], mode="zero", seed=3)
+    nxt = zero.body.layers[1].linear if len(zero.body) > 1 else zero.head.proj
+    assert torch.equal(nxt.weight[:, old:], torch.zeros_like(nxt.weight[:, old:]))
+    assert not torch.equal(zero.body.layers[0].linear.weight[old:], torch.zeros(3, w.shape[1], dtype=w.dtype))
+
+
+@pytest.mark.parametrize("family", ["lm", "vit", "nested_lm"])
+@pytest.mark.parametrize("mode", ["split", "zero"])
+def test_widening_ffn_hidden_preserves_the_function(family, mode):
+    for seed in range(CASES):
+        model, x = random_model(family, seed)
+        hidden = model.body.layers[0].ffn.up.out_features + random.Random(seed).randint(1, 9)
+        grown = widen_ffn(model, hidden, mode=mode, seed=seed)
+        assert grown.body.layers[-1].ffn.down.in_features == hidden
+        assert _gap(model, grown, x) < TOL
+
+
+def test_widening_a_glu_ffn_moves_up_and_gate_together():
+    from brickwork.nn import FeedForward, ResidualFFN, Stack
+
+    for seed in range(CASES):
+        torch.manual_seed(seed)
+        ffn = FeedForward(5, 4 + seed, act="silu", glu=True)
+        model = _prep(StackModel(nn.Identity(), Stack([ResidualFFN(5, ffn)]), nn.Identity()), seed)
+        x = torch.randn(6, 5, dtype=torch.float64)
+        grown = widen_ffn(model, 11 + seed, seed=seed)
+        assert _gap(model, grown, x) < TOL
+
+
+def test_growing_to_a_smaller_or_equal_size_is_one_clear_error():
+    model, _ = random_model("mlp", 2)
+    w = model.body.layers[0].linear.out_features
+    with pytest.raises(
+        BrickworkError, match=rf"stem.proj \(output\) has {w} units; growing needs more than {w}, got {w}"
+    ):
+        widen_layers(model, w, [0])
+    with pytest.raises(BrickworkError, match="position 9 is out of range"):
+        widen_layers(model, w + 1, [9])
+    lm, _ = random_model("lm", 0)
+    h = lm.body.layers[0].ffn.up.out_features
+    with pytest.raises(BrickworkError, match=rf"body.layers.0.ffn \(hidden\) has {h} units"):
+        widen_ffn(lm, h - 1)
+
+
+def test_widening_refuses_what_is_not_exact():
+    from brickwork.nn import ClassifierHead, DenseLayer, FlattenEmbed, Stack
+
+    normed = StackModel(FlattenEmbed(4, 5), Stack([DenseLayer(5, 5)]), ClassifierHead(5, 2, norm=True))
+    with pytest.raises(BrickworkError, match=r"head normalises over its input width \(LayerNorm\)"):
+        widen_layers(normed, 9, [1])
+    vit_model, _ = random_model("vit", 0)
+    with pytest.raises(BrickworkError, match="TransformerBlock"):
+        widen_layers(vit_model, 99, [1])
+    g = cnn((1, 8, 8), 3, channels=(4,), norm="group")
+    with pytest.raises(BrickworkError, match="GroupNorm"):
+        widen_layers(g, 9, [0])
+    sp, _ = random_model("sparse", 0)
+    with pytest.raises(BrickworkError, match="multiple of"):
+        widen_layers(sp, sp.body.layers[0].linear.d_out + 1, [1])
+
+
+# ---------------------------------------------------------------- depth
+
+
+@pytest.mark.parametrize("family", ["lm", "vit", "moe_mlp", "moe_lm", "cnn"])
+def test_inserting_an_identity_block_anywhere_preserves_the_function(family):
+    for seed in range(CASES):
+        model, x = random_model(family, seed)
+        if family == "cnn":  # an identity conv block needs equal channels and stride 1: copy such a block
+            r = random.Random(seed)
+            chans = tuple(r.randint(2, 5) for _ in range(r.randint(1, 2)))
+            model = _prep(cnn((2, 8, 8), 3, channels=chans, blocks=2, norm=["batch", "none"][seed % 2]), seed)
+            x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+            like = r.choice([i for i, b in enumerate(model.body.layers) if b.conv.stride == (1, 1)])
+            pos = r.choice([like, like + 1])
+        else:
+            like, pos = None, random.Random(seed).randint(0, len(model.body))
+        grown = deepen(model, pos, like=like)
+        assert len(grown.body) == len(model.body) + 1
+        assert _same(model, grown, x) or _gap(model, grown, x) < TOL
+        if family != "cnn":  # zero output projections: the block adds exact zeros
+            assert _same(model, grown, x), (family, seed, pos)
+
+
+def test_a_residual_ffn_block_deepens_any_mlp_exactly():
+    for seed in range(CASES):
+        model, x = random_model("mlp", seed)
+        dim = model.body.layers[0].linear.out_features
+        block = residual_ffn_block(dim, 2 * dim, like=model)
+        for pos in range(len(model.body) + 1):
+            assert _same(model, deepen(model, pos, block=block), x)
+
+
+def test_identity_dense_layer_needs_an_idempotent_activation():
+    relu = _prep(mlp((4,), 2, width=5, depth=2, act="relu"), 0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    grown = deepen(relu, 2)  # after a ReLU layer
+    assert _same(relu, grown, x) or _gap(relu, grown, x) < TOL
+    gelu = mlp((4,), 2, width=5, depth=2, act="gelu")
+    with pytest.raises(BrickworkError, match="residual_ffn"):
+        deepen(gelu, 1)
+    with pytest.raises(BrickworkError, match="stem does not end in a ReLU"):
+        deepen(relu, 0)  # the MLP stem is GELU: relu(gelu(x)) is not gelu(x)
+
+
+def test_depth_bad_input():
+    model, _ = random_model("lm", 0)
+    n = len(model.body)
+    with pytest.raises(BrickworkError, match=f"position {n + 2} is out of range"):
+        deepen(model, n + 2)
+    with pytest.raises(BrickworkError, match="like=7 is out of range"):
+        deepen(model, 0, like=7)
+
+
+def test_deepening_copies_and_keeps_a_shared_padding_mask_shared():
+    from brickwork.models.minilm import bert_encoder
+    from brickwork.nn import TransformerBlock
+
+    enc = bert_encoder(vocab_size=20, dim=8, depth=2, heads=2, hidden=16, max_len=10)
+    with pytest.raises(BrickworkError, match="post-norm"):
+        deepen(enc, 1)
+    # a pre-norm block built around the encoder's attention shares its padding holder
+    attn = enc.body.layers[0].attn
+    from brickwork.nn import FeedForward
+
+    block = TransformerBlock(8, attn, FeedForward(8, 16))
+    enc.body.layers[1] = block
+    grown = deepen(enc, 2, like=1)
+    assert grown.body.layers[2].attn._padding[0] is grown.stem.padding
+    assert enc.body.layers[1] is block and len(enc.body) == 2
