@@ -32,6 +32,7 @@ from brickwork.data.base import Dataset
 from brickwork.errors import CheckpointError
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.models.nested import sliced_args
+from brickwork.ops.layerwise import compose_like, grow_layers_like
 from brickwork.ops.moefy import moefy_like
 from brickwork.ops.sparsify import sparsify_like
 from brickwork.persist import read_meta as read_checkpoint_meta
@@ -91,6 +92,8 @@ def _sparsify(model: nn.Module, r: Recipe) -> nn.Module:
 
 #: How each recorded structural change is replayed on a freshly built model.
 REBUILDERS: dict[str, Callable[[nn.Module, Recipe], nn.Module]] = {"moefy": _moefy, "sparsify": _sparsify}
+REBUILDERS["grow_layers"] = grow_layers_like  # ops.layerwise: added layers, then LoRA wrappers
+REBUILDERS["compose"] = compose_like  # ops.layerwise: the ensemble of specialists around one stem
 
 
 def apply_structure(model: nn.Module, recipes: Sequence[Recipe]) -> nn.Module:

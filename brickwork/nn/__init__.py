@@ -8,9 +8,11 @@ re-exported here too.
 
 from brickwork.nn import nested, routing, sparse
 from brickwork.nn.activations import activation
+from brickwork.nn.adapters import LoRALinear
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.conv import ConvBlock
 from brickwork.nn.embed import FlattenEmbed, PatchEmbed, TokenEmbed
+from brickwork.nn.ensemble import Ensemble, check_output_space
 from brickwork.nn.exits import EarlyExit, ExitAt, ExitGate, ExitRecord, choose_exit
 from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, SentenceClassifier, pool
@@ -47,6 +49,7 @@ __all__ = [
     "DenseToSparseRouter",
     "DepthRecord",
     "EarlyExit",
+    "Ensemble",
     "ExitAt",
     "ExitGate",
     "ExitRecord",
@@ -61,6 +64,7 @@ __all__ = [
     "HashRouter",
     "KeyRouter",
     "LinearAct",
+    "LoRALinear",
     "MLPRouter",
     "MeanPoolHead",
     "MixtureOfDepths",
@@ -86,6 +90,7 @@ __all__ = [
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
+    "check_output_space",
     "choose_exit",
     "collect_aux_losses",
     "collect_records",

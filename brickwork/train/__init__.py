@@ -6,6 +6,7 @@ epoch is a pure function of (seed, epoch), so a resumed run needs no sampler sta
 
 from brickwork.train.checkpoint import load_model, load_training_state, save_model, save_training_state
 from brickwork.train.finetune import finetune_classifier
+from brickwork.train.layerwise import PhaseResult, step_flops, train_phase
 from brickwork.train.loop import FitConfig, StepResult, evaluate, fit, run_epoch, train_step
 from brickwork.train.losses import build_loss, cross_entropy
 from brickwork.train.optim import build_optimizer, lr_factor
@@ -14,6 +15,7 @@ from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 __all__ = [
     "DEFAULT_TRAINING",
     "FitConfig",
+    "PhaseResult",
     "StepResult",
     "TrainSettings",
     "build_loss",
@@ -28,6 +30,8 @@ __all__ = [
     "run_epoch",
     "save_model",
     "save_training_state",
+    "step_flops",
+    "train_phase",
     "train_step",
     "train_with",
 ]
