@@ -16,7 +16,17 @@ from torch import nn
 from brickwork.errors import BrickworkError
 from brickwork.models import cnn, mlp, moe_lm, moe_mlp, nested_lm, nested_mlp, sparse_mlp, transformer_lm, vit
 from brickwork.nn import StackModel
-from brickwork.ops.grow import deepen, residual_ffn_block, widen_ffn, widen_layers
+from brickwork.nn.moe import MoE
+from brickwork.nn.routing import MoESettings
+from brickwork.ops.grow import (
+    deepen,
+    reproduce_dense_,
+    residual_ffn_block,
+    upcycle,
+    widen_ffn,
+    widen_layers,
+    widen_residual,
+)
 
 TOL = 1e-10
 CASES = 4  # random models per family and test
@@ -311,3 +321,75 @@ def test_deepening_copies_and_keeps_a_shared_padding_mask_shared():
     grown = deepen(enc, 2, like=1)
     assert grown.body.layers[2].attn._padding[0] is grown.stem.padding
     assert enc.body.layers[1] is block and len(enc.body) == 2
+
+
+# ---------------------------------------------------------------- residual width
+
+
+@pytest.mark.parametrize("family", ["lm", "vit", "moe_mlp", "moe_lm", "nested_lm"])
+def test_widening_the_residual_stream_preserves_the_function(family):
+    for seed in range(CASES):
+        model, x = random_model(family, seed)
+        factor = random.Random(seed).randint(2, 3)
+        grown = widen_residual(model, factor)
+        assert grown.head.proj.in_features == factor * model.head.proj.in_features
+        assert _gap(model, grown, x) < TOL, (family, seed, factor)
+
+
+def test_residual_width_bad_input():
+    model, _ = random_model("lm", 0)
+    with pytest.raises(BrickworkError, match="factor must be an integer >= 2"):
+        widen_residual(model, 1)
+    from brickwork.models.minilm import bert_encoder
+
+    with pytest.raises(BrickworkError, match="BertEmbed"):
+        widen_residual(bert_encoder(vocab_size=20, dim=8, depth=1, heads=2, hidden=16, max_len=10), 2)
+
+
+# ---------------------------------------------------------------- upcycling
+
+
+@pytest.mark.parametrize("family", ["lm", "vit", "moe_mlp_dense"])
+@pytest.mark.parametrize("router", ["topk", "sigmoid"])
+def test_upcycled_model_equals_the_dense_one_at_any_router_weights(family, router):
+    for seed in range(CASES):
+        if family == "moe_mlp_dense":  # the residual MLP with dense FFNs
+            r = random.Random(seed)
+            model = _prep(moe_mlp((6,), 3, width=r.randint(3, 7), depth=r.randint(1, 2), hidden=4, num_experts=0), seed)
+            x = torch.randn(5, 6, dtype=torch.float64)
+        else:
+            model, x = random_model(family, seed)
+        e = random.Random(seed).randint(2, 8)
+        k = random.Random(seed + 1).randint(1, e)
+        moe = upcycle(model, e, MoESettings(top_k=k, router=router), seed=seed)
+        assert all(isinstance(b.ffn, MoE) and b.ffn.num_experts == e for b in moe.body.layers)
+        assert _gap(model, moe, x) < TOL, (family, router, seed, e, k)
+
+
+def test_fine_grained_upcycling_is_exact_when_the_router_spreads_evenly():
+    for seed in range(CASES):
+        model, x = random_model("lm", seed)
+        r = random.Random(seed)
+        hidden = model.body.layers[0].ffn.up.out_features
+        g = r.choice([d for d in (2, 3, 4) if hidden % d == 0] or [1])
+        e = g * r.randint(1, 3)
+        k = g * r.randint(1, e // g)
+        moe = upcycle(model, e, MoESettings(top_k=k), granularity=g, seed=seed)
+        assert moe.body.layers[0].ffn.experts.hidden == hidden // g
+        for b in moe.body.layers:
+            reproduce_dense_(b.ffn)
+        assert _gap(model, moe, x) < TOL, (seed, g, e, k)
+
+
+def test_upcycling_bad_input_and_copy():
+    model, _ = random_model("lm", 0)
+    with pytest.raises(BrickworkError, match="top_k must be in"):
+        upcycle(model, 2, MoESettings(top_k=3))
+    with pytest.raises(BrickworkError, match="not a whole number of copies"):
+        upcycle(model, 3, MoESettings(top_k=1), granularity=2)
+    with pytest.raises(BrickworkError, match="body layer 5 is out of range"):
+        upcycle(model, 2, MoESettings(top_k=1), layers=[5])
+    moe = upcycle(model, 2, MoESettings(top_k=1))
+    assert not isinstance(model.body.layers[0].ffn, MoE)
+    with pytest.raises(BrickworkError, match="not a dense FeedForward"):
+        upcycle(moe, 2, MoESettings(top_k=1))

@@ -90,11 +90,14 @@ class TopKRouter(nn.Module):
         noisy = self.training and self.noise != "none"
         if noisy and self.noise == "jitter":
             x = x * torch.empty_like(x).uniform_(1.0 - self.noise_scale, 1.0 + self.noise_scale)
-        logits = self.proj(x).float()  # router math in fp32: the softmax is sensitive to round-off
+        logits = self.proj(x)
+        # Router math in at least fp32: the softmax is sensitive to round-off (a float64 model
+        # keeps float64, so that function-preservation checks can hold to 1e-10).
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         if noisy and self.noise == "gaussian":
             logits = logits + torch.randn_like(logits) * self.noise_scale
         elif noisy and self.noise_proj is not None:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise_proj(x).float())
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise_proj(x).to(logits.dtype))
 
         if self.gate.startswith("sigmoid"):
             scores = torch.sigmoid(logits)

@@ -6,15 +6,23 @@ randomly generated brick models that the grown model computes the same function 
 """
 
 from brickwork.ops.grow.depth import deepen, identity_block, residual_ffn_block, zero_output_
+from brickwork.ops.grow.residual import widen_residual
 from brickwork.ops.grow.units import WidthMode
+from brickwork.ops.grow.upcycle import ffn_slices, reproduce_dense_, upcycle, upcycle_ffn, upcycle_like
 from brickwork.ops.grow.width import widen_ffn, widen_layers
 
 __all__ = [
     "WidthMode",
     "deepen",
+    "ffn_slices",
     "identity_block",
+    "reproduce_dense_",
     "residual_ffn_block",
+    "upcycle",
+    "upcycle_ffn",
+    "upcycle_like",
     "widen_ffn",
     "widen_layers",
+    "widen_residual",
     "zero_output_",
 ]
