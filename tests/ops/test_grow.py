@@ -19,9 +19,13 @@ from brickwork.nn import StackModel
 from brickwork.nn.moe import MoE
 from brickwork.nn.routing import MoESettings
 from brickwork.ops.grow import (
+    add_experts,
+    add_heads,
+    chosen_new,
     deepen,
     reproduce_dense_,
     residual_ffn_block,
+    split_expert,
     upcycle,
     widen_ffn,
     widen_layers,
@@ -393,3 +397,74 @@ def test_upcycling_bad_input_and_copy():
     assert not isinstance(model.body.layers[0].ffn, MoE)
     with pytest.raises(BrickworkError, match="not a dense FeedForward"):
         upcycle(moe, 2, MoESettings(top_k=1))
+
+
+# ---------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("family", ["lm", "vit", "nested_lm", "moe_lm"])
+@pytest.mark.parametrize("mode", ["zero", "split"])
+def test_added_heads_start_with_no_effect(family, mode):
+    for seed in range(CASES):
+        model, x = random_model(family, seed)
+        attn = model.body.layers[0].attn
+        heads = attn.heads + random.Random(seed).randint(1, 3)
+        grown = add_heads(model, heads, mode=mode, seed=seed)
+        assert all(b.attn.heads == heads for b in grown.body.layers)
+        assert _gap(model, grown, x) < TOL, (family, mode, seed)
+
+
+def test_heads_bad_input():
+    model, _ = random_model("lm", 0)
+    h = model.body.layers[0].attn.heads
+    with pytest.raises(BrickworkError, match=rf"body.layers.0.attn \(heads\) has {h} units; growing needs more"):
+        add_heads(model, h)
+    mlp_model, _ = random_model("mlp", 0)
+    with pytest.raises(BrickworkError, match="not multi-head attention"):
+        add_heads(mlp_model, 3)
+
+
+# ---------------------------------------------------------------- experts
+
+
+def _moe_models(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    return random_model(["moe_mlp", "moe_lm"][seed % 2], seed)
+
+
+@pytest.mark.parametrize("mode", ["unchosen", "copy"])
+def test_added_experts_leave_the_output_unchanged(mode):
+    for seed in range(CASES):
+        model, x = _moe_models(seed)
+        e = model.body.layers[0].ffn.num_experts
+        count = e * random.Random(seed).randint(1, 2) if mode == "copy" else random.Random(seed).randint(1, 5)
+        grown = add_experts(model, count, mode=mode, seed=seed)
+        assert all(b.ffn.num_experts == e + count for b in grown.body.layers)
+        assert _gap(model, grown, x) < TOL, (mode, seed)
+        if mode == "unchosen":
+            assert chosen_new(grown, {f"body.layers.{i}.ffn": e for i in range(len(grown.body))}) == 0
+
+
+def test_splitting_an_expert_is_exact_with_dense_routing():
+    for seed in range(CASES):
+        model, x = _moe_models(seed)
+        for b in model.body.layers:
+            b.ffn.router.top_k = b.ffn.num_experts  # dense routing
+        e = model.body.layers[0].ffn.num_experts
+        k = random.Random(seed).randrange(e)
+        grown = split_expert(model, 0, k)
+        assert grown.body.layers[0].ffn.num_experts == e + 1
+        assert _gap(model, grown, x) < TOL
+
+
+def test_expert_bad_input():
+    model, _ = _moe_models(0)
+    e = model.body.layers[0].ffn.num_experts
+    with pytest.raises(BrickworkError, match=f"expert {e} is out of range; body.layers.0.ffn has {e} experts"):
+        split_expert(model, 0, e)
+    with pytest.raises(BrickworkError, match="copying needs a multiple"):
+        add_experts(model, e + 1, mode="copy")
+    with pytest.raises(BrickworkError, match="count must be >= 1"):
+        add_experts(model, 0)
+    dense, _ = random_model("lm", 0)
+    with pytest.raises(BrickworkError, match="not a mixture of experts"):
+        add_experts(dense, 1)
