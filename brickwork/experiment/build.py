@@ -32,6 +32,7 @@ from brickwork.data.base import Dataset
 from brickwork.errors import CheckpointError
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.models.nested import sliced_args
+from brickwork.ops.grow import replay_grow, upcycle_like
 from brickwork.ops.layerwise import compose_like, grow_layers_like
 from brickwork.ops.moefy import moefy_like
 from brickwork.ops.sparsify import sparsify_like
@@ -94,6 +95,8 @@ def _sparsify(model: nn.Module, r: Recipe) -> nn.Module:
 REBUILDERS: dict[str, Callable[[nn.Module, Recipe], nn.Module]] = {"moefy": _moefy, "sparsify": _sparsify}
 REBUILDERS["grow_layers"] = grow_layers_like  # ops.layerwise: added layers, then LoRA wrappers
 REBUILDERS["compose"] = compose_like  # ops.layerwise: the ensemble of specialists around one stem
+REBUILDERS["grow"] = replay_grow  # ops.grow: one function-preserving growth step
+REBUILDERS["upcycle"] = upcycle_like  # ops.grow: dense FFNs upcycled into experts
 
 
 def apply_structure(model: nn.Module, recipes: Sequence[Recipe]) -> nn.Module:

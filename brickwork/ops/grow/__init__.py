@@ -8,6 +8,7 @@ randomly generated brick models that the grown model computes the same function 
 from brickwork.ops.grow.depth import deepen, identity_block, residual_ffn_block, zero_output_
 from brickwork.ops.grow.experts import ExpertMode, add_experts, chosen_new, split_expert
 from brickwork.ops.grow.heads import add_heads, as_nested_attention, grow_heads_
+from brickwork.ops.grow.recipe import GrowOp, GrowSettings, apply_grow, replay_grow
 from brickwork.ops.grow.residual import widen_residual
 from brickwork.ops.grow.units import WidthMode
 from brickwork.ops.grow.upcycle import ffn_slices, reproduce_dense_, upcycle, upcycle_ffn, upcycle_like
@@ -15,15 +16,19 @@ from brickwork.ops.grow.width import widen_ffn, widen_layers
 
 __all__ = [
     "ExpertMode",
+    "GrowOp",
+    "GrowSettings",
     "WidthMode",
     "add_experts",
     "add_heads",
+    "apply_grow",
     "as_nested_attention",
     "chosen_new",
     "deepen",
     "ffn_slices",
     "grow_heads_",
     "identity_block",
+    "replay_grow",
     "reproduce_dense_",
     "residual_ffn_block",
     "split_expert",
