@@ -39,6 +39,7 @@ from brickwork.ops.sparsify import sparsify_like
 from brickwork.persist import read_meta as read_checkpoint_meta
 from brickwork.registry import REGISTRY
 from brickwork.train.checkpoint import load_model
+from brickwork.train.sema import sema_like
 
 #: A structural recipe as stages record it: ``{"op": NAME, ...}`` (plain JSON).
 Recipe = Mapping[str, Any]
@@ -95,6 +96,7 @@ def _sparsify(model: nn.Module, r: Recipe) -> nn.Module:
 REBUILDERS: dict[str, Callable[[nn.Module, Recipe], nn.Module]] = {"moefy": _moefy, "sparsify": _sparsify}
 REBUILDERS["grow_layers"] = grow_layers_like  # ops.layerwise: added layers, then LoRA wrappers
 REBUILDERS["compose"] = compose_like  # ops.layerwise: the ensemble of specialists around one stem
+REBUILDERS["sema"] = sema_like  # train.sema: SEMA layers with their adapters, task heads
 REBUILDERS["grow"] = replay_grow  # ops.grow: one function-preserving growth step
 REBUILDERS["upcycle"] = upcycle_like  # ops.grow: dense FFNs upcycled into experts
 

@@ -36,18 +36,21 @@ from brickwork.nn.routing import (
     RoutingRecord,
     TopKRouter,
 )
+from brickwork.nn.sema import Adapter, Descriptor, SEMALayer, TaskHeads
 from brickwork.nn.sparse import GroupConv2d, GroupLinear, LinearAct, Rewiring
 from brickwork.nn.stack import Stack, StackModel, stack_of
 from brickwork.nn.text import BertEmbed, MeanPoolHead
 from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
 __all__ = [
+    "Adapter",
     "BertEmbed",
     "ClassifierHead",
     "ConvBlock",
     "DenseLayer",
     "DenseToSparseRouter",
     "DepthRecord",
+    "Descriptor",
     "EarlyExit",
     "Ensemble",
     "ExitAt",
@@ -82,9 +85,11 @@ __all__ = [
     "Rewiring",
     "Routing",
     "RoutingRecord",
+    "SEMALayer",
     "SentenceClassifier",
     "Stack",
     "StackModel",
+    "TaskHeads",
     "TokenEmbed",
     "TopKRouter",
     "TransformerBlock",

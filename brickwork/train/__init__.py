@@ -11,8 +11,10 @@ from brickwork.train.loop import FitConfig, StepResult, evaluate, fit, run_epoch
 from brickwork.train.losses import build_loss, cross_entropy
 from brickwork.train.optim import build_optimizer, lr_factor
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
+from brickwork.train.sema import ContinualResult, class_tasks, continual, sema_like, sema_model
 
 __all__ = [
+    "ContinualResult",
     "DEFAULT_TRAINING",
     "FitConfig",
     "PhaseResult",
@@ -20,6 +22,8 @@ __all__ = [
     "TrainSettings",
     "build_loss",
     "build_optimizer",
+    "class_tasks",
+    "continual",
     "cross_entropy",
     "evaluate",
     "finetune_classifier",
@@ -30,6 +34,8 @@ __all__ = [
     "run_epoch",
     "save_model",
     "save_training_state",
+    "sema_like",
+    "sema_model",
     "step_flops",
     "train_phase",
     "train_step",
