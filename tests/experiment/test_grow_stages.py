@@ -94,3 +94,32 @@ def test_train_budget_matches_another_variants_training_compute(runs_dir, one_th
     per_epoch = dense["train_flops_stage0"]  # one epoch of the dense model
     epochs = dense["train_flops_stage2"] / per_epoch
     assert epochs == round(moe["train_flops_stage2"] / per_epoch) > 2  # cheaper steps: more epochs, same compute
+
+
+def test_grow_and_upcycle_verbs_write_checkpoints_that_reload(runs_dir, one_thread, capsys):
+    from brickwork.cli import main
+    from brickwork.experiment.build import load
+
+    cfg = _cfg(one_thread, [{"stage": "train", "epochs": 1, "lr": 0.01, "batch_size": 256}])
+    rec = execute(validate(cfg), RunStore(runs_dir), progress=False, echo=lambda s: None)
+    base = ["--runs-dir", str(runs_dir)]
+    assert main([*base, "grow", rec.id, "--op", "deepen", "--position", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "max |grown - original| = 0.00e+00" in out  # a zero output projection adds exact zeros
+    deeper = rec.dir / "net" / "grow-deepen"
+    assert len(load(deeper).model.body) == 2
+    # a checkpoint as the source, then a second structural step on top of the first
+    assert main([*base, "upcycle", str(deeper), "--experts", "4", "--top-k", "2"]) == 0
+    moe = load(rec.dir / "net" / "upcycle-e4-k2")
+    assert [r["op"] for r in moe.meta["structure"]] == ["grow", "upcycle"]
+    assert moe.meta["max_abs_change"] < 1e-5
+    # bad input: one line, exit 2, nothing written
+    assert main([*base, "grow", rec.id, "--op", "widen_ffn", "--hidden", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "brickwork grow: error: grow: body.layers.0.ffn (hidden) has 16 units; growing needs more than 16, got 8"
+    )
+    assert main([*base, "grow", rec.id, "--op", "split_expert", "--layer", "0", "--expert", "9"]) == 2
+    assert "not a mixture of experts" in capsys.readouterr().err
+    assert main([*base, "grow", rec.id, "--op", "deepen", "--position", "0"]) == 2
+    assert "never overwrites" in capsys.readouterr().err

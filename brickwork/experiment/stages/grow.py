@@ -25,7 +25,7 @@ from brickwork.experiment.context import StageContext
 from brickwork.experiment.report import markdown_table
 from brickwork.nn.modes import evaluating
 from brickwork.nn.routing import MoESettings
-from brickwork.ops.grow import GrowSettings, apply_grow, upcycle
+from brickwork.ops.grow import GrowSettings, apply_grow, upcycle, upcycle_recipe
 from brickwork.registry import Flatten, register
 from brickwork.train.layerwise import phase_flops_per_sample, train_phase
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings
@@ -121,10 +121,7 @@ def upcycle_stage(
     moe = upcycle(ctx.model, experts, routing, granularity, layers, seed=ctx.seed).to(ctx.device)
     m = _measure(ctx, ctx.model, moe, eval_samples)
     ctx.model = moe
-    routing_args = dataclasses.asdict(routing)
-    ctx.structure.append(
-        {"op": "upcycle", "experts": experts, "granularity": granularity, "layers": layers, "routing": routing_args}
-    )
+    ctx.structure.append(upcycle_recipe(experts, routing, granularity, layers))
     ctx.metrics.update({f"upcycle_{k}": v for k, v in m.items()})
     _report(ctx, f"Upcycle: {experts} experts, top-{routing.top_k}, granularity {granularity}", m)
 
@@ -176,6 +173,7 @@ def train_budget_stage(
     ctx.history.extend({**h, "stage": ctx.stage} for h in result.history)
     ctx.metrics[key] = result.flops
     ctx.metrics["train_flops"] = ctx.metrics.get("train_flops", 0.0) + result.flops
+    ctx.metrics["train_seconds"] = ctx.metrics.get("train_seconds", 0.0) + sum(h["seconds"] for h in result.history)
     last: dict[str, Any] = result.history[-1] if result.history else {}
     if "val_accuracy" in last:
         ctx.metrics["val_accuracy"] = last["val_accuracy"]

@@ -11,7 +11,7 @@ from brickwork.ops.grow.heads import add_heads, as_nested_attention, grow_heads_
 from brickwork.ops.grow.recipe import GrowOp, GrowSettings, apply_grow, replay_grow
 from brickwork.ops.grow.residual import widen_residual
 from brickwork.ops.grow.units import WidthMode
-from brickwork.ops.grow.upcycle import ffn_slices, reproduce_dense_, upcycle, upcycle_ffn, upcycle_like
+from brickwork.ops.grow.upcycle import ffn_slices, reproduce_dense_, upcycle, upcycle_ffn, upcycle_like, upcycle_recipe
 from brickwork.ops.grow.width import widen_ffn, widen_layers
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "upcycle",
     "upcycle_ffn",
     "upcycle_like",
+    "upcycle_recipe",
     "widen_ffn",
     "widen_layers",
     "widen_residual",

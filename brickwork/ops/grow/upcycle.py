@@ -25,6 +25,7 @@ converted **copy**; :func:`upcycle_like` rebuilds the structure for loading save
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,6 +142,19 @@ def upcycle(
     for i, ffn in _targets(out, list(targets)).items():  # the copy's FFNs
         out.body.layers[i].ffn = upcycle_ffn(ffn, num_experts, routing, granularity, f"body.layers.{i}.ffn")
     return out
+
+
+def upcycle_recipe(
+    num_experts: int, routing: MoESettings, granularity: int = 1, layers: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The structural recipe of an upcycling (plain JSON), which :func:`upcycle_like` replays."""
+    return {
+        "op": "upcycle",
+        "experts": num_experts,
+        "granularity": granularity,
+        "layers": None if layers is None else list(layers),
+        "routing": dataclasses.asdict(routing),
+    }
 
 
 def upcycle_like(model: nn.Module, recipe: Mapping[str, Any]) -> StackModel:
