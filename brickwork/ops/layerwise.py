@@ -37,9 +37,12 @@ from brickwork.errors import BrickworkError
 from brickwork.nn.adapters import LoRALinear
 from brickwork.nn.ensemble import Combine, Ensemble
 from brickwork.nn.stack import StackModel, stack_of
+from brickwork.ops.grow.depth import identity_block
 
-#: How a new layer starts: re-drawn as a fresh layer (the paper), or a copy of the top layer.
-LayerInit = Literal["fresh", "copy"]
+#: How a new layer starts: re-drawn as a fresh layer (the paper), a copy of the top layer, or
+#: re-drawn and then made the identity (``ops.grow.identity_block``: zero output projections of a
+#: residual block), so the grown model starts computing exactly what the shallower one computed.
+LayerInit = Literal["fresh", "copy", "identity"]
 
 
 def reinit_(module: nn.Module, seed: int | None = None) -> nn.Module:
@@ -74,16 +77,20 @@ def append_layer(
             Pass the original top layer when the stack's layers have since been wrapped by adapters,
             so the new layer is a plain one.
         init: ``fresh`` re-draws the new layer's parameters (``reset_parameters``, seeded by
-            ``seed``); ``copy`` keeps the template's weights.
+            ``seed``); ``copy`` keeps the template's weights; ``identity`` re-draws them and then
+            starts the layer as the identity (function-preserving growth, H3's ``ops.grow``).
         seed: seed of the fresh draw (None: the global RNG).
 
     Raises:
         TypeError: ``model`` is not a stack model.
+        BrickworkError: ``init="identity"`` for a layer that cannot start as the identity.
     """
     grown = copy.deepcopy(stack_of(model))
     layer = copy.deepcopy(template if template is not None else grown.body.layers[-1])
-    if init == "fresh":
+    if init in ("fresh", "identity"):
         reinit_(layer, seed)
+    if init == "identity":
+        layer = identity_block(layer, f"body.layers.{len(grown.body)}")
     grown.body.layers.append(layer)
     return grown
 

@@ -60,6 +60,16 @@ def test_append_layer_keeps_the_stack_below_and_draws_a_fresh_seeded_layer(seed)
         assert grown(x).shape == model(x).shape
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_an_identity_start_keeps_the_function_of_the_shallower_model(seed):
+    model, x = list(_random_models(seed))[1]  # the transformer LM: residual blocks
+    grown = append_layer(model, init="identity", seed=seed)
+    assert torch.equal(grown.eval()(x), model.eval()(x))
+    new, top = grown.body.layers[-1], model.body.layers[-1]
+    assert not torch.equal(new.attn.qkv.weight, top.attn.qkv.weight)  # re-drawn, then only the outputs zeroed
+    assert not new.attn.out.weight.any() and not new.ffn.down.weight.any()
+
+
 def test_set_trainable_freezes_all_else_and_refuses_a_phase_that_trains_nothing():
     model = mlp(in_shape=(1, 4, 4), num_classes=5, width=6, depth=2)
     n = set_trainable_(model, ["body.layers.1.*", "head.*"])
