@@ -468,3 +468,32 @@ def test_expert_bad_input():
     dense, _ = random_model("lm", 0)
     with pytest.raises(BrickworkError, match="not a mixture of experts"):
         add_experts(dense, 1)
+
+
+# ---------------------------------------------------------------- compute of grown models
+
+
+def test_compute_of_grown_models_matches_hand_counts():
+    from brickwork.analysis.compute import measure_compute
+    from brickwork.train.layerwise import step_flops
+    from brickwork.train.losses import build_loss
+
+    # multiply-accumulates x 2 per sample; D = 4, H = 8, 6 inputs, 3 classes
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    dense = moe_mlp((6,), 3, width=4, depth=1, hidden=8, num_experts=0)
+    flops = lambda m: measure_compute(m, [x]).flops_per_sample  # noqa: E731
+    assert flops(dense) == 2 * (6 * 4 + 4 * 8 + 8 * 4 + 4 * 3)
+    moe = upcycle(dense, 4, MoESettings(top_k=2))  # router 4 -> 4, two experts per sample
+    assert flops(moe) == 2 * (6 * 4 + 4 * 4 + 2 * (4 * 8 + 8 * 4) + 4 * 3)
+    # training step: forward + weight gradients everywhere + input gradients above the stem
+    fwd = 2 * (6 * 4 + 4 * 4 + 2 * (4 * 8 + 8 * 4) + 4 * 3)
+    bwd = 2 * (6 * 4) + 2 * 2 * (4 * 4) + 2 * 2 * 2 * (4 * 8 + 8 * 4) + 2 * 2 * (4 * 3)
+    assert step_flops(moe, x, y, build_loss("cross_entropy")) == 16 * (fwd + bwd)
+    wide = widen_layers(mlp((6,), 3, width=4, depth=1), 7)
+    assert flops(wide) == 2 * (6 * 7 + 7 * 7 + 7 * 3)
+    deeper = deepen(wide, 1, block=residual_ffn_block(7, 5))
+    assert flops(deeper) == flops(wide) + 2 * (7 * 5 + 5 * 7)
+    heads = add_heads(transformer_lm((5,), 7, dim=4, depth=1, heads=2, mlp_ratio=1), 3)
+    t = 5  # per sequence: qkv 4 -> 3 * 3 * 2, scores and values 2 * t * t * 2 per head, out 6 -> 4, FFN, head
+    want = t * (4 * 18 + 6 * 4 + 2 * 4 * 4 + 4 * 7) + 3 * 2 * t * t * 2
+    assert measure_compute(heads, [torch.randint(0, 7, (2, t))]).flops_per_sample == 2 * want
