@@ -497,3 +497,42 @@ def test_compute_of_grown_models_matches_hand_counts():
     t = 5  # per sequence: qkv 4 -> 3 * 3 * 2, scores and values 2 * t * t * 2 per head, out 6 -> 4, FFN, head
     want = t * (4 * 18 + 6 * 4 + 2 * 4 * 4 + 4 * 7) + 3 * 2 * t * t * 2
     assert measure_compute(heads, [torch.randint(0, 7, (2, t))]).flops_per_sample == 2 * want
+
+
+# ---------------------------------------------------------------- recipes
+
+
+STEPS = [
+    ("mlp", {"op": "deepen", "position": 1, "block": "residual_ffn", "hidden": 5}),
+    ("lm", {"op": "deepen", "position": 0}),
+    ("mlp", {"op": "widen_layers", "width": 13, "mode": "zero"}),
+    ("sparse", {"op": "widen_layers", "width": 24, "positions": [1]}),
+    ("vit", {"op": "widen_ffn", "hidden": 17}),
+    ("lm", {"op": "widen_residual", "factor": 2}),
+    ("lm", {"op": "add_heads", "heads": 3}),
+    ("moe_lm", {"op": "add_experts", "count": 2}),
+    ("moe_mlp", {"op": "add_experts", "count": 4, "mode": "copy", "layers": [0]}),
+    ("moe_mlp", {"op": "split_expert", "layer": 0, "expert": 1}),
+]
+
+
+@pytest.mark.parametrize("family,step", STEPS, ids=[f"{f}-{s['op']}" for f, s in STEPS])
+def test_a_recorded_step_replays_onto_a_fresh_model_and_takes_the_grown_weights(family, step):
+    import json
+
+    from brickwork.ops.grow import GrowSettings, apply_grow, replay_grow
+
+    model, x = random_model(family, 1)
+    if family == "moe_mlp" and step["op"] == "add_experts":
+        step = {**step, "count": model.body.layers[0].ffn.num_experts}
+    s = GrowSettings(**step)
+    s.check()
+    grown = apply_grow(model, s)
+    recipe = json.loads(json.dumps(s.recipe()))  # as saved: plain JSON
+    fresh = random_model(family, 1)[0]  # the same builder call: the same skeleton, weights to be replaced
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    rebuilt = replay_grow(fresh, recipe)
+    rebuilt.load_state_dict(grown.state_dict(), strict=True)
+    assert _same(grown, rebuilt, x)

@@ -49,7 +49,7 @@ def _measure(ctx: StageContext, before: torch.nn.Module, after: torch.nn.Module,
     }
 
 
-def _report(ctx: StageContext, title: str, m: dict[str, float]) -> None:
+def _report(ctx: StageContext, title: str, m: dict[str, float], samples: int) -> None:
     rows = [
         {"model": "before", "params": m["params_before"], "flops": m["flops_before"]},
         {"model": "after", "params": m["params_after"], "flops": m["flops_after"]},
@@ -60,8 +60,8 @@ def _report(ctx: StageContext, title: str, m: dict[str, float]) -> None:
             [
                 f"### {title}",
                 "",
-                f"Largest change of an output on {ctx.data.test.x[:1].shape[0] and len(ctx.data.test)} test "
-                f"samples at most: {m['max_output_change']:.3g} (function-preserving: round-off only).",
+                f"Largest change of an output on {min(samples, len(ctx.data.test))} test samples: "
+                f"{m['max_output_change']:.3g} (function-preserving: float round-off only).",
                 "",
                 markdown_table(rows, cols),
             ]
@@ -91,7 +91,7 @@ def grow_stage(
     ctx.model = grown
     ctx.structure.append(step.recipe())
     ctx.metrics.update({f"grow_{k}": v for k, v in m.items()})
-    _report(ctx, f"Grow: {step.op}", m)
+    _report(ctx, f"Grow: {step.op}", m, eval_samples)
 
 
 @register("stage", "upcycle")
@@ -123,7 +123,7 @@ def upcycle_stage(
     ctx.model = moe
     ctx.structure.append(upcycle_recipe(experts, routing, granularity, layers))
     ctx.metrics.update({f"upcycle_{k}": v for k, v in m.items()})
-    _report(ctx, f"Upcycle: {experts} experts, top-{routing.top_k}, granularity {granularity}", m)
+    _report(ctx, f"Upcycle: {experts} experts, top-{routing.top_k}, granularity {granularity}", m, eval_samples)
 
 
 @register("stage", "train_budget")
