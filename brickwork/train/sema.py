@@ -130,7 +130,10 @@ class ContinualResult:
 
     Attributes:
         model: the model after the last task.
-        accuracy: ``accuracy[t][j]``: accuracy on task j's test split after training task t (j <= t).
+        accuracy: ``accuracy[t][j]``: accuracy on task j's test split after training task t (j <= t),
+            class-incremental (the answer taken over every class seen so far).
+        task_accuracy: the same, task-aware (the answer taken over task j's own classes): what is
+            left when the heads' bias towards recent tasks is taken out, i.e. the features' forgetting.
         adapters: adapters per body layer at the end.
         train_flops: training FLOPs of every phase, summed.
         decisions: one row per (task, layer) check of SEMA: ``task``, ``layer``, ``score``, ``expanded``.
@@ -141,18 +144,29 @@ class ContinualResult:
     adapters: list[int]
     train_flops: float
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    task_accuracy: list[list[float]] = field(default_factory=list)
 
     @property
     def average_accuracy(self) -> float:
-        """Mean accuracy over all tasks after the last one."""
-        return sum(self.accuracy[-1]) / len(self.accuracy[-1])
+        """Mean class-incremental accuracy over all tasks after the last one."""
+        return average_accuracy(self.accuracy)
 
     @property
     def forgetting(self) -> float:
-        """Mean over tasks but the last of (best accuracy before the last task - final accuracy)."""
-        final, n = self.accuracy[-1], len(self.accuracy)
-        drops = [max(self.accuracy[t][j] for t in range(j, n - 1)) - final[j] for j in range(n - 1)]
-        return sum(drops) / len(drops) if drops else 0.0
+        """Mean class-incremental forgetting (:func:`forgetting`)."""
+        return forgetting(self.accuracy)
+
+
+def average_accuracy(accuracy: Sequence[Sequence[float]]) -> float:
+    """Mean accuracy over all tasks after the last one, from an accuracy matrix ``[t][j]``."""
+    return sum(accuracy[-1]) / len(accuracy[-1])
+
+
+def forgetting(accuracy: Sequence[Sequence[float]]) -> float:
+    """Mean over tasks but the last of (best accuracy before the last task - final accuracy)."""
+    final, n = accuracy[-1], len(accuracy)
+    drops = [max(accuracy[t][j] for t in range(j, n - 1)) - final[j] for j in range(n - 1)]
+    return sum(drops) / len(drops) if drops else 0.0
 
 
 def _inputs_at(model: StackModel, layer: int, x: Tensor, batch: int = 256) -> Tensor:
@@ -248,6 +262,7 @@ def continual(
     layers: list[SEMALayer] = list(model.body.layers)  # type: ignore[arg-type]
     loss = build_loss("cross_entropy")
     accuracy: list[list[float]] = []
+    aware: list[list[float]] = []
     decisions: list[dict[str, Any]] = []
     flops = 0.0
     for t, task in enumerate(tasks):
@@ -289,10 +304,14 @@ def continual(
             if not expanded:
                 run([head])
         seen = task.offset + task.count
-        row = []
+        row, own = [], []
         for earlier in tasks[: t + 1]:
             row.append(evaluate(TaskView(model, 0, seen), earlier.test, loss, device=device)["accuracy"])
+            local_test = Split(earlier.test.x, earlier.test.y - earlier.offset)
+            view = TaskView(model, earlier.offset, earlier.count)
+            own.append(evaluate(view, local_test, loss, device=device)["accuracy"])
         accuracy.append(row)
+        aware.append(own)
     for p in model.parameters():
         p.requires_grad_(True)
-    return ContinualResult(model, accuracy, [len(layer) for layer in layers], flops, decisions)
+    return ContinualResult(model, accuracy, [len(layer) for layer in layers], flops, decisions, aware)

@@ -24,7 +24,7 @@ from brickwork.experiment.context import StageContext
 from brickwork.experiment.report import markdown_table
 from brickwork.registry import Flatten, register
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings
-from brickwork.train.sema import ContinualResult, Method, class_tasks, continual
+from brickwork.train.sema import ContinualResult, Method, average_accuracy, class_tasks, continual, forgetting
 
 
 @register("stage", "sema")
@@ -83,6 +83,8 @@ def sema_stage(
             "method": method,
             "average_accuracy": r.average_accuracy,
             "forgetting": r.forgetting,
+            "task_accuracy": average_accuracy(r.task_accuracy),
+            "task_forgetting": forgetting(r.task_accuracy),
             "adapters": sum(r.adapters),
             "per_layer": "/".join(map(str, r.adapters)),
             "train_flops": r.train_flops,
@@ -94,6 +96,8 @@ def sema_stage(
             {
                 f"{method}_average_accuracy": r.average_accuracy,
                 f"{method}_forgetting": r.forgetting,
+                f"{method}_task_aware_accuracy": row["task_accuracy"],
+                f"{method}_task_aware_forgetting": row["task_forgetting"],
                 f"{method}_adapters": sum(r.adapters),
                 f"{method}_train_flops": r.train_flops,
             }
@@ -114,12 +118,17 @@ def sema_stage(
         f"### Continual learning on {task_data}: {len(tasks)} tasks of {classes_per_task} classes "
         f"(class-incremental), backbone frozen",
         "",
+        "Average accuracy and forgetting are class-incremental (answers over every class seen); the task-aware "
+        "columns answer over each task's own classes, which removes the heads' bias towards recent tasks.",
+        "",
         markdown_table(
             rows,
             [
                 ("method", "method", "{}"),
                 ("average_accuracy", "average accuracy", "{:.4f}"),
                 ("forgetting", "forgetting", "{:.4f}"),
+                ("task_accuracy", "task-aware accuracy", "{:.4f}"),
+                ("task_forgetting", "task-aware forgetting", "{:.4f}"),
                 ("adapters", "adapters", "{}"),
                 ("per_layer", "per layer", "{}"),
                 ("train_flops", "training FLOPs", "{:.4g}"),
