@@ -10,13 +10,13 @@ import torch
 from brickwork.experiment import RunStore, execute, validate
 
 STEPS = [
-    {"stage": "train_budget", "epochs": 1, "lr": 0.01, "batch_size": 128},
+    {"stage": "train_budget", "epochs": 1, "lr": 0.01, "batch_size": 256},
     {"stage": "grow", "op": "deepen", "position": 1, "eval_samples": 32},
     {"stage": "grow", "op": "widen_ffn", "hidden": 24, "eval_samples": 32},
     {"stage": "grow", "op": "widen_residual", "factor": 2, "eval_samples": 32},
     {"stage": "upcycle", "experts": 4, "top_k": 2, "eval_samples": 32},
     {"stage": "grow", "op": "add_experts", "count": 2, "eval_samples": 32},
-    {"stage": "train_budget", "epochs": 2, "lr": 0.01, "batch_size": 128},
+    {"stage": "train_budget", "epochs": 2, "lr": 0.01, "batch_size": 256},
 ]
 
 
@@ -59,7 +59,7 @@ def test_growth_stages_preserve_the_function_and_resume_bit_exactly(runs_dir, on
 
     def step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 10 + 13:  # 10 steps per epoch: stop inside the last training, past every growth step
+        if calls["n"] > 5 + 7:  # 5 steps per epoch: stop inside the last training, past every growth step
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
