@@ -41,27 +41,22 @@ from brickwork.nn.routing import GroupedFFNExperts, TopKRouter
 from brickwork.nn.stack import StackModel
 from brickwork.ops.grow.edit import resize
 from brickwork.ops.grow.units import fresh_tail, take, tiled_map
-from brickwork.ops.grow.width import stack_model
+from brickwork.ops.grow.width import stack_model, sublayers
 
 ExpertMode = Literal["unchosen", "copy"]
 
 
 def _moe_layers(model: StackModel, layers: Sequence[int] | None, op: str) -> dict[int, MoE]:
-    n = len(model.body)
     out = {}
-    for i in range(n) if layers is None else layers:
-        if not -n <= i < n:
-            raise BrickworkError(f"{op}: body layer {i} is out of range; the body has {n} layers")
-        moe = getattr(model.body.layers[i], "ffn", None)
-        where = f"body.layers.{i % n}.ffn"
-        if not isinstance(moe, MoE):
-            raise BrickworkError(f"{op}: {where} is {type(moe).__name__}, not a mixture of experts")
+    for i, moe in sublayers(model, layers, "ffn", MoE, "a mixture of experts", op).items():
+        assert isinstance(moe, MoE)
+        where = f"body.layers.{i}.ffn"
         if not isinstance(moe.router, TopKRouter) or not isinstance(moe.experts, GroupedFFNExperts):
             raise BrickworkError(
                 f"{op}: {where} needs a top-k router over grouped FFN experts, "
                 f"got {type(moe.router).__name__} over {type(moe.experts).__name__}"
             )
-        out[i % n] = moe
+        out[i] = moe
     return out
 
 

@@ -30,7 +30,7 @@ from brickwork.nn.nested import NestedAttention
 from brickwork.nn.stack import StackModel
 from brickwork.ops.grow.edit import resize
 from brickwork.ops.grow.units import WidthMode, check_growth, grow_cols, grow_rows, unit_map
-from brickwork.ops.grow.width import stack_model
+from brickwork.ops.grow.width import stack_model, sublayers
 
 
 @torch.no_grad()
@@ -91,18 +91,13 @@ def add_heads(
     out = stack_model(model, "add_heads")
     if not in_place:
         out = copy.deepcopy(out)
-    n = len(out.body)
     gen = torch.Generator().manual_seed(seed)
-    for i in range(n) if layers is None else layers:
-        if not -n <= i < n:
-            raise BrickworkError(f"add_heads: body layer {i} is out of range; the body has {n} layers")
-        where = f"body.layers.{i % n}.attn"
-        layer = out.body.layers[i]
-        attn = getattr(layer, "attn", None)
+    kinds = (MultiHeadAttention, NestedAttention)
+    for i, attn in sublayers(out, layers, "attn", kinds, "multi-head attention", "add_heads").items():
+        where = f"body.layers.{i}.attn"
         if isinstance(attn, MultiHeadAttention):
             attn = as_nested_attention(attn, where)
-        if not isinstance(attn, NestedAttention):
-            raise BrickworkError(f"add_heads: {where} is {type(attn).__name__}, not multi-head attention")
+        assert isinstance(attn, NestedAttention)
         grow_heads_(attn, heads, mode, gen, where)
-        layer.attn = attn
+        out.body.layers[i].attn = attn
     return out

@@ -37,7 +37,7 @@ from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE
 from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter, build_router
 from brickwork.nn.stack import StackModel
-from brickwork.ops.grow.width import stack_model
+from brickwork.ops.grow.width import stack_model, sublayers
 from brickwork.ops.moefy import OutputBias
 
 _ROUTING = MoESettings()  # frozen: safe to share as a default
@@ -102,16 +102,8 @@ def upcycle_ffn(
 
 
 def _targets(model: StackModel, layers: Sequence[int] | None) -> dict[int, FeedForward]:
-    n = len(model.body)
-    out = {}
-    for i in range(n) if layers is None else layers:
-        if not -n <= i < n:
-            raise BrickworkError(f"upcycle: body layer {i} is out of range; the body has {n} layers")
-        ffn = getattr(model.body.layers[i], "ffn", None)
-        if not isinstance(ffn, FeedForward):
-            raise BrickworkError(f"upcycle: body.layers.{i % n}.ffn is {type(ffn).__name__}, not a dense FeedForward")
-        out[i % n] = ffn
-    return out
+    found = sublayers(model, layers, "ffn", FeedForward, "a dense FeedForward", "upcycle")
+    return {i: f for i, f in found.items() if isinstance(f, FeedForward)}
 
 
 def upcycle(

@@ -53,6 +53,27 @@ def stack_model(model: nn.Module, op: str) -> StackModel:
     return model
 
 
+def sublayers(
+    model: StackModel, layers: Sequence[int] | None, name: str, kind: type | tuple[type, ...], what: str, op: str
+) -> dict[int, nn.Module]:
+    """The sub-module ``name`` (``ffn``, ``attn``) of each chosen body layer, by layer index, checked to be ``kind``.
+
+    Raises:
+        BrickworkError: a layer index out of range, or a sub-module of another kind (``what`` it should be).
+    """
+    n = len(model.body)
+    out: dict[int, nn.Module] = {}
+    for i in range(n) if layers is None else layers:
+        if not -n <= i < n:
+            raise BrickworkError(f"{op}: body layer {i} is out of range; the body has {n} layers")
+        sub = getattr(model.body.layers[i], name, None)
+        if not isinstance(sub, kind):
+            raise BrickworkError(f"{op}: body.layers.{i % n}.{name} is {type(sub).__name__}, not {what}")
+        assert isinstance(sub, nn.Module)
+        out[i % n] = sub
+    return out
+
+
 def _inner(m: nn.Module, where: str, side: str) -> tuple[nn.Module, str]:
     """The linear-like module doing the work of ``m`` on its ``side`` ("out" or "in"), and its path."""
     if isinstance(m, (DenseLayer, LinearAct)):
@@ -258,16 +279,10 @@ def widen_ffn(
         BrickworkError: a layer index out of range, a layer without a dense FFN, or H' <= H.
     """
     out = _copy(stack_model(model, "widen_ffn"), in_place)
-    n = len(out.body)
-    chosen = range(n) if layers is None else layers
     gen = torch.Generator().manual_seed(seed)
-    for i in chosen:
-        if not -n <= i < n:
-            raise BrickworkError(f"widen_ffn: body layer {i} is out of range; the body has {n} layers")
-        where = f"body.layers.{i % n}.ffn"
-        ffn = getattr(out.body.layers[i], "ffn", None)
-        if not isinstance(ffn, FeedForward):
-            raise BrickworkError(f"widen_ffn: {where} is {type(ffn).__name__}, not a dense FeedForward")
+    for i, ffn in sublayers(out, layers, "ffn", FeedForward, "a dense FeedForward", "widen_ffn").items():
+        assert isinstance(ffn, FeedForward)
+        where = f"body.layers.{i}.ffn"
         old = ffn.up.weight.shape[0]
         check_growth(f"{where} (hidden)", old, hidden)
         g = unit_map(old, hidden, mode, gen)
