@@ -182,31 +182,30 @@ def _inputs_at(model: StackModel, layer: int, x: Tensor, batch: int = 256) -> Te
 
 
 @dataclass
-class _Phase:
-    """One training phase of a task: what it trains on, how, where its state is kept."""
+class _TaskTraining:
+    """The training phases of one task: what they train on, how, where their states are kept."""
 
+    model: StackModel
     view: TaskView
     local: Split
     settings: TrainSettings
     seed: int
     device: str
-    state_path: Path | None
+    state_dir: Path | None
+    name: str
     progress: bool | None
+    phases: int = 0
+    flops: float = 0.0
 
-    def run(
-        self,
-        model: StackModel,
-        layers: list[SEMALayer],
-        patterns: list[str],
-        learning: Sequence[tuple[int, int]],
-        desc: str,
-    ) -> float:
+    def run(self, patterns: list[str], learning: Sequence[tuple[int, int]] = ()) -> None:
         """Train the parameters matching ``patterns``; the descriptors ``(layer, k)`` of ``learning``
-        learn and then get their statistics from the task's inputs. Returns the training FLOPs."""
+        learn, then get their statistics from the task's inputs. Adds the phase's training FLOPs."""
+        layers: list[SEMALayer] = list(self.model.body.layers)  # type: ignore[arg-type]
         descriptors: list[Descriptor] = [layers[i].descriptors[k] for i, k in learning]  # type: ignore[misc]
         for d in descriptors:
             d.learning = True
         empty = Split(self.local.x[:0], self.local.y[:0])  # no validation inside a task sequence
+        where = None if self.state_dir is None else self.state_dir / f"{self.name}-phase{self.phases}"
         result = train_phase(
             self.view,
             patterns,
@@ -215,15 +214,16 @@ class _Phase:
             self.settings,
             seed=self.seed,
             device=self.device,
-            state_path=self.state_path,
+            state_path=where,
             progress=self.progress,
-            desc=desc,
+            desc=f"{self.name} phase {self.phases}",
         )
         for (i, _), d in zip(learning, descriptors, strict=True):
             d.learning = False
             with torch.no_grad():
-                d.fit_statistics(d.losses(_inputs_at(model, i, self.local.x.to(self.device))))
-        return result.flops
+                d.fit_statistics(d.losses(_inputs_at(self.model, i, self.local.x.to(self.device))))
+        self.phases += 1
+        self.flops += result.flops
 
 
 def continual(
@@ -271,14 +271,9 @@ def continual(
         view = TaskView(model, task.offset, task.count)
         local = Split(task.train.x, task.train.y - task.offset)
         head = f"model.head.proj.heads.{t}.*"
-        phase = 0
-
-        def run(patterns: list[str], learning: Sequence[tuple[int, int]] = ()) -> None:
-            nonlocal flops, phase
-            where = None if state_dir is None else state_dir / f"{state_prefix}task{t}-phase{phase}"  # noqa: B023
-            job = _Phase(view, local, settings, seed + 1_000 * t, device, where, progress)  # noqa: B023
-            flops += job.run(model, layers, patterns, learning, f"{method} task {t} phase {phase}")  # noqa: B023
-            phase += 1
+        name = f"{state_prefix}task{t}"
+        job = _TaskTraining(model, view, local, settings, seed + 1_000 * t, device, state_dir, name, progress)
+        run = job.run
 
         if method == "finetune":
             run(["model.stem.*", "model.body.*", head])
@@ -303,13 +298,14 @@ def continual(
                     expanded = True
             if not expanded:
                 run([head])
+        flops += job.flops
         seen = task.offset + task.count
         row, own = [], []
         for earlier in tasks[: t + 1]:
             row.append(evaluate(TaskView(model, 0, seen), earlier.test, loss, device=device)["accuracy"])
             local_test = Split(earlier.test.x, earlier.test.y - earlier.offset)
-            view = TaskView(model, earlier.offset, earlier.count)
-            own.append(evaluate(view, local_test, loss, device=device)["accuracy"])
+            own_view = TaskView(model, earlier.offset, earlier.count)
+            own.append(evaluate(own_view, local_test, loss, device=device)["accuracy"])
         accuracy.append(row)
         aware.append(own)
     for p in model.parameters():
