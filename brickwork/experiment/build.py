@@ -32,11 +32,14 @@ from brickwork.data.base import Dataset
 from brickwork.errors import CheckpointError
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.models.nested import sliced_args
+from brickwork.ops.grow import replay_grow, upcycle_like
+from brickwork.ops.layerwise import compose_like, grow_layers_like
 from brickwork.ops.moefy import moefy_like
 from brickwork.ops.sparsify import sparsify_like
 from brickwork.persist import read_meta as read_checkpoint_meta
 from brickwork.registry import REGISTRY
 from brickwork.train.checkpoint import load_model
+from brickwork.train.sema import sema_like
 
 #: A structural recipe as stages record it: ``{"op": NAME, ...}`` (plain JSON).
 Recipe = Mapping[str, Any]
@@ -98,6 +101,11 @@ def _student(model: nn.Module, r: Recipe) -> nn.Module:
 REBUILDERS: dict[str, Callable[[nn.Module, Recipe], nn.Module]] = {"moefy": _moefy, "sparsify": _sparsify}
 REBUILDERS["assemble"] = lambda model, r: model  # Deep Model Assembling keeps the target's structure
 REBUILDERS["m2mkd"] = _student
+REBUILDERS["grow_layers"] = grow_layers_like  # ops.layerwise: added layers, then LoRA wrappers
+REBUILDERS["compose"] = compose_like  # ops.layerwise: the ensemble of specialists around one stem
+REBUILDERS["sema"] = sema_like  # train.sema: SEMA layers with their adapters, task heads
+REBUILDERS["grow"] = replay_grow  # ops.grow: one function-preserving growth step
+REBUILDERS["upcycle"] = upcycle_like  # ops.grow: dense FFNs upcycled into experts
 
 
 def apply_structure(model: nn.Module, recipes: Sequence[Recipe]) -> nn.Module:

@@ -8,9 +8,11 @@ re-exported here too.
 
 from brickwork.nn import nested, routing, sparse
 from brickwork.nn.activations import activation
+from brickwork.nn.adapters import LoRALinear
 from brickwork.nn.attention import MultiHeadAttention
 from brickwork.nn.conv import ConvBlock
 from brickwork.nn.embed import FlattenEmbed, PatchEmbed, TokenEmbed
+from brickwork.nn.ensemble import Ensemble, check_output_space
 from brickwork.nn.exits import EarlyExit, ExitAt, ExitGate, ExitRecord, choose_exit
 from brickwork.nn.ffn import DenseLayer, FeedForward
 from brickwork.nn.heads import ClassifierHead, SentenceClassifier, pool
@@ -35,19 +37,23 @@ from brickwork.nn.routing import (
     RoutingRecord,
     TopKRouter,
 )
+from brickwork.nn.sema import Adapter, Descriptor, SEMALayer, TaskHeads
 from brickwork.nn.sparse import GroupConv2d, GroupLinear, LinearAct, Rewiring
 from brickwork.nn.stack import Stack, StackModel, stack_of
 from brickwork.nn.text import BertEmbed, MeanPoolHead
 from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
 __all__ = [
+    "Adapter",
     "BertEmbed",
     "ClassifierHead",
     "ConvBlock",
     "DenseLayer",
     "DenseToSparseRouter",
     "DepthRecord",
+    "Descriptor",
     "EarlyExit",
+    "Ensemble",
     "ExitAt",
     "ExitGate",
     "ExitRecord",
@@ -62,6 +68,7 @@ __all__ = [
     "HashRouter",
     "KeyRouter",
     "LinearAct",
+    "LoRALinear",
     "MLPRouter",
     "MeanPoolHead",
     "MixtureOfDepths",
@@ -79,14 +86,17 @@ __all__ = [
     "Rewiring",
     "Routing",
     "RoutingRecord",
+    "SEMALayer",
     "SentenceClassifier",
     "Stack",
     "StackModel",
+    "TaskHeads",
     "TokenEmbed",
     "TopKRouter",
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
+    "check_output_space",
     "choose_exit",
     "collect_aux_losses",
     "collect_records",

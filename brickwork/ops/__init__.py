@@ -55,6 +55,15 @@ from brickwork.ops.chain import (
     per_sample_oracle,
 )
 from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
+from brickwork.ops.layerwise import (
+    add_lora,
+    append_layer,
+    compose_like,
+    grow_layers_like,
+    linear_paths,
+    set_trainable_,
+    specialists,
+)
 from brickwork.ops.merge import MergeOptions, fisher_diagonal, gram_matrices, merge, merge_state_dicts
 from brickwork.ops.merge_files import merge_files
 from brickwork.ops.moefy import dense_ffn, moe_layers, moefy, moefy_like, set_top_k
@@ -82,9 +91,12 @@ __all__ = [
     "Probe",
     "StitchLayer",
     "activation_matching",
+    "add_lora",
     "align",
+    "append_layer",
     "apply_sparsify",
     "beam_search_chain",
+    "compose_like",
     "dense_ffn",
     "drop_attention",
     "drop_layers",
@@ -92,9 +104,11 @@ __all__ = [
     "fisher_diagonal",
     "flat_perm",
     "gram_matrices",
+    "grow_layers_like",
     "invert",
     "layer_importance",
     "least_important",
+    "linear_paths",
     "load_mixtral_moe",
     "merge",
     "merge_files",
@@ -110,10 +124,12 @@ __all__ = [
     "random_perms",
     "repair",
     "set_top_k",
+    "set_trainable_",
     "slice_error",
     "slice_model",
     "sparsify",
     "sparsify_like",
+    "specialists",
     "stitch",
     "stitched",
     "weight_matching",

@@ -6,18 +6,24 @@ epoch is a pure function of (seed, epoch), so a resumed run needs no sampler sta
 
 from brickwork.train.checkpoint import load_model, load_training_state, save_model, save_training_state
 from brickwork.train.finetune import finetune_classifier
+from brickwork.train.layerwise import PhaseResult, step_flops, train_phase
 from brickwork.train.loop import FitConfig, StepResult, evaluate, fit, run_epoch, train_step
 from brickwork.train.losses import build_loss, cross_entropy
 from brickwork.train.optim import build_optimizer, lr_factor
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
+from brickwork.train.sema import ContinualResult, class_tasks, continual, sema_like, sema_model
 
 __all__ = [
+    "ContinualResult",
     "DEFAULT_TRAINING",
     "FitConfig",
+    "PhaseResult",
     "StepResult",
     "TrainSettings",
     "build_loss",
     "build_optimizer",
+    "class_tasks",
+    "continual",
     "cross_entropy",
     "evaluate",
     "finetune_classifier",
@@ -28,6 +34,10 @@ __all__ = [
     "run_epoch",
     "save_model",
     "save_training_state",
+    "sema_like",
+    "sema_model",
+    "step_flops",
+    "train_phase",
     "train_step",
     "train_with",
 ]
