@@ -20,7 +20,15 @@ from brickwork.nn.mod import DepthRecord, MixtureOfDepths, mod_transformer_block
 from brickwork.nn.modes import evaluating
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.nested import NestedAttention, NestedConv2d, NestedGroupNorm, NestedLinear, NestedModel
-from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
+from brickwork.nn.records import (
+    AUX_LOSS_DEFAULTS,
+    AuxLossDefault,
+    aux_weight,
+    aux_weights_used,
+    collect_aux_losses,
+    collect_records,
+    weighted_aux_loss,
+)
 from brickwork.nn.residual import ResidualFFN
 from brickwork.nn.routing import (
     DenseToSparseRouter,
@@ -40,6 +48,8 @@ from brickwork.nn.text import BertEmbed, MeanPoolHead
 from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
 __all__ = [
+    "AUX_LOSS_DEFAULTS",
+    "AuxLossDefault",
     "BertEmbed",
     "ClassifierHead",
     "ConvBlock",
@@ -86,6 +96,8 @@ __all__ = [
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
+    "aux_weight",
+    "aux_weights_used",
     "choose_exit",
     "collect_aux_losses",
     "collect_records",
