@@ -38,8 +38,10 @@ from brickwork.nn.routing import (
     HashRouter,
     KeyRouter,
     MLPRouter,
+    NoisyTopKRouter,
     Routing,
     RoutingRecord,
+    TokenHashRouter,
     TopKRouter,
 )
 from brickwork.nn.sparse import GroupConv2d, GroupLinear, LinearAct, Rewiring
@@ -81,6 +83,7 @@ __all__ = [
     "NestedGroupNorm",
     "NestedLinear",
     "NestedModel",
+    "NoisyTopKRouter",
     "PaddingMask",
     "PatchEmbed",
     "PostNormBlock",
@@ -92,6 +95,7 @@ __all__ = [
     "Stack",
     "StackModel",
     "TokenEmbed",
+    "TokenHashRouter",
     "TopKRouter",
     "TransformerBlock",
     "activation",
