@@ -5,6 +5,7 @@ modularity statistics, equal-size clustering of units, early-exit simulation, li
 connectivity (paths and barriers between two models), Pareto fronts and the plots of a report.
 """
 
+from brickwork.analysis.arank import arank_mod_layers, attention_ranks
 from brickwork.analysis.calibration import Reliability, expected_calibration_error, reliability
 from brickwork.analysis.clustering import (
     balance_labels,
@@ -66,6 +67,8 @@ __all__ = [
     "RoutingStats",
     "StackFlops",
     "accuracy_and_flops",
+    "arank_mod_layers",
+    "attention_ranks",
     "balance_labels",
     "balanced_kmeans",
     "check_same_architecture",
