@@ -327,7 +327,18 @@ def _ls(kind: str | None, pattern: str) -> int:
         params = ", ".join(p.describe() for p in e.params())
         if params:
             print(f"  {'':<22}   ({params})")
+    if kind in (None, "router") and pattern == "*":
+        _ls_aux_defaults()
     return 0
+
+
+def _ls_aux_defaults() -> None:
+    """The default ``aux_weights`` (each auxiliary loss at its paper's weight), after the routers."""
+    from brickwork.nn.records import AUX_LOSS_DEFAULTS, UNLISTED_AUX_WEIGHT
+
+    print(f"\naux_weights (defaults when a config does not set them; any other loss: {UNLISTED_AUX_WEIGHT}):")
+    for name, d in AUX_LOSS_DEFAULTS.items():
+        print(f"  {name:<22} {d.weight:g}  ({d.source})")
 
 
 def _runs(store: object, limit: int) -> int:

@@ -5,16 +5,21 @@ modularity statistics, equal-size clustering of units, early-exit simulation, li
 connectivity (paths and barriers between two models), Pareto fronts and the plots of a report.
 """
 
+from brickwork.analysis.arank import arank_mod_layers, attention_ranks
 from brickwork.analysis.calibration import Reliability, expected_calibration_error, reliability
 from brickwork.analysis.clustering import (
+    balance_labels,
     balanced_kmeans,
     cluster_units,
     coactivation_partition,
     correlation,
     kmeans_partition,
     labels_to_partition,
+    metis_available,
+    metis_partition,
     partition_to_labels,
     random_partition,
+    spectral_partition,
 )
 from brickwork.analysis.compute import (
     Compute,
@@ -62,6 +67,9 @@ __all__ = [
     "RoutingStats",
     "StackFlops",
     "accuracy_and_flops",
+    "arank_mod_layers",
+    "attention_ranks",
+    "balance_labels",
     "balanced_kmeans",
     "check_same_architecture",
     "cluster_units",
@@ -85,6 +93,8 @@ __all__ = [
     "measure_compute",
     "measure_latency",
     "measure_point",
+    "metis_available",
+    "metis_partition",
     "newman_modularity",
     "paired_ratio",
     "parameter_distance",
@@ -107,6 +117,7 @@ __all__ = [
     "routing_stats",
     "routing_summary",
     "simulate",
+    "spectral_partition",
     "stack_flops",
     "subnet_flops",
     "time_rounds",

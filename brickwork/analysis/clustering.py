@@ -9,9 +9,14 @@ Two operations split a layer's units into equal groups and share this module:
   experts the same way) or by *co-activation clustering* (:func:`coactivation_partition`: count
   on real text how often two neurons fire on the same token and cut that graph into E groups
   with few co-firings between them). MoEfication cuts the graph with METIS and then moves
-  neurons to balance the groups; we use the spectral relaxation of the normalised cut (Ng,
-  Jordan & Weiss, 2001: rows of the top-E eigenvectors of ``D^-1/2 A D^-1/2``) followed by the
-  same balanced k-means, which needs no external graph partitioner.
+  neurons to balance the groups; so does :func:`metis_partition` (``pymetis``, the optional
+  ``metis`` extra), following their code (``adj.py``, ``trans_gp.py``): edges weaker than the
+  first non-zero decile of the co-firing counts are dropped and the rest given integer weights
+  in units of that decile, METIS cuts the graph into E parts (its default 3 % imbalance), and
+  the surplus neurons of oversized parts, drawn at random, fill the undersized ones at random.
+  Without ``pymetis`` the fallback is the spectral relaxation of the normalised cut (Ng, Jordan
+  & Weiss, 2001: rows of the top-E eigenvectors of ``D^-1/2 A D^-1/2``) followed by the same
+  balanced k-means (:func:`spectral_partition`), which needs no external graph partitioner.
 * **Sparsification** (:mod:`brickwork.ops.sparsify`, G2GNet) groups units into neuronal
   *ensembles*, units that are active together (:func:`cluster_units`): each unit is described by
   its correlation profile (its row of the D x D correlation matrix, L2-normalised, so squared
@@ -37,10 +42,17 @@ A *partition* is an (E, H/E) int64 tensor: row ``e`` lists the units of group ``
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+# How the co-activation graph is cut: METIS (MoEfication's) or the spectral relaxation.
+CutMethod = Literal["metis", "spectral"]
 
 
 def check_partition(partition: Tensor, hidden: int) -> None:
@@ -170,10 +182,102 @@ def spectral_embedding(adj: Tensor, dims: int) -> Tensor:
     return F.normalize(vecs[:, -dims:], dim=1)
 
 
-def coactivation_partition(fired: Tensor, num_experts: int, seed: int = 0) -> Tensor:
-    """Co-activation clustering: (E, H/E) balanced spectral partition of the co-firing graph of ``fired`` (N, H)."""
-    emb = spectral_embedding(coactivation_counts(fired), num_experts)
+def spectral_partition(adj: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """(E, H/E) balanced k-means of the graph ``adj`` (H, H)'s spectral embedding: the METIS fallback."""
+    emb = spectral_embedding(adj, num_experts)
     return labels_to_partition(balanced_kmeans(emb, num_experts, seed=seed), num_experts)
+
+
+def metis_available() -> bool:
+    """Whether ``pymetis`` is installed (``pip install 'brickwork[metis]'``)."""
+    return importlib.util.find_spec("pymetis") is not None
+
+
+def metis_labels(adj: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """(H,) METIS k-way parts of the weighted graph ``adj`` (H, H), edges thresholded as MoEfication's ``adj.py``.
+
+    The threshold is the first non-zero of the 10th, 20th, ... percentiles of all entries;
+    entries at or above it (times 0.99, as theirs) become edges of weight ``floor(a / t)``.
+    The parts are METIS's (default imbalance tolerance 1.03), not yet equal in size.
+    """
+    import pymetis  # optional dependency: the `metis` extra
+
+    a = adj.detach().double().cpu().clone()
+    a.fill_diagonal_(0.0)
+    flat = a.reshape(-1)
+    threshold = 0.0
+    for pct in range(10, 101, 10):
+        threshold = float(torch.quantile(flat, pct / 100.0))
+        if threshold > 0:
+            break
+    if threshold <= 0:
+        raise ValueError("metis_partition: the co-activation graph has no edges (no two units ever fired together)")
+    weights = torch.floor(a / (threshold * 0.99))
+    xadj, adjncy, eweights = [0], [], []
+    for row in weights:
+        nbrs = torch.nonzero(row >= 1).reshape(-1)
+        adjncy += nbrs.tolist()
+        eweights += row[nbrs].long().tolist()
+        xadj.append(len(adjncy))
+    graph = pymetis.CSRAdjacency(xadj, adjncy)
+    _, parts = pymetis.part_graph(num_experts, graph, eweights=eweights, options=pymetis.Options(seed=seed))
+    return torch.tensor(parts, dtype=torch.long)
+
+
+def balance_labels(labels: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """(H,) labels moved to equal parts of H/E as MoEfication's ``trans_gp.py`` does.
+
+    Each part larger than H/E keeps a random H/E of its units; the surplus, shuffled, fills the
+    parts that are short, in order of part index.
+    """
+    hidden = labels.numel()
+    size = hidden // num_experts
+    if size * num_experts != hidden:
+        raise ValueError(f"balance_labels: {hidden} units do not split into {num_experts} equal parts")
+    gen = torch.Generator().manual_seed(seed)
+    members = [torch.nonzero(labels == e).reshape(-1) for e in range(num_experts)]
+    surplus: list[Tensor] = []
+    for e, m in enumerate(members):
+        if len(m) > size:
+            m = m[torch.randperm(len(m), generator=gen)]
+            members[e], extra = m[:size], m[size:]
+            surplus.append(extra)
+    pool = torch.cat(surplus) if surplus else torch.empty(0, dtype=torch.long)
+    pool = pool[torch.randperm(len(pool), generator=gen)]
+    out = labels.clone()
+    for e, m in enumerate(members):
+        need = size - len(m)
+        if need > 0:
+            out[pool[:need]] = e
+            pool = pool[need:]
+    return out
+
+
+def metis_partition(adj: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """(E, H/E): MoEfication's co-activation split: METIS k-way cut of ``adj`` (H, H), then balanced."""
+    return labels_to_partition(balance_labels(metis_labels(adj, num_experts, seed), num_experts, seed), num_experts)
+
+
+def coactivation_partition(fired: Tensor, num_experts: int, seed: int = 0, method: CutMethod = "metis") -> Tensor:
+    """Co-activation clustering: (E, H/E) balanced partition of the co-firing graph of ``fired`` (N, H).
+
+    Args:
+        fired: (N, H) bool, neuron fired on token n.
+        num_experts: E.
+        seed: METIS's seed and the balancing draw (or the k-means initialisation).
+        method: ``"metis"`` (MoEfication's; falls back to ``"spectral"`` with a warning when
+            ``pymetis`` is not installed) or ``"spectral"``.
+    """
+    adj = coactivation_counts(fired)
+    if method == "metis":
+        if metis_available():
+            return metis_partition(adj, num_experts, seed)
+        warnings.warn(
+            "pymetis is not installed (pip install 'brickwork[metis]'): co-activation clustering falls back to "
+            "the spectral cut",
+            stacklevel=2,
+        )
+    return spectral_partition(adj, num_experts, seed)
 
 
 def random_partition(hidden: int, num_experts: int, seed: int = 0) -> Tensor:

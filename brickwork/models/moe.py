@@ -28,7 +28,7 @@ from brickwork.nn import (
 from brickwork.nn.ffn import Activation
 from brickwork.nn.moe import moe_ffn
 from brickwork.nn.residual import ResidualFFN
-from brickwork.nn.routing import MoESettings
+from brickwork.nn.routing import MoESettings, feed_token_ids, wants_token_ids
 from brickwork.registry import Flatten, register
 
 Count = Annotated[int, Field(ge=0)]
@@ -105,8 +105,11 @@ def moe_lm(
         )
         for _ in range(depth)
     ]
-    return StackModel(
+    model = StackModel(
         TokenEmbed(num_classes, dim, in_shape[0]),
         Stack(blocks),
         ClassifierHead(dim, num_classes, pool="none", norm=True),
     )
+    if wants_token_ids(model):  # token-id routers (Roller et al.'s hash layers) read the input ids
+        feed_token_ids(model)
+    return model

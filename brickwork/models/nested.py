@@ -31,7 +31,15 @@ from brickwork.nn import (
     TokenEmbed,
     TransformerBlock,
 )
-from brickwork.nn.exits import EarlyExit, ExitGate, ExitObjective, ExitPolicy, Teacher
+from brickwork.nn.exits import (
+    GATED_OBJECTIVES,
+    EarlyExit,
+    ExitGate,
+    ExitObjective,
+    ExitPolicy,
+    GateFeatures,
+    Teacher,
+)
 from brickwork.nn.ffn import Activation
 from brickwork.nn.nested import (
     NestedAttention,
@@ -344,6 +352,7 @@ def early_exit(
     distill_weight: Annotated[float, Field(ge=0, le=1)] = 0.5,
     teacher: Teacher = "final",
     cost_weight: Annotated[float, Field(ge=0)] = 0.1,
+    phase_steps: Annotated[int, Field(ge=1)] = 20,
 ) -> EarlyExit:
     """Any registered stack model with exit heads after body layers (early exits).
 
@@ -353,10 +362,13 @@ def early_exit(
         exit_hidden: 0 for exit heads like the model's head; else the width of one extra layer
             in each exit head (a 3x3 stride-2 conv block on feature maps, a dense layer otherwise).
         policy, threshold: inference exit rule (confidence, entropy or learned gate).
-        objective: ``weighted`` losses, self-``distill``ation, or ``jei`` (learned gates).
+        objective: ``weighted`` losses, ``depth_weighted`` (ModularStarEncoder), BYOT
+            self-``distill``ation, ``jei`` (JEI-DNN's alternating joint training of heads and
+            gates) or ``joint_gates`` (heads on the plain sum, gates on the expected loss).
         weights: loss weight per exit and then the final head (default all 1).
         temperature, distill_weight, teacher: self-distillation settings.
         cost_weight: JEI-DNN's lambda on the relative FLOPs of each exit.
+        phase_steps: ``jei``: optimizer steps per alternating phase (heads, then gates).
 
     Shapes:
         as the base model.
@@ -375,7 +387,9 @@ def early_exit(
     heads = {i: _exit_head(model.head, shapes[i], num_classes, exit_hidden) for i in layers}
     costs = _exit_costs(model, heads, x)
     model.train()
-    gates = {i: ExitGate() for i in heads} if policy == "gate" or objective == "jei" else None
+    features: GateFeatures = "jei" if objective == "jei" else "prediction"  # JEI-DNN's gates read four features
+    gated = policy == "gate" or objective in GATED_OBJECTIVES
+    gates = {i: ExitGate(features) for i in heads} if gated else None
     return EarlyExit(
         model,
         heads,
@@ -389,4 +403,5 @@ def early_exit(
         teacher=teacher,
         costs=costs,
         cost_weight=cost_weight,
+        phase_steps=phase_steps,
     )

@@ -23,7 +23,15 @@ from brickwork.nn.mod import DepthRecord, MixtureOfDepths, mod_transformer_block
 from brickwork.nn.modes import evaluating
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.nested import NestedAttention, NestedConv2d, NestedGroupNorm, NestedLinear, NestedModel
-from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
+from brickwork.nn.records import (
+    AUX_LOSS_DEFAULTS,
+    AuxLossDefault,
+    aux_weight,
+    aux_weights_used,
+    collect_aux_losses,
+    collect_records,
+    weighted_aux_loss,
+)
 from brickwork.nn.residual import ResidualFFN
 from brickwork.nn.routing import (
     DenseToSparseRouter,
@@ -33,8 +41,10 @@ from brickwork.nn.routing import (
     HashRouter,
     KeyRouter,
     MLPRouter,
+    NoisyTopKRouter,
     Routing,
     RoutingRecord,
+    TokenHashRouter,
     TopKRouter,
 )
 from brickwork.nn.sema import Adapter, Descriptor, SEMALayer, TaskHeads
@@ -45,6 +55,8 @@ from brickwork.nn.transformer import PostNormBlock, TransformerBlock
 
 __all__ = [
     "Adapter",
+    "AUX_LOSS_DEFAULTS",
+    "AuxLossDefault",
     "BertEmbed",
     "ClassifierHead",
     "ConvBlock",
@@ -79,6 +91,7 @@ __all__ = [
     "NestedGroupNorm",
     "NestedLinear",
     "NestedModel",
+    "NoisyTopKRouter",
     "PaddingMask",
     "PatchEmbed",
     "PostNormBlock",
@@ -92,11 +105,14 @@ __all__ = [
     "StackModel",
     "TaskHeads",
     "TokenEmbed",
+    "TokenHashRouter",
     "TopKRouter",
     "TransformerBlock",
     "activation",
     "after_optimizer_step",
     "check_output_space",
+    "aux_weight",
+    "aux_weights_used",
     "choose_exit",
     "collect_aux_losses",
     "collect_records",

@@ -13,8 +13,10 @@ Decay") adds: tanh-gated weight normalisation (TanhNorm, ``w = 1 + s * tanh(r)``
 untrained router leaves the block's update intact), symmetric token reweighting (STRing: the
 skipped tokens are scaled by their ``w`` too, so the router also learns from them), and a
 per-layer capacity decaying with depth (:func:`pmod_capacities`). gamma-MoD (Luo et al., 2024)
-chooses which layers to convert by attention-map rank; use :func:`pmod_capacities` or your own
-list to set capacities per layer.
+chooses which layers to convert by the rank of their attention maps (ARank: the lowest-rank
+layers become MoD layers): :func:`brickwork.analysis.arank.attention_ranks` measures it and
+:func:`~brickwork.analysis.arank.arank_mod_layers` picks the layers; :func:`pmod_capacities` or
+your own list sets the capacities.
 
 The gathered tokens keep their original order, so a causal block stays causal among them.
 Selecting top-C over the whole sequence looks at future tokens; for autoregressive sampling,

@@ -52,6 +52,8 @@ from brickwork.ops.chain import (
     enumerate_chains,
     layer_importance,
     least_important,
+    mcts_chain,
+    mcts_search,
     per_sample_oracle,
 )
 from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
@@ -110,6 +112,8 @@ __all__ = [
     "least_important",
     "linear_paths",
     "load_mixtral_moe",
+    "mcts_chain",
+    "mcts_search",
     "merge",
     "merge_files",
     "merge_state_dicts",

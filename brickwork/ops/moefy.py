@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.analysis.clustering import check_partition, coactivation_partition, kmeans_partition, random_partition
+from brickwork.analysis.clustering import (
+    CutMethod,
+    check_partition,
+    coactivation_partition,
+    kmeans_partition,
+    random_partition,
+)
 from brickwork.kernels import GroupedBackend, grouped_linear
 from brickwork.nn.activations import activation
 from brickwork.nn.ffn import Activation, FeedForward
@@ -42,7 +48,10 @@ from brickwork.nn.stack import StackModel
 from brickwork.ops.moefy_router import expert_activation_sums, router_recall, train_mlp_router
 from brickwork.registry import register
 
-Clustering = Literal["kmeans", "coactivation", "random"]
+# ``coactivation`` cuts the co-firing graph with METIS as MoEfication does (spectral cut, with a
+# warning, when pymetis is absent); ``coactivation_spectral`` always uses the spectral cut (the
+# only co-activation method before issue 14, and the one behind the figures recorded then).
+Clustering = Literal["kmeans", "coactivation", "coactivation_spectral", "random"]
 # The registered routers built from a neuron bank's keys (``nn/routing/key_routers.py``); any
 # other router would start untrained, and the conversion trains none but ``mlp``.
 RouterKind = Literal["emoe", "mlp"]
@@ -225,7 +234,8 @@ def partition_ffn(
         return random_partition(hidden, num_experts, seed)
     if x is None:
         raise ValueError("moefy: co-activation clustering needs calibration text")
-    return coactivation_partition(F.linear(x, ffn.up.weight, ffn.up.bias) > 0, num_experts, seed)
+    method: CutMethod = "spectral" if clustering == "coactivation_spectral" else "metis"
+    return coactivation_partition(F.linear(x, ffn.up.weight, ffn.up.bias) > 0, num_experts, seed, method)
 
 
 def make_router(bank: NeuronExperts, kind: RouterKind, top_k: int) -> nn.Module:
@@ -258,7 +268,8 @@ def moefy(
         batches: real model inputs, padding-free (needed for ``coactivation`` and ``mlp``).
         num_experts: E; must divide the FFN width.
         top_k: experts computed per token (E reproduces the dense model).
-        clustering: ``kmeans`` (parameter clustering), ``coactivation`` (on ``batches``), ``random``.
+        clustering: ``kmeans`` (parameter clustering), ``coactivation`` (on ``batches``; METIS
+            cut), ``coactivation_spectral`` (spectral cut), ``random``.
         router: ``emoe`` (training-free avg-k gate) or ``mlp`` (MoEfication's router, trained on
             ``batches`` to predict each expert's positive activation sum).
         layers: body layers to convert (default: all).
@@ -275,7 +286,7 @@ def moefy(
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"moefy: top_k must be in [1, {num_experts}], got {top_k}")
     ffns = _ffns(model, layers)
-    need_text = clustering == "coactivation" or router == "mlp"
+    need_text = clustering.startswith("coactivation") or router == "mlp"
     if need_text and batches is None:
         raise ValueError(f"moefy: clustering={clustering!r}, router={router!r} need calibration batches of real text")
     inputs = ffn_inputs(model, batches, list(ffns), max_tokens) if batches is not None else {}

@@ -20,7 +20,7 @@ from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
 from brickwork.distributed.data_parallel import context_of, gathered
 from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
-from brickwork.nn.records import collect_aux_losses
+from brickwork.nn.records import aux_weight, collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
 from brickwork.train.losses import LossFn
 from brickwork.train.optim import Schedule, lr_factor
@@ -59,7 +59,8 @@ def train_step(
     """One step: forward, task loss plus the bricks' weighted auxiliary losses, backward, update.
 
     Auxiliary losses (load balancing, z-loss, ...) are collected from every brick that left
-    them (``nn.records``) and added with ``aux_weights[name]`` (default 1.0). A model with a
+    them (``nn.records``) and added with ``aux_weights[name]`` (default: the loss's paper weight,
+    ``nn.records.AUX_LOSS_DEFAULTS``; 1.0 for a loss none is listed for). A model with a
     ``training_loss(x, y, loss_fn)`` method supplies its own objective (``nn.hooks``). After
     the update, bricks' ``after_step`` / ``set_progress(progress)`` hooks run, and the
     optimizer's state is zeroed where sparse layers regrew weights.
@@ -85,8 +86,7 @@ def train_step(
     total = loss
     aux = collect_aux_losses(model)
     if aux:
-        weights = aux_weights or {}
-        total = loss + share * sum(weights.get(k, 1.0) * v for k, v in aux.items())
+        total = loss + share * sum(aux_weight(k, aux_weights) * v for k, v in aux.items())
     values = [loss.item(), *(share * v.item() for v in aux.values())]  # each times this rank's share
     finite = math.isfinite(total.item())
     if dist.active:

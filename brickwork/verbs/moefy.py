@@ -38,7 +38,9 @@ FFN_NEURONS = 1536
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=16, help="experts per FFN, E (divides 1536)")
     parser.add_argument("--top-k", type=int, default=4, help="experts computed per token")
-    parser.add_argument("--clustering", choices=["kmeans", "coactivation", "random"], default="kmeans")
+    parser.add_argument(
+        "--clustering", choices=["kmeans", "coactivation", "coactivation_spectral", "random"], default="kmeans"
+    )
     parser.add_argument("--router", choices=["emoe", "mlp"], default="emoe")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--calib-sentences", type=int, default=800, help="Rotten Tomatoes snippets for calibration")

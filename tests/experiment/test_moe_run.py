@@ -36,6 +36,9 @@ def test_moe_mlp_run_with_routing_report(tiny_config, runs_dir, router):
     tiny_config["stages"] = [{"stage": "train", "epochs": 1}, {"stage": "evaluate"}, {"stage": "routing"}]
     rec = execute(validate(tiny_config), RunStore(runs_dir), progress=False, echo=lambda s: None)
     report = (rec.dir / "report.md").read_text()
+    used = {k.removeprefix("aux_weight."): v for k, v in rec.metrics["moe"].items() if k.startswith("aux_weight.")}
+    assert used and used == {k: tiny_config["aux_weights"][k] for k in used}  # the weights used, logged
+    assert all(f"`{k}` {v:g} (config aux_weights)" in report for k, v in used.items())
     assert "routing-body_layers_0_ffn.png" in report and (rec.dir / "moe" / "routing-body_layers_0_ffn.png").exists()
     moe, dense = rec.metrics["moe"], rec.metrics["dense"]
     if router != "dense_to_sparse":  # the annealed gate runs a variable number of experts per token

@@ -28,7 +28,8 @@ def model(policy="confidence", objective="weighted", **kw):
     torch.manual_seed(0)
     base = mlp((1, 8, 8), K, width=W, depth=4)
     heads = {i: ClassifierHead(W, K) for i in (0, 2)}
-    gates = {i: ExitGate() for i in heads} if policy == "gate" or objective == "jei" else None
+    gated = policy == "gate" or objective in ("jei", "joint_gates")
+    gates = {i: ExitGate("jei" if objective == "jei" else "prediction") for i in heads} if gated else None
     return EarlyExit(base, heads, gates=gates, policy=policy, objective=objective, **kw)
 
 
@@ -114,8 +115,8 @@ def test_weighted_and_distill_objectives():
     assert d1.exits["0"].proj.weight.grad.abs().sum() > 0
 
 
-def test_jei_objective_trains_gates_and_heads_and_the_exit_distribution_sums_to_one():
-    m = model(objective="jei", cost_weight=0.5)
+def test_joint_gates_objective_trains_gates_and_heads_in_one_step():
+    m = model(objective="joint_gates", cost_weight=0.5)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, K, (8,))
     loss = m.training_loss(x, y, F.cross_entropy)
     loss.backward()

@@ -19,6 +19,7 @@ from brickwork.nn.routing import (
     Routing,
     RoutingRecord,
     TopKRouter,
+    balance_token_hash,
     token_choice_routing,
 )
 from brickwork.nn.transformer import TransformerBlock
@@ -225,6 +226,10 @@ def test_moe_ffn_smoke_every_registered_router(router: str) -> None:
     torch.manual_seed(0)
     moe = moe_ffn(8, 12, 4, MoESettings(router=router), glu=True, act="silu", bias=True).train()
     x = torch.randn(2, 5, 8)
+    if getattr(moe.router, "needs_token_ids", False):  # token-id hash routers read the input ids
+        ids = torch.randint(0, 50, (2, 5))
+        balance_token_hash(moe, ids)  # the frequency table (a no-op for the random one)
+        moe.router.set_token_ids(ids)
     y = moe(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     (y.square().mean() + sum(moe.aux_losses.values())).backward()

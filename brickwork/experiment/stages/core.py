@@ -19,6 +19,7 @@ from brickwork.analysis.compute import measure_compute
 from brickwork.analysis.timing import measure_latency
 from brickwork.data.batching import input_batches
 from brickwork.experiment.context import SplitName, StageContext
+from brickwork.nn.records import aux_weights_used
 from brickwork.registry import Flatten, register
 from brickwork.train import build_loss, evaluate
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
@@ -64,6 +65,14 @@ def train(ctx: StageContext, /, settings: Annotated[TrainSettings, Flatten] = DE
     ctx.metrics["train_wall_seconds_this_process"] = time.perf_counter() - t0
     if history and "val_accuracy" in history[-1]:
         ctx.metrics["val_accuracy"] = history[-1]["val_accuracy"]
+    # The weights the auxiliary losses were trained with, and where each came from (issue 14).
+    names = sorted({k.removeprefix("aux.") for row in history for k in row if k.startswith("aux.")})
+    if names:
+        used = aux_weights_used(names, ctx.aux_weights)
+        ctx.metrics.update({f"aux_weight.{n}": w for n, (w, _) in used.items()})
+        ctx.report.append(
+            "Auxiliary losses, trained with weights: " + "; ".join(f"`{n}` {w:g} ({o})" for n, (w, o) in used.items())
+        )
 
 
 @register("stage", "evaluate")

@@ -10,6 +10,7 @@ from pydantic import Field
 from brickwork.analysis.routing import expert_specialisation, plot_routing_heatmap, routing_stats
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.nn.records import collect_records
+from brickwork.nn.routing.token_hash import balance_token_hash
 from brickwork.nn.routing.types import RoutingRecord
 from brickwork.registry import register
 
@@ -60,3 +61,17 @@ def routing_stage(
         "\n".join(rows),
         *images,
     ]
+
+
+@register("stage", "hash_balance")
+def hash_balance_stage(ctx: StageContext, /) -> None:
+    """Build Roller et al.'s frequency-balanced hash table from the train split's token ids.
+
+    Every ``token_hash_frequency`` router of the model gets it (ids sorted by frequency, each to
+    the expert with the least total frequency so far); other models pass through unchanged. Run
+    it before ``train``: such a router refuses to train without its table.
+    """
+    n = balance_token_hash(ctx.model, ctx.data.train.x)
+    ctx.metrics["hash_balanced_routers"] = n
+    if n:
+        ctx.report.append(f"Frequency-balanced hash tables (Roller et al., 2021) built for {n} router(s).")

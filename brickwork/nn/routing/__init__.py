@@ -12,11 +12,19 @@ from brickwork.nn.routing.dense_to_sparse import DenseToSparseRouter, activation
 from brickwork.nn.routing.dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from brickwork.nn.routing.expert_choice import ExpertChoiceRouter
 from brickwork.nn.routing.experts import ExpertList, GroupedFFNExperts
-from brickwork.nn.routing.hash import HashRouter, feed_token_ids
+from brickwork.nn.routing.hash import HashRouter, feed_token_ids, wants_token_ids
 from brickwork.nn.routing.key_routers import KeyBank, KeyRouter, MLPRouter
-from brickwork.nn.routing.losses import load_balance_loss, router_z_loss
+from brickwork.nn.routing.losses import cv_squared, load_balance_loss, router_z_loss, smooth_load
+from brickwork.nn.routing.noisy_topk import NoisyTopKRouter
 from brickwork.nn.routing.schedule import anneal
 from brickwork.nn.routing.settings import Balance, MoESettings, RouterName, build_router
+from brickwork.nn.routing.token_hash import (
+    TokenHashRouter,
+    balance_token_hash,
+    frequency_balanced_table,
+    random_balanced_table,
+    token_hash_frequency,
+)
 from brickwork.nn.routing.topk import TopKRouter, sigmoid_topk
 from brickwork.nn.routing.types import Routing, RoutingRecord, token_choice_routing
 
@@ -32,19 +40,28 @@ __all__ = [
     "KeyRouter",
     "MLPRouter",
     "MoESettings",
+    "NoisyTopKRouter",
     "Routing",
     "RouterName",
     "RoutingRecord",
     "SelectionBias",
+    "TokenHashRouter",
     "TopKRouter",
     "activation_dense_to_sparse",
     "anneal",
+    "balance_token_hash",
     "build_router",
+    "cv_squared",
     "expert_capacity",
     "feed_token_ids",
+    "frequency_balanced_table",
     "load_balance_loss",
     "plan_dispatch",
+    "random_balanced_table",
     "router_z_loss",
     "sigmoid_topk",
+    "smooth_load",
     "token_choice_routing",
+    "token_hash_frequency",
+    "wants_token_ids",
 ]

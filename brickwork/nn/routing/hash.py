@@ -1,11 +1,18 @@
-"""Hash routing (Roller et al., 2021, "Hash Layers For Large Sparse Models").
+"""Fixed, parameter-free routing by a hash of the token id, its position, or the input (LSH).
 
-A fixed, parameter-free assignment of tokens to experts. Roller et al. hash the token id;
-that needs the ids at a layer that only sees hidden states, so the ids are handed to the
-router beforehand (:meth:`HashRouter.set_token_ids`, or :func:`feed_token_ids` once for a
-whole model). For inputs without token ids, hash the position in the sequence, or a
-deterministic function of the input itself: the sign pattern of a fixed random projection
-(locality-sensitive hashing), so equal inputs always meet the same expert.
+Roller et al. (2021), "Hash Layers For Large Sparse Models", route by a *table* from token id to
+expert built before training: that is :class:`~brickwork.nn.routing.token_hash.TokenHashRouter`
+(registry name ``token_hash``). This module's :class:`HashRouter` hashes a key with an integer
+mixing function instead: the token id (ids handed over by :func:`feed_token_ids`), the position
+in the sequence, or, for inputs without ids, the sign pattern of a fixed random projection of the
+input (locality-sensitive hashing, registry name ``lsh``; ``hash`` is kept as an alias of it for
+existing configs), so that equal inputs always meet the same expert.
+
+The mixing function is the murmur3 32-bit finaliser, whose every output bit depends on every
+input bit. The multiplicative hash used before (``key * 2654435761 mod 2^32``, then ``mod E``)
+kept only the key's low ``log2 E`` bits for a power-of-two E: token-id and position keys became
+``(key + seed) mod E`` (round robin) and the LSH used 3 of its 16 hyperplanes at 8 experts.
+Models saved with the old hash route differently now (issue 14; none was shipped).
 """
 
 from __future__ import annotations
@@ -21,21 +28,31 @@ from brickwork.registry import register
 
 HashKey = Literal["token_id", "position", "input"]
 
-# Knuth's multiplicative hash constant (2^32 / golden ratio); products of it with values
-# below 2^31 stay inside int64.
-_KNUTH = 2654435761
 _LSH_BITS = 16
+_MASK32 = 0xFFFFFFFF
 
 
 def _mix(values: Tensor, seed: int) -> Tensor:
-    """Integer hash of non-negative int64 ``values`` to [0, 2^32)."""
-    v = (values.long() % (1 << 31) + seed) % (1 << 31)
-    return (v * _KNUTH) % (1 << 32)
+    """Integer hash of non-negative int64 ``values`` to [0, 2^32): murmur3's fmix32 of ``value ^ seed``.
+
+    int64 products wrap modulo 2^64, which leaves their low 32 bits exact, and those are all
+    that is kept.
+    """
+    h = (values.long() ^ (seed & _MASK32)) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
 
 
-@register("router", "hash")
+@register("router", "lsh", "Fixed routing by a hash of an LSH code of the input (or position / token id).")
+@register("router", "hash", "Alias of `lsh` (kept for existing configs); Roller et al.'s id table is `token_hash`.")
 class HashRouter(nn.Module):
     """Fixed hash routing; no parameters, no auxiliary losses, balanced in expectation.
+
+    Not Roller et al.'s table (:class:`~brickwork.nn.routing.token_hash.TokenHashRouter`): the
+    ``"token_id"`` key hashes the id with a mixing function, balanced in expectation only.
 
     Args:
         dim: input width D (used by the ``"input"`` key).
@@ -77,6 +94,11 @@ class HashRouter(nn.Module):
         self.register_buffer("planes", planes.to(device=device, dtype=dtype or torch.float32))
         self.token_ids: Tensor | None = None
 
+    @property
+    def needs_token_ids(self) -> bool:
+        """Whether :func:`feed_token_ids` must hand this router the model's input ids."""
+        return self.key == "token_id"
+
     def set_token_ids(self, ids: Tensor | None) -> None:
         """Token ids for the next forward, shaped like the input's leading dims (e.g. (B, T))."""
         self.token_ids = ids
@@ -115,18 +137,26 @@ class HashRouter(nn.Module):
 
 
 def feed_token_ids(model: nn.Module) -> Any:
-    """Hand the model's input ids to every token-id :class:`HashRouter` inside it, at each call.
+    """Hand the model's input ids to every router inside it that asks for them, at each call.
 
     Registers a forward pre-hook on ``model`` that reads its first positional argument (the
-    (B, T) token ids) and gives it to the routers.
+    (B, T) token ids) and gives it to each submodule whose ``needs_token_ids`` is true (a
+    token-id :class:`HashRouter`, a :class:`~brickwork.nn.routing.token_hash.TokenHashRouter`).
+    The routers are looked up from the module the hook is called on, so a deep copy of the model
+    feeds its own routers.
 
     Returns:
         The hook handle; ``handle.remove()`` undoes it.
     """
-    routers = [m for m in model.modules() if isinstance(m, HashRouter) and m.key == "token_id"]
+    return model.register_forward_pre_hook(_feed_ids)
 
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        for r in routers:
-            r.set_token_ids(args[0])
 
-    return model.register_forward_pre_hook(hook)
+def _feed_ids(module: nn.Module, args: tuple[Any, ...]) -> None:
+    for m in module.modules():
+        if getattr(m, "needs_token_ids", False):
+            m.set_token_ids(args[0])  # type: ignore[operator]
+
+
+def wants_token_ids(model: nn.Module) -> bool:
+    """Whether any router in ``model`` needs the input ids (:func:`feed_token_ids`)."""
+    return any(getattr(m, "needs_token_ids", False) for m in model.modules())

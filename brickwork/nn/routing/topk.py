@@ -1,4 +1,11 @@
-"""Token-choice top-k routing: each token picks its k best experts."""
+"""Token-choice top-k routing: each token picks its k best experts.
+
+The registry's ``topk`` is Mixtral-style softmax top-k (Jiang et al., 2024): a softmax over all
+experts, the k largest kept and renormalised, no noise unless asked, with the Switch/GShard
+balancing loss and the ST-MoE z-loss. It is *not* Shazeer et al.'s (2017) noisy top-k gate, whose
+learned noise, zero initialisation and importance / load losses are
+:class:`~brickwork.nn.routing.noisy_topk.NoisyTopKRouter` (``noisy_topk``).
+"""
 
 from __future__ import annotations
 
@@ -27,14 +34,14 @@ Gate = Literal["softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_t
 # Exploration noise, training only:
 # * jitter: multiply the router's input by U(1 - s, 1 + s) (Switch Transformer, s = 1e-2);
 # * gaussian: add N(0, s^2) to the logits;
-# * learned: add N(0, 1) * softplus(x W_noise) to the logits, W_noise learned
-#   (noisy top-k gating, Shazeer et al., 2017).
+# * learned: add N(0, 1) * softplus(x W_noise) to the logits, W_noise learned (the noise term of
+#   Shazeer et al., 2017, alone: their losses and zero-initialised gate are in noisy_topk).
 Noise = Literal["none", "jitter", "gaussian", "learned"]
 
 
 @register("router", "topk")
 class TopKRouter(nn.Module):
-    """Token-choice top-k router: a linear scorer, a gate function, and top-k selection.
+    """Token-choice top-k router (Mixtral-style softmax top-k by default): a linear scorer, a gate, top-k.
 
     Args:
         dim: input width D.
@@ -82,7 +89,7 @@ class TopKRouter(nn.Module):
         self.noise_proj: nn.Linear | None = None
         if noise == "learned":
             self.noise_proj = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
-            nn.init.zeros_(self.noise_proj.weight)  # Shazeer et al. start both at zero
+            nn.init.zeros_(self.noise_proj.weight)  # as Shazeer et al.'s W_noise (their W_g too: noisy_topk)
         self.selection_bias = SelectionBias(num_experts, balance_rate, device) if balance_rate > 0 else None
 
     def forward(self, x: Tensor) -> Routing:

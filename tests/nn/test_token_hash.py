@@ -1,0 +1,88 @@
+"""Roller et al.'s token-id hash routing (a fixed, balanced table) and the LSH router's mixing."""
+
+import copy
+
+import pytest
+import torch
+
+from brickwork.models.moe import moe_lm
+from brickwork.nn.routing import MoESettings, TokenHashRouter, balance_token_hash, frequency_balanced_table
+from brickwork.nn.routing.hash import _LSH_BITS, HashRouter, _mix
+from brickwork.nn.routing.token_hash import random_balanced_table
+
+E = 8
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_random_table_is_balanced_on_every_prefix_and_k_distinct(k: int) -> None:
+    table = random_balanced_table(203, E, k, seed=3)
+    assert table.shape == (203, k)
+    assert all(len(set(row.tolist())) == k for row in table)  # k distinct experts per id
+    for v in range(1, 204):
+        counts = torch.bincount(table[:v].reshape(-1), minlength=E)
+        if v % E == 0:
+            assert torch.all(counts == k * v // E)  # whole blocks: exactly equal
+        assert int(counts.max() - counts.min()) <= k
+    # a random table, not (id + c) mod E: consecutive ids rarely meet consecutive experts
+    steps = (table[1:, 0] - table[:-1, 0]) % E
+    assert float((steps == 1).float().mean()) < 0.5
+
+
+def test_table_is_fixed_parameter_free_and_saved() -> None:
+    r = TokenHashRouter(4, E, vocab_size=100, seed=1)
+    assert list(r.parameters()) == []
+    assert torch.equal(r.table, TokenHashRouter(4, E, vocab_size=100, seed=1).table)
+    assert not torch.equal(r.table, TokenHashRouter(4, E, vocab_size=100, seed=2).table)
+    other = TokenHashRouter(4, E, vocab_size=100, seed=2)
+    other.load_state_dict(r.state_dict())
+    ids = torch.randint(0, 100, (3, 7))
+    r.set_token_ids(ids)
+    other.set_token_ids(ids)
+    x = torch.randn(3, 7, 4)
+    assert torch.equal(r(x).expert_idx, other(x).expert_idx)
+    assert torch.equal(r(x).expert_idx, r.table[ids.reshape(-1), 0].long())  # the expert is the id's entry
+    r.set_token_ids(torch.tensor([[100]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        r(torch.randn(1, 1, 4))
+
+
+def test_frequency_table_is_the_greedy_balanced_assignment() -> None:
+    counts = torch.tensor([10, 1, 7, 3, 3, 2])
+    # Hand-worked: 0 (10) -> e0; 2 (7) -> e1; 3 (3) -> e1 (7 < 10); 4 (3) -> e0 (tie, lower);
+    # 5 (2) -> e1 (10 < 13); 1 (1) -> e1 (12 < 13): loads 13 / 13.
+    assert frequency_balanced_table(counts, 2, 1).reshape(-1).tolist() == [0, 1, 1, 1, 0, 1]
+    # On a skewed (Zipf) vocabulary the token loads end within the largest single id of the mean.
+    zipf = (1000.0 / torch.arange(1, 300)).round()
+    table = frequency_balanced_table(zipf, E, 1).reshape(-1)
+    load = torch.zeros(E).index_add_(0, table, zipf)
+    assert float(load.max() - load.mean()) <= float(zipf.max())
+    random_load = torch.zeros(E).index_add_(0, random_balanced_table(299, E, 1, 0).reshape(-1), zipf)
+    assert float(load.max() / load.mean()) < float(random_load.max() / random_load.mean())
+
+
+def test_moe_lm_routes_by_input_id_and_frequency_table_is_built_before_training() -> None:
+    model = moe_lm((6,), 20, dim=8, depth=1, heads=2, hidden=8, num_experts=4,
+                   routing=MoESettings(router="token_hash_frequency", top_k=1))  # fmt: skip
+    ids = torch.tensor([[1, 1, 2, 3, 1, 1], [5, 5, 5, 5, 5, 5]])
+    with pytest.raises(RuntimeError, match="hash_balance"):
+        model.train()(ids)
+    assert balance_token_hash(model, ids) == 1
+    router = model.body.layers[0].ffn.router
+    assert isinstance(router, TokenHashRouter) and bool(router.frequency_balanced)
+    # 5 (6 tokens) and 1 (4 tokens) are the two most frequent ids: different experts
+    assert router.table[5, 0] != router.table[1, 0]
+    copied = copy.deepcopy(model).eval()  # the copy's hook feeds the copy's routers
+    copied(ids)
+    rec = copied.body.layers[0].ffn.record
+    assert rec is not None and torch.equal(rec.expert_idx, router.table[ids.reshape(-1), 0].long())
+
+
+def test_mixing_uses_every_bit_of_the_key() -> None:
+    # The multiplicative hash mod 8 read only a key's 3 low bits: the LSH used 3 of 16 planes.
+    codes = torch.arange(1 << _LSH_BITS)
+    expert = _mix(codes, 0) % E
+    for bit in range(_LSH_BITS):
+        assert bool((expert != _mix(codes ^ (1 << bit), 0) % E).any()), bit
+    # position keys are no longer round robin
+    pos = HashRouter(4, E, key="position").assign(torch.randn(1, 64, 4))[:, 0]
+    assert all(not torch.equal(pos, (torch.arange(64) + s) % E) for s in range(E))
