@@ -3,12 +3,12 @@
 Layer-wise growth (``ops.layerwise``), specialists for composition and SEMA's adapters all train
 part of a model while the rest stays frozen. What such a phase costs is not 3x the forward pass:
 autograd skips the backward pass of frozen layers below every trainable one and the weight
-gradients of every frozen parameter. :func:`step_flops` therefore meters one real training step
-(forward and backward, as executed for the current ``requires_grad`` flags) with the one
-accounting, :class:`brickwork.analysis.compute.FlopMeter`. The models these phases train are
-static (no routing, no exits), so a step's FLOPs are linear in its batch size and every step of
-the phase costs ``step FLOPs per sample x its batch size``; :func:`train_phase` multiplies the
-metered figure by the samples the phase trains on (epochs x training samples).
+gradients of every frozen parameter. :func:`brickwork.train.budget.flops_per_sample` therefore
+meters one real training step (forward and backward, as executed for the current
+``requires_grad`` flags) with the one accounting. The models these phases train are static (no
+routing, no exits), so every step costs ``step FLOPs per sample x its batch size``;
+:func:`train_phase` multiplies the metered figure by the samples the phase trains on (epochs x
+training samples).
 """
 
 from __future__ import annotations
@@ -18,36 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from brickwork.analysis.compute import FlopMeter, count_params
+from brickwork.analysis.compute import count_params
 from brickwork.data.base import Split
 from brickwork.ops.layerwise import set_trainable_
-from brickwork.train.losses import LossFn, build_loss
+from brickwork.train.budget import flops_per_sample
 from brickwork.train.recipe import TrainSettings, train_with
-
-
-def step_flops(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> int:
-    """FLOPs of one training step's forward and backward pass on ``(x, y)``, as executed.
-
-    Only what autograd runs is counted: frozen layers below every trainable parameter get no
-    backward pass and frozen weights no gradient. The optimizer update (elementwise) counts
-    nothing under the accounting's convention. Gradients and the RNG state are restored, so
-    the measurement does not change the training that follows.
-    """
-    saved = {id(p): p.grad for p in model.parameters()}
-    was_training = model.training
-    model.train()
-    meter = FlopMeter()
-    with torch.random.fork_rng(devices=[]), meter:
-        loss = loss_fn(model(x), y)
-        if loss.requires_grad:
-            loss.backward()
-    for p in model.parameters():
-        p.grad = saved[id(p)]
-    model.train(was_training)
-    return meter.total
 
 
 @dataclass
@@ -70,14 +47,6 @@ class PhaseResult:
     def flops(self) -> float:
         """Training FLOPs of the whole phase."""
         return self.step_flops_per_sample * self.samples
-
-
-def phase_flops_per_sample(model: nn.Module, train: Split, settings: TrainSettings, device: str = "cpu") -> float:
-    """Training FLOPs per sample of ``model`` with its current ``requires_grad`` flags (one metered step)."""
-    n = min(settings.batch_size, len(train))
-    x, y = train.x[:n].to(device), train.y[:n].to(device)
-    loss_fn = build_loss(settings.loss, label_smoothing=settings.label_smoothing)
-    return step_flops(model, x, y, loss_fn) / n
 
 
 def train_phase(
@@ -110,7 +79,7 @@ def train_phase(
         BrickworkError: no parameter matches ``trainable``.
     """
     set_trainable_(model, trainable)
-    per_sample = phase_flops_per_sample(model, train, settings, device)
+    per_sample = flops_per_sample(model, train, settings, device)
     history = train_with(
         model,
         train,

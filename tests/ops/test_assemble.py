@@ -18,19 +18,17 @@ from brickwork.nn.meta import ModuleDistillation
 from brickwork.nn.routing import MoESettings
 from brickwork.ops.assemble import (
     AssembleError,
-    Trainer,
     assemble,
     boundaries,
-    deep_model_assembling,
     divide,
     fit_module,
     fitted_modules,
-    logit_kd,
     meta_hybrid,
     module_shapes,
     split_model,
-    train_counted,
 )
+from brickwork.train.assemble import Trainer, deep_model_assembling, logit_kd
+from brickwork.train.budget import train_counted
 from brickwork.train.losses import cross_entropy
 from brickwork.train.recipe import TrainSettings
 

@@ -475,7 +475,7 @@ def test_expert_bad_input():
 
 def test_compute_of_grown_models_matches_hand_counts():
     from brickwork.analysis.compute import measure_compute
-    from brickwork.train.layerwise import step_flops
+    from brickwork.train.budget import step_flops
     from brickwork.train.losses import build_loss
 
     # multiply-accumulates x 2 per sample; D = 4, H = 8, 6 inputs, 3 classes

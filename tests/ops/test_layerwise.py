@@ -8,7 +8,7 @@ from brickwork.errors import BrickworkError
 from brickwork.models import mlp, transformer_lm
 from brickwork.nn.adapters import LoRALinear
 from brickwork.ops.layerwise import add_lora, append_layer, grow_layers_like, linear_paths, set_trainable_
-from brickwork.train.layerwise import step_flops
+from brickwork.train.budget import step_flops
 from brickwork.train.losses import build_loss
 
 

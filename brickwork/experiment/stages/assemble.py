@@ -5,9 +5,10 @@ pre-trained, each of the model's modules is trained in its position of the meta 
 loss, the modules are assembled and fine-tuned. ``m2mkd`` (Lo et al., 2024) turns the variant's
 model, the teacher, into a modular student: each student module is trained to match the teacher's
 module in the same position of the meta model, then the student is assembled and trained end to
-end. Both compare, at equal training compute (executed FLOPs of every step, ``ops.assemble``),
+end. Both compare, at equal training compute (executed FLOPs of every step, ``train.budget``),
 with end-to-end training from the same initialisation (and, for ``m2mkd``, plain logit KD), and
-report test accuracy, training FLOPs and inference FLOPs. The method lives in ``ops/assemble.py``.
+report test accuracy, training FLOPs and inference FLOPs. The structure lives in
+``ops/assemble.py``, the methods in ``train/assemble.py``.
 """
 
 from __future__ import annotations
@@ -29,16 +30,9 @@ from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.report import stage_plot_stem
 from brickwork.models.nested import ModelSpec
 from brickwork.nn.stack import StackModel, stack_of
-from brickwork.ops.assemble import (
-    PRETRAIN,
-    Phase,
-    Trainer,
-    deep_model_assembling,
-    epochs_for_budget,
-    module_to_module_kd,
-    plain_kd,
-)
 from brickwork.registry import Flatten, register
+from brickwork.train.assemble import PRETRAIN, Phase, Trainer, deep_model_assembling, module_to_module_kd, plain_kd
+from brickwork.train.budget import epochs_for_budget
 from brickwork.train.checkpoint import save_model
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings
 

@@ -27,7 +27,8 @@ from brickwork.nn.modes import evaluating
 from brickwork.nn.routing import MoESettings
 from brickwork.ops.grow import GrowSettings, apply_grow, upcycle, upcycle_recipe
 from brickwork.registry import Flatten, register
-from brickwork.train.layerwise import phase_flops_per_sample, train_phase
+from brickwork.train.budget import flops_per_sample
+from brickwork.train.layerwise import train_phase
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings
 
 _ROUTING = MoESettings()  # frozen: safe to share as a default
@@ -154,7 +155,7 @@ def train_budget_stage(
         if key not in ref:
             raise BrickworkError(f"train_budget: variant {match!r} has no {key}; it must run this stage unmatched")
         budget = float(ref[key])
-        per_epoch = phase_flops_per_sample(ctx.model, ctx.data.train, settings, ctx.device) * len(ctx.data.train)
+        per_epoch = flops_per_sample(ctx.model, ctx.data.train, settings, ctx.device) * len(ctx.data.train)
         settings = dataclasses.replace(settings, epochs=max(1, round(budget / per_epoch)))
         ctx.metrics[f"train_flops_budget_stage{ctx.stage}"] = budget
     result = train_phase(

@@ -28,7 +28,8 @@ from brickwork.experiment.report import markdown_table
 from brickwork.nn.stack import stack_of
 from brickwork.ops.layerwise import LayerInit, add_lora_, append_layer, linear_paths, set_trainable_
 from brickwork.registry import Flatten, register
-from brickwork.train.layerwise import PhaseResult, phase_flops_per_sample, train_phase
+from brickwork.train.budget import flops_per_sample
+from brickwork.train.layerwise import PhaseResult, train_phase
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings
 
 
@@ -81,7 +82,7 @@ def grow_layers_stage(
         assert match_flops_of is not None
         budget = float(earlier_variant(ctx, match_flops_of, "grow_layers").meta["metrics"]["train_flops"])
         set_trainable_(model, ["body.*", "head.*"] if freeze_stem else ["*"])
-        per_epoch = phase_flops_per_sample(model, ctx.data.train, first, ctx.device) * len(ctx.data.train)
+        per_epoch = flops_per_sample(model, ctx.data.train, first, ctx.device) * len(ctx.data.train)
         first = dataclasses.replace(first, epochs=max(1, round(budget / per_epoch)))
         ctx.metrics["train_flops_budget"] = budget
 
