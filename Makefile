@@ -10,10 +10,13 @@ demo: $(STAMP)
 	$(BIN)/brickwork run configs/default.yaml
 
 # Lint, formatting and types first (ruff and mypy, pinned in the dev extra; configured in
-# pyproject.toml), then the tests. pytest exits 5 when it collects no tests; that is not a
-# failure of the suite.
+# pyproject.toml), then the tests under coverage, then each core package's line coverage against
+# its floor (tools/coverage_floors.py; skipped when PYTEST_ARGS selects part of the suite).
+# pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest --cov=brickwork --cov-report= $(PYTEST_ARGS); s=$$?; \
+	if [ $$s -eq 5 ]; then exit 0; elif [ $$s -ne 0 ]; then exit $$s; fi; \
+	if [ -z "$(PYTEST_ARGS)" ]; then $(BIN)/python tools/coverage_floors.py; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check brickwork tests

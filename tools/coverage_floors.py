@@ -2,8 +2,8 @@
 
 ``make test`` runs pytest under coverage (pytest-cov, configured in pyproject.toml) and then this
 script, which prints one line per package and fails (exit 1) when a package falls below its floor.
-A floor is what the suite reached when it was set, rounded down; raise it when coverage rises,
-never lower it to make a change pass.
+A floor is what the suite reached when it was set, less a small margin for tests that skip on a
+machine without optional data; raise it when coverage rises, never lower it to make a change pass.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ from pathlib import Path
 
 import coverage
 
-# package (a folder or a module of brickwork/) -> minimum line coverage in percent
+# package (a folder or a module of brickwork/) -> minimum line coverage in percent; set 2026-12-01
+# from a full run (nn 96.1, kernels 93.8, train 97.0, persist 93.1, config 96.6, compute 99.4,
+# ops 95.0, experiment 92.8, all 88.0), less a margin of 3-4 points for the tests that skip on a
+# machine without the optional data packages (fashion-mnist, the Bible, MiniLM)
 FLOORS: dict[str, float] = {
-    "brickwork/nn/": 90.0,
+    "brickwork/nn/": 93.0,
     "brickwork/kernels/": 90.0,
-    "brickwork/train/": 90.0,
+    "brickwork/train/": 93.0,
     "brickwork/persist.py": 90.0,
-    "brickwork/experiment/config.py": 90.0,
-    "brickwork/analysis/compute.py": 90.0,
-    "brickwork/ops/": 85.0,
-    "brickwork/experiment/": 85.0,
-    "brickwork/": 85.0,
+    "brickwork/experiment/config.py": 93.0,
+    "brickwork/analysis/compute.py": 95.0,
+    "brickwork/ops/": 90.0,
+    "brickwork/experiment/": 88.0,
+    "brickwork/": 84.0,
 }
 
 
