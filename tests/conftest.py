@@ -34,3 +34,31 @@ def runs_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def killed_then_resumed(monkeypatch: pytest.MonkeyPatch):
+    """``run(cfg, runs_dir, steps)``: run ``cfg`` in a fresh store, kill it (KeyboardInterrupt, as
+    Ctrl-C does) after ``steps`` training steps, then resume it; returns the store and the resumed
+    run's record. The tests of structural stages compare its weights with an uninterrupted run."""
+    from brickwork.experiment import RunStore, execute, validate
+    from brickwork.train import loop
+
+    def run(cfg: dict[str, Any], runs_dir: Path, steps: int) -> tuple[Any, Any]:
+        real, calls = loop.train_step, {"n": 0}
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] > steps:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "train_step", step)
+        store = RunStore(runs_dir)
+        with pytest.raises(KeyboardInterrupt):
+            execute(validate(cfg), store, progress=False, echo=lambda s: None)
+        monkeypatch.undo()
+        (rec,) = store.list()
+        return store, execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+
+    return run

@@ -70,8 +70,7 @@ def test_assemble_then_m2mkd_with_baselines(runs_dir, one_thread):
     assert (rec.dir / "plots" / "m2mkd-t-train-flops.png").exists()
 
 
-def test_resume_past_both_stages_gives_the_same_weights(runs_dir, one_thread, tmp_path, monkeypatch):
-    import brickwork.train.loop as loop
+def test_resume_past_both_stages_gives_the_same_weights(runs_dir, one_thread, tmp_path, killed_then_resumed):
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
@@ -86,25 +85,11 @@ def test_resume_past_both_stages_gives_the_same_weights(runs_dir, one_thread, tm
 
     # digits in batches of 256: 5 steps per epoch. assemble: meta 1 + 2 modules + fine-tuning 1 = 20
     # steps; m2mkd (its meta model reused): 2 modules + 1 = 15; stop inside the last stage's 2nd epoch.
-    real, calls = loop.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 20 + 15 + 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    store, resumed = killed_then_resumed(cfg, runs_dir, 20 + 15 + 7)
     got, meta = load_tensors(resumed.dir / "t" / "model")
     assert [r["op"] for r in meta["structure"]] == ["assemble", "m2mkd"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    trained = load_trained(store, rec.id).model
+    trained = load_trained(store, resumed.id).model
     assert trained.stem.proj.out_features == 12 and len(trained.body) == 2  # the student, rebuilt
 
 

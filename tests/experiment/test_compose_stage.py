@@ -30,8 +30,7 @@ def _cfg(threads):
     }
 
 
-def test_specialists_compose_resume_bit_exactly_and_reload(runs_dir, one_thread, tmp_path, monkeypatch):
-    import brickwork.train.loop as loop
+def test_specialists_compose_resume_bit_exactly_and_reload(runs_dir, one_thread, tmp_path, killed_then_resumed):
     from brickwork.data import load_dataset
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
@@ -47,26 +46,13 @@ def test_specialists_compose_resume_bit_exactly_and_reload(runs_dir, one_thread,
     assert m["train_flops"] == 1258 * step
     assert {"specialist0_val_accuracy", "specialist1_val_accuracy", "compose_val_accuracy"} <= m.keys()
 
-    real, calls = loop.train_step, {"n": 0}
-
-    def step_fn(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5 + 2:  # 5 steps per specialist (620 and 638 samples): stop inside the second one
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step_fn)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    # 5 steps per specialist (620 and 638 samples): stop inside the second one
+    store, resumed = killed_then_resumed(cfg, runs_dir, 5 + 2)
     got, meta = load_tensors(resumed.dir / "m" / "model")
     assert meta["structure"] == [{"op": "compose", "members": 2, "combine": "logits", "share_stem": True}]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
-    trained = load_trained(store, rec.id).model.eval()
+    trained = load_trained(store, resumed.id).model.eval()
     assert type(trained).__name__ == "Ensemble" and trained.members[0].stem is trained.members[1].stem
     val = load_dataset("digits", seed=0).val
     with torch.no_grad():  # the composed model runs the shared stem once: 64->16, then two bodies and heads

@@ -38,8 +38,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_growth_stages_preserve_the_function_and_resume_bit_exactly(runs_dir, one_thread, tmp_path, monkeypatch):
-    import brickwork.train.loop as loop
+def test_growth_stages_preserve_the_function_and_resume_bit_exactly(
+    runs_dir, one_thread, tmp_path, killed_then_resumed
+):
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
@@ -55,25 +56,12 @@ def test_growth_stages_preserve_the_function_and_resume_bit_exactly(runs_dir, on
         16,
     )
 
-    real, calls = loop.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5 + 7:  # 5 steps per epoch: stop inside the last training, past every growth step
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    # 5 steps per epoch: stop inside the last training, past every growth step
+    store, resumed = killed_then_resumed(cfg, runs_dir, 5 + 7)
     got, _ = load_tensors(resumed.dir / "net" / "model")
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    loaded = load_trained(store, rec.id)  # the recipes replayed on a fresh model, weights loaded strictly
+    loaded = load_trained(store, resumed.id)  # the recipes replayed on a fresh model, weights loaded strictly
     assert len(loaded.model.body) == 2
 
 

@@ -41,8 +41,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_grown_model_resumes_bit_exactly_and_reloads(runs_dir, one_thread, tmp_path, monkeypatch):
-    import brickwork.train.loop as loop
+def test_grown_model_resumes_bit_exactly_and_reloads(runs_dir, one_thread, tmp_path, killed_then_resumed):
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
@@ -62,25 +61,12 @@ def test_grown_model_resumes_bit_exactly_and_reloads(runs_dir, one_thread, tmp_p
     report = (ref.dir / "report.md").read_text()
     assert f"| 1 | 442 | 2 | {f0:,} |" in report and f"| 2 | {272 + 170 + 64} | 1 | {f1:,} |" in report
 
-    real, calls = loop.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2 * 10 + 15:  # 10 steps per epoch: stop inside the last phase (depth 3)
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    # 10 steps per epoch: stop inside the last phase (depth 3)
+    store, resumed = killed_then_resumed(cfg, runs_dir, 2 * 10 + 15)
     got, meta = load_tensors(resumed.dir / "grown" / "model")
     assert meta["structure"][0]["op"] == "grow_layers" and meta["structure"][0]["added"] == 2
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    trained = load_trained(store, rec.id).model
+    trained = load_trained(store, resumed.id).model
     assert len(trained.body) == 3 and sum(type(m).__name__ == "LoRALinear" for m in trained.modules()) == 2
 
 

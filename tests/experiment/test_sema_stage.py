@@ -53,8 +53,7 @@ def test_sema_and_baselines_report_accuracy_forgetting_and_adapters(runs_dir, on
     assert "SEMA's expansion checks" in report and "| finetune |" in report
 
 
-def test_resume_inside_the_task_sequence_is_bit_exact(runs_dir, one_thread, tmp_path, monkeypatch):
-    import brickwork.train.loop as loop
+def test_resume_inside_the_task_sequence_is_bit_exact(runs_dir, one_thread, tmp_path, killed_then_resumed):
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
@@ -63,24 +62,11 @@ def test_resume_inside_the_task_sequence_is_bit_exact(runs_dir, one_thread, tmp_
     want, meta = load_tensors(ref.dir / "m" / "model")
     assert meta["structure"][0]["op"] == "sema" and meta["structure"][0]["classes"] == [5, 5]
 
-    real, calls = loop.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5 + 6:  # 5 pre-training steps, 5 on the first task: stop inside the second
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    # 5 pre-training steps, 5 on the first task: stop inside the second
+    store, resumed = killed_then_resumed(cfg, runs_dir, 5 + 6)
     got, _ = load_tensors(resumed.dir / "m" / "model")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    model = load_trained(store, rec.id).model
+    model = load_trained(store, resumed.id).model
     assert type(model.body.layers[0]).__name__ == "SEMALayer"
 
 

@@ -57,10 +57,9 @@ def test_sparse_mlp_and_train_sparsify_finetune(runs_dir, one_thread):
     assert "weight mass kept" in (rec.dir / "report.md").read_text()
 
 
-def test_resume_and_load_after_a_structural_stage(runs_dir, one_thread, tmp_path, monkeypatch):
+def test_resume_and_load_after_a_structural_stage(runs_dir, one_thread, tmp_path, killed_then_resumed):
     """A run interrupted in the fine-tuning after ``sparsify`` resumes bit-exactly, and its
     sparsified model reloads: the stage's structure is replayed before weights are loaded."""
-    import brickwork.train.loop as loop
     from brickwork.data import load_dataset
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
@@ -81,26 +80,13 @@ def test_resume_and_load_after_a_structural_stage(runs_dir, one_thread, tmp_path
     reference = execute(validate(cfg), RunStore(tmp_path / "ref"), progress=False, echo=lambda s: None)
     want, _ = load_tensors(reference.dir / "dense" / "model")
 
-    real, calls = loop.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 20 + 25:  # digits: 20 steps per epoch; stop inside the fine-tuning's 2nd epoch
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    store = RunStore(runs_dir)
-    with pytest.raises(KeyboardInterrupt):
-        execute(validate(cfg), store, progress=False, echo=lambda s: None)
-    monkeypatch.undo()
-    (rec,) = store.list()
-    resumed = execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
+    # digits: 20 steps per epoch; stop inside the fine-tuning's 2nd epoch
+    store, resumed = killed_then_resumed(cfg, runs_dir, 20 + 25)
     got, meta = load_tensors(resumed.dir / "dense" / "model")
     assert meta["structure"][0]["op"] == "sparsify"
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
-    trained = load_trained(store, rec.id).model.eval()
+    trained = load_trained(store, resumed.id).model.eval()
     assert any(type(m).__name__ == "GroupLinear" for m in trained.modules())
     test = load_dataset("digits", seed=0).test
     with torch.no_grad():
