@@ -25,13 +25,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -152,11 +154,111 @@ def save_tensors(stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # The commit point: once the JSON names the new hash, the pending file is the checkpoint.
+    _commit(st_path, meta_path, digest, meta)
+    return st_path
+
+
+def _commit(st_path: Path, meta_path: Path, digest: str, meta: Mapping[str, Any] | None) -> None:
+    """The commit point: once the JSON names the new hash, the pending file is the checkpoint."""
     full = {**(meta or {}), "format": FORMAT_VERSION, "sha256": digest}
     full["meta_sha256"] = meta_digest(full)
     write_json(meta_path, full)
     os.replace(_pending(st_path), st_path)
+
+
+def _write_and_hash(f: BinaryIO, h: Any, raw: Any) -> None:
+    f.write(raw)
+    h.update(raw)
+
+
+# safetensors' dtype names (its format's header), for the streamed writer.
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_tensors_streamed(
+    stem: str | Path,
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    pieces: Iterable[tuple[str, torch.Tensor]],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a checkpoint whose tensors arrive piece by piece, never all in memory at once.
+
+    The same files and commit protocol as :func:`save_tensors` (tensors to a pending file, the
+    JSON naming their hash is the commit, then the rename), but the safetensors file is written
+    as the pieces come: its header is computed from ``layout`` first, then every piece is written
+    and hashed right away, so the memory used is one piece, not the model (safetensors' own
+    ``save_file`` takes every tensor at once). The file is standard safetensors: tensors in
+    ``layout``'s order, the header padded with spaces to 8 bytes as ``save_file`` does.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+        layout: name -> (shape, dtype) of every tensor, in the order the pieces arrive.
+        pieces: ``(name, values)`` in layout order; a tensor may come in several pieces (row
+            chunks, in order) whose elements add up to its shape.
+        meta: the metadata, as for :func:`save_tensors`.
+
+    Raises:
+        CheckpointError: a piece out of order, of the wrong dtype, or too many or too few elements.
+    """
+    st_path, meta_path = _paths(stem)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stem(st_path, meta_path)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{st_path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    fd, tmp = tempfile.mkstemp(dir=st_path.parent, prefix=f".{st_path.name}.", suffix=".tmp")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as writer:
+            for part in (len(head).to_bytes(8, "little"), head):
+                f.write(part)
+                h.update(part)
+            order = list(layout)
+            inflight: Future[None] | None = None
+            idx, left = -1, 0  # the tensor being written, its elements still to come
+            for name, values in pieces:
+                if left == 0 and (idx < 0 or name != order[idx]) and idx + 1 < len(order):
+                    idx += 1  # the next tensor starts
+                    left = math.prod(layout[order[idx]][0])
+                if idx < 0 or name != order[idx] or values.dtype != layout[name][1] or values.numel() > left:
+                    want = order[idx] if idx >= 0 else "(no tensor)"
+                    raise CheckpointError(f"{st_path}: a piece of {name!r} does not follow the layout (at {want!r})")
+                left -= values.numel()
+                raw = values.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                # Writing and hashing release the GIL: done in a second thread while the next
+                # piece is computed (one piece in flight, so memory stays one piece or two).
+                if inflight is not None:
+                    inflight.result()
+                inflight = writer.submit(_write_and_hash, f, h, raw)
+            if inflight is not None:
+                inflight.result()
+            if left or idx != len(order) - 1:
+                raise CheckpointError(f"{st_path}: the pieces ended before the layout's last tensor")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _pending(st_path))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _commit(st_path, meta_path, h.hexdigest(), meta)
     return st_path
 
 

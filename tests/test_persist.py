@@ -242,3 +242,81 @@ def test_metadata_that_is_not_an_object_or_lacks_its_hash_is_refused(tmp_path, t
     (tmp_path / "m.json").write_text(text)
     with pytest.raises(CheckpointError, match="m.json"):
         load_model(tmp_path / "m", torch.nn.Linear(3, 2))
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(7, 5, generator=g),
+        "half": torch.randn(3, 2, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def _pieces(tensors, rows=3):
+    """Each tensor in row chunks of ``rows`` (whole if 0-dim), as a streaming producer gives them."""
+    for name, t in tensors.items():
+        if t.dim() == 0 or t.shape[0] == 0:
+            yield name, t
+            continue
+        for start in range(0, t.shape[0], rows):
+            yield name, t[start : start + rows]
+
+
+def test_a_streamed_save_is_a_standard_safetensors_checkpoint_equal_to_save_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from brickwork.persist import save_tensors_streamed
+
+    t = _mixed()
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in t.items()}
+    save_tensors_streamed(tmp_path / "s", layout, _pieces(t), {"note": "hi"})
+    save_tensors(tmp_path / "w", t, {"note": "hi"})
+    streamed, meta = load_tensors(tmp_path / "s")  # its recorded hash is the file's
+    plain = load_file(str(tmp_path / "s.safetensors"))  # safetensors itself reads it
+    assert meta["note"] == "hi" and sorted(streamed) == sorted(t)
+    for k, v in t.items():
+        assert streamed[k].dtype == v.dtype and torch.equal(streamed[k], v) and torch.equal(plain[k], v)
+    assert load_tensors(tmp_path / "w")[1]["note"] == "hi"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors", "w.json", "w.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda ps: [ps[3], *ps[:3], *ps[4:]],  # a piece of the second tensor before the first's
+        lambda ps: ps[:-2],  # ends early
+        lambda ps: [*ps, ps[0]],  # one piece too many
+        lambda ps: [(n, v.double()) if n == "w" else (n, v) for n, v in ps],  # another dtype
+    ],
+)
+def test_a_streamed_save_that_does_not_follow_its_layout_keeps_the_old_checkpoint(tmp_path, spoil):
+    from brickwork.persist import save_tensors_streamed
+
+    t = _mixed()
+    save_tensors(tmp_path / "ck", {"old": torch.ones(2)})
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in t.items()}
+    with pytest.raises(CheckpointError, match="layout"):
+        save_tensors_streamed(tmp_path / "ck", layout, spoil(list(_pieces(t))))
+    back, _ = load_tensors(tmp_path / "ck")
+    assert list(back) == ["old"] and sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]
+
+
+def test_a_streamed_save_interrupted_mid_way_keeps_the_old_checkpoint(tmp_path):
+    from brickwork.persist import save_tensors_streamed
+
+    t = _mixed()
+    save_tensors(tmp_path / "ck", {"old": torch.ones(2)})
+
+    def cut():
+        ps = _pieces(t)
+        yield next(ps)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors_streamed(tmp_path / "ck", {k: (tuple(v.shape), v.dtype) for k, v in t.items()}, cut())
+    assert list(load_tensors(tmp_path / "ck")[0]) == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]

@@ -70,7 +70,7 @@ import dataclasses
 import fnmatch
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
@@ -416,12 +416,34 @@ def merge_tensor(
 ) -> Tensor:
     """The merge of tensor ``name`` of every model (options checked by the caller)."""
     shape, dtype = models[0].info(name)
+    out = torch.empty(shape, dtype=dtype)
+    for ch, v in merge_pieces(name, models, o, base=base, stats=stats, chunk_elems=chunk_elems):
+        (out if ch is None else out[ch]).copy_(v)
+    return out
+
+
+def merge_pieces(
+    name: str,
+    models: Sequence[Source],
+    o: MergeOptions,
+    *,
+    base: Source | None = None,
+    stats: Sequence[Source] | None = None,
+    chunk_elems: int = CHUNK,
+) -> Iterator[tuple[slice | None, Tensor]]:
+    """The merge of tensor ``name`` as ``(rows, values)`` pieces in row order, values in its dtype.
+
+    ``rows`` is a slice of the first dimension (``None``: the whole tensor). Pieces come in
+    order, so a streaming writer can put each one on disk as it comes (:func:`merge_files`).
+    """
+    shape, dtype = models[0].info(name)
     if not dtype.is_floating_point:
         vals = [m.read(name) for m in models]
         out_int = vals[0].clone()
         for v in vals[1:]:
             out_int = torch.maximum(out_int, v)
-        return out_int
+        yield None, out_int
+        return
     n = len(models)
     w = o.weight_vector(n)
     chs = chunks(shape, chunk_elems)
@@ -434,10 +456,8 @@ def merge_tensor(
         assert base is not None
         return base.read(name, ch).to(F64)
 
-    out = torch.empty(shape, dtype=dtype)
-
-    def put(ch: slice | None, v: Tensor) -> None:
-        (out if ch is None else out[ch]).copy_(v)
+    def put(ch: slice | None, v: Tensor) -> tuple[slice | None, Tensor]:
+        return ch, v.to(dtype)
 
     method = o.method
     if method in NEEDS_STATS and not has_stats:
@@ -453,34 +473,35 @@ def merge_tensor(
     if coef is not None:  # one model's chunk at a time, accumulated in place (no (N, ...) stack)
         for ch in chs:
             acc = models[0].read(name, ch).to(F64, copy=True).mul_(float(coef[0]))  # a float64 input stays
+            wide = torch.empty_like(acc)  # one float64 buffer per chunk for every later input
             for i in range(1, n):
-                acc.add_(models[i].read(name, ch).to(F64), alpha=float(coef[i]))
-            put(ch, acc)
-        return out
+                acc.add_(wide.copy_(models[i].read(name, ch)), alpha=float(coef[i]))
+            yield put(ch, acc)
+        return
     if method == "model_stock":
         ratio = model_stock_ratio(_gram(lambda ch: xs(ch) - bs(ch), chs))
         avg = w / w.sum()
         for ch in chs:
             x, b = xs(ch), bs(ch)
-            put(ch, (1 - ratio) * b + ratio * (_bshape(avg, x) * x).sum(0))
-        return out
+            yield put(ch, (1 - ratio) * b + ratio * (_bshape(avg, x) * x).sum(0))
+        return
     if method in ("task_arithmetic", "dare_linear"):
         ww = w / w.sum() if o.normalize else w
         if method == "task_arithmetic":  # one model's chunk at a time, as for linear
             for ch in chs:
                 b = bs(ch)
-                acc = (models[0].read(name, ch).to(F64) - b).mul_(float(ww[0]))
+                acc = (models[0].read(name, ch) - b).mul_(float(ww[0]))  # float64 by promotion
                 for i in range(1, n):
-                    acc.add_(models[i].read(name, ch).to(F64) - b, alpha=float(ww[i]))
-                put(ch, acc.mul_(o.scale).add_(b))
-            return out
+                    acc.add_(models[i].read(name, ch) - b, alpha=float(ww[i]))
+                yield put(ch, acc.mul_(o.scale).add_(b))
+            return
         for ch in chs:
             b = bs(ch)
             tau = xs(ch) - b
             if method == "dare_linear":
                 tau = _dare(tau, o, name, ch)
-            put(ch, b + o.scale * (_bshape(ww, tau) * tau).sum(0))
-        return out
+            yield put(ch, b + o.scale * (_bshape(ww, tau) * tau).sum(0))
+        return
     if method in ("ties", "dare_ties"):
         thresholds = [0.0] * n
         if method == "ties":
@@ -497,16 +518,16 @@ def merge_tensor(
                 tau = tau * (tau.abs().float() >= _bshape(thr, tau))
             else:
                 tau = _dare(tau, o, name, ch)
-            put(ch, b + o.scale * _disjoint(tau, w, o.ties))
-        return out
+            yield put(ch, b + o.scale * _disjoint(tau, w, o.ties))
+        return
     assert stats is not None
     if method == "fisher":
         for ch in chs:
             x = xs(ch)
             f = torch.stack([s.read(name, ch).to(F64) for s in stats]) + o.eps
             wf = _bshape(w, x) * f
-            put(ch, (wf * x).sum(0) / wf.sum(0))
-        return out
+            yield put(ch, (wf * x).sum(0) / wf.sum(0))
+        return
     # regmean: W = (sum_i w_i W_i G~_i)(sum_i w_i G~_i)^-1, rows chunk by chunk
     raw = [s.read(name).to(F64) for s in stats]
     scale = sum(wi * float(g.diagonal().mean()) for wi, g in zip(w.tolist(), raw, strict=True)) / float(w.sum())
@@ -523,8 +544,29 @@ def merge_tensor(
                 f"merge: regmean: the summed Gram matrix of {name!r} is singular; "
                 "use ridge > 0 (e.g. the default 1e-6) or more data for its statistics"
             )
-        put(ch, sol.result.T)
-    return out
+        yield put(ch, sol.result.T)
+    return
+
+
+def check_merge(
+    models: Sequence[Source],
+    opts: MergeOptions,
+    *,
+    base: Source | None = None,
+    statistics: Sequence[Source] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, MergeOptions]:
+    """Each tensor's options, after every input and option is checked (before anything is computed)."""
+    names = check_sources(models, base)
+    plans = {k: options_for(k, opts, overrides) for k in names}
+    for k, o in plans.items():
+        o.check(len(models), base is not None, k)
+        _check_stats(k, o, models, statistics)
+    for s in statistics or []:
+        unknown = sorted(set(s.names()) - set(names))
+        if unknown:
+            raise BrickworkError(f"merge: {s.label} has tensor {unknown[0]!r} that the models lack")
+    return plans
 
 
 def merge_sources(
@@ -537,15 +579,7 @@ def merge_sources(
     chunk_elems: int = CHUNK,
 ) -> dict[str, Tensor]:
     """Every tensor merged; all inputs and options are checked before any tensor is computed."""
-    names = check_sources(models, base)
-    plans = {k: options_for(k, opts, overrides) for k in names}
-    for k, o in plans.items():
-        o.check(len(models), base is not None, k)
-        _check_stats(k, o, models, statistics)
-    for s in statistics or []:
-        unknown = sorted(set(s.names()) - set(names))
-        if unknown:
-            raise BrickworkError(f"merge: {s.label} has tensor {unknown[0]!r} that the models lack")
+    plans = check_merge(models, opts, base=base, statistics=statistics, overrides=overrides)
     return {
         k: merge_tensor(k, models, o, base=base, stats=statistics, chunk_elems=chunk_elems) for k, o in plans.items()
     }

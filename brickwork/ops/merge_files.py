@@ -3,10 +3,10 @@
 :func:`merge_files` runs the engine of :mod:`brickwork.ops.merge` over :class:`FileSource`s:
 each file is opened once for the whole merge (its header parsed once), and every read is one
 positioned read (``os.preadv``) of one row chunk of one tensor into a fresh buffer; nothing is
-memory-mapped, so the pages read do not stay resident and the resident memory is the output
-(one model) plus a few chunks per model. The output is written once,
-atomically, by :func:`brickwork.persist.save_tensors` (which copies its tensors while saving:
-the peak is about twice one model). Same chunks, same float64 arithmetic: a streaming merge is
+memory-mapped, so the pages read do not stay resident and the resident memory is a few chunks
+per model: each merged chunk goes to disk as soon as it is computed
+(:func:`brickwork.persist.save_tensors_streamed`, atomic and hashed as every checkpoint), so
+not even the output is held whole. Same chunks, same float64 arithmetic: a streaming merge is
 bit-identical to the in-memory one.
 
 The data-driven methods take precomputed statistics as files too (``statistics``: one
@@ -36,8 +36,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from brickwork.errors import BrickworkError, CheckpointError
-from brickwork.ops.merge import CHUNK, MergeMethod, make_options, merge_sources
-from brickwork.persist import _sha256, read_meta, save_tensors  # the one file hash
+from brickwork.ops.merge import CHUNK, MergeMethod, check_merge, make_options, merge_pieces
+from brickwork.persist import _sha256, read_meta, save_tensors_streamed  # the one file hash
 
 _DTYPES = {
     "F64": torch.float64,
@@ -182,12 +182,6 @@ def merge_files(
     base_src = None if base is None else FileSource(base, f"base ({tensor_path(base)})")
     stats = None if statistics is None else [FileSource(p, f"statistics {i}") for i, p in enumerate(statistics)]
     described = [describe_input(p, verify) for p in paths]
-    with contextlib.ExitStack() as files:  # each file opened once for the whole merge
-        for src in [*models, *([base_src] if base_src else []), *(stats or [])]:
-            files.enter_context(src)
-        merged = merge_sources(
-            models, opts, base=base_src, statistics=stats, overrides=overrides, chunk_elems=chunk_elems
-        )
     first_meta = described[0][1]
     record = {
         "method": opts.method,
@@ -198,4 +192,14 @@ def merge_files(
         "statistics": None if statistics is None else [describe_input(p, verify)[0] for p in statistics],
     }
     meta = {k: first_meta[k] for k in _CARRIED if k in first_meta}
-    return save_tensors(out_st.with_suffix(""), merged, {**meta, "merge": record})
+    with contextlib.ExitStack() as files:  # each file opened once for the whole merge
+        for src in [*models, *([base_src] if base_src else []), *(stats or [])]:
+            files.enter_context(src)
+        plans = check_merge(models, opts, base=base_src, statistics=stats, overrides=overrides)
+        pieces = (
+            (name, values)
+            for name, o in plans.items()
+            for _, values in merge_pieces(name, models, o, base=base_src, stats=stats, chunk_elems=chunk_elems)
+        )
+        layout = {name: models[0].info(name) for name in plans}
+        return save_tensors_streamed(out_st.with_suffix(""), layout, pieces, {**meta, "merge": record})
