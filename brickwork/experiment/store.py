@@ -273,13 +273,7 @@ class RunStore:
 
     def get_sweep(self, ref: str) -> SweepRecord:
         """A sweep by id or unique id prefix (``sweep-2026...``)."""
-        rows = self._rows("SELECT * FROM sweeps WHERE id = ?", (ref,))
-        if not rows:
-            prefix = _like_prefix(ref)
-            rows = self._rows("SELECT * FROM sweeps WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (prefix,))
-            if len(rows) > 1:
-                ids = ", ".join(r["id"] for r in rows[:5])
-                raise RunNotFoundError(f"sweep {ref!r} is ambiguous: it is a prefix of {ids}")
+        rows = self._by_id("sweeps", ref, "sweep")
         if not rows:
             raise RunNotFoundError(f"no sweep {ref!r} in {self.path}; `brickwork runs` lists sweeps beside their runs")
         row = rows[0]
@@ -341,15 +335,20 @@ class RunStore:
         if sets:
             self._write(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*vals, run_id))
 
-    def get(self, ref: str) -> RunRecord:
-        """A run by id, unique id prefix, or name (the latest run of that name)."""
-        rows = self._rows("SELECT * FROM runs WHERE id = ?", (ref,))
+    def _by_id(self, table: str, ref: str, what: str) -> list[sqlite3.Row]:
+        """Rows of ``table`` whose id is ``ref``, else the one whose id starts with it (none: [])."""
+        rows = self._rows(f"SELECT * FROM {table} WHERE id = ?", (ref,))  # noqa: S608 -- table is ours
         if not rows:
-            prefix = _like_prefix(ref)
-            rows = self._rows("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (prefix,))
+            pattern = _like_prefix(ref)
+            rows = self._rows(f"SELECT * FROM {table} WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (pattern,))  # noqa: S608
             if len(rows) > 1:
                 ids = ", ".join(r["id"] for r in rows[:5])
-                raise RunNotFoundError(f"run {ref!r} is ambiguous: it is a prefix of {ids}")
+                raise RunNotFoundError(f"{what} {ref!r} is ambiguous: it is a prefix of {ids}")
+        return rows
+
+    def get(self, ref: str) -> RunRecord:
+        """A run by id, unique id prefix, or name (the latest run of that name)."""
+        rows = self._by_id("runs", ref, "run")
         if not rows:
             rows = self._rows("SELECT * FROM runs WHERE name = ? ORDER BY started DESC LIMIT 1", (ref,))
         if not rows:
