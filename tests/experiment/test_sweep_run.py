@@ -100,3 +100,35 @@ def test_a_killed_sweep_resumes_to_the_weights_of_an_uninterrupted_one(sweep_con
     assert main(["--runs-dir", str(runs), "runs"]) == 0
     listed = capsys.readouterr().out
     assert all(f"{sweep_row} ({i})" in listed for i in range(1, 5))
+
+
+def test_a_failed_point_does_not_stop_the_sweep_and_ctrl_c_stops_it_resumably(tiny_config, tmp_path, monkeypatch):
+    from brickwork.experiment.sweep import resume_sweep
+    from brickwork.train import loop
+
+    tiny_config["stages"][0]["epochs"] = 1
+    lines: list[str] = []
+    store = RunStore(tmp_path / "runs")
+    plan = plan_sweep(tiny_config, ["stages[0].lr=1e30,0.01"])  # the first diverges: a non-finite loss
+    assert plan is not None
+    with pytest.raises(BrickworkError, match=r"^sweep sweep-\S+: point\(s\) 1 of 2 failed .* --resume sweep-"):
+        run_sweep(plan, store, progress=False, echo=lines.append)
+    (sweep_id,) = {r.point.sweep for r in store.list() if r.point is not None}
+    runs = store.sweep_runs(sweep_id)
+    assert runs[0].status == "failed" and "non-finite" in (runs[0].error or "") and runs[1].status == "completed"
+    assert any("point 1/2 (stages[0].lr=1e+30): failed: train mlp: non-finite" in line for line in lines)
+    assert "| 1 | 1e+30 | " in (tmp_path / "runs" / sweep_id / "report.md").read_text()
+
+    real, calls = loop.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C inside the retried point (before its diverging step)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        resume_sweep(store, sweep_id, echo=lines.append)
+    assert store.sweep_runs(sweep_id)[0].status == "interrupted" and lines[-1].endswith(f"--resume {sweep_id}")
+    assert store.sweep_runs(sweep_id)[1].ended == runs[1].ended  # the completed point was not touched
