@@ -98,7 +98,7 @@ def split_items(text: str) -> list[str]:
     return [*items, text[start:]]
 
 
-def _parse(key: str, text: str) -> Any:
+def _parse(text: str) -> Any:
     """An override value as ``key=text`` would set it (YAML, or the plain string)."""
     holder: dict[str, Any] = {}
     apply_override(holder, f"value={text}")
@@ -144,8 +144,11 @@ def plan_sweep(
         return None
     for item in plain:
         key = canonical_key(item.partition("=")[0])
-        if key in axes:
-            raise ConfigError(key, "is swept and also set by a plain override; drop one", show_value=False)
+        for axis in axes:
+            if key == axis or _overlap(key, axis):
+                raise ConfigError(
+                    key, f"is set by a plain override and swept (axis {axis}); drop one", show_value=False
+                )
     sizes = [len(v) for v in axes.values()]
     total = 1
     for n in sizes:
@@ -156,7 +159,7 @@ def plan_sweep(
             f"{total} points ({' x '.join(map(str, sizes))}) is more than {MAX_POINTS}; pass --yes to run them all",
             show_value=False,
         )
-    parsed = {key: [_parse(key, t) for t in texts] for key, texts in axes.items()}
+    parsed = {key: [_parse(t) for t in texts] for key, texts in axes.items()}
     values, configs = [], []
     datasets: dict[str, Dataset] = {}
     for index, combo in enumerate(itertools.product(*(range(n) for n in sizes))):
@@ -176,6 +179,11 @@ def plan_sweep(
     return SweepPlan(configs[0].name, list(parsed.items()), values, configs)
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether one of two canonical keys holds the other (``models.m`` holds ``models.m.width``)."""
+    return a.startswith((f"{b}.", f"{b}[")) or b.startswith((f"{a}.", f"{a}["))
+
+
 def _add_axis(axes: dict[str, list[str]], key: str, texts: list[str], where: str) -> None:
     canon = canonical_key(key)
     if not canon:
@@ -185,14 +193,14 @@ def _add_axis(axes: dict[str, list[str]], key: str, texts: list[str], where: str
             canon, "is swept twice (an axis may appear once, in the sweep: block or an override)", show_value=False
         )
     for other in axes:
-        if canon.startswith((f"{other}.", f"{other}[")) or other.startswith((f"{canon}.", f"{canon}[")):
+        if _overlap(canon, other):
             raise ConfigError(canon, f"overlaps the axis {other} (one key may not hold the other)", show_value=False)
     if not texts:
         raise ConfigError(canon, "empty sweep axis: expected at least one value", show_value=False)
     for i, t in enumerate(texts):
         if not t.strip():
             raise ConfigError(canon, f"sweep value {i + 1} of {len(texts)} is empty (a stray comma?)", show_value=False)
-    parsed = [json.dumps(_parse(canon, t), sort_keys=True, default=str) for t in texts]
+    parsed = [json.dumps(_parse(t), sort_keys=True, default=str) for t in texts]
     for i, p in enumerate(parsed):
         if p in parsed[:i]:
             raise ConfigError(canon, f"sweep value {texts[i].strip()} is given twice", show_value=False)

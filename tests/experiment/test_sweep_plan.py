@@ -64,7 +64,12 @@ def test_a_list_value_stays_one_value(tiny_config):
         (["stages[0].lr=1,2", "stages.0.lr=3,4"], None, r"stages\[0\].lr: is swept twice"),
         ([f"{LR}=1,2"], {LR: [3, 4]}, r"stages\[0\].lr: is swept twice"),
         (["stages[0]={stage: evaluate},{stage: train}", "stages[0].lr=1,2"], None, "overlaps the axis"),
-        (["stages[0].lr=0.1", "stages[0].lr=1,2"], None, r"stages\[0\].lr: is swept and also set by a plain override"),
+        (["stages[0].lr=0.1", "stages[0].lr=1,2"], None, r"stages\[0\].lr: is set by a plain override and swept"),
+        (
+            ["models.mlp.depth=1", "models.mlp={name: mlp},{name: mlp-tiny}"],
+            None,
+            r"models.mlp.depth: is set by a plain",
+        ),
         (
             ["models.mlp.widht=16,32"],
             None,
