@@ -50,12 +50,16 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a config without running it")
     val.add_argument("config")
-    val.add_argument("overrides", nargs="*", help="key.path=value")
+    val.add_argument("overrides", nargs="*", help="key.path=value (a comma list a,b sweeps the key)")
+    val.add_argument("--yes", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="run a config: train, evaluate, report, record")
     run.add_argument("config", nargs="?")
-    run.add_argument("overrides", nargs="*", help="key.path=value")
-    run.add_argument("--resume", metavar="RUN", help="continue an interrupted or failed run")
+    run.add_argument(
+        "overrides", nargs="*", help="key.path=value; key.path=a,b,c sweeps the key (one run per grid point)"
+    )
+    run.add_argument("--resume", metavar="RUN", help="continue an interrupted or failed run, or a sweep")
+    run.add_argument("--yes", action="store_true", help="run a sweep of more than 64 points")
     run.add_argument(
         "--nproc",
         type=int,
@@ -73,10 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=30)
 
     show = sub.add_parser("show", help="show one run")
-    show.add_argument("run", help="run id, id prefix or name")
+    show.add_argument("run", help="run id, id prefix or name; or a sweep id (sweep-...)")
 
     rep = sub.add_parser("report", help="print a run's report, or compare several runs")
-    rep.add_argument("runs", nargs="+")
+    rep.add_argument("runs", nargs="+", help="run ids or names; or one sweep id (sweep-...)")
     rep.add_argument("--out", help="folder for the comparison report (default: RUNS_DIR/compare-<ids>)")
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios against named baselines")
@@ -189,6 +193,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     from brickwork.experiment import RunStore, load_config
 
     if verb == "validate":
+        from brickwork.experiment.sweep import plan_sweep
+
+        plan = plan_sweep(args.config, args.overrides, yes=args.yes)  # every point checked as `run` would
+        if plan is not None:
+            axes = ", ".join(f"{k} ({len(v)})" for k, v in plan.axes)
+            print(f"{args.config}: valid sweep of {len(plan.values)} points over {axes}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         from brickwork.data import load_dataset
         from brickwork.experiment.preflight import check_models
@@ -218,9 +229,24 @@ def _speaks() -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     from brickwork.experiment import RunStore, execute, load_config
+    from brickwork.experiment.sweep import is_sweep_ref, plan_sweep, resume_sweep, run_sweep
 
     if (args.config is None) == (args.resume is None):
         raise BrickworkError("give a config to run, or --resume RUN (not both)")
+    plan = None if args.resume else plan_sweep(args.config, args.overrides, yes=args.yes)  # every point checked
+    sweeping = plan is not None or (args.resume is not None and is_sweep_ref(args.resume))
+    if sweeping:
+        from brickwork.distributed import launched_by_torchrun
+
+        if args.nproc is not None or launched_by_torchrun():
+            raise BrickworkError("a sweep runs its points in one process; drop --nproc (or torchrun)")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_interrupt)
+        if plan is not None:
+            run_sweep(plan, args.runs_dir, progress=args.progress)
+        else:
+            resume_sweep(RunStore(args.runs_dir), args.resume, progress=args.progress)
+        return 0
     cfg = None if args.resume else load_config(args.config, args.overrides)  # fails before any work
     if args.nproc is not None:
         return _launch(args)
@@ -348,7 +374,7 @@ def _runs(store: object, limit: int) -> int:
     if not records:
         print(f"no runs yet in {store.path}")  # type: ignore[attr-defined]
         return 0
-    print(f"{'id':<21} {'name':<24} {'started':<16} {'status':<11} main metrics")
+    print(f"{'id':<21} {'name':<24} {'started':<16} {'status':<11} {'sweep (point)':<32} main metrics")
     for r in records:
         main = "; ".join(
             f"{label}: acc {m['test_accuracy']:.3f}"
@@ -356,15 +382,27 @@ def _runs(store: object, limit: int) -> int:
             if isinstance(m.get("test_accuracy"), (int, float))  # None: a NaN written as null
         )
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started))
-        print(f"{r.id:<21} {r.name[:24]:<24} {started:<16} {r.status:<11} {main}")
+        point = "" if r.point is None else f"{r.point.sweep} ({r.point.index + 1})"
+        print(f"{r.id:<21} {r.name[:24]:<24} {started:<16} {r.status:<11} {point:<32} {main}")
     return 0
 
 
 def _show(store: object, ref: str) -> int:
     import time
 
-    from brickwork.experiment.report import results_table
+    from brickwork.experiment.report import results_table, sweep_table
+    from brickwork.experiment.sweep import describe, is_sweep_ref
 
+    if is_sweep_ref(ref):
+        sweep = store.get_sweep(ref)  # type: ignore[attr-defined]
+        runs = store.sweep_runs(sweep.id)  # type: ignore[attr-defined]
+        done = sum(r.status == "completed" for r in runs.values())
+        print(f"sweep {sweep.id}  name {sweep.name}  {len(sweep.points)} points, {done} completed")
+        print(f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(sweep.started))}")
+        print(f"folder  {sweep.dir}")
+        print("axes    " + "; ".join(describe({k: v}) for k, v in sweep.axes))
+        print(sweep_table(sweep, runs))
+        return 0
     r = store.get(ref)  # type: ignore[attr-defined]
     print(f"run {r.id}  name {r.name}  status {r.status}")
     print(
@@ -383,8 +421,18 @@ def _show(store: object, ref: str) -> int:
 
 
 def _report(store: object, refs: list[str], out: str | None) -> int:
-    from brickwork.experiment.report import compare_dir_name, compare_runs
+    from brickwork.experiment.report import compare_dir_name, compare_runs, sweep_report
+    from brickwork.experiment.sweep import is_sweep_ref
 
+    if any(is_sweep_ref(ref) for ref in refs):
+        if len(refs) > 1 or out is not None:
+            raise BrickworkError("report SWEEP: give one sweep, without --out (its report goes in its folder)")
+        sweep = store.get_sweep(refs[0])  # type: ignore[attr-defined]
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        path, _ = sweep_report(sweep, store.sweep_runs(sweep.id), sweep.dir)  # type: ignore[attr-defined]
+        print(path.read_text())
+        print(f"written to {path}")
+        return 0
     records = [store.get(ref) for ref in refs]  # type: ignore[attr-defined]
     if len(records) == 1:
         report = Path(records[0].dir) / "report.md"

@@ -141,3 +141,28 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_metric_against(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    *,
+    x_label: str,
+    y_label: str,
+    title: str,
+) -> Path:
+    """One line of ``(x, metric)`` points per series (a sweep axis, the other axes held fixed);
+    the x axis is logarithmic when every x is positive and they span a factor of 10 or more."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [x for pts in series.values() for x, _ in pts]
+    for name, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
+    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=x_label, ylabel=y_label, title=title)
+    ax.grid(alpha=0.3, which="both")
+    if len(series) > 1 or any(series):
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -31,7 +31,7 @@ from brickwork.experiment.context import StageContext
 from brickwork.experiment.owner import RunBusyError, RunLock
 from brickwork.experiment.preflight import check_models
 from brickwork.experiment.report import results_table, write_report
-from brickwork.experiment.store import RunRecord, RunStore
+from brickwork.experiment.store import RunRecord, RunStore, SweepPoint
 from brickwork.persist import atomic_write_text, owned_folder, read_json, sweep, write_json
 from brickwork.train.checkpoint import load_model, save_model
 
@@ -60,11 +60,13 @@ def execute(
     resume: str | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
+    point: SweepPoint | None = None,
 ) -> RunRecord:
     """Run ``cfg`` (or continue the run ``resume``) and record it in ``store``.
 
     ``store`` may be the store's folder: it is then opened (and created) only once the data and
     every model have passed their checks, so a config that fails leaves nothing on disk.
+    ``point``: the sweep point a new run is (``experiment/sweep.py``), recorded with it.
 
     Raises:
         BrickworkError: bad input found before work started (nothing is recorded then).
@@ -90,7 +92,7 @@ def execute(
     check_models(cfg, data)  # a model that cannot be built for this data fails before a run exists too
     if resume is None:
         runs = _opened(store)
-        record = runs.create(runs.new_id(), cfg.name, cfg.to_dict())
+        record = runs.create(runs.new_id(), cfg.name, cfg.to_dict(), point=point)
         record.dir.mkdir(parents=True, exist_ok=False)
         lock = RunLock(record.dir, record.id)
         atomic_write_text(record.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

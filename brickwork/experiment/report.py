@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops, plot_curves
+from brickwork.analysis.plots import plot_accuracy_vs, plot_accuracy_vs_flops, plot_curves, plot_metric_against
 from brickwork.data.base import Dataset
 from brickwork.experiment.config import RunConfig
 from brickwork.experiment.context import StageContext
+from brickwork.experiment.store import RunRecord, SweepRecord
 from brickwork.persist import atomic_write_text
 
 # Columns of the results table: metric key, header, format.
@@ -154,3 +155,77 @@ def compare_runs(records: Sequence[Any], out_dir: Path) -> Path:
     path = out_dir / "report.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
+
+
+# --- Sweeps: one row per point, its swept values beside its final metrics ------------------------
+
+
+def sweep_rows(sweep: SweepRecord, runs: Mapping[int, RunRecord]) -> list[dict[str, Any]]:
+    """One row per (point, model variant): ``point``, ``status``, ``run``, ``model``, the point's
+    values under their key paths, and the run's final metrics; a point never started has only
+    its values (status ``not started``)."""
+    rows = []
+    for i, p in enumerate(sweep.points):
+        rec = runs.get(i)
+        base = {"_point": i + 1, "_status": "not started" if rec is None else rec.status, **p["values"]}
+        base["_run"] = None if rec is None else rec.id
+        variants: list[tuple[str | None, Mapping[str, Any]]] = [(None, {})]
+        if rec is not None and rec.metrics:
+            variants = list(rec.metrics.items())
+        for label, metrics in variants:
+            rows.append({**base, "_model": label, **metrics})
+    return rows
+
+
+def sweep_table(sweep: SweepRecord, runs: Mapping[int, RunRecord]) -> str:
+    """The sweep's comparison table (Markdown): swept values, status, run, metrics of :data:`COLUMNS`."""
+    rows = sweep_rows(sweep, runs)
+    axes: list[Column] = [(key, key, "{}") for key, _ in sweep.axes]
+    several = len({r["_model"] for r in rows if r["_model"] is not None}) > 1
+    lead: list[Column] = [("_point", "point", "{}"), *axes] + ([("_model", "model", "{}")] if several else [])
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    return markdown_table(rows, [*lead, *cols, ("_status", "status", "{}"), ("_run", "run", "{}")])
+
+
+def sweep_report(sweep: SweepRecord, runs: Mapping[int, RunRecord], out_dir: Path) -> tuple[Path, str]:
+    """Write ``report.md`` of a sweep into ``out_dir`` (its folder): the table, test accuracy
+    against FLOPs, and test accuracy against each numeric axis (one line per setting of the
+    other axes). Returns the report's path and the table."""
+    table = sweep_table(sweep, runs)
+    rows = [r for r in sweep_rows(sweep, runs) if r["_status"] == "completed"]
+    scored = [r for r in rows if isinstance(r.get("test_accuracy"), (int, float))]
+    several = len({r["_model"] for r in rows}) > 1
+    sections = [
+        f"# {sweep.name} — sweep {sweep.id}",
+        f"{len(sweep.points)} points over {', '.join(f'{k} ({len(v)} values)' for k, v in sweep.axes)}; "
+        f"{len(rows)} completed run(s).",
+        "## Points",
+        table,
+    ]
+    points = [
+        {
+            "label": f"p{r['_point']}" + (f"/{r['_model']}" if several else ""),
+            "accuracy": r["test_accuracy"],
+            "flops": r["flops_per_sample"],
+        }
+        for r in scored
+        if isinstance(r.get("flops_per_sample"), (int, float))
+    ]
+    if points:
+        plot_accuracy_vs_flops(points, out_dir / "accuracy_vs_flops.png", title=f"{sweep.name}: sweep {sweep.id}")
+        sections += ["## Test accuracy against compute", "![accuracy vs FLOPs](accuracy_vs_flops.png)"]
+    for key, values in sweep.axes:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not scored:
+            continue  # a name or a list is not an axis to plot along
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in scored:
+            rest = [f"{k}={r[k]}" for k, _ in sweep.axes if k != key] + ([str(r["_model"])] if several else [])
+            series.setdefault(", ".join(rest), []).append((float(r[key]), float(r["test_accuracy"])))
+        name = "accuracy_vs_" + "".join(c if c.isalnum() or c in "._-" else "_" for c in key) + ".png"
+        plot_metric_against(
+            series, out_dir / name, x_label=key, y_label="test accuracy", title=f"{sweep.name}: sweep {sweep.id}"
+        )
+        sections += [f"## Test accuracy against {key}", f"![accuracy vs {key}]({name})"]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path, table

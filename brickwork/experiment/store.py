@@ -25,8 +25,9 @@ from brickwork.textio import dumps
 T = TypeVar("T")
 
 # The schema's version, in ``PRAGMA user_version``. 0 is the unversioned schema of earlier
-# releases (no owner columns, run folders relative to the working directory of the run).
-SCHEMA_VERSION = 1
+# releases (no owner columns, run folders relative to the working directory of the run); 1 added
+# the owner columns; 2 added sweeps (the ``sweeps`` table, and the point a run is of).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -41,12 +42,59 @@ CREATE TABLE IF NOT EXISTS runs (
     error    TEXT,
     pid      INTEGER,
     host     TEXT,
-    pid_started REAL
+    pid_started REAL,
+    sweep    TEXT,
+    point    INTEGER,
+    point_values TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
 """
 
 _OWNER_COLUMNS = ("pid INTEGER", "host TEXT", "pid_started REAL")
+
+# Schema 2. A sweep is planned whole before any point runs: ``points`` holds every point's values
+# and resolved config (JSON), so a resume knows the points that never started. A point that
+# started is a run whose ``sweep`` and ``point`` (0-based index into ``points``) name it.
+_SWEEP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    id      TEXT PRIMARY KEY,
+    name    TEXT NOT NULL,
+    started REAL NOT NULL,
+    axes    TEXT NOT NULL,
+    points  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep, point);
+"""
+
+_SWEEP_COLUMNS = ("sweep TEXT", "point INTEGER", "point_values TEXT")
+
+#: Sweep ids start with this, so a reference names a sweep or a run unambiguously.
+SWEEP_PREFIX = "sweep-"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Which point of which sweep a run is: the sweep's id, the point's index, its swept values."""
+
+    sweep: str
+    index: int
+    values: dict[str, Any]
+
+
+@dataclass
+class SweepRecord:
+    """One row of the ``sweeps`` table, decoded.
+
+    ``axes`` are ``[key, [values...]]`` pairs in the order they vary (the first slowest);
+    ``points`` are ``{"values": {key: value}, "config": resolved config}``, one per grid point.
+    """
+
+    id: str
+    name: str
+    started: float
+    dir: Path
+    axes: list[tuple[str, list[Any]]]
+    points: list[dict[str, Any]]
 
 
 @dataclass
@@ -67,6 +115,7 @@ class RunRecord:
     metrics: dict[str, Any]
     error: str | None
     owner: Owner | None = None
+    point: SweepPoint | None = None
 
     @property
     def seconds(self) -> float | None:
@@ -121,10 +170,12 @@ class RunStore:
                 return int(version)
             db.execute("PRAGMA journal_mode=WAL")
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see version 1
+            db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see the current version
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 _migrate_0_to_1(db, self.root)
+            if version <= 1:
+                _migrate_1_to_2(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return SCHEMA_VERSION
 
@@ -193,15 +244,52 @@ class RunStore:
     def new_id(self) -> str:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
-    def create(self, run_id: str, name: str, config: dict[str, Any]) -> RunRecord:
-        """Record a new run as ``running``, owned by this process; its folder is ``root/run_id``."""
+    def create(self, run_id: str, name: str, config: dict[str, Any], *, point: SweepPoint | None = None) -> RunRecord:
+        """Record a new run as ``running``, owned by this process; its folder is ``root/run_id``.
+
+        ``point``: the sweep point this run is (its sweep must be recorded already).
+        """
         me = Owner.current()
+        where = (None, None, None) if point is None else (point.sweep, point.index, dumps(point.values, "point"))
         self._write(
-            "INSERT INTO runs (id, name, status, started, dir, config, pid, host, pid_started)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-            (run_id, name, time.time(), run_id, dumps(config, "config"), me.pid, me.host, me.started),
+            "INSERT INTO runs (id, name, status, started, dir, config, pid, host, pid_started, sweep, point,"
+            " point_values) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, name, time.time(), run_id, dumps(config, "config"), me.pid, me.host, me.started, *where),
         )
         return self.get(run_id)
+
+    def new_sweep_id(self) -> str:
+        return SWEEP_PREFIX + self.new_id()
+
+    def create_sweep(
+        self, sweep_id: str, name: str, axes: list[tuple[str, list[Any]]], points: list[dict[str, Any]]
+    ) -> SweepRecord:
+        """Record a planned sweep: its axes and every point (values and resolved config)."""
+        self._write(
+            "INSERT INTO sweeps (id, name, started, axes, points) VALUES (?, ?, ?, ?, ?)",
+            (sweep_id, name, time.time(), dumps([list(a) for a in axes], "axes"), dumps(points, "points")),
+        )
+        return self.get_sweep(sweep_id)
+
+    def get_sweep(self, ref: str) -> SweepRecord:
+        """A sweep by id or unique id prefix (``sweep-2026...``)."""
+        rows = self._by_id("sweeps", ref, "sweep")
+        if not rows:
+            raise RunNotFoundError(f"no sweep {ref!r} in {self.path}; `brickwork runs` lists sweeps beside their runs")
+        row = rows[0]
+        return SweepRecord(
+            id=row["id"],
+            name=row["name"],
+            started=row["started"],
+            dir=self.root / row["id"],
+            axes=[(k, v) for k, v in json.loads(row["axes"])],
+            points=json.loads(row["points"]),
+        )
+
+    def sweep_runs(self, sweep_id: str) -> dict[int, RunRecord]:
+        """The run of each started point of a sweep, by point index (the latest, were there two)."""
+        rows = self._rows("SELECT * FROM runs WHERE sweep = ? ORDER BY started", (sweep_id,))
+        return {int(r["point"]): self._record(r) for r in rows}
 
     def adopt(self, record: RunRecord) -> RunRecord:
         """Mirror ``record`` of another store here, folder included, with the same status.
@@ -247,16 +335,20 @@ class RunStore:
         if sets:
             self._write(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*vals, run_id))
 
-    def get(self, ref: str) -> RunRecord:
-        """A run by id, unique id prefix, or name (the latest run of that name)."""
-        rows = self._rows("SELECT * FROM runs WHERE id = ?", (ref,))
+    def _by_id(self, table: str, ref: str, what: str) -> list[sqlite3.Row]:
+        """Rows of ``table`` whose id is ``ref``, else the one whose id starts with it (none: [])."""
+        rows = self._rows(f"SELECT * FROM {table} WHERE id = ?", (ref,))  # noqa: S608 -- table is ours
         if not rows:
-            # The reference is literal text: escape LIKE's wildcards so `%` or `_` match only themselves.
-            prefix = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            rows = self._rows("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (prefix,))
+            pattern = _like_prefix(ref)
+            rows = self._rows(f"SELECT * FROM {table} WHERE id LIKE ? ESCAPE '\\' ORDER BY started DESC", (pattern,))  # noqa: S608
             if len(rows) > 1:
                 ids = ", ".join(r["id"] for r in rows[:5])
-                raise RunNotFoundError(f"run {ref!r} is ambiguous: it is a prefix of {ids}")
+                raise RunNotFoundError(f"{what} {ref!r} is ambiguous: it is a prefix of {ids}")
+        return rows
+
+    def get(self, ref: str) -> RunRecord:
+        """A run by id, unique id prefix, or name (the latest run of that name)."""
+        rows = self._by_id("runs", ref, "run")
         if not rows:
             rows = self._rows("SELECT * FROM runs WHERE name = ? ORDER BY started DESC LIMIT 1", (ref,))
         if not rows:
@@ -284,9 +376,16 @@ class RunStore:
             error=row["error"],
             owner=owner,
         )
+        if "sweep" in keys and row["sweep"] is not None:
+            rec.point = SweepPoint(row["sweep"], int(row["point"]), json.loads(row["point_values"]))
         if rec.status == "running" and not _owner_alive(rec):
             rec.status = "stale"
         return rec
+
+
+def _like_prefix(ref: str) -> str:
+    """A LIKE pattern for ids starting with ``ref``, read as literal text: `%` and `_` match only themselves."""
+    return ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _run_dir(root: Path, run_id: str, stored: str) -> Path:
@@ -323,3 +422,14 @@ def _migrate_0_to_1(db: sqlite3.Connection, root: Path) -> None:
     for row in db.execute("SELECT id, dir FROM runs").fetchall():
         if not Path(row["dir"]).is_absolute() and Path(row["dir"]).name == row["id"]:
             db.execute("UPDATE runs SET dir = ? WHERE id = ?", (row["id"], row["id"]))
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the ``sweeps`` table and the columns naming the sweep point a run is."""
+    columns = {r["name"] for r in db.execute("PRAGMA table_info(runs)")}
+    for col in _SWEEP_COLUMNS:
+        if col.split()[0] not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {col}")
+    for stmt in _SWEEP_SCHEMA.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
