@@ -80,6 +80,11 @@ class DataParallel(nn.Module):
         ctx: the rank and its group.
         strategy: ``"ddp"`` (replicated weights, all-reduced gradients) or ``"fsdp"`` (FSDP2:
             parameters, gradients and optimizer state sharded over the ranks).
+        expert_parallel: shard the MoE layers' experts over groups of this many ranks
+            (:func:`wrap`); None: no expert parallelism.
+        find_unused_parameters: DDP's search of the autograd graph for parameters a step left
+            out (on: routed, early-exit and nested bricks do; ``bench distributed --breakdown``
+            measures what turning it off saves for a model that never leaves one out).
 
     Raises:
         BrickworkError: FSDP2 cannot shard this model (the message names the module).
@@ -89,7 +94,12 @@ class DataParallel(nn.Module):
     engine: nn.Module  # what the step runs: DDP(objective), or the fully_shard-ed objective
 
     def __init__(
-        self, model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp", expert_parallel: int | None = None
+        self,
+        model: nn.Module,
+        ctx: DistContext,
+        strategy: Strategy = "ddp",
+        expert_parallel: int | None = None,
+        find_unused_parameters: bool = True,
     ) -> None:
         super().__init__()
         self.ctx, self.strategy = ctx, strategy
@@ -105,7 +115,10 @@ class DataParallel(nn.Module):
                 ignore_experts_in_ddp(self.objective)
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             engine: nn.Module = DistributedDataParallel(
-                self.objective, device_ids=device_ids, process_group=ctx.group, find_unused_parameters=True
+                self.objective,
+                device_ids=device_ids,
+                process_group=ctx.group,
+                find_unused_parameters=find_unused_parameters,
             )
         elif strategy == "fsdp":
             self.objective = _Objective(copy.deepcopy(model) if self.groups is None else trained)
