@@ -5,7 +5,11 @@ A tiny MoE MLP and a tiny MoE LM, wrapped as ``TrainSettings(expert_parallel=P)`
 0.5) through ``train.train_step`` on global batches of 5, 4 and 1 rows (so the last step's rank 1
 computes on a borrowed row, which must count nowhere), with every router auxiliary loss weighted
 in (the losses are global-batch ones under EP). Loss of every step and every parameter afterwards
-equal the single-process run to 1e-10 in float64: EP 2 on 2 ranks, and a 2 x 2 dp x ep mesh on 4.
+equal the single-process run to 1e-10 in float64, and so do Adam's moments (the experts'
+gathered): EP 2 on 2 ranks, EP 1 (plain DDP with global-batch router losses), a 2 x 2 dp x ep
+mesh on 4 ranks with DDP and with FSDP2 for the non-expert parameters, and Shazeer et al.'s
+noisy top-k router's importance and load losses (its noise made a function of the token, the
+same in one process and on every rank).
 """
 
 from __future__ import annotations
@@ -102,6 +106,10 @@ def _check(case: str, world: int, ep: int, strategy: str = "ddp") -> None:
 
 def test_ep2_on_2_ranks_equals_the_single_process_mlp():
     _check("mlp", 2, 2)
+
+
+def test_ep1_is_data_parallelism_with_global_batch_router_losses():
+    _check("mlp", 2, 1)
 
 
 def test_dp2_x_ep2_on_4_ranks_equals_the_single_process_lm():
