@@ -9,11 +9,15 @@ equal the single-process run to 1e-10 in float64, and so do Adam's moments (the 
 gathered): EP 2 on 2 ranks, EP 1 (plain DDP with global-batch router losses), a 2 x 2 dp x ep
 mesh on 4 ranks with DDP and with FSDP2 for the non-expert parameters, and Shazeer et al.'s
 noisy top-k router's importance and load losses (its noise made a function of the token, the
-same in one process and on every rank).
+same in one process and on every rank). And a training state saved at EP 2 on 2 ranks (the
+single-process format, experts gathered) resumes on a 2 x 2 mesh and at EP 1 with the
+uninterrupted single-process weights (1e-10).
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
@@ -21,11 +25,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from brickwork.data.base import Split
 from brickwork.distributed import DistContext, run_ranks
 from brickwork.distributed.data_parallel import gathered, optimizer_state, wrap
 from brickwork.models import moe_lm, moe_mlp
 from brickwork.nn.routing import MoESettings, NoisyTopKRouter, TopKRouter, noisy_topk
-from brickwork.train import cross_entropy, train_step
+from brickwork.train import FitConfig, cross_entropy, fit, train_step
 
 VOCAB, T = 11, 6
 # rows of the 3 global batches per world size: uneven slices, then an empty one (a borrowed row)
@@ -122,3 +127,23 @@ def test_ep2_with_shazeers_importance_and_load_losses_equals_the_single_process(
 
 def test_fsdp2_with_ep_on_4_ranks_equals_the_single_process_lm():
     _check("lm", 4, 2, "fsdp")
+
+
+def _fit(ctx: DistContext, ep: int | None, epochs: int, state: Path) -> dict[str, Tensor]:
+    engine = wrap(_model("lm"), ctx, "ddp", ep)
+    opt = torch.optim.AdamW(engine.parameters(), lr=0.01, weight_decay=0.1)
+    cfg = FitConfig(epochs=epochs, batch_size=7, seed=3, grad_clip=1.0, schedule="constant", aux_weights=AUX)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (19, T), generator=g)
+    fit(engine, Split(x, torch.roll(x, -1, dims=1)), Split(x[:0], x[:0]), LOSS, opt, cfg, state_path=state)
+    return {k: v.clone() for k, v in gathered(engine).state_dict().items()}
+
+
+def test_a_state_saved_at_ep2_on_2_ranks_resumes_at_ep2_on_4_and_at_ep1(tmp_path):
+    want = _fit(DistContext(), None, 2, tmp_path / "one")  # 2 epochs in one process
+    run_ranks(_fit, 2, 2, 1, tmp_path / "a")  # epoch 1 at EP 2 on 2 ranks, saved by rank 0
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tmp_path / f"a{suffix}", tmp_path / f"b{suffix}")
+    for world, ep, state in ((4, 2, "a"), (2, 1, "b")):  # epoch 2 on a 2 x 2 mesh; at EP 1
+        for got in run_ranks(_fit, world, ep, 2, tmp_path / state):
+            assert max((got[k] - v).abs().max().item() for k, v in want.items()) <= 1e-10, (world, ep)
