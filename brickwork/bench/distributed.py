@@ -115,6 +115,27 @@ def bench_case(case: str, strategy: str = "ddp", repeats: int = 15, breakdown: b
     }
 
 
+#: Message sizes (bytes) of the gloo floor: a 2-rank all-reduce of each, alone.
+FLOOR_BYTES = (8, 4096, 65536, 1 << 20, 4 << 20, 16 << 20)
+
+
+def _floor_rank(ctx: DistContext, repeats: int) -> dict[int, float]:
+    bufs = {n: torch.zeros(n // 4) for n in FLOOR_BYTES}  # float32
+    steps = {str(n): (lambda b=bufs[n]: dist.all_reduce(b, group=ctx.group)) for n in FLOOR_BYTES}
+    samples = time_rounds(steps, repeats=repeats, warmup=3)
+    return {n: samples[str(n)].median() for n in FLOOR_BYTES}
+
+
+def gloo_floor(repeats: int = 21) -> str:
+    """A markdown table: a 2-rank gloo all-reduce of N float32 bytes, alone (slowest rank's median)."""
+    per_rank = run_ranks(_floor_rank, 2, repeats, timeout_s=900.0)
+    lines = ["| bytes | all-reduce ms | GB/s |", "|---:|---:|---:|"]
+    for n in FLOOR_BYTES:
+        t = max(r[n] for r in per_rank)
+        lines.append(f"| {n:,} | {1e3 * t:.3f} | {n / t / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
 _BREAKDOWN = (("dp_no_search_ms", "dp, no unused search ms"), ("grad_allreduce_ms", "grad all-reduce ms"),
               ("scalar_allreduce_ms", "scalar all-reduce ms"))  # fmt: skip
 
@@ -156,5 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(_table(rows))
+    if args.breakdown:
+        print("\ngloo's floor on this machine: a 2-rank all-reduce of N bytes alone")
+        print(gloo_floor(max(args.repeats, 5)))
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
