@@ -1,14 +1,12 @@
 """`brickwork run` with ``expert_parallel: 2``: validated before work, killed, resumed at any degree.
 
-The ranks are forked by ``run_ranks`` with torchrun's environment and call the CLI's ``main``,
-as ``tests/distributed/test_run_ranks.py`` does for plain data parallelism.
+The ranks are forked by ``run_ranks`` with torchrun's environment and call the CLI's ``main``
+(``conftest.cli_ranks``), as ``tests/distributed/test_run_ranks.py`` does for plain data parallelism.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 import yaml
 
 from brickwork import cli
-from brickwork.distributed import DistContext, RankFailed, run_ranks
+from brickwork.distributed import RankFailed, run_ranks
 from brickwork.experiment import RunStore
 from brickwork.experiment.builtins import load_builtins
 from brickwork.persist import load_tensors
@@ -40,39 +38,21 @@ def _config(tmp_path: Path, model: dict | None = None, **train: object) -> str:
     return str(path)
 
 
-def _main(ctx: DistContext, argv: list[str]) -> int:
-    return cli.main(argv)
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_tensors(run_dir / "moe" / "model")[0]
 
 
-def _die_after_first_save(ctx: DistContext, argv: list[str]) -> int:
-    if ctx.rank == 1:  # a real kill of one rank, right after the first epoch's state is saved
-        import brickwork.train.loop as loop
-
-        save = loop.save_training_state
-
-        def save_then_die(*args: object, **kwargs: object) -> None:
-            save(*args, **kwargs)  # type: ignore[arg-type]
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        loop.save_training_state = save_then_die  # type: ignore[assignment]
-    return cli.main(argv)
-
-
-def test_a_killed_ep_run_resumes_bit_for_bit_on_2_ranks_and_within_1e6_in_one_process(tmp_path, monkeypatch):
+def test_a_killed_ep_run_resumes_bit_for_bit_on_2_ranks_and_within_1e6_in_one_process(tmp_path, monkeypatch, cli_ranks):
     monkeypatch.setenv("BRICKWORK_DIST_TIMEOUT", "30")
     cfg = _config(tmp_path)
     whole = tmp_path / "whole"
-    assert run_ranks(_main, 2, ["--runs-dir", str(whole), "run", cfg, "--no-progress"]) == [0, 0]
+    assert run_ranks(cli_ranks.main, 2, ["--runs-dir", str(whole), "run", cfg, "--no-progress"]) == [0, 0]
     (done,) = RunStore(whole).list()
     assert done.status == "completed"
     want = _weights(done.dir)
     runs = tmp_path / "runs"
     with pytest.raises(RankFailed, match=r"ranks \[1\] exited with \[-9\]"):
-        run_ranks(_die_after_first_save, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"])
+        run_ranks(cli_ranks.die_after_first_save, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"])
     (record,) = RunStore(runs).list()
     assert record.status in {"failed", "stale"}, record.status
     # the checkpoint is the single-process one: every expert, gathered over the EP group
@@ -81,7 +61,7 @@ def test_a_killed_ep_run_resumes_bit_for_bit_on_2_ranks_and_within_1e6_in_one_pr
     single = tmp_path / "single"
     shutil.copytree(runs, single)  # the same killed state, to resume in one process (no expert parallelism)
     argv = ["run", "--resume", record.id, "--no-progress"]
-    assert run_ranks(_main, 2, ["--runs-dir", str(runs), *argv]) == [0, 0]
+    assert run_ranks(cli_ranks.main, 2, ["--runs-dir", str(runs), *argv]) == [0, 0]
     got = _weights(RunStore(runs).get(record.id).dir)
     assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0  # same degree: bit for bit
     assert cli.main(["--runs-dir", str(single), *argv]) == 0
@@ -107,7 +87,7 @@ def test_validate_refuses_an_unshardable_ep_config_in_one_line(tmp_path, capsys,
     assert len(err) == 1 and message in err[0] and "stages[0].expert_parallel" in err[0], err
 
 
-def test_a_degree_that_does_not_divide_the_world_is_refused_before_the_run(tmp_path):
+def test_a_degree_that_does_not_divide_the_world_is_refused_before_the_run(tmp_path, cli_ranks):
     cfg = _config(tmp_path, {**MODEL, "num_experts": 6}, expert_parallel=3)
-    out = run_ranks(_main, 2, ["--runs-dir", str(tmp_path / "runs"), "run", cfg, "--no-progress"])
+    out = run_ranks(cli_ranks.main, 2, ["--runs-dir", str(tmp_path / "runs"), "run", cfg, "--no-progress"])
     assert out == [2, 2] and not (tmp_path / "runs").exists()
