@@ -16,6 +16,13 @@ model beside the engine:
   the full model on every rank first, so FSDP2 here saves gradient and optimizer memory during
   training, not the memory of building the model.
 
+With ``expert_parallel=P`` (a stage's ``expert_parallel: P``), the engine trains a copy in which
+every MoE holds this rank's experts only, over a ``(W / P, P)`` dp x ep mesh: DDP or FSDP2 take
+everything but the experts over all W ranks, and :meth:`DataParallel.finish_gradients` (called
+by ``train_step`` after the backward) reduces the experts over dp and clips to the global norm;
+:meth:`DataParallel.gather` all-gathers the experts back into the plain model
+(:mod:`brickwork.distributed.expert_state`).
+
 Checkpoints stay the single-process format: :func:`model_state` / :func:`optimizer_state` give
 full tensors and integer parameter ids whatever the strategy, so a state saved by 2 ranks loads
 into 1, 3 or 4 (:func:`load_model_state` / :func:`load_optimizer_state`).
