@@ -26,11 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
 from brickwork.data import load_dataset
 from brickwork.distributed import DistContext, run_ranks, shard_batch, wrap
+from brickwork.distributed.data_parallel import DataParallel
 from brickwork.models import mlp, moe_mlp, transformer_lm
 from brickwork.train import cross_entropy, train_step
 
@@ -50,13 +52,18 @@ def _setup(case: str, x: Tensor, y: Tensor) -> tuple[nn.Module, torch.optim.Opti
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def _rank(ctx: DistContext, case: str, x: Tensor, y: Tensor, strategy: str, repeats: int) -> dict[str, Any]:
+def _rank(
+    ctx: DistContext, case: str, x: Tensor, y: Tensor, strategy: str, repeats: int, breakdown: bool = False
+) -> dict[str, Any]:
     model, _ = _setup(case, x, y)
     alone = copy.deepcopy(model)
     engine = wrap(model, ctx, strategy)  # type: ignore[arg-type]
     opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
     opt_alone = torch.optim.AdamW(alone.parameters(), lr=1e-3)
     xr, yr, _ = shard_batch(ctx, x, y)  # the ideal rank's rows: the same B/2
+    if breakdown:  # copied before any step: a trained module holds its last forward's tensors
+        lean = DataParallel(copy.deepcopy(alone), ctx, "ddp", find_unused_parameters=False)
+        opt_lean = torch.optim.AdamW(lean.parameters(), lr=1e-3)
     samples = time_rounds(
         {
             "dp": lambda: train_step(engine, x, y, LOSS, opt),
@@ -65,19 +72,45 @@ def _rank(ctx: DistContext, case: str, x: Tensor, y: Tensor, strategy: str, repe
         repeats=repeats,
         warmup=3,
     )
-    return {
+    out = {
         "dp": samples["dp"].median(),
         "ideal": samples["ideal"].median(),
         "ratio": paired_ratio(samples["dp"], samples["ideal"]),
     }
+    if breakdown:
+        # Where the time goes, in rounds of their own: every candidate here makes collectives, so
+        # the ranks stay in step (after the communication-free ideal, the next collective would
+        # absorb the ranks' skew). The same step without DDP's graph search, paired with dp; gloo alone.
+        grads = torch.zeros(sum(p.numel() for p in alone.parameters()))  # the gradient bytes, float32
+        scalars = torch.zeros(2, dtype=torch.float64)  # the step's loss and skip flag
+        parts = time_rounds(
+            {
+                "dp": lambda: train_step(engine, x, y, LOSS, opt),
+                "dp_no_search": lambda: train_step(lean, x, y, LOSS, opt_lean),
+                "grad_allreduce": lambda: dist.all_reduce(grads, group=ctx.group),
+                "scalar_allreduce": lambda: dist.all_reduce(scalars, group=ctx.group),
+            },
+            repeats=repeats,
+            warmup=3,
+        )
+        out.update({k: parts[k].median() for k in ("dp_no_search", "grad_allreduce", "scalar_allreduce")})
+        out["search_ratio"] = paired_ratio(parts["dp_no_search"], parts["dp"])
+    return out
 
 
-def bench_case(case: str, strategy: str = "ddp", repeats: int = 15) -> dict[str, Any]:
-    """Median step seconds of ``dp``, ``ideal`` and ``1x2`` for ``case``, and the ratios."""
+def bench_case(case: str, strategy: str = "ddp", repeats: int = 15, breakdown: bool = False) -> dict[str, Any]:
+    """Median step seconds of ``dp``, ``ideal`` and ``1x2`` for ``case``, and the ratios.
+
+    With ``breakdown``, also (ms, slowest rank's median, in rounds of their own):
+    ``dp_no_search_ms``, the DDP step with ``find_unused_parameters`` off, and ``search_ratio``,
+    its paired ratio to the dp step in those rounds; ``grad_allreduce_ms``, a gloo all-reduce of the model's
+    parameter count in float32 alone (the floor of DDP's gradient traffic: 2 ranks, one
+    message); ``scalar_allreduce_ms``, the step's small all-reduce alone.
+    """
     _, _, data, data_args, batch = CASES[case]
     ds = load_dataset(data, seed=0, **data_args)
     x, y = ds.train.x[:batch], ds.train.y[:batch]
-    per_rank = run_ranks(_rank, 2, case, x, y, strategy, repeats, timeout_s=900.0)
+    per_rank = run_ranks(_rank, 2, case, x, y, strategy, repeats, breakdown, timeout_s=900.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -95,16 +128,49 @@ def bench_case(case: str, strategy: str = "ddp", repeats: int = 15) -> dict[str,
         "ratio": max(r["ratio"] for r in per_rank),
         "one_ms": 1e3 * one.median(),
         "speedup": one.median() / dp,
+        **{
+            f"{k}_ms": 1e3 * max(r[k] for r in per_rank)
+            for k in ("dp_no_search", "grad_allreduce", "scalar_allreduce")
+            if breakdown
+        },
+        **({"search_ratio": max(r["search_ratio"] for r in per_rank)} if breakdown else {}),
     }
 
 
+#: Message sizes (bytes) of the gloo floor: a 2-rank all-reduce of each, alone.
+FLOOR_BYTES = (8, 4096, 65536, 1 << 20, 4 << 20, 16 << 20)
+
+
+def _floor_rank(ctx: DistContext, repeats: int) -> dict[int, float]:
+    bufs = {n: torch.zeros(n // 4) for n in FLOOR_BYTES}  # float32
+    steps = {str(n): (lambda b=bufs[n]: dist.all_reduce(b, group=ctx.group)) for n in FLOOR_BYTES}
+    samples = time_rounds(steps, repeats=repeats, warmup=3)
+    return {n: samples[str(n)].median() for n in FLOOR_BYTES}
+
+
+def gloo_floor(repeats: int = 21) -> str:
+    """A markdown table: a 2-rank gloo all-reduce of N float32 bytes, alone (slowest rank's median)."""
+    per_rank = run_ranks(_floor_rank, 2, repeats, timeout_s=900.0)
+    lines = ["| bytes | all-reduce ms | GB/s |", "|---:|---:|---:|"]
+    for n in FLOOR_BYTES:
+        t = max(r[n] for r in per_rank)
+        lines.append(f"| {n:,} | {1e3 * t:.3f} | {n / t / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+_BREAKDOWN = (("dp_no_search_ms", "dp, no unused search ms"), ("search_ratio", "no search / dp"),
+              ("grad_allreduce_ms", "grad all-reduce ms"), ("scalar_allreduce_ms", "scalar all-reduce ms"))  # fmt: skip
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
+    extra = [(k, name) for k, name in _BREAKDOWN if k in rows[0]]
     head = "| model | strategy | batch | 2x1 dp ms | ideal ms | dp / ideal | 1x2 ms | 1x2 / dp |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head += "".join(f" {name} |" for _, name in extra)
+    lines = [head, "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['strategy']} | {r['batch']} | {r['dp_ms']:.2f} | {r['ideal_ms']:.2f} | "
-            f"{r['ratio']:.3f} | {r['one_ms']:.2f} | {r['speedup']:.2f} |"
+            f"{r['ratio']:.3f} | {r['one_ms']:.2f} | {r['speedup']:.2f} |" + "".join(f" {r[k]:.2f} |" for k, _ in extra)
         )
     return "\n".join(lines)
 
@@ -115,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,moe,lm", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the DDP step without find_unused_parameters and the bare gloo all-reduces (ddp only)",
+    )
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -124,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     rows = []
     for case in cases:
-        rows.append(bench_case(case, args.strategy, args.repeats))
+        rows.append(bench_case(case, args.strategy, args.repeats, args.breakdown and args.strategy == "ddp"))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(_table(rows))
+    if args.breakdown:
+        print("\ngloo's floor on this machine: a 2-rank all-reduce of N bytes alone")
+        print(gloo_floor(max(args.repeats, 5)))
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0

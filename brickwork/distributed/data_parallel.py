@@ -16,6 +16,13 @@ model beside the engine:
   the full model on every rank first, so FSDP2 here saves gradient and optimizer memory during
   training, not the memory of building the model.
 
+With ``expert_parallel=P`` (a stage's ``expert_parallel: P``), the engine trains a copy in which
+every MoE holds this rank's experts only, over a ``(W / P, P)`` dp x ep mesh: DDP or FSDP2 take
+everything but the experts over all W ranks, and :meth:`DataParallel.finish_gradients` (called
+by ``train_step`` after the backward) reduces the experts over dp and clips to the global norm;
+:meth:`DataParallel.gather` all-gathers the experts back into the plain model
+(:mod:`brickwork.distributed.expert_state`).
+
 Checkpoints stay the single-process format: :func:`model_state` / :func:`optimizer_state` give
 full tensors and integer parameter ids whatever the strategy, so a state saved by 2 ranks loads
 into 1, 3 or 4 (:func:`load_model_state` / :func:`load_optimizer_state`).
@@ -32,6 +39,21 @@ import torch
 from torch import Tensor, nn
 
 from brickwork.distributed.batch import barrier
+from brickwork.distributed.expert_parallel import (
+    ExpertParallelGroups,
+    ExpertParallelMoE,
+    clip_expert_parallel_grad_norm,
+    expert_parameters,
+    ignore_experts_in_ddp,
+    reduce_expert_grads,
+)
+from brickwork.distributed.expert_parallel import expert_parallel as expert_parallel_copy
+from brickwork.distributed.expert_state import (
+    full_model_state,
+    full_optimizer_state,
+    local_model_state,
+    local_optimizer_state,
+)
 from brickwork.distributed.process_group import DistContext
 from brickwork.errors import BrickworkError
 
@@ -65,6 +87,11 @@ class DataParallel(nn.Module):
         ctx: the rank and its group.
         strategy: ``"ddp"`` (replicated weights, all-reduced gradients) or ``"fsdp"`` (FSDP2:
             parameters, gradients and optimizer state sharded over the ranks).
+        expert_parallel: shard the MoE layers' experts over groups of this many ranks
+            (:func:`wrap`); None: no expert parallelism.
+        find_unused_parameters: DDP's search of the autograd graph for parameters a step left
+            out (on: routed, early-exit and nested bricks do; ``bench distributed --breakdown``
+            measures what turning it off saves for a model that never leaves one out).
 
     Raises:
         BrickworkError: FSDP2 cannot shard this model (the message names the module).
@@ -73,21 +100,37 @@ class DataParallel(nn.Module):
     plain: nn.Module  # the model as built: full weights (after gather() under FSDP2)
     engine: nn.Module  # what the step runs: DDP(objective), or the fully_shard-ed objective
 
-    def __init__(self, model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: DistContext,
+        strategy: Strategy = "ddp",
+        expert_parallel: int | None = None,
+        find_unused_parameters: bool = True,
+    ) -> None:
         super().__init__()
         self.ctx, self.strategy = ctx, strategy
         object.__setattr__(self, "plain", model)  # not a submodule: state dicts stay the engine's
+        self.groups = None if expert_parallel is None else expert_groups(ctx, expert_parallel)
+        # Expert parallelism trains a copy whose MoE layers hold this rank's experts only.
+        trained = model if self.groups is None else expert_parallel_copy(model, self.groups)
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            self.objective = _Objective(model)
+            self.objective = _Objective(trained)
+            if self.groups is not None:  # DDP averages the rest over the world; finish_gradients the experts
+                ignore_experts_in_ddp(self.objective)
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             engine: nn.Module = DistributedDataParallel(
-                self.objective, device_ids=device_ids, process_group=ctx.group, find_unused_parameters=True
+                self.objective,
+                device_ids=device_ids,
+                process_group=ctx.group,
+                find_unused_parameters=find_unused_parameters,
             )
         elif strategy == "fsdp":
-            self.objective = _Objective(copy.deepcopy(model))
-            engine = _fully_shard(self.objective, ctx)
+            self.objective = _Objective(copy.deepcopy(model) if self.groups is None else trained)
+            experts = set(expert_parameters(self.objective).values())
+            engine = _fully_shard(self.objective, ctx, experts)
         else:
             raise BrickworkError(f"data_parallel: {strategy!r} is not a strategy; expected 'ddp' or 'fsdp'")
         object.__setattr__(self, "engine", engine)
@@ -115,27 +158,75 @@ class DataParallel(nn.Module):
                     m.reshard()
 
     def gather(self) -> nn.Module:
-        """Bring the full trained weights into :attr:`plain` (a collective for FSDP2); returns it."""
+        """Bring the full trained weights into :attr:`plain` (a collective for FSDP2 and EP); returns it."""
         self.reshard()
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True))
-            self.plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+        if self.strategy == "fsdp" or self.groups is not None:
+            local = self._engine_state()
+            if self.groups is not None:  # every expert, all-gathered over its EP group
+                local = full_model_state(self.objective.model, local, self.groups.ep)
+            self.plain.load_state_dict(local)
         return self.plain
 
+    def _engine_state(self) -> dict[str, Any]:
+        """The trained model's state dict by its own names (FSDP2's shards gathered)."""
+        if self.strategy != "fsdp":
+            return self.objective.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True))
+        return {k.removeprefix("model."): v for k, v in full.items()}
+
     def scatter(self) -> None:
-        """Shard :attr:`plain`'s weights into the engine (after a load; no-op for DDP)."""
+        """Shard :attr:`plain`'s weights into the engine (after a load; no-op for plain DDP)."""
         self.reshard()
+        full = self.plain.state_dict()
+        if self.groups is not None:  # this rank's slice of every expert
+            full = local_model_state(self.objective.model, full)
+            if self.strategy == "ddp":
+                self.objective.model.load_state_dict(full)
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = {f"model.{k}": v for k, v in self.plain.state_dict().items()}
+            full = {f"model.{k}": v for k, v in full.items()}
             set_model_state_dict(self.objective, full, options=StateDictOptions(full_state_dict=True))
 
+    def finish_gradients(self, max_norm: float | None) -> None:
+        """After ``backward``: reduce what the engine did not (EP: the experts over dp), then clip
+        to the global gradient norm (every expert counted once) when ``max_norm`` is set."""
+        if self.groups is not None:
+            reduce_expert_grads(self.objective.model, self.groups)
+            if max_norm:
+                clip_expert_parallel_grad_norm(self.objective.model, max_norm, self.groups)
+        elif max_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
-def _fully_shard(objective: _Objective, ctx: DistContext) -> nn.Module:
-    """FSDP2 over a 1-D mesh: each body layer of a stack model a unit, then the root."""
+    def count_rows(self, counted: bool) -> None:
+        """Whether this rank's rows count in global batch statistics (False for a borrowed row)."""
+        for m in self.objective.modules():
+            if isinstance(m, ExpertParallelMoE):
+                m.counted = counted
+
+
+def expert_groups(ctx: DistContext, degree: int) -> ExpertParallelGroups:
+    """The groups of a ``(dp, ep) = (W / degree, degree)`` device mesh over the world.
+
+    Raises:
+        BrickworkError: ``degree`` does not divide the world size.
+    """
+    if degree < 1 or ctx.world_size % degree:
+        raise BrickworkError(
+            f"expert_parallel: {degree} does not divide the world size {ctx.world_size} (ranks form a"
+            f" data-parallel x expert-parallel mesh); use a divisor of {ctx.world_size}"
+        )
+    return ExpertParallelGroups.from_mesh(ctx.mesh((ctx.world_size // degree, degree), ("dp", "ep")))
+
+
+def _fully_shard(objective: _Objective, ctx: DistContext, experts: set[nn.Parameter]) -> nn.Module:
+    """FSDP2 over a 1-D mesh of all ranks: each body layer of a stack model a unit, then the root.
+
+    ``experts`` (an expert-parallel model's sharded experts) are left to expert parallelism: FSDP2
+    ignores them (they are already split over the EP group and reduced by ``finish_gradients``).
+    """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from brickwork.nn.nested import NestedModel
@@ -152,9 +243,9 @@ def _fully_shard(objective: _Objective, ctx: DistContext) -> nn.Module:
     layers = [m for m in body.modules() if _is_layer(m, body)] if isinstance(body, nn.Module) else []
     try:
         for layer in layers:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(objective, mesh=mesh)
+            if any(p not in experts for p in layer.parameters()):
+                fully_shard(layer, mesh=mesh, ignored_params=experts or None)
+        fully_shard(objective, mesh=mesh, ignored_params=experts or None)
     except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BrickworkError(
@@ -174,9 +265,30 @@ def _is_layer(m: nn.Module, body: nn.Module) -> bool:
     )
 
 
-def wrap(model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp") -> nn.Module:
-    """``model`` itself for a single process, else a :class:`DataParallel` around it."""
-    return DataParallel(model, ctx, strategy) if ctx.active else model
+def wrap(
+    model: nn.Module, ctx: DistContext, strategy: Strategy = "ddp", expert_parallel: int | None = None
+) -> nn.Module:
+    """``model`` itself for a single process, else a :class:`DataParallel` around it.
+
+    Args:
+        expert_parallel: shard the MoE layers' experts over groups of this many ranks (the
+            world is a ``(W / P, P)`` dp x ep mesh); None: every rank holds every expert.
+    """
+    return DataParallel(model, ctx, strategy, expert_parallel) if ctx.active else model
+
+
+def finish_gradients(model: nn.Module, max_norm: float | None) -> None:
+    """After ``backward``: complete the gradient reduction and clip (:meth:`DataParallel.finish_gradients`)."""
+    if isinstance(model, DataParallel):
+        model.finish_gradients(max_norm)
+    elif max_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def count_rows(model: nn.Module, counted: bool) -> None:
+    """Tell an expert-parallel model whether this rank's rows are real (False: a borrowed row)."""
+    if isinstance(model, DataParallel):
+        model.count_rows(counted)
 
 
 def plain_module(model: nn.Module) -> nn.Module:
@@ -214,19 +326,43 @@ def _fqns(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with full tensors and integer ids (gathered under FSDP2)."""
+    if isinstance(model, DataParallel) and model.groups is not None:
+        state = None
+        if model.strategy == "fsdp":
+            state = {k.removeprefix("model."): v for k, v in _fsdp_optimizer_state(model, optimizer)["state"].items()}
+        return full_optimizer_state(model.objective.model, model.plain, optimizer, model.groups.ep, state)
     if not (isinstance(model, DataParallel) and model.strategy == "fsdp"):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    model.reshard()
-    full: Any = get_optimizer_state_dict(model.objective, optimizer, options=StateDictOptions(full_state_dict=True))
+    full = _fsdp_optimizer_state(model, optimizer)
     pid = {name: i for i, name in enumerate(_fqns(model.objective, optimizer))}
     groups = [{**g, "params": [pid[n] for n in g["params"]]} for g in full["param_groups"]]
     return {"state": {pid[n]: st for n, st in full["state"].items()}, "param_groups": groups}
 
 
+def _fsdp_optimizer_state(model: DataParallel, optimizer: torch.optim.Optimizer) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model.reshard()
+    return get_optimizer_state_dict(model.objective, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a state of :func:`optimizer_state`'s format (sharded into FSDP2's optimizer)."""
+    if isinstance(model, DataParallel) and model.groups is not None:
+        local = local_optimizer_state(model.objective.model, model.plain, optimizer, state, model.groups.ep)
+        if model.strategy == "ddp":
+            params = dict(model.objective.model.named_parameters())
+            for name, st in local.items():
+                optimizer.state[params[name]] = st
+            return
+        model.reshard()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        fqn = {id(p): n for n, p in model.objective.named_parameters()}
+        groups = [{**g, "params": [fqn[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+        full_fsdp: Any = {"state": {f"model.{k}": v for k, v in local.items()}, "param_groups": groups}
+        set_optimizer_state_dict(model.objective, optimizer, full_fsdp, options=StateDictOptions(full_state_dict=True))
+        return
     if not (isinstance(model, DataParallel) and model.strategy == "fsdp"):
         optimizer.load_state_dict(state)
         return

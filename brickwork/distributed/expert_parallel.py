@@ -55,6 +55,7 @@ from brickwork.nn.routing import (
     RoutingRecord,
     plan_dispatch,
 )
+from brickwork.nn.routing.losses import cv_squared
 from brickwork.nn.routing.types import router_precision
 
 
@@ -110,6 +111,28 @@ def _check_routable(moe: MoE, where: str) -> None:
             f"{where}: capacity_factor {moe.capacity_factor} drops assignments by their place in the whole batch; "
             "expert parallelism is dropless (set capacity_factor to null)"
         )
+
+
+def check_expert_parallel(model: nn.Module, degree: int, where: str = "expert_parallel") -> None:
+    """Refuse, before any work, a model that cannot be expert-parallel over ``degree`` ranks.
+
+    Raises:
+        BrickworkError: (one line, naming the MoE's module path) no MoE layer, a non-causal router
+            or a capacity limit, a bank that cannot be sharded, or ``degree`` not dividing the experts.
+    """
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not moes:
+        raise BrickworkError(
+            f"{where}: {degree}: the model ({type(model).__name__}) has no MoE layer whose experts could be sharded"
+        )
+    for name, moe in moes:
+        at = f"{where}: MoE {name or type(model).__name__}"
+        _check_routable(moe, at)
+        check_expert_split(moe.num_experts, degree, at)
+        if not isinstance(moe.experts, GroupedFFNExperts | ExpertList):
+            raise BrickworkError(
+                f"{at}: expert bank {type(moe.experts).__name__} cannot be sharded; use GroupedFFNExperts or a list"
+            )
 
 
 def shard_bank(bank: nn.Module, start: int, stop: int, where: str = "experts") -> nn.Module:
@@ -180,6 +203,9 @@ class ExpertParallelMoE(nn.Module):
             router._bank = [_GatheredKeys(experts, groups.ep)]  # type: ignore[assignment]
         self.aux_losses: dict[str, Tensor] = {}
         self.record: RoutingRecord | None = None
+        #: False while this rank computes on a borrowed row (its slice of the batch is empty):
+        #: its tokens then count in neither the global load nor the auxiliary losses.
+        self.counted = True
 
     @classmethod
     def from_moe(cls, moe: MoE, groups: ExpertParallelGroups, where: str = "moe") -> ExpertParallelMoE:
@@ -213,7 +239,7 @@ class ExpertParallelMoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
         load, num_tokens = self._global_load(routing, plan.counts)
-        self.aux_losses = global_aux_losses(routing, load, num_tokens, self.groups.world)
+        self.aux_losses = global_aux_losses(routing, load, num_tokens, self.groups.world, self.counted)
         kept = torch.ones(routing.num_assignments, dtype=torch.bool, device=x.device)  # dropless
         self.record = RoutingRecord.of(routing, tuple(lead), kept, load)  # load: the global batch's
         return out.reshape(*lead, d)
@@ -221,7 +247,8 @@ class ExpertParallelMoE(nn.Module):
     @torch.no_grad()
     def _global_load(self, routing: Routing, local_load: Tensor) -> tuple[Tensor, int]:
         """(E,) assignments per expert and the number of tokens, over the global batch (one all-reduce)."""
-        packed = torch.cat([local_load, local_load.new_tensor([routing.num_tokens])])
+        w = 1 if self.counted else 0
+        packed = torch.cat([local_load * w, local_load.new_tensor([routing.num_tokens * w])])
         dist.all_reduce(packed, group=self.groups.world)
         load = packed[:-1]
         bias = getattr(self.router, "selection_bias", None)
@@ -234,23 +261,40 @@ class ExpertParallelMoE(nn.Module):
         return f"num_experts={self.num_experts}, local experts [{self.expert_offset}, {stop}), dropless"
 
 
-def global_aux_losses(routing: Routing, load: Tensor, num_tokens: int, group: Any) -> dict[str, Tensor]:
+#: The router losses with a global-batch form here: Switch's load balancing, ST-MoE's z-loss,
+#: Shazeer et al.'s importance and load (``CV^2`` of a per-expert sum over the tokens).
+GLOBAL_AUX_LOSSES = ("load_balance", "z_loss", "importance", "load")
+_CV_SQUARED = ("importance", "load")
+
+
+def global_aux_losses(
+    routing: Routing, load: Tensor, num_tokens: int, group: Any, counted: bool = True
+) -> dict[str, Tensor]:
     """The router's auxiliary losses over the global batch (each rank gets the same value).
+
+    Every loss is a function of sums over the tokens, so one all-reduce of this rank's sums
+    gives the single process's loss on the full batch: Switch's ``E * sum_i f_i P_i`` from the
+    global load and probability sums, the z-loss from the sum of ``logsumexp^2``, and Shazeer
+    et al.'s importance and load losses as ``CV^2`` of the summed (E,) importance and smooth
+    load (``routing.aux_sums``; the CV of per-rank sums would differ).
 
     Args:
         routing: this rank's routing; its ``aux_losses`` name the losses to compute.
         load: (E,) global assignments per expert (dropless: every assignment is dispatched).
         num_tokens: global number of tokens.
         group: the group the batch is split over.
+        counted: False for a rank computing on a borrowed row (an empty slice of the batch):
+            its sums then count zero.
 
     Raises:
         BrickworkError: a loss with no known global form.
     """
-    names = set(routing.aux_losses)
-    unknown = names - {"load_balance", "z_loss"}
+    names = [n for n in GLOBAL_AUX_LOSSES if n in routing.aux_losses]
+    unknown = set(routing.aux_losses) - set(GLOBAL_AUX_LOSSES)
     if unknown:
         raise BrickworkError(
-            f"expert parallelism: router loss {sorted(unknown)} has no global form; known: load_balance, z_loss"
+            f"expert parallelism: router loss {sorted(unknown)} has no global form;"
+            f" known: {', '.join(GLOBAL_AUX_LOSSES)}"
         )
     if not names:
         return {}
@@ -261,14 +305,27 @@ def global_aux_losses(routing: Routing, load: Tensor, num_tokens: int, group: An
     if "z_loss" in names:
         assert routing.logits is not None
         parts.append(torch.logsumexp(router_precision(routing.logits), dim=-1).square().sum().reshape(1))
-    sums = all_reduce_sum(torch.cat(parts), group) / num_tokens
+    for name in _CV_SQUARED:
+        if name in names:
+            if name not in routing.aux_sums:
+                raise BrickworkError(f"expert parallelism: the router gave loss {name!r} without its (E,) sum")
+            parts.append(routing.aux_sums[name])
+    dtype = torch.promote_types(torch.result_type(parts[0], parts[-1]), torch.float32)
+    local = torch.cat([p.to(dtype) for p in parts])
+    sums = all_reduce_sum(local if counted else local * 0, group)
     out: dict[str, Tensor] = {}
+    e, at = routing.num_experts, 0
     if "load_balance" in names:
-        e = routing.num_experts
         f = load.to(sums.dtype) / load.sum().clamp_min(1)  # Switch's f_i: fraction of assignments
-        out["load_balance"] = e * torch.sum(f * sums[:e])  # P_i: mean probability over the global batch
+        out["load_balance"] = e * torch.sum(f * sums[:e] / num_tokens)  # P_i: mean probability, global batch
+        at = e
     if "z_loss" in names:
-        out["z_loss"] = sums[-1]
+        out["z_loss"] = sums[at] / num_tokens
+        at += 1
+    for name in _CV_SQUARED:
+        if name in names:
+            out[name] = cv_squared(sums[at : at + e])
+            at += e
     return out
 
 
@@ -374,15 +431,26 @@ def clip_expert_parallel_grad_norm(
     The same rule as :func:`torch.nn.utils.clip_grad_norm_` (scale by ``max_norm / (norm + 1e-6)``
     when below 1), on reduced gradients (:func:`reduce_expert_parallel_grads` first).
     """
+    from torch.distributed.tensor import DTensor
+
     groups = groups or _groups_of(model)
     experts = {id(p) for p in expert_parameters(model).values()}
     grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
-    replicated = sum((g.double().square().sum() for e, g in grads if not e), torch.zeros((), dtype=torch.float64))
-    sharded = sum((g.double().square().sum() for e, g in grads if e), torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def squares(gs: list[Tensor]) -> Tensor:
+        return sum((g.double().square().sum() for g in gs), zero)
+
+    replicated = squares([g for e, g in grads if not e and not isinstance(g, DTensor)])
+    # FSDP2's shards (EP composed with FSDP2): each rank holds its part of the replicated parameters
+    fsdp = squares([g.to_local() for e, g in grads if not e and isinstance(g, DTensor)])
+    sharded = squares([g for e, g in grads if e])
     if groups is not None:
         dist.all_reduce(sharded, group=groups.ep)  # each EP rank holds other experts; dp replicas agree
-    norm = (replicated + sharded).sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if any(isinstance(g, DTensor) for _, g in grads):
+            dist.all_reduce(fsdp, group=groups.world)
+    norm = (replicated + fsdp + sharded).sqrt()
+    coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
     for _, g in grads:
-        g.mul_(coef.to(g.dtype))
+        g.mul_(coef)
     return norm

@@ -45,6 +45,46 @@ def check_models(cfg: RunConfig, data: Dataset) -> None:
     sample = data.train.x[:2]
     for label, spec in cfg.models.items():
         check_model(spec, tuple(data.in_shape), data.num_classes, sample, f"models.{label}")
+    check_expert_parallel_stages(cfg, data)
+
+
+def check_expert_parallel_stages(cfg: RunConfig, data: Dataset) -> None:
+    """A stage's ``expert_parallel: P`` fits every model variant (MoE layers, causal routers, P
+    dividing their experts) and, under ``torchrun``, the world size.
+
+    The world size is only known once launched: ``validate`` in one process checks the models.
+
+    Raises:
+        ConfigError: at ``stages[i].expert_parallel``, one line naming what does not fit.
+    """
+    from brickwork.distributed import current
+    from brickwork.distributed.expert_parallel import check_expert_parallel
+    from brickwork.train.recipe import TrainSettings
+
+    world = current().world_size
+    for i, stage in enumerate(cfg.stages):
+        degrees = {s.expert_parallel for s in stage.args.values() if isinstance(s, TrainSettings)} - {None}
+        for degree in sorted(d for d in degrees if d is not None):
+            where = f"stages[{i}].expert_parallel"
+            if world > 1 and world % degree:
+                raise ConfigError(
+                    where,
+                    f"{degree} does not divide the world size {world} (the ranks form a data-parallel x"
+                    f" expert-parallel mesh); use a divisor of {world}",
+                    show_value=False,
+                )
+            for label, spec in cfg.models.items():
+                state = torch.random.get_rng_state()  # the run's own draws stay as they were
+                try:
+                    with warnings.catch_warnings(), torch.device("meta"):
+                        warnings.simplefilter("ignore")
+                        model = build_model(spec, tuple(data.in_shape), data.num_classes)
+                finally:
+                    torch.random.set_rng_state(state)
+                try:
+                    check_expert_parallel(model, degree, f"models.{label}")
+                except BrickworkError as e:
+                    raise ConfigError(where, str(e), show_value=False) from None
 
 
 def check_model(spec: Spec, in_shape: Sequence[int], num_classes: int, sample: torch.Tensor, where: str) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from brickwork.data.base import Split
 from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
-from brickwork.distributed.data_parallel import context_of, gathered
+from brickwork.distributed.data_parallel import context_of, count_rows, finish_gradients, gathered
 from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import aux_weight, collect_aux_losses
@@ -77,6 +77,7 @@ def train_step(
     """
     dist = context_of(model)
     x, y, share = shard_batch(dist, x, y)
+    count_rows(model, share != 0.0)  # a borrowed row stays out of expert parallelism's batch statistics
     if share != 1.0:  # scaled where every loss is made: a model may backpropagate inside its objective
         task_loss = loss_fn
         loss_fn = lambda logits, target: share * task_loss(logits, target)  # noqa: E731
@@ -103,8 +104,7 @@ def train_step(
         return scalars
     if not dist.active:
         total.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    finish_gradients(model, grad_clip)  # expert parallelism reduces its experts here; clipping
     optimizer.step()
     after_optimizer_step(model, progress)
     reset_regrown_state(model, optimizer)

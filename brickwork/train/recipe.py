@@ -48,6 +48,12 @@ class TrainSettings:
             weights, all-reduced gradients) or ``fsdp`` (FSDP2: weights, gradients and optimizer
             state sharded). Either way the step equals the single-process step on the whole
             batch; a single process ignores it.
+        expert_parallel: under ``torchrun``, shard every MoE layer's experts over groups of this
+            many ranks (expert parallelism; the W ranks form a ``(W / P, P)`` dp x ep mesh: experts
+            split over ep, everything else data-parallel over all W ranks), with the routers'
+            auxiliary losses and load taken over the global batch. It must divide the world size
+            and every MoE's expert count, and the routers must be causal (token-choice, no
+            capacity limit). None: every rank holds every expert. A single process ignores it.
     """
 
     epochs: Annotated[int, pydantic.Field(ge=1)] = 10
@@ -62,6 +68,7 @@ class TrainSettings:
     grad_clip: Annotated[float, pydantic.Field(gt=0)] | None = None
     nonfinite: NonFinitePolicy = "stop"
     data_parallel: Strategy = "ddp"
+    expert_parallel: Annotated[int, pydantic.Field(ge=1)] | None = None
 
     def fit_config(self, *, seed: int, aux_weights: dict[str, float] | None = None, device: str = "cpu") -> FitConfig:
         """The loop's settings: these, with the run's ``seed`` (batch order), device and aux weights."""
@@ -111,9 +118,10 @@ def train_with(
         The per-epoch history of :func:`~brickwork.train.loop.fit`.
 
     Under ``torchrun`` (``distributed.current()`` has several ranks) the model is trained
-    data-parallel with ``settings.data_parallel``, and ends with the trained weights on every rank.
+    data-parallel with ``settings.data_parallel`` (and ``settings.expert_parallel``), and ends with
+    the trained weights on every rank.
     """
-    engine = wrap(model, current(), settings.data_parallel)
+    engine = wrap(model, current(), settings.data_parallel, settings.expert_parallel)
     opt = build_optimizer(settings.optimizer, engine.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = build_loss(settings.loss, label_smoothing=settings.label_smoothing)
     cfg = settings.fit_config(seed=seed, aux_weights=aux_weights, device=device)

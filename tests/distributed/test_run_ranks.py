@@ -7,17 +7,17 @@ the very code a ``torchrun -m brickwork run`` rank runs; one test goes through r
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from brickwork import cli
-from brickwork.distributed import DistContext, RankFailed, run_ranks
+from brickwork.distributed import RankFailed, run_ranks
 from brickwork.experiment import RunStore
 from brickwork.experiment.builtins import load_builtins
 from brickwork.persist import load_tensors
@@ -40,20 +40,16 @@ def _config(tmp_path: Path, **train: object) -> str:
     return str(path)
 
 
-def _main(ctx: DistContext, argv: list[str]) -> int:
-    return cli.main(argv)
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_tensors(run_dir / "mlp" / "model")[0]
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def whole(tmp_path_factory: pytest.TempPathFactory, cli_ranks: SimpleNamespace) -> tuple[Path, str]:
     """An uninterrupted 2-rank run of 3 epochs: its store and its config file."""
     tmp = tmp_path_factory.mktemp("whole")
     cfg, runs = _config(tmp, epochs=3), tmp / "runs"
-    assert run_ranks(_main, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"]) == [0, 0]
+    assert run_ranks(cli_ranks.main, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"]) == [0, 0]
     return runs, cfg
 
 
@@ -68,36 +64,22 @@ def test_two_ranks_make_one_run_written_by_rank_0(whole, tmp_path):
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6  # float32, 3 x 5 steps
 
 
-def _die_after_first_save(ctx: DistContext, argv: list[str]) -> int:
-    if ctx.rank == 1:  # a real kill of one rank, right after the first epoch's state is saved
-        import brickwork.train.loop as loop
-
-        save = loop.save_training_state
-
-        def save_then_die(*args: object, **kwargs: object) -> None:
-            save(*args, **kwargs)  # type: ignore[arg-type]
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        loop.save_training_state = save_then_die  # type: ignore[assignment]
-    return cli.main(argv)
-
-
 @pytest.mark.parametrize("world_after", [2, 1])
 def test_a_killed_rank_fails_the_run_and_resume_gives_the_uninterrupted_weights(
-    whole, tmp_path, monkeypatch, world_after
+    whole, tmp_path, monkeypatch, world_after, cli_ranks
 ):
     monkeypatch.setenv("BRICKWORK_DIST_TIMEOUT", "30")  # bounds the wait should gloo not see the death
     done, cfg = whole
     runs = tmp_path / "runs"
     with pytest.raises(RankFailed, match=r"ranks \[1\] exited with \[-9\]"):  # rank 0 ended cleanly
-        run_ranks(_die_after_first_save, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"])
+        run_ranks(cli_ranks.die_after_first_save, 2, ["--runs-dir", str(runs), "run", cfg, "--no-progress"])
     (record,) = RunStore(runs).list()
     assert record.status in {"failed", "stale"}, record.status  # never left looking alive
     argv = ["--runs-dir", str(runs), "run", "--resume", record.id, "--no-progress"]
     if world_after == 1:
         assert cli.main(argv) == 0
     else:
-        assert run_ranks(_main, 2, argv) == [0, 0]
+        assert run_ranks(cli_ranks.main, 2, argv) == [0, 0]
     assert RunStore(runs).get(record.id).status == "completed"
     got, want = _weights(record.dir), _weights(RunStore(done).list()[0].dir)
     tol = 0.0 if world_after == 2 else 1e-6  # same world size: the same sums, bit for bit

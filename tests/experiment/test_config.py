@@ -176,6 +176,7 @@ def test_settings_are_built_from_flat_keys_and_written_back_flat(tiny_config):
         "grad_clip": None,
         "nonfinite": "stop",
         "data_parallel": "ddp",
+        "expert_parallel": None,
     }
     assert flat["models"]["moe"]["router"] == "hash" and "routing" not in flat["models"]["moe"]
     assert validate(yaml.safe_load(yaml.safe_dump(flat))) == cfg  # the resolved config re-validates

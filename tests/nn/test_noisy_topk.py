@@ -47,7 +47,7 @@ def test_init_gate_and_losses_as_the_paper() -> None:
     torch.manual_seed(1)
     clean = x @ r.w_gate
     std = torch.nn.functional.softplus(x @ r.w_noise) + r.noise_floor
-    h = clean + torch.randn(clean.shape).double() * std  # the router draws its noise in fp32
+    h = clean + torch.randn(clean.shape, dtype=torch.float64) * std  # router precision: float64 stays float64
     val, idx = h.topk(2, dim=-1)
     gates = torch.zeros_like(h).scatter(-1, idx, torch.softmax(val, -1))
     assert torch.equal(out.expert_idx.view(7, 2), idx)

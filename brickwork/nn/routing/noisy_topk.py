@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brickwork.nn.routing.losses import cv_squared, smooth_load
-from brickwork.nn.routing.types import Routing, token_choice_routing
+from brickwork.nn.routing.types import Routing, router_precision, token_choice_routing
 from brickwork.registry import register
 
 
@@ -73,10 +73,10 @@ class NoisyTopKRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:
         x = x.reshape(-1, x.shape[-1])
-        clean = (x @ self.w_gate).float()  # (N, E); router math in fp32
+        clean = router_precision(x @ self.w_gate)  # (N, E); router math in at least fp32
         noisy_train = self.training
         if noisy_train:
-            std = F.softplus((x @ self.w_noise).float()) + self.noise_floor
+            std = F.softplus(router_precision(x @ self.w_noise)) + self.noise_floor
             logits = clean + torch.randn_like(clean) * std
         else:
             logits = clean
@@ -84,15 +84,16 @@ class NoisyTopKRouter(nn.Module):
         weights = torch.softmax(top_val, dim=-1)  # G(x) on the kept k
         gates = torch.zeros_like(logits).scatter(-1, top_idx, weights)  # (N, E), rows sum to 1
 
-        aux: dict[str, Tensor] = {}
+        sums: dict[str, Tensor] = {}  # the (E,) batch sums the losses are CV^2 of
         if self.training and self.load_balance:
-            aux["importance"] = cv_squared(gates.sum(0))
+            sums["importance"] = gates.sum(0)
             if noisy_train and self.top_k < self.num_experts:
-                aux["load"] = cv_squared(smooth_load(clean, logits, std, self.top_k).sum(0))
+                sums["load"] = smooth_load(clean, logits, std, self.top_k).sum(0)
             else:  # k = E: every expert always runs, the load is the token count (no gradient)
-                aux["load"] = cv_squared((gates > 0).sum(0).float())
+                sums["load"] = (gates > 0).sum(0).float()
+        aux = {name: cv_squared(v) for name, v in sums.items()}
         return token_choice_routing(
-            top_idx, weights.to(x.dtype), self.num_experts, probs=gates, logits=logits, aux_losses=aux
+            top_idx, weights.to(x.dtype), self.num_experts, probs=gates, logits=logits, aux_losses=aux, aux_sums=sums
         )
 
     def extra_repr(self) -> str:

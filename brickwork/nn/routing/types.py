@@ -39,6 +39,10 @@ class Routing:
             (``token_idx == arange(N).repeat_interleave(k)``); None otherwise.
         aux_losses: unweighted scalar auxiliary losses computed by the router
             (``"load_balance"``, ``"z_loss"``); empty in eval mode.
+        aux_sums: for a loss that is a function of a per-expert sum over the tokens (Shazeer et
+            al.'s ``"importance"`` and ``"load"``: ``CV^2`` of an (E,) sum), that (E,) sum, so the
+            loss over a larger batch is the same function of the summed vectors (expert
+            parallelism computes it over the global batch this way).
     """
 
     token_idx: Tensor
@@ -50,6 +54,7 @@ class Routing:
     logits: Tensor | None = None
     top_k: int | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_sums: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_assignments(self) -> int:
@@ -64,6 +69,7 @@ def token_choice_routing(
     probs: Tensor | None = None,
     logits: Tensor | None = None,
     aux_losses: dict[str, Tensor] | None = None,
+    aux_sums: dict[str, Tensor] | None = None,
 ) -> Routing:
     """A :class:`Routing` from per-token top-k choices.
 
@@ -74,6 +80,7 @@ def token_choice_routing(
         probs: optional (N, E) router probabilities.
         logits: optional (N, E) router logits.
         aux_losses: optional auxiliary losses.
+        aux_sums: optional (E,) per-expert sums the losses are made of (:class:`Routing`).
     """
     n, k = top_idx.shape
     token_idx = torch.arange(n, device=top_idx.device).repeat_interleave(k)
@@ -87,6 +94,7 @@ def token_choice_routing(
         logits=logits,
         top_k=k,
         aux_losses=aux_losses or {},
+        aux_sums=aux_sums or {},
     )
 
 
