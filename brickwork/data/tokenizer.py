@@ -51,6 +51,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises its own Exception type for unreadable files
             raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.pad_id = pad_id
         self._tok.enable_truncation(max_length=max_len)
         self._tok.enable_padding(pad_id=pad_id, pad_token=self._tok.id_to_token(pad_id) or "[PAD]")
 

@@ -322,9 +322,31 @@ def bert(path: str, dropout: float = 0.0) -> StackModel:
 
 
 def bert_tokenizer(folder: str | Path, max_len: int = 256) -> Tokenizer:
-    """The tokenizer of the BERT folder (its ``tokenizer.json``), padding with the config's ``pad_token_id``."""
+    """The tokenizer of the BERT folder (its ``tokenizer.json``), padding with the config's
+    ``pad_token_id`` and truncating to ``max_len`` or to what the position table covers."""
     path = check_bert_folder(folder)
-    return Tokenizer(max_len, folder=path, pad_id=read_bert_config(path).pad_id)
+    cfg = read_bert_config(path)
+    positions = cfg.max_len - (cfg.pad_id + 1 if cfg.roberta else 0)  # RoBERTa's first rows are not positions
+    return Tokenizer(min(max_len, positions), folder=path, pad_id=cfg.pad_id)
+
+
+def encoder_tokenizer(name: str, args: Mapping[str, Any], max_len: int, where: str = "model.path") -> Tokenizer:
+    """The tokenizer of the registered text encoder ``name`` (``args`` its spec's arguments):
+    a ``bert`` folder's own, MiniLM's for ``minilm-l6``.
+
+    Raises:
+        CheckpointError: a ``bert`` folder that pads with an id other than 0 (RoBERTa): the
+            sentence pipelines (``input_batches(padded=True)``, the data sets) strip 0-padding.
+    """
+    if name != "bert":
+        return Tokenizer(max_len)
+    tok = bert_tokenizer(args["path"], max_len)
+    if tok.pad_id != 0:
+        raise CheckpointError(
+            f"{where}: {args['path']} pads with id {tok.pad_id}; brickwork's sentence pipelines "
+            "(moefy_study, sentence data) expect padding id 0 (BERT-style); load it with load_bert in Python"
+        )
+    return tok
 
 
 def _layer_state(block: nn.Module, i: int) -> dict[str, Tensor]:
