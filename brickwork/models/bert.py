@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -429,9 +430,10 @@ def save_bert(model: nn.Module, out: str | Path, source: str | Path) -> Path:
     depth = len(model.body.layers)  # type: ignore[union-attr, arg-type]  # a StackModel: bert_hf_state checked
     hidden = state["encoder.layer.0.intermediate.dense.weight"].shape[0] if depth else cfg.hidden
     heads = model.body.layers[0].attn.heads if depth else cfg.heads  # type: ignore[index, union-attr]
-    pooler = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if k.endswith(EXTRA_KEYS[1:])}
-    if pooler:
-        state |= {f"pooler.dense.{k.rsplit('.', 1)[1]}": v for k, v in pooler.items()}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:  # the pooler only, not the whole file
+        state |= {
+            f"pooler.dense.{k.rsplit('.', 1)[1]}": f.get_tensor(k) for k in f.keys() if k.endswith(EXTRA_KEYS[1:])
+        }
     raw = {**cfg.raw, "num_hidden_layers": depth, "intermediate_size": int(hidden), "num_attention_heads": int(heads)}
     dst.mkdir(parents=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
