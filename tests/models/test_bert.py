@@ -65,7 +65,9 @@ def _hf_folder(root: Path, kind: str, seed: int = 0) -> Path:
 def _hf_model(folder: Path, kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """transformers' model of ``folder``, weights read in ``dtype`` (not rounded through float32)."""
     cls = transformers.BertModel if kind == "bert" else transformers.RobertaModel
-    return cls.from_pretrained(str(folder), attn_implementation="eager", dtype=dtype).eval()
+    new = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)  # renamed torch_dtype
+    kw = {"dtype": dtype} if new else {"torch_dtype": dtype}
+    return cls.from_pretrained(str(folder), attn_implementation="eager", **kw).eval()
 
 
 def _ids(pad: int) -> torch.Tensor:
