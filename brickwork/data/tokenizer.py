@@ -37,16 +37,23 @@ class Tokenizer:
     Args:
         max_len: truncate to this many tokens including [CLS] and [SEP] (256, as the
             sentence-transformers model card sets).
+        folder: a Hugging Face model folder whose ``tokenizer.json`` to read instead of MiniLM's.
+        pad_id: the padding token's id (the model config's ``pad_token_id``: 0 in BERT, 1 in RoBERTa).
     """
 
-    def __init__(self, max_len: int = 256) -> None:
+    def __init__(self, max_len: int = 256, folder: Path | None = None, pad_id: int = 0) -> None:
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise DataError("the 'tokenizers' package is needed for MiniLM: pip install tokenizers") from None
-        self._tok = HFTokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+        path = (minilm_dir() if folder is None else folder) / "tokenizer.json"
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception type for unreadable files
+            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.pad_id = pad_id
         self._tok.enable_truncation(max_length=max_len)
-        self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
+        self._tok.enable_padding(pad_id=pad_id, pad_token=self._tok.id_to_token(pad_id) or "[PAD]")
 
     def __call__(self, sentences: list[str]) -> Tensor:
         """(B, T) int64 ids, padded with 0 to the longest sentence of the batch."""

@@ -4,9 +4,9 @@ Every model is a :class:`brickwork.nn.StackModel` (stem, tappable body, head), a
 ``in_shape`` and ``num_classes`` from the dataset.
 """
 
-from brickwork.models import minilm
+from brickwork.models import bert, minilm
+from brickwork.models.bert import bert_encoder
 from brickwork.models.cnn import cnn
-from brickwork.models.minilm import bert_encoder
 from brickwork.models.mlp import mlp
 from brickwork.models.moe import moe_lm, moe_mlp
 from brickwork.models.nested import early_exit, nested_cnn, nested_lm, nested_mlp, nested_vit
@@ -16,6 +16,7 @@ from brickwork.models.transformers import transformer_lm, transformer_stack, vit
 
 __all__ = [
     "DATA_ARGS",
+    "bert",
     "bert_encoder",
     "cnn",
     "early_exit",

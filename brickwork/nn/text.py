@@ -25,6 +25,9 @@ class BertEmbed(nn.Module):
         pad_id: id of the padding token.
         eps: LayerNorm epsilon.
         padding: the shared :class:`PaddingMask` to write; None for no masking.
+        roberta_positions: number positions as RoBERTa does (Liu et al., 2019, after fairseq):
+            real tokens count from ``pad_id + 1``, padding takes position ``pad_id``; otherwise
+            positions are ``0 .. T-1`` (BERT).
 
     Shapes:
         (B, T) int64 -> (B, T, D)
@@ -39,8 +42,10 @@ class BertEmbed(nn.Module):
         pad_id: int = 0,
         eps: float = 1e-12,
         padding: PaddingMask | None = None,
+        roberta_positions: bool = False,
     ) -> None:
         super().__init__()
+        self.roberta_positions = roberta_positions
         self.word = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         self.position = nn.Embedding(max_len, dim)
         self.token_type = nn.Embedding(type_vocab, dim)
@@ -51,7 +56,11 @@ class BertEmbed(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if self.padding is not None:
             self.padding.set(ids != self.pad_id)
-        positions = torch.arange(ids.shape[1], device=ids.device)
+        if self.roberta_positions:
+            real = (ids != self.pad_id).long()
+            positions = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T), as transformers' Roberta
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device)
         # Single-segment inputs: every token has type 0, as sentence-transformers encodes them.
         h = self.word(ids) + self.position(positions) + self.token_type.weight[0]
         return self.norm(h)

@@ -9,7 +9,8 @@ changed exactly as intended).
 * :class:`ChainModel`, :func:`beam_search_chain`: running a stack's layers in another order.
 * :func:`drop_layers`, :func:`drop_attention`: removing whole layers or attention sublayers.
 * :func:`align`: permutation alignment (weight / activation matching, REPAIR) from specs the bricks declare.
-* :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks.
+* :func:`moe_from_mixtral`, :func:`load_mixtral_moe`: Hugging Face Mixtral MoE blocks;
+  :func:`mixtral_state`, :func:`mixtral_config`: a brickwork MoE exported to one.
 * :func:`merge`, :func:`merge_files`: merging same-architecture models (linear, task arithmetic, TIES,
   DARE, SLERP, Model Stock, Fisher, RegMean), in memory or streamed over safetensors files.
 * :func:`deep_model_assembling`, :func:`module_to_module_kd`: modules trained one by one inside a
@@ -45,7 +46,7 @@ from brickwork.ops.chain import (
     mcts_search,
     per_sample_oracle,
 )
-from brickwork.ops.interop import load_mixtral_moe, moe_from_mixtral
+from brickwork.ops.interop import load_mixtral_moe, mixtral_config, mixtral_state, moe_from_mixtral
 from brickwork.ops.layerwise import (
     add_lora,
     append_layer,
@@ -106,6 +107,8 @@ __all__ = [
     "merge",
     "merge_files",
     "merge_state_dicts",
+    "mixtral_config",
+    "mixtral_state",
     "moe_from_mixtral",
     "moe_layers",
     "moefy",

@@ -16,6 +16,13 @@ Two checkpoint layouts exist and both are read, recognised by their keys:
   ``experts.down_proj`` (E, D, H).
 
 Both copy weights (the returned or edited module shares no storage with the state dict).
+
+Export is the inverse: :func:`mixtral_state` writes a brickwork MoE as a Mixtral block's state
+dict in either layout (``load_state_dict`` of transformers' ``MixtralSparseMoeBlock`` takes it),
+:func:`mixtral_config` the config fields it needs. Only what a Mixtral block computes can be
+exported: a bias-free softmax top-k router with renormalised weights, no selection bias or
+learned noise, dropless, no shared expert, bias-free SwiGLU experts; anything else is refused
+with one line naming the obstacle (a MoEfied BERT, for one, has GELU experts with biases).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from brickwork.errors import CheckpointError
 from brickwork.kernels import GroupedBackend
 from brickwork.nn.moe import MoE, moe_ffn
 from brickwork.nn.routing import GroupedFFNExperts, MoESettings, TopKRouter
@@ -128,3 +136,79 @@ def moe_from_mixtral(
         dtype=router.dtype,
     )
     return load_mixtral_moe(moe, state_dict, prefix)
+
+
+def _exportable(moe: MoE) -> tuple[TopKRouter, GroupedFFNExperts]:
+    """``moe``'s router and experts once every part has a Mixtral form; else one line saying which does not."""
+    if not isinstance(moe, MoE):
+        raise CheckpointError(f"Mixtral export: a {type(moe).__name__} is not a MoE")
+    r, ex = moe.router, moe.experts
+    why = ""
+    if not isinstance(r, TopKRouter):
+        why = f"router {type(r).__name__} (Mixtral routes by softmax top-k: a TopKRouter)"
+    elif r.gate not in ("softmax_topk_renorm", "topk_softmax"):  # the two are equal in value
+        why = f"router gate {r.gate!r} (Mixtral renormalises the top-k softmax: 'softmax_topk_renorm')"
+    elif r.proj.bias is not None:
+        why = "a router bias (Mixtral's gate is a bias-free linear layer)"
+    elif r.selection_bias is not None:
+        why = "a router selection bias (balance_rate > 0; Mixtral selects by probability alone)"
+    elif r.noise not in ("none", "jitter"):
+        why = f"router noise {r.noise!r} (Mixtral has only multiplicative jitter)"
+    elif moe.shared is not None:
+        why = "a shared expert (a Mixtral block has routed experts only)"
+    elif moe.capacity_factor is not None:
+        why = f"capacity factor {moe.capacity_factor} (Mixtral is dropless)"
+    elif not isinstance(ex, GroupedFFNExperts):
+        why = f"experts {type(ex).__name__} (Mixtral's are stacked FFNs: GroupedFFNExperts)"
+    elif not ex.glu or ex.act_name != "silu":
+        why = f"experts act={ex.act_name!r} glu={ex.glu} (Mixtral's experts are SwiGLU: act='silu', glu=True)"
+    elif ex.b_in is not None or ex.b_out is not None:
+        why = "expert biases (Mixtral's experts have none)"
+    if why:
+        raise CheckpointError(f"Mixtral export: this MoE has {why}")
+    return r, ex  # type: ignore[return-value]  # both checked just above
+
+
+def mixtral_config(moe: MoE) -> dict[str, object]:
+    """The ``MixtralConfig`` fields of the block :func:`mixtral_state` writes (sizes, top-k, activation)."""
+    r, ex = _exportable(moe)
+    return {
+        "hidden_size": ex.dim,
+        "intermediate_size": ex.hidden,
+        "num_local_experts": ex.num_experts,
+        "num_experts_per_tok": r.top_k,
+        "hidden_act": "silu",
+        "router_jitter_noise": r.noise_scale if r.noise == "jitter" else 0.0,
+    }
+
+
+def mixtral_state(moe: MoE, layout: MixtralLayout = "fused", prefix: str = "") -> dict[str, Tensor]:
+    """A Mixtral sparse-MoE block's state dict computing what ``moe`` computes (export).
+
+    The inverse of :func:`moe_from_mixtral`: importing the result gives ``moe``'s weights back exactly.
+
+    Args:
+        moe: a MoE of Mixtral's form (see the module docstring); refused otherwise.
+        layout: ``"fused"`` (transformers >= 5: ``experts.gate_up_proj`` (E, 2H, D),
+            ``experts.down_proj`` (E, D, H)) or ``"per_expert"`` (``experts.{i}.w1/w3/w2.weight``).
+        prefix: prepended to every key (e.g. ``"model.layers.0.block_sparse_moe."``).
+
+    Returns:
+        Contiguous copies (no storage shared with ``moe``).
+
+    Raises:
+        CheckpointError: ``moe`` has a part Mixtral cannot express (one line naming it).
+    """
+    r, ex = _exportable(moe)
+    h = ex.hidden
+    w_in, w_out = ex.w_in.detach(), ex.w_out.detach()  # (E, D, 2H) [gate | up], (E, H, D)
+    out = {f"{prefix}gate.weight": r.proj.weight.detach()}
+    if layout == "fused":
+        out[f"{prefix}experts.gate_up_proj"] = w_in.transpose(1, 2)
+        out[f"{prefix}experts.down_proj"] = w_out.transpose(1, 2)
+    else:
+        for e in range(ex.num_experts):
+            out[f"{prefix}experts.{e}.w1.weight"] = w_in[e, :, :h].t()  # gate projection, gets SiLU
+            out[f"{prefix}experts.{e}.w3.weight"] = w_in[e, :, h:].t()  # up projection
+            out[f"{prefix}experts.{e}.w2.weight"] = w_out[e].t()  # down projection
+    return {k: v.contiguous().clone() for k, v in out.items()}

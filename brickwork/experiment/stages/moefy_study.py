@@ -44,6 +44,7 @@ from brickwork.data.sentences import token_batches
 from brickwork.experiment.build import load, model_meta, variant_spec
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.moefy_report import study_report
+from brickwork.models.bert import encoder_tokenizer
 from brickwork.models.minilm import Tokenizer, encode
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.stack import StackModel, stack_of
@@ -94,7 +95,12 @@ def moefy_study(
     ``finetune_top_k`` defaults to ``[top_k]``."""
     dense = stack_of(ctx.model)
     texts = study_texts(seed, calib_sentences, eval_sentences, finetune_train)
-    tok = Tokenizer(128)
+    spec = variant_spec(ctx.run_dir, ctx.label)  # a ``bert`` folder brings its own tokenizer.json
+
+    def tokenizer(max_len: int) -> Tokenizer:
+        return encoder_tokenizer(spec.name, spec.args, max_len, where=f"models.{ctx.label}.path")
+
+    tok = tokenizer(128)
     bench = EncoderBench.build(dense, lambda m, t: encode(m, tok, t, batch_size=64), tok, texts.sets)
     calib = list(input_batches(tok(texts.calib), 64, padded=True))
     results: dict[str, Any] = {}
@@ -117,7 +123,8 @@ def moefy_study(
         "ratio": t["moefy"] / t["dense"],
     }
     if finetune_seeds:
-        results["finetune"] = _finetune(dense, main, texts, finetune_seeds, finetune_epochs, finetune_top_k or [top_k])
+        ks = finetune_top_k or [top_k]
+        results["finetune"] = _finetune(dense, main, texts, tokenizer(64), finetune_seeds, finetune_epochs, ks)
     if modularity:
         results["modularity"] = _modularity(dense, main, bench, calib, experts, seed, ctx.run_dir / "plots")
     if max_drop:
@@ -258,10 +265,15 @@ def _compare(
 
 
 def _finetune(
-    dense: StackModel, main: nn.Module, texts: StudyTexts, seeds: int, epochs: int, top_ks: Sequence[int]
+    dense: StackModel,
+    main: nn.Module,
+    texts: StudyTexts,
+    tok64: Tokenizer,
+    seeds: int,
+    epochs: int,
+    top_ks: Sequence[int],
 ) -> dict[str, Any]:
     """Dense and converted encoders (the latter at each of ``top_ks``) fine-tuned with one budget."""
-    tok64 = Tokenizer(64)
     train = Split(tok64(texts.finetune), torch.tensor(texts.finetune_labels))
     test = Split(tok64(texts.sets.texts), torch.from_numpy(texts.sets.labels).long())
     out: dict[str, Any] = {"train": len(train), "test": len(test), "epochs": epochs, "runs": []}
