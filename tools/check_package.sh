@@ -27,13 +27,17 @@ grep -q "brickwork/py.typed" "$tmp/wheel.txt" || { echo "check_package: py.typed
 
 "$py" -m venv "$tmp/venv"
 pip="$tmp/venv/bin/pip"
-"$pip" install --quiet torch==2.13.0
+install() {  # pip install, its output shown only if it fails
+    "$pip" install --quiet "$@" >"$tmp/pip.log" 2>&1 || { cat "$tmp/pip.log"; exit 1; }
+}
+install torch==2.13.0
 
 check_torch() {
     # the CPU build, and no CUDA runtime pulled in beside it
     "$tmp/venv/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '2.13.0+cpu' and torch.version.cuda is None else f'check_package: torch {v} (cuda {torch.version.cuda}), expected 2.13.0+cpu')"
-    if "$pip" list 2>/dev/null | grep -qi '^nvidia-'; then
-        echo "check_package: a CUDA package was installed:"; "$pip" list 2>/dev/null | grep -i '^nvidia-'; exit 1
+    "$pip" list --format=freeze >"$tmp/installed.txt" 2>/dev/null
+    if grep -qi '^nvidia-' "$tmp/installed.txt"; then
+        echo "check_package: a CUDA package was installed:"; grep -i '^nvidia-' "$tmp/installed.txt"; exit 1
     fi
 }
 
@@ -46,7 +50,7 @@ seed: 0
 data: {name: digits}
 model: {name: mlp-tiny}
 stages:
-  - {stage: train, epochs: 1}
+  - {stage: train, epochs: 2, lr: 0.01}
   - {stage: evaluate, latency_repeats: 1}
 EOF
     # from outside the repository, with nothing of it on the path
@@ -59,13 +63,13 @@ EOF
 }
 
 echo "check_package: wheel $(basename "$wheel")"
-"$pip" install --quiet "$wheel[data]"
+install "$wheel[data]"
 check_torch
 run_installed wheel
 "$pip" uninstall --quiet --yes brickwork
 
 echo "check_package: sdist $(basename "$sdist")"
-"$pip" install --quiet "$sdist[data]"
+install "$sdist[data]"
 check_torch
 run_installed sdist
 
