@@ -142,6 +142,11 @@ def test_a_failing_command_without_shown_output_fails(tmp_path):
         runner.run_page(_page(tmp_path, "```console\n$ false\n```\n"))
 
 
+def test_console_output_before_any_command_is_refused(tmp_path):
+    with pytest.raises(runner.PageError, match=r"page.md:2: console output before"):
+        runner.run_page(_page(tmp_path, "```console\noutput\n$ true\n```\n"))
+
+
 def test_other_blocks_are_not_run_and_text_after_prose_is_not_output(tmp_path):
     text = "```bash\nexit 1\n```\n\n```python\nprint(1)\n```\n\nprose\n\n```text\nnot 1\n```\n"
     runner.run_page(_page(tmp_path, text))

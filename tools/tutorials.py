@@ -132,7 +132,7 @@ def commands(block: Block) -> list[Command]:
             if out:
                 out[-1].expected.append(s)
             elif s.strip():
-                raise PageError(f"line {block.line + 1 + i}: console output before any `$ ` command")
+                raise PageError(f"{block.line + 1 + i}: console output before any `$ ` command")
             i += 1
             continue
         start = i
@@ -265,7 +265,11 @@ def run_page(page: Path) -> None:
                 if block.info == "python":
                     _run_python(name, block, namespace)
                 elif block.info == "console":
-                    for cmd in commands(block):
+                    try:
+                        cmds = commands(block)
+                    except PageError as e:
+                        raise PageError(f"{name}:{e}") from None
+                    for cmd in cmds:
                         _run_command(name, cmd, work, env)
         finally:
             os.chdir(old)
