@@ -287,7 +287,7 @@ def validate_args(entry: Entry, args: dict[str, Any], path: str) -> dict[str, An
             out[name] = p.default
             continue
         out[name] = _check_value(p.annotation, args[name], where)
-        if name == "path" and isinstance(out[name], str) and not Path(out[name]).is_file():
+        if name == "path" and isinstance(out[name], str) and not Path(out[name]).exists():  # a file or a folder (txt)
             raise ConfigError(where, f"file not found (relative paths start at {os.getcwd()})", out[name])
     grouped = entry.call_args(out)
     for group in {p.group for p in params.values() if p.group}:
