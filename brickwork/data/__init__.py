@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`Dataset` with deterministic train / val / test splits.
 Built-in names (``brickwork ls dataset``): ``digits``, ``mnist5k``, ``fashion-mnist``
-(images), ``hamlet``, ``bible`` (character-level text), ``npz``, ``csv`` (your files).
+(images), ``hamlet``, ``bible`` (character-level text), ``rotten-tomatoes`` (sentences),
+``npz``, ``csv``, ``txt``, ``jsonl`` (your files; the contract is ``docs/data.md``).
 
 Example:
     >>> from brickwork.data import load_dataset
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from brickwork.data import files, images, sentences, text
+from brickwork.data import files, images, scaling, sentences, text, user_text
 from brickwork.data.base import Dataset, Split, Task, split_indices
 from brickwork.data.batching import batches, epoch_order, input_batches, num_batches
 from brickwork.data.files import check_file
 from brickwork.data.images import read_idx
+from brickwork.data.scaling import Scaling, apply_scaling
 from brickwork.data.text import encode
 from brickwork.data.tokenizer import Tokenizer
 from brickwork.registry import REGISTRY
@@ -43,9 +45,11 @@ def load_dataset(name: str, seed: int, **args: Any) -> Dataset:
 
 __all__ = [
     "Dataset",
+    "Scaling",
     "Split",
     "Task",
     "Tokenizer",
+    "apply_scaling",
     "batches",
     "check_file",
     "encode",
@@ -56,7 +60,9 @@ __all__ = [
     "load_dataset",
     "num_batches",
     "read_idx",
+    "scaling",
     "sentences",
     "split_indices",
     "text",
+    "user_text",
 ]

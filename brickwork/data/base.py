@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -43,6 +43,11 @@ class Dataset:
         num_classes: number of classes, or the vocabulary size for ``lm``.
         classes: human-readable class names (or the vocabulary characters for ``lm``).
         source: where the data came from (package, file), for reports.
+        preprocess: what was done to the user's own data, recorded in every checkpoint so a
+            model can be applied to new data the same way (plain JSON data): ``labels`` (the
+            original label of each class id), ``scale`` (:class:`~brickwork.data.scaling.Scaling`
+            as a dict), ``tokens`` (``char`` with its ``vocab``, or ``minilm``). Empty for
+            built-in datasets.
     """
 
     name: str
@@ -54,11 +59,14 @@ class Dataset:
     num_classes: int
     classes: list[str] = field(default_factory=list)
     source: str = ""
+    preprocess: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
+        scale = self.preprocess.get("scale")
         return (
             f"{self.name}: {len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test, "
             f"input {self.in_shape}, {self.num_classes} {'tokens' if self.task == 'lm' else 'classes'}"
+            + (f", x scaled ({scale['kind']}, train-split statistics)" if scale else "")
         )
 
 

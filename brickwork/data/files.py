@@ -9,7 +9,12 @@ of the same shape, so ``in_shape = x.shape[1:]``.
 
 Labels become int64 class ids 0..K-1 in the order of the sorted distinct labels (numbers
 sorted as numbers, text as text), whatever values the file uses; ``classes`` keeps the
-original labels as strings. Splits are seeded random splits, like the built-in datasets.
+original labels as strings (and in ``preprocess["labels"]``, recorded in every checkpoint).
+A file whose labels take a single value is refused (there is nothing to classify). Splits are
+seeded random splits, like the built-in datasets.
+
+``x`` is used as stored unless ``scale:`` says otherwise (``standard`` or ``minmax``, statistics
+from the training split only: :mod:`brickwork.data.scaling`). ``docs/data.md`` is the contract.
 
 Pre-flight: both loaders take the file as an argument named ``path`` (relative paths
 resolve against the current directory). The config layer checks, before any work starts,
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from brickwork.data.base import Dataset, Fraction, Split, check_fractions, split_indices
+from brickwork.data.scaling import Scale, apply_scaling, fit_scaling
 from brickwork.errors import DataError, close_matches
 from brickwork.registry import register
 
@@ -119,6 +125,12 @@ def encode_labels(labels: np.ndarray, where: str, name: str = "y") -> tuple[np.n
     return ids.astype(np.int64).reshape(-1), [str(v) for v in values.tolist()]
 
 
+def check_classes(classes: list[str], where: str, name: str = "y") -> None:
+    """Raise :class:`DataError` unless there are at least two classes to tell apart."""
+    if len(classes) < 2:
+        raise DataError(f"{where}: {name} holds one class only ({classes[0]!r}); expected at least two classes")
+
+
 def _dataset(
     path: str,
     x: np.ndarray,
@@ -127,25 +139,39 @@ def _dataset(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    scale: Scale = "none",
+    name: str = "y",
 ) -> Dataset:
-    """Seeded split of features ``x`` (N, ...) and raw labels ``y`` (N,) into a Dataset."""
+    """Seeded split of features ``x`` (N, ...) and raw labels ``y`` (N,) into a Dataset.
+
+    ``scale``'s statistics come from the training split and are applied to all three splits.
+    """
     check_fractions(val_fraction, test_fraction)
     xt = torch.from_numpy(to_float32(x, where))
     ids, classes = encode_labels(y, where)
+    check_classes(classes, where, name)
     yt = torch.from_numpy(ids)
     tr, va, te = split_indices(len(xt), val_fraction, test_fraction, seed)
     if len(tr) == 0:
         raise DataError(f"{where}: {len(xt)} samples leave none for training after val and test")
+    scaling = fit_scaling(xt[tr], scale)
+    splits = [Split(apply_scaling(xt[i], scaling), yt[i]) for i in (tr, va, te)]
+    preprocess: dict[str, object] = {"labels": classes}
+    if scaling is not None:
+        for split in splits:
+            to_float32(split.x.numpy(), f"{where} (after scale: {scale})")  # a tiny spread can overflow float32
+        preprocess["scale"] = scaling.to_dict()
     return Dataset(
         name=path,
         task="classify",
-        train=Split(xt[tr], yt[tr]),
-        val=Split(xt[va], yt[va]),
-        test=Split(xt[te], yt[te]),
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
         in_shape=tuple(xt.shape[1:]),
         num_classes=len(classes),
         classes=classes,
         source=str(Path(path).expanduser().resolve()),
+        preprocess=preprocess,
     )
 
 
@@ -201,20 +227,28 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register("dataset", "npz", injected=("seed",))
-def npz(*, path: str, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2, seed: int) -> Dataset:
+def npz(
+    *,
+    path: str,
+    scale: Scale = "none",
+    val_fraction: Fraction = 0.1,
+    test_fraction: Fraction = 0.2,
+    seed: int,
+) -> Dataset:
     """Your own classification data from an .npz file with arrays x and y.
 
     Args:
         path: the .npz file (relative to the current directory).
+        scale: ``none`` (x as stored), ``standard`` or ``minmax`` (training-split statistics).
         val_fraction: share of the samples held out for validation.
         test_fraction: share of the samples held out for testing.
         seed: seeds the random split.
 
     Returns:
-        x float32 (N, ...) as stored; y int64 (N,) class ids 0..K-1.
+        x float32 (N, ...) as stored (or scaled); y int64 (N,) class ids 0..K-1.
     """
     x, y = read_npz(path)
-    return _dataset(path, x, y, path, val_fraction, test_fraction, seed)
+    return _dataset(path, x, y, path, val_fraction, test_fraction, seed, scale)
 
 
 # -------------------------------------------------------------------------------- csv
@@ -304,6 +338,7 @@ def csv(
     path: str,
     label: str,
     delimiter: Literal[",", ";", "\t", "|"] = ",",
+    scale: Scale = "none",
     val_fraction: Fraction = 0.1,
     test_fraction: Fraction = 0.2,
     seed: int,
@@ -314,12 +349,13 @@ def csv(
         path: the CSV file (relative to the current directory).
         label: name of the column holding the class; all other columns are features.
         delimiter: the field separator.
+        scale: ``none`` (features as written), ``standard`` or ``minmax`` (training-split statistics).
         val_fraction: share of the samples held out for validation.
         test_fraction: share of the samples held out for testing.
         seed: seeds the random split.
 
     Returns:
-        x float32 (N, F) features in column order; y int64 (N,) class ids 0..K-1.
+        x float32 (N, F) features in column order (or scaled); y int64 (N,) class ids 0..K-1.
     """
     x, y, _ = read_csv(path, label, delimiter)
-    return _dataset(path, x, y, path, val_fraction, test_fraction, seed)
+    return _dataset(path, x, y, path, val_fraction, test_fraction, seed, scale, name=f"column {label!r}")

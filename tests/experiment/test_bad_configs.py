@@ -119,6 +119,8 @@ def test_the_console_script_refuses(name: str, workdir: Path) -> None:
 
 def test_shipped_configs_still_validate():
     for f in sorted((ROOT / "configs").rglob("*.yaml")):
+        if f.parent.name == "data":  # they name examples/... files; test_config validates them where those are made
+            continue
         load_config(f)  # the full check (models built for the data) runs in test_cli's validate tests
 
 

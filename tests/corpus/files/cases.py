@@ -129,6 +129,86 @@ DATA: dict[str, DataCase] = {
 }
 
 
+# ------------------------------------------------------------- text of the user's own (txt, jsonl)
+
+
+def _txt(files: dict[str, bytes], **args: Any) -> Callable[[Path], dict[str, Any]]:
+    """A folder ``texts`` holding ``files`` (name -> bytes) as the ``txt`` dataset's ``path``."""
+
+    def write(folder: Path) -> dict[str, Any]:
+        path = folder / "texts"
+        path.mkdir()
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+        return {"name": "txt", "path": str(path), **args}
+
+    return write
+
+
+def _txt_file(data: bytes) -> Callable[[Path], dict[str, Any]]:
+    """One .txt file given as the ``txt`` dataset's ``path``, which names a folder."""
+
+    def write(folder: Path) -> dict[str, Any]:
+        path = folder / "notes.txt"
+        path.write_bytes(data)
+        return {"name": "txt", "path": str(path)}
+
+    return write
+
+
+def _jsonl(*lines: str, **args: Any) -> Callable[[Path], dict[str, Any]]:
+    return _raw_jsonl("\n".join(lines).encode() + b"\n", **args)
+
+
+def _raw_jsonl(data: bytes, **args: Any) -> Callable[[Path], dict[str, Any]]:
+    def write(folder: Path) -> dict[str, Any]:
+        path = folder / "bad.jsonl"
+        path.write_bytes(data)
+        return {"name": "jsonl", "path": str(path), **args}
+
+    return write
+
+
+def _rows(n: int, label: Callable[[int], Any] = lambda i: i % 2) -> list[str]:
+    return [json.dumps({"text": f"sentence number {i}", "label": label(i)}) for i in range(n)]
+
+
+PROSE = b"Who's there?\nNay, answer me: stand, and unfold yourself.\n" * 40  # 2,280 characters
+DATA.update(
+    {
+        "npz-one-class": DataCase(_npz(x=np.zeros((20, 3)), y=np.full(20, 7)), "y holds one class only ('7')"),
+        "csv-one-class": DataCase(_csv("a,label\n1,x\n2,x\n3,x\n"), "column 'label' holds one class only ('x')"),
+        "txt-empty-folder": DataCase(_txt({"notes.md": b"not a .txt"}), "no .txt files in this folder"),
+        "txt-non-utf8": DataCase(
+            _txt({"a.txt": PROSE, "b.txt": "line one\ncaf\u00e9\n".encode("latin-1")}),
+            "b.txt: line 2: not UTF-8 text (byte 0xe9",
+        ),
+        "txt-path-is-a-file": DataCase(_txt_file(PROSE), "not a folder; expected a folder of UTF-8"),
+        "txt-only-blank-files": DataCase(_txt({"a.txt": b"\n\n", "b.txt": b"  "}), "hold no text"),
+        "txt-too-short-for-val": DataCase(
+            _txt({"a.txt": PROSE}, seq_len=512), "the val split has 228 characters, fewer than one window"
+        ),
+        "jsonl-not-json": DataCase(_jsonl(*_rows(3), "{'text': 'single quotes', 'label': 1}"), "line 4: not JSON"),
+        "jsonl-not-an-object": DataCase(_jsonl(*_rows(2), '["a list", 1]'), "line 3: a JSON list, not a JSON object"),
+        "jsonl-missing-text": DataCase(_jsonl(*_rows(2), '{"sentence": "hi", "label": 1}'), "line 3: no 'text' key"),
+        "jsonl-missing-label": DataCase(_jsonl('{"text": "hi"}', *_rows(2)), "line 1: no 'label' key"),
+        "jsonl-float-label": DataCase(_jsonl(*_rows(2), '{"text": "hi", "label": 0.5}'), "'label' is a number with a"),
+        "jsonl-bool-label": DataCase(_jsonl(*_rows(2), '{"text": "hi", "label": true}'), "'label' is a boolean"),
+        "jsonl-mixed-label-types": DataCase(
+            _jsonl(*_rows(2), '{"text": "hi", "label": "pos"}'), "'label' is a string but line 1's is an integer"
+        ),
+        "jsonl-empty-text": DataCase(_jsonl(*_rows(2), '{"text": " ", "label": 1}'), "'text' is an empty string"),
+        "jsonl-one-class": DataCase(_jsonl(*_rows(20, lambda i: "pos")), "'label' holds one class only ('pos')"),
+        "jsonl-too-few-lines": DataCase(_jsonl(*_rows(4)), "4 line(s) are too few for the splits: the val split"),
+        "jsonl-non-utf8": DataCase(
+            _raw_jsonl('{"text": "ok", "label": 1}\n{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1")),
+            "line 2: not UTF-8 text",
+        ),
+        "jsonl-blank-lines-only": DataCase(_raw_jsonl(b"\n\n  \n"), "no JSON lines, only blank ones"),
+    }
+)
+
+
 # ------------------------------------------------------------------------------- checkpoints
 
 
