@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
+from brickwork.analysis.timing import describe_machine, load_average, paired_ratio, run_cell, time_rounds
 from brickwork.data import load_dataset
 from brickwork.distributed import DistContext, run_ranks, shard_batch, wrap
 from brickwork.models import mlp, moe_mlp, transformer_lm
@@ -115,18 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,moe,lm", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--in-process", action="store_true", help="all cases from this process (the old order), not a fresh worker each"
+    )
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown model {unknown}; expected some of {', '.join(CASES)}")
     print(f"machine: {describe_machine()}; ranks 1 thread each, gloo")
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"cells: {'all from this process' if args.in_process else 'each case from a fresh spawned worker'}")
     rows = []
     for case in cases:
-        rows.append(bench_case(case, args.strategy, args.repeats))
+        rows.append(run_cell(bench_case, case, args.strategy, args.repeats, in_process=args.in_process))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(_table(rows))
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
     return 0
