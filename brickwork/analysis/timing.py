@@ -297,7 +297,8 @@ def describe_machine(malloc: str | None = None) -> str:
     """One line for a report: CPU model and caches, cores, load average now, torch version and
     threads, GPU if any, malloc setting."""
     parts = [
-        f"CPU {cpu_model()} ({cpu_caches()})",
+        f"CPU {cpu_model()}",
+        f"caches {cpu_caches()}",
         f"{os.cpu_count()} cores, {len(os.sched_getaffinity(0))} visible",
         f"load average {load_average()}",
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",

@@ -61,15 +61,28 @@ Candidates = Mapping[str, Callable[[], object]]
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s ``model name``), else what ``platform`` knows."""
+    """The CPU's model name from ``/proc/cpuinfo``, with its family / model / stepping numbers, else
+    what ``platform`` knows.
+
+    The numbers matter: some virtual machines report only ``AMD EPYC`` as the model name, the same
+    for CPU generations whose kernels rank differently (family 25 model 17 is Zen 4).
+    """
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def machine_key(device: str = "cpu") -> str:
@@ -121,6 +134,21 @@ def shape_class(
     mode = mode or ("fwd+bwd" if torch.is_grad_enabled() else "fwd")
     return ShapeClass(
         kind, tuple(int(d) for d in dims), str(dtype).removeprefix("torch."), mode, torch.device(device).type
+    )
+
+
+def can_time(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may run timing calls now: not while compiling or tracing, not under a
+    dispatch mode (``FlopCounterMode`` would count the candidates' FLOPs, fake tensors have no
+    time), only for plain tensors on a CPU or CUDA device."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and x.device.type in ("cpu", "cuda")
+        and type(x) in (torch.Tensor, torch.nn.Parameter)
     )
 
 
@@ -191,6 +219,7 @@ class Autotuner:
         self.made: dict[str, Choice] = {}
         self.shapes: dict[str, ShapeClass] = {}
         self.timings = 0  # how many shape classes were timed (tests check the cache is used)
+        self.seconds_spent = 0.0  # wall seconds spent timing candidates (what tuning added to a run)
         self._memo: dict[tuple[str, str, str], Choice] = {}
         self._warned: set[Path] = set()
 
@@ -204,7 +233,8 @@ class Autotuner:
 
         ``bench`` builds zero-argument callables, one per applicable candidate, each doing one
         call on representative operands; it is only called when the class is neither pinned nor
-        cached. With no ``bench`` (e.g. inside ``torch.compile``) the first applicable one is used.
+        cached. With no ``bench`` (see :func:`can_time`) an uncached class gets the first applicable
+        backend, neither cached nor recorded, and is timed at a later call that can.
         """
         if not applicable:
             raise ValueError(f"autotune: no applicable {shape.kind} backend for {shape.key()}")
@@ -220,10 +250,14 @@ class Autotuner:
         entry = self._read(path).get(machine, {}).get(shape.key())
         if isinstance(entry, dict) and entry.get("backend") in applicable:
             choice = Choice(str(entry["backend"]), "cached", dict(entry.get("seconds", {})))
-        elif bench is None or len(applicable) == 1:
+        elif len(applicable) == 1:
             return self._record(shape, Choice(applicable[0], "default", {}))
+        elif bench is None:  # cannot time now (a FLOP counter, tracing): the first one, not cached
+            return applicable[0]
         else:
+            t0 = time.perf_counter()
             choice = self._measure(bench())
+            self.seconds_spent += time.perf_counter() - t0
             self.timings += 1
             self._write(path, machine, shape, choice)
         self._memo[memo_key] = choice

@@ -43,7 +43,7 @@ def test_cells_run_in_a_fresh_process_with_the_parents_threads() -> None:
 
 def test_machine_line_names_cpu_model_caches_cores_and_load() -> None:
     line = describe_machine("no-mmap")
-    assert line.startswith(f"CPU {autotune.cpu_model()} (")
+    assert line.startswith(f"CPU {autotune.cpu_model()}; caches ")
     assert re.search(r"\d+ cores, \d+ visible; load average [\d.]+ [\d.]+ [\d.]+;", line)
     assert "L2 " in line or "caches unknown" in line
 

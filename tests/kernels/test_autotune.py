@@ -181,3 +181,21 @@ def test_float64_grouped_backends_equal_the_per_group_reference(backend: str) ->
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, [x, w], g), torch.autograd.grad(ref, [x, w], g), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_no_timing_under_a_flop_counter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # FLOPs counted by analysis.compute must not include the candidates' timing calls.
+    from brickwork.analysis.compute import FlopMeter
+
+    monkeypatch.delenv("BRICKWORK_BACKEND")
+    tuner = Autotuner(tmp_path / "c.json", timer=FakeTimer({"band": 2.0, "gather": 3.0, "dense": 1.0}))
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    layer = GroupLinear(32, 32, groups=4, density=0.5, pattern="ring")
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        with FlopMeter() as meter:
+            layer(x)
+        assert tuner.timings == 0 and not tuner.made
+        assert meter.total == 2 * 6 * 32 * 16  # the connected half of the blocks, once
+        layer(x)
+    assert tuner.timings == 1
