@@ -21,8 +21,8 @@ later process on the same machine) reads it.
   raises :class:`~brickwork.errors.BrickworkError` naming the valid ones.
 * **Cost**: one unrecorded warm-up call per candidate, then interleaved rounds until every
   candidate has one sample and ``budget_s`` (0.3 s) of timed calls is spent, at most
-  ``max_rounds``; the winner has the smallest minimum (the least disturbed sample on a shared
-  machine). A candidate that raises is dropped.
+  ``max_rounds`` (3); calls under ``min_flops`` (8 MFLOP forward) are not timed at all. The
+  winner has the smallest minimum (the least disturbed sample on a shared machine). A candidate that raises is dropped.
 
 Every choice this process made (measured, cached or pinned) is kept in :func:`choices_made`, so
 ``brickwork bench`` prints it per cell and run reports list it.
@@ -204,6 +204,8 @@ class Autotuner:
         machine: the machine key (default :func:`machine_key` of the call's device).
         budget_s: timed seconds after which no further round starts.
         max_rounds: timed rounds at most.
+        min_flops: calls with fewer forward FLOPs are not timed (microseconds to gain, a timing
+            run to pay: the demo's batch-64 layers spent more time tuning than they could save).
     """
 
     def __init__(
@@ -212,10 +214,11 @@ class Autotuner:
         timer: Timer = wall_timer,
         machine: str | None = None,
         budget_s: float = 0.3,
-        max_rounds: int = 5,
+        max_rounds: int = 3,
+        min_flops: float = 2**23,
     ) -> None:
         self._path, self.timer, self._machine = path, timer, machine
-        self.budget_s, self.max_rounds = budget_s, max_rounds
+        self.budget_s, self.max_rounds, self.min_flops = budget_s, max_rounds, min_flops
         self.made: dict[str, Choice] = {}
         self.shapes: dict[str, ShapeClass] = {}
         self.timings = 0  # how many shape classes were timed (tests check the cache is used)
@@ -227,20 +230,28 @@ class Autotuner:
         return self._path if self._path is not None else cache_dir() / CACHE_FILE
 
     def choose(
-        self, shape: ShapeClass, applicable: Sequence[str], bench: Callable[[], Candidates] | None = None
+        self,
+        shape: ShapeClass,
+        applicable: Sequence[str],
+        bench: Callable[[], Candidates] | None = None,
+        flops: float | None = None,
     ) -> str:
         """The backend for ``shape`` among ``applicable`` (in :data:`KINDS` order).
 
         ``bench`` builds zero-argument callables, one per applicable candidate, each doing one
         call on representative operands; it is only called when the class is neither pinned nor
         cached. With no ``bench`` (see :func:`can_time`) an uncached class gets the first applicable
-        backend, neither cached nor recorded, and is timed at a later call that can.
+        backend, neither cached nor recorded, and is timed at a later call that can. A call of under
+        ``min_flops`` (``flops``, its forward FLOPs) is not worth timing: the first applicable one
+        (source ``small``).
         """
         if not applicable:
             raise ValueError(f"autotune: no applicable {shape.kind} backend for {shape.key()}")
         pinned = overrides().get(shape.kind)
         if pinned is not None:
             return self._record(shape, Choice(pinned if pinned in applicable else applicable[0], "pinned", {}))
+        if flops is not None and flops < self.min_flops:
+            return self._record(shape, Choice(applicable[0], "small", {}))
         machine = self._machine or machine_key(shape.device)
         path = self.path()
         memo_key = (str(path), machine, shape.key())
@@ -325,9 +336,14 @@ TUNER = Autotuner()
 """The process's tuner; kernels call :func:`choose`."""
 
 
-def choose(shape: ShapeClass, applicable: Sequence[str], bench: Callable[[], Candidates] | None = None) -> str:
+def choose(
+    shape: ShapeClass,
+    applicable: Sequence[str],
+    bench: Callable[[], Candidates] | None = None,
+    flops: float | None = None,
+) -> str:
     """:meth:`Autotuner.choose` of the process's tuner."""
-    return TUNER.choose(shape, applicable, bench)
+    return TUNER.choose(shape, applicable, bench, flops)
 
 
 def choices_made() -> dict[str, Choice]:

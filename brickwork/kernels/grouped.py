@@ -123,7 +123,8 @@ def tuned_grouped_backend(x: Tensor, weight: Tensor, counts: Tensor) -> str:
 
         return {b: run(b) for b in grouped_backends(x, weight)}
 
-    return autotune.choose(shape, grouped_backends(x, weight), bench if autotune.can_time(x) else None)
+    flops = 2 * x.shape[0] * x.shape[1] * weight.shape[2]
+    return autotune.choose(shape, grouped_backends(x, weight), bench if autotune.can_time(x) else None, flops)
 
 
 def grouped_linear(

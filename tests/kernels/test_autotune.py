@@ -134,7 +134,7 @@ def test_auto_layers_tune_once_per_class_on_real_operands(monkeypatch: pytest.Mo
     # The real path end to end: GroupLinear with path auto times its candidates once for the
     # (fwd+bwd) class, caches, and the result equals the masked-dense reference.
     monkeypatch.delenv("BRICKWORK_BACKEND")
-    tuner = Autotuner(tmp_path / "c.json", timer=FakeTimer({"band": 2.0, "gather": 3.0, "dense": 1.0}))
+    tuner = Autotuner(tmp_path / "c.json", timer=FakeTimer({"band": 2.0, "gather": 3.0, "dense": 1.0}), min_flops=0)
     monkeypatch.setattr(autotune, "TUNER", tuner)
     layer = GroupLinear(32, 32, groups=4, density=0.5, pattern="ring").double()
     x = torch.randn(6, 32, dtype=torch.float64)
@@ -188,7 +188,7 @@ def test_no_timing_under_a_flop_counter(monkeypatch: pytest.MonkeyPatch, tmp_pat
     from brickwork.analysis.compute import FlopMeter
 
     monkeypatch.delenv("BRICKWORK_BACKEND")
-    tuner = Autotuner(tmp_path / "c.json", timer=FakeTimer({"band": 2.0, "gather": 3.0, "dense": 1.0}))
+    tuner = Autotuner(tmp_path / "c.json", timer=FakeTimer({"band": 2.0, "gather": 3.0, "dense": 1.0}), min_flops=0)
     monkeypatch.setattr(autotune, "TUNER", tuner)
     layer = GroupLinear(32, 32, groups=4, density=0.5, pattern="ring")
     x = torch.randn(6, 32)
@@ -199,3 +199,10 @@ def test_no_timing_under_a_flop_counter(monkeypatch: pytest.MonkeyPatch, tmp_pat
         assert meter.total == 2 * 6 * 32 * 16  # the connected half of the blocks, once
         layer(x)
     assert tuner.timings == 1
+
+
+def test_small_calls_are_not_timed(tmp_path: Path, unpinned: None) -> None:
+    tuner = Autotuner(tmp_path / "s.json", timer=FakeTimer({"grouped_mm": 3.0, "split": 1.0, "bmm": 2.0}))
+    assert tuner.choose(MOE, NAMES, _candidates, flops=1e6) == "grouped_mm"
+    assert tuner.made[MOE.key()].source == "small" and tuner.timings == 0 and not (tmp_path / "s.json").exists()
+    assert tuner.choose(MOE, NAMES, _candidates, flops=1e9) == "split" and tuner.timings == 1

@@ -295,7 +295,8 @@ def tuned_sparse_path(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Bloc
 
         return {p: run(p) for p in paths}
 
-    return autotune.choose(shape, paths, bench if autotune.can_time(x) else None)
+    flops = 2 * x.shape[0] * weight.numel()
+    return autotune.choose(shape, paths, bench if autotune.can_time(x) else None, flops)
 
 
 def block_sparse_linear(
