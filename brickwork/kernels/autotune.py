@@ -324,7 +324,11 @@ class Autotuner:
 
     def _write(self, path: Path, machine: str, shape: ShapeClass, choice: Choice) -> None:
         machines = self._read(path)
-        machines.setdefault(machine, {})[shape.key()] = {"backend": choice.backend, "seconds": choice.seconds}
+        # The load average is kept beside the choice: one measured on a busy machine may be worth
+        # re-measuring (delete the file, or pin with BRICKWORK_BACKEND).
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
+        entry = {"backend": choice.backend, "seconds": choice.seconds, "load": round(load, 2)}
+        machines.setdefault(machine, {})[shape.key()] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"version": 1, "machines": machines}, indent=1, sort_keys=True) + "\n")
