@@ -170,13 +170,7 @@ def paired_ratio(a: Samples, b: Samples, max_foreign: float | None = None) -> fl
     drifts of the machine that a ratio of two medians keeps; falls back to the ratio of medians
     when no round is clean for both.
     """
-    limit = float("inf") if max_foreign is None else max_foreign
-    pairs = [
-        ta / tb
-        for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign, strict=True)
-        if fa <= limit and fb <= limit
-    ]
-    return statistics.median(pairs) if pairs else a.median(max_foreign) / b.median(max_foreign)
+    return ratio_spread(a, b, max_foreign).median
 
 
 @dataclass(frozen=True)
