@@ -36,6 +36,22 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# Backend choice by measurement (brickwork.kernels.autotune) must not time anything in a test
+# process, nor read or write the user's cache: the cache goes to a temporary folder and every kind
+# is pinned to the path the tests were written against (grouped_mm where it runs, the strided band
+# view for banded wirings, glibc with mmap off). Set on os.environ so subprocesses inherit it; the
+# autotune tests unset the pin with monkeypatch.
+PINNED_BACKENDS = "moe=grouped_mm,sparse=band,malloc=no-mmap"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pinned_backends(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import os
+
+    os.environ["BRICKWORK_CACHE_DIR"] = str(tmp_path_factory.mktemp("brickwork-cache"))
+    os.environ["BRICKWORK_BACKEND"] = PINNED_BACKENDS
+
+
 @pytest.fixture
 def killed_then_resumed(monkeypatch: pytest.MonkeyPatch):
     """``run(cfg, runs_dir, steps)``: run ``cfg`` in a fresh store, kill it (KeyboardInterrupt, as

@@ -21,6 +21,15 @@ comes from :func:`time_rounds`:
   and the candidate measured after it) are timed in separate calls, one rotation each
   (``bench moe`` does this for moe against dense and for moe against the loops).
 
+* **Spread.** :func:`ratio_spread` gives the min / median / max of the per-round paired ratios;
+  benchmarks print it beside the median, so two runs can be compared against it.
+* **Isolation.** :func:`isolated` runs one benchmark cell (or candidate group) in a fresh
+  *spawned* worker process with the parent's torch thread count (and a named glibc malloc
+  setting applied before anything is allocated): the allocator's heap, the caches and lazily
+  built state of earlier cells cannot reach it. In one process the same MoE cell (8192 tokens x
+  64 experts) measured 1.28 or 1.65x dense depending on whether the loop baselines ran before it
+  (issue 16); every ``brickwork bench`` runs its cells through this function.
+
 The clock and the contention probe are arguments, so tests drive the harness with fake time.
 :func:`measure_latency` is the harness applied to one model on one batch; :func:`describe_machine`
 states where a figure was measured.
@@ -28,17 +37,24 @@ states where a figure was measured.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from brickwork.kernels.autotune import cpu_model
 from brickwork.nn.modes import evaluating
+
+T = TypeVar("T")
 
 Clock = Callable[[], float]
 """Seconds, monotonic (``time.perf_counter``)."""
@@ -154,13 +170,84 @@ def paired_ratio(a: Samples, b: Samples, max_foreign: float | None = None) -> fl
     drifts of the machine that a ratio of two medians keeps; falls back to the ratio of medians
     when no round is clean for both.
     """
+    return ratio_spread(a, b, max_foreign).median
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Min, median and max of a benchmark's per-round ratios, and how many rounds they cover."""
+
+    min: float
+    median: float
+    max: float
+    rounds: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.min:.3f}-{self.max:.3f}]"
+
+
+def ratio_spread(a: Samples, b: Samples, max_foreign: float | None = None) -> Spread:
+    """The per-round ratios ``a / b`` (rounds clean for both) as min / median / max.
+
+    The median equals :func:`paired_ratio`; with no round clean for both, the ratio of medians
+    (a spread of one value, 0 rounds).
+    """
     limit = float("inf") if max_foreign is None else max_foreign
     pairs = [
         ta / tb
         for ta, fa, tb, fb in zip(a.seconds, a.foreign, b.seconds, b.foreign, strict=True)
         if fa <= limit and fb <= limit
     ]
-    return statistics.median(pairs) if pairs else a.median(max_foreign) / b.median(max_foreign)
+    if not pairs:
+        r = a.median(max_foreign) / b.median(max_foreign)
+        return Spread(r, r, r, 0)
+    return Spread(min(pairs), statistics.median(pairs), max(pairs), len(pairs))
+
+
+_WORKER_MALLOC: list[str] = []  # the malloc setting a worker applied at start (empty: none)
+
+
+def _worker_init(threads: int, malloc: str | None) -> None:
+    torch.set_num_threads(threads)
+    if malloc is not None:
+        from brickwork.kernels.malloc import set_malloc
+
+        _WORKER_MALLOC.append(set_malloc(malloc))
+
+
+def process_facts() -> tuple[int, int, str]:
+    """(pid, torch threads, malloc setting applied at worker start or ``""``) of the calling process:
+    what :func:`isolated` hands a worker, checkable from the parent."""
+    return os.getpid(), torch.get_num_threads(), "".join(_WORKER_MALLOC)
+
+
+def isolated(fn: Callable[..., T], *args: Any, malloc_setting: str | None = None, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` run in a fresh spawned worker process; returns its (picklable) result.
+
+    The worker gets this process's torch thread count and environment; ``malloc_setting`` (a
+    :data:`brickwork.kernels.malloc.SETTINGS` name) is applied there before ``fn`` allocates
+    anything. ``fn`` must be a module-level function (the worker imports it by name). Costs a
+    process start and the imports (about 2-3 s on 2 cores), so one call per benchmark cell.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=ctx, initializer=_worker_init, initargs=(torch.get_num_threads(), malloc_setting)
+    ) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def run_cell(
+    fn: Callable[..., T], *args: Any, in_process: bool = False, malloc_setting: str | None = None, **kwargs: Any
+) -> T:
+    """One benchmark cell: :func:`isolated` unless ``in_process`` (the old shared-process order,
+    kept to show what isolation changes)."""
+    if in_process:
+        if malloc_setting is not None:
+            from brickwork.kernels.malloc import set_malloc
+
+            set_malloc(malloc_setting)
+        return fn(*args, **kwargs)
+    return isolated(fn, *args, malloc_setting=malloc_setting, **kwargs)
 
 
 @torch.no_grad()
@@ -176,23 +263,38 @@ def measure_latency(
     return seconds / x.shape[0]
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+def cpu_caches() -> str:
+    """The data and unified caches of CPU 0 (``/sys/devices/system/cpu/cpu0/cache``), e.g. ``L1d 48K, L2 2048K``."""
+    out = []
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for d in sorted(root.glob("index*")):
+        try:
+            kind = (d / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            level, size = (d / "level").read_text().strip(), (d / "size").read_text().strip()
+        except OSError:
+            continue
+        out.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return ", ".join(out) or "caches unknown"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``1.52 1.30 1.10``."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return "unknown"
 
 
 def describe_machine(malloc: str | None = None) -> str:
-    """One line for a report: CPU, cores visible, torch threads, torch version, GPU if any, malloc setting."""
+    """One line for a report: CPU model and caches, cores, load average now, torch version and
+    threads, GPU if any, malloc setting."""
     parts = [
         f"CPU {cpu_model()}",
-        f"{len(os.sched_getaffinity(0))} cores visible",
+        f"caches {cpu_caches()}",
+        f"{os.cpu_count()} cores, {len(os.sched_getaffinity(0))} visible",
+        f"load average {load_average()}",
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
         f"Python {platform.python_version()}",
     ]

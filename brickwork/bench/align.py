@@ -10,14 +10,27 @@ of the width (the baseline: the least one step can cost).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from torch import nn
 
-from brickwork.analysis.timing import describe_machine, interleaved
+from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
 from brickwork.models.mlp import mlp
 from brickwork.ops.align import weight_matching
+
+
+def cell(w: int, depth: int, repeats: int) -> dict[str, Any]:
+    """One width: seconds of weight matching, of one assignment, and their ratio's spread."""
+    a = mlp((784,), 10, width=w, depth=depth)
+    b = mlp((784,), 10, width=w, depth=depth)
+    score = np.random.default_rng(0).standard_normal((w, w))
+    t = time_rounds(
+        {"match": lambda: weight_matching(a, b), "lap": lambda: linear_sum_assignment(score, maximize=True)},
+        repeats=repeats,
+        warmup=0,
+    )
+    return {"match": t["match"].median(), "lap": t["lap"].median(), "ratio": ratio_spread(t["match"], t["lap"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,24 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--in-process", action="store_true", help="all widths in this process (the old order), not a fresh worker each"
+    )
     args = parser.parse_args(argv)
     print(describe_machine())
     print(f"weight matching, mlp 784 -> {args.depth + 1} hidden layers -> 10, two random initialisations")
-    print("| width | permutations | seconds | one assignment (s) | ratio |")
+    print("| width | permutations | seconds | one assignment (s) | ratio [min-max] |")
     print("|---|---|---|---|---|")
     for w in args.widths:
-        a = mlp((784,), 10, width=w, depth=args.depth)
-        b = mlp((784,), 10, width=w, depth=args.depth)
-        score = np.random.default_rng(0).standard_normal((w, w))
-
-        def match(a: nn.Module = a, b: nn.Module = b) -> object:
-            return weight_matching(a, b)
-
-        def lap(s: np.ndarray = score) -> object:
-            return linear_sum_assignment(s, maximize=True)
-
-        t = interleaved({"match": match, "lap": lap}, repeats=args.repeats, warmup=0)
-        print(f"| {w} | {args.depth + 1} | {t['match']:.3f} | {t['lap']:.4f} | {t['match'] / t['lap']:.1f} |")
+        t = run_cell(cell, w, args.depth, args.repeats, in_process=args.in_process)
+        print(f"| {w} | {args.depth + 1} | {t['match']:.3f} | {t['lap']:.4f} | {t['ratio']} |")
+    print(f"load average after: {load_average()}")
     return 0
 
 

@@ -22,13 +22,13 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
-from brickwork.kernels.malloc import tune_glibc_malloc
+from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
 from brickwork.models import cnn, mlp
 from brickwork.train.distill import Distiller, Tap, Term, build_cache, frozen_teacher
 from brickwork.train.loop import train_step
@@ -50,7 +50,7 @@ BATCH = {name: 64 if "batch 64" in name else 256 for name in CASES}
 
 def bench_case(
     name: str, steps: int, repeats: int, max_foreign: float | None, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, float]:
+) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher, student = CASES[name]()
     teacher = frozen_teacher(teacher)
@@ -112,9 +112,9 @@ def bench_case(
         clock=clock,
     )
     return {
-        "distill_vs_hand": paired_ratio(samples["distill"], samples["hand"], max_foreign),
-        "cached_vs_live": paired_ratio(samples["cached"], samples["distill"], max_foreign),
-        "teacher_share": paired_ratio(samples["teacher"], samples["distill"], max_foreign),
+        "distill_vs_hand": ratio_spread(samples["distill"], samples["hand"], max_foreign),
+        "cached_vs_live": ratio_spread(samples["cached"], samples["distill"], max_foreign),
+        "teacher_share": ratio_spread(samples["teacher"], samples["distill"], max_foreign).median,
         "distill_ms": 1e3 * samples["distill"].median(max_foreign) / steps,
         "clean": min(len(s.clean(max_foreign)) for s in samples.values()),
     }
@@ -134,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         help="wall: perf_counter; cpu: this process's CPU time (on a shared machine, where other "
         "processes take the cores, it times the work itself; meaningful with --threads 1)",
     )
+    p.add_argument(
+        "--in-process", action="store_true", help="all cases in this process (the old order), not a fresh worker each"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = tune_glibc_malloc()
+    malloc = "tuned"  # applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"{args.steps} steps per call, median of {args.repeats} interleaved rounds after warm-up, {args.clock} clock")
@@ -149,10 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases:
         # the CPU clock already leaves out time other processes took; the contention filter is for the wall clock
         foreign = args.max_foreign if args.clock == "wall" else None
-        r = bench_case(name, args.steps, args.repeats, foreign, clock)
+        r = run_cell(
+            bench_case,
+            name,
+            args.steps,
+            args.repeats,
+            foreign,
+            clock,
+            in_process=args.in_process,
+            malloc_setting=malloc,
+        )
         print(
-            f"| {name} | {r['distill_vs_hand']:.3f} | {r['cached_vs_live']:.3f} | {1 - r['teacher_share']:.3f} "
+            f"| {name} | {r['distill_vs_hand']} | {r['cached_vs_live']} | {1 - r['teacher_share']:.3f} "
             f"| {r['distill_ms']:.2f} | {r['clean']} |",
             flush=True,
         )
+    print(f"load average after: {load_average()}")
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
+from brickwork.analysis.timing import describe_machine, load_average, paired_ratio, run_cell, time_rounds
 from brickwork.data import load_dataset
 from brickwork.distributed import DistContext, run_ranks, shard_batch, wrap
 from brickwork.distributed.data_parallel import DataParallel
@@ -186,21 +185,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the DDP step without find_unused_parameters and the bare gloo all-reduces (ddp only)",
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="all cases from this process (the old order), not a fresh worker each"
+    )
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.models.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown model {unknown}; expected some of {', '.join(CASES)}")
     print(f"machine: {describe_machine()}; ranks 1 thread each, gloo")
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"cells: {'all from this process' if args.in_process else 'each case from a fresh spawned worker'}")
     rows = []
     for case in cases:
-        rows.append(bench_case(case, args.strategy, args.repeats, args.breakdown and args.strategy == "ddp"))
+        breakdown = args.breakdown and args.strategy == "ddp"
+        rows.append(run_cell(bench_case, case, args.strategy, args.repeats, breakdown, in_process=args.in_process))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(_table(rows))
     if args.breakdown:
         print("\ngloo's floor on this machine: a 2-rank all-reduce of N bytes alone")
         print(gloo_floor(max(args.repeats, 5)))
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
     return 0

@@ -3,8 +3,9 @@
 An early-exit model in eval mode removes exited samples from the batch, so later layers run on
 fewer samples. For a range of exit rates (set by choosing the confidence threshold as a
 quantile of the first exit's scores on the batch: the rate, not the model's accuracy, is what
-costs time, so an untrained model serves), this prints side by side in one process
-(interleaved, warm-up, median):
+costs time, so an untrained model serves), this prints side by side, each (case, rate) cell in
+a fresh worker process (:func:`brickwork.analysis.timing.run_cell`; interleaved, warm-up, median
+of per-round paired ratios with their min-max spread):
 
 * compaction: brickwork's ``EarlyExit`` forward;
 * full: the same model with threshold 1.0 (nobody exits);
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from brickwork.analysis.compute import measure_compute
-from brickwork.analysis.timing import describe_machine, interleaved
-from brickwork.kernels.malloc import tune_glibc_malloc
+from brickwork.analysis.timing import Spread, describe_machine, load_average, ratio_spread, run_cell, time_rounds
 from brickwork.models.nested import early_exit
 from brickwork.nn.exits import EarlyExit
 
@@ -45,7 +46,7 @@ CASES: dict[str, Callable[[], tuple[EarlyExit, Tensor]]] = {
 }
 
 
-def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, float]]:
+def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model, x = CASES[name]()
     model.eval()
@@ -90,18 +91,23 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, fl
             def full() -> Tensor:
                 return model.head(model.body(model.stem(x)))
 
-            times = interleaved(
+            samples = time_rounds(
                 {"compaction": lambda: model(x), "full": full, "no_compaction": no_compaction, "ideal": ideal(stay)},
                 repeats=repeats,
             )
+        times = {n: t.median() for n, t in samples.items()}
         flops_saving = 1 - flops / full_flops
-        time_saving = 1 - times["compaction"] / times["full"]
+        paired = ratio_spread(samples["compaction"], samples["full"])  # compaction / full per round
+        time_saving = 1 - paired.median
+        # saving / FLOPs saving falls as compaction / full rises: the spread's ends swap.
+        fs = flops_saving if flops_saving > 0 else float("nan")
+        spread = Spread((1 - paired.max) / fs, time_saving / fs, (1 - paired.min) / fs, paired.rounds)
         rows.append(
             {
                 "rate": 1 - stay / len(x),
                 "flops_saving": flops_saving,
                 "time_saving": time_saving,
-                "ratio": time_saving / flops_saving if flops_saving > 0 else float("nan"),
+                "ratio": spread,
                 "full_ms": 1e3 * times["full"],
                 "compaction_ms": 1e3 * times["compaction"],
                 "overhead": times["compaction"] / times["ideal"],
@@ -123,22 +129,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument(
+        "--in-process", action="store_true", help="all cells in this process (the old order), not a fresh worker each"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = tune_glibc_malloc()
+    malloc = "tuned"  # raised glibc thresholds, applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
-    print(f"median of {args.repeats} interleaved repeats after warm-up")
     print(
-        "| case | samples exiting early | FLOPs saved | wall-clock saved | time saving / FLOPs saving "
+        f"median of {args.repeats} interleaved repeats after warm-up; cells: "
+        f"{'all in this process' if args.in_process else 'each (case, rate) in a fresh spawned worker'}; "
+        "time saving / FLOPs saving: median of per-round values [min-max]"
+    )
+    print(
+        "| case | samples exiting early | FLOPs saved | wall-clock saved | time saving / FLOPs saving [min-max] "
         "| compaction / ideal | no compaction / full | full ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name in args.cases:
-        for r in bench_case(name, args.rates, args.repeats):
+    for name, rate in [(n, r) for n in args.cases for r in args.rates]:
+        rows = run_cell(bench_case, name, [rate], args.repeats, in_process=args.in_process, malloc_setting=malloc)
+        for r in rows:
             print(
-                f"| {name} | {r['rate']:.1%} | {r['flops_saving']:.1%} | {r['time_saving']:.1%} | {r['ratio']:.3f} "
+                f"| {name} | {r['rate']:.1%} | {r['flops_saving']:.1%} | {r['time_saving']:.1%} | {r['ratio']} "
                 f"| {r['overhead']:.3f} | {r['no_compaction_ratio']:.3f} | {r['full_ms']:.1f} |",
                 flush=True,
             )
+    print(f"load average after: {load_average()}")
     return 0

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
+from brickwork.analysis.timing import describe_machine, load_average, paired_ratio, run_cell, time_rounds
 from brickwork.distributed import DistContext, run_ranks
 from brickwork.distributed.expert_dispatch import combine, dispatch
 from brickwork.distributed.expert_parallel import ExpertParallelGroups, ExpertParallelMoE
@@ -163,18 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 ranks, 512 and 2048 tokens, d_model 128, 3 repeats")
+    parser.add_argument(
+        "--in-process", action="store_true", help="all cells from this process (the old order), not a fresh worker each"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.tokens, args.dims, args.repeats, args.warmup = [2], [512, 2048], [128], 3, 1
     torch.set_num_threads(1)
     print(f"machine: {describe_machine()}; each rank 1 thread")
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"cells: {'all from this process' if args.in_process else 'each from a fresh spawned worker'}")
     print("fp32; SwiGLU experts, expert hidden = 2 * d_model; top-k softmax router with the Switch loss; fwd+bwd\n")
     results = []
     for ranks, tokens, dim, experts, top_k in itertools.product(
         args.ranks, args.tokens, args.dims, args.experts, args.top_k
     ):
-        r = bench_one(ranks, tokens, dim, experts, top_k, args.repeats, args.warmup)
+        r = run_cell(
+            bench_one, ranks, tokens, dim, experts, top_k, args.repeats, args.warmup, in_process=args.in_process
+        )
         results.append(r)
         print(_table([r]).splitlines()[-1], flush=True)
     print()
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['ranks']} ranks x {r['tokens']} tokens: predicted {pred:,.0f} tokens/s/rank, "
             f"measured {r['tokens'] / r['ep']:,.0f}"
         )
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
     return 0
 
 

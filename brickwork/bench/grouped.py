@@ -4,7 +4,8 @@ An MoE step with stacked experts is six grouped products: forward (rows x weight
 gradient (grad x weight^T) and weight gradient (rows^T x grad, one (K, M) block per expert), for
 the up and the down projection. This times each kind on its own, for every backend of
 :func:`brickwork.kernels.grouped_linear`'s choice plus the native ``_grouped_mm`` backward, against
-one dense product of equal FLOPs (the limit), all interleaved in one process. It is how the CPU
+one dense product of equal FLOPs (the limit), interleaved, each product in a fresh worker process
+(:func:`brickwork.analysis.timing.run_cell`), ratios the median of per-round ratios [min-max]. It is how the CPU
 weight-gradient path of ``kernels/grouped.py`` was chosen (``docs/moe-notes.md``).
 
 Candidates per product:
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from brickwork.analysis.timing import describe_machine, interleaved
-from brickwork.kernels.malloc import tune_glibc_malloc
+from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
 
 
 def _mm_out(a_parts: list[Tensor], b_parts: list[Tensor], out: Tensor, out_parts: list[Tensor]) -> Callable[[], Tensor]:
@@ -70,6 +71,12 @@ def product_candidates(kind: str, experts: int, rows: int, k: int, m: int) -> di
     raise ValueError(f"unknown product kind {kind!r}")
 
 
+def cell(kind: str, experts: int, rows: int, k: int, m: int, repeats: int) -> dict[str, Any]:
+    """One row: dense ms and every backend's time / dense as a spread."""
+    t = time_rounds(product_candidates(kind, experts, rows, k, m), repeats=repeats, warmup=2)
+    return {"dense_ms": 1e3 * t["dense"].median(), **{n: ratio_spread(t[n], t["dense"]) for n in t if n != "dense"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="brickwork bench grouped", description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=64)
@@ -77,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512, help="d_model; the expert hidden width is 2 x dim")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--in-process", action="store_true", help="all cells in this process (the old order), not a fresh worker each"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = tune_glibc_malloc(disable_mmap=True)
+    malloc = "no-mmap"  # applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
     print(
         f"{args.experts} experts; SwiGLU shapes: up {args.dim} x {4 * args.dim} (fused gate and up), "
@@ -93,12 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     for rows in args.rows:
         for kind in ("forward", "wgrad"):
             for proj, (k, m) in shapes.items():
-                t = interleaved(product_candidates(kind, args.experts, rows, k, m), repeats=args.repeats, warmup=2)
+                t = run_cell(
+                    cell,
+                    kind,
+                    args.experts,
+                    rows,
+                    k,
+                    m,
+                    args.repeats,
+                    in_process=args.in_process,
+                    malloc_setting=malloc,
+                )
                 print(
-                    f"| {kind} {proj} | {rows} | {1e3 * t['dense']:.1f} | {t['grouped_mm'] / t['dense']:.2f} "
-                    f"| {t['mm_out'] / t['dense']:.2f} | {t['bmm'] / t['dense']:.2f} |",
+                    f"| {kind} {proj} | {rows} | {t['dense_ms']:.1f} | {t['grouped_mm']} | {t['mm_out']} "
+                    f"| {t['bmm']} |",
                     flush=True,
                 )
+    print(f"load average after: {load_average()}")
     return 0
 
 

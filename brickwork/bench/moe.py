@@ -14,12 +14,17 @@ modules are timed side by side in one process, interleaved, after warm-up, media
   (transformers 4).
 
 Printed ratios: ``moe / dense`` (1.0 = as fast as the dense limit) and ``loop / moe`` (how many
-times faster brickwork is than each loop). ``moe`` and ``dense`` are interleaved in one rotation,
+times faster brickwork is than each loop), each the median of per-round paired ratios with their
+min-max spread. Every cell runs in a fresh worker process (:func:`brickwork.analysis.timing.run_cell`;
+``--in-process`` restores the old shared process, where an earlier cell's heap and caches changed
+a later cell's answer). ``moe`` and ``dense`` are interleaved in one rotation,
 ``moe`` and the loops in a second one (the loops' memory churn otherwise lands on ``moe``; see
 :func:`bench_one`). glibc malloc is tuned first so large blocks are reused
 instead of fresh zero-filled mmap pages (see :mod:`brickwork.kernels.malloc`; with 64 experts the
-expert weight gradients alone are 384 MiB per step at d_model 512); the header states the
-setting in force. Samples taken while other processes used the CPUs are discarded
+expert weight gradients alone are 384 MiB per step at d_model 512); by default (``--malloc auto``)
+the setting is chosen by measurement per shape class (:func:`brickwork.kernels.malloc.choose_malloc`)
+and, like the grouped-matmul backend (:mod:`brickwork.kernels.autotune`), printed per cell.
+Samples taken while other processes used the CPUs are discarded
 (:func:`brickwork.analysis.timing.time_rounds` with ``max_foreign``).
 """
 
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -36,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, paired_ratio, time_rounds
-from brickwork.kernels.malloc import tune_glibc_malloc
+from brickwork.analysis.timing import Spread, describe_machine, load_average, ratio_spread, run_cell, time_rounds
+from brickwork.kernels.autotune import backends_used
+from brickwork.kernels.malloc import choose_malloc, set_malloc
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE, moe_ffn
 from brickwork.nn.routing import MoESettings
@@ -127,10 +132,15 @@ class Result:
     top_k: int
     mode: str
     seconds: dict[str, float]  # median over clean samples
-    ratios: dict[tuple[str, str], float]  # paired per-round ratios
+    ratios: dict[tuple[str, str], Spread]  # paired per-round ratios: min / median / max
     clean: int  # fewest clean samples any candidate got
+    backend: str = "-"  # grouped-matmul backend(s) moe used, and the malloc setting
 
     def ratio(self, name: str, base: str) -> float | None:
+        s = self.ratios.get((name, base))
+        return None if s is None else s.median
+
+    def spread(self, name: str, base: str) -> Spread | None:
         return self.ratios.get((name, base))
 
 
@@ -160,8 +170,14 @@ def bench_one(
     loops: Sequence[str],
     max_foreign: float = 0.05,
     max_rounds: int | None = None,
+    malloc: str = "auto",
 ) -> Result:
-    """Time moe, dense and the requested loop baselines (``"modules"``, ``"stacked"``) on one shape."""
+    """Time moe, dense and the requested loop baselines (``"modules"``, ``"stacked"``) on one shape.
+
+    ``malloc``: a :data:`brickwork.kernels.malloc.SETTINGS` name, ``auto`` (measured per shape
+    class on moe's step, :func:`~brickwork.kernels.malloc.choose_malloc`), or ``keep`` (as the
+    process has it).
+    """
     hidden = 2 * dim
     torch.manual_seed(0)
     by_modules = LoopMoE(dim, hidden, experts, top_k)
@@ -177,6 +193,10 @@ def bench_one(
             torch.testing.assert_close(moe(sample), b(sample), rtol=1e-4, atol=1e-4)
     grad = torch.randn(tokens, dim) if mode == "fwd+bwd" else None
     run_moe = _step(moe.train(), x, grad)
+    if malloc == "auto":
+        malloc_text = choose_malloc(run_moe, (tokens, dim, experts, top_k), mode)
+    else:
+        malloc_text = "as set" if malloc == "keep" else set_malloc(malloc)
     # Two rotations: moe against the dense limit, then moe against the loop baselines. In one
     # shared rotation the stacked loop's full-size gradient per expert (GBs per step at 64
     # experts) churns the heap and caches for whichever candidate runs next, and moe, whose
@@ -189,31 +209,43 @@ def bench_one(
         time_rounds(c, repeats=repeats, warmup=warmup, max_foreign=max_foreign, max_rounds=max_rounds)
         for c in rotations
     ]
-    ratios = {("moe", "dense"): paired_ratio(timings_per[0]["moe"], timings_per[0]["dense"], max_foreign)}
+    ratios = {("moe", "dense"): ratio_spread(timings_per[0]["moe"], timings_per[0]["dense"], max_foreign)}
     for name in baselines:
-        ratios[(name, "moe")] = paired_ratio(timings_per[1][name], timings_per[1]["moe"], max_foreign)
+        ratios[(name, "moe")] = ratio_spread(timings_per[1][name], timings_per[1]["moe"], max_foreign)
     timings = {**(timings_per[1] if baselines else {}), **timings_per[0]}  # moe's time from the dense rotation
     seconds = {n: t.median(max_foreign) for n, t in timings.items()}
     clean = min(len(t.clean(max_foreign)) for tp in timings_per for t in tp.values())
-    return Result(tokens, dim, experts, top_k, mode, seconds, ratios, clean)
+    backend = f"{backends_used('moe', mode)}; malloc {_malloc_name(malloc_text)}"
+    return Result(tokens, dim, experts, top_k, mode, seconds, ratios, clean, backend)
+
+
+def _malloc_name(text: str) -> str:
+    """The short name of a malloc description (``no-mmap``, ``tuned``, ``default``)."""
+    if "M_MMAP_MAX=0" in text:
+        return "no-mmap"
+    return "tuned" if "M_MMAP_THRESHOLD" in text else "default" if "defaults" in text else text
 
 
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _spread(s: Spread | None, spec: str, suffix: str = "") -> str:
+    return "-" if s is None else f"{s.median:{spec}}{suffix} [{s.min:{spec}}-{s.max:{spec}}]"
+
+
 def _table(results: Sequence[Result]) -> str:
     lines = [
-        "| tokens | d_model | experts | top-k | pass | moe ms | dense ms | moe / dense "
-        "| loop (stacked) / moe | loop (modules) / moe | clean |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| tokens | d_model | experts | top-k | pass | moe ms | dense ms | moe / dense [min-max] "
+        "| loop (stacked) / moe | loop (modules) / moe | clean | backend |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.tokens} | {r.dim} | {r.experts} | {r.top_k} | {r.mode} | {1e3 * r.seconds['moe']:.1f} | "
-            f"{1e3 * r.seconds['dense']:.1f} | {_fmt(r.ratio('moe', 'dense'), '.2f')} | "
-            f"{_fmt(r.ratio('loop_stacked', 'moe'), '.1f', 'x')} | {_fmt(r.ratio('loop_modules', 'moe'), '.1f', 'x')} "
-            f"| {r.clean} |"
+            f"{1e3 * r.seconds['dense']:.1f} | {_spread(r.spread('moe', 'dense'), '.2f')} | "
+            f"{_spread(r.spread('loop_stacked', 'moe'), '.1f', 'x')} | "
+            f"{_spread(r.spread('loop_modules', 'moe'), '.1f', 'x')} | {r.clean} | {r.backend} |"
         )
     return "\n".join(lines)
 
@@ -246,33 +278,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--malloc",
-        choices=["no-mmap", "tuned", "default"],
-        default="no-mmap",
-        help="glibc malloc: raised mmap/trim thresholds and no mmap at all (no-mmap, default), "
-        "raised thresholds only (tuned; glibc caps the mmap threshold at 32 MiB), or glibc defaults",
+        choices=["auto", "no-mmap", "tuned", "default"],
+        default="auto",
+        help="glibc malloc: measured per shape class (auto, default; BRICKWORK_BACKEND=malloc=... pins it), "
+        "raised mmap/trim thresholds and no mmap at all (no-mmap), raised thresholds only "
+        "(tuned; glibc caps the mmap threshold at 32 MiB), or glibc defaults",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every cell in this process, one after the other (the old order), not in a fresh worker each",
     )
     args = parser.parse_args(argv)
-    # Before any large tensor exists: blocks allocated earlier keep their mmap pages.
-    malloc = "glibc defaults" if args.malloc == "default" else tune_glibc_malloc(disable_mmap=args.malloc == "no-mmap")
     if args.quick:
         args.dims, args.top_k, args.modes = [512], [2], ["fwd+bwd"]
         args.repeats, args.warmup = min(args.repeats, 3), 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"machine: {describe_machine(malloc)}")
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("expert hidden = 2 * d_model; SwiGLU experts; dense hidden = top_k * expert hidden")
+    print(f"machine: {describe_machine(f'{args.malloc} (per cell: backend column)')}")
+    print(
+        "cells: "
+        + ("all in this process, in order" if args.in_process else "each in a fresh spawned worker process")
+        + "; expert hidden = 2 * d_model; SwiGLU experts; dense hidden = top_k * expert hidden"
+    )
     print(
         f"times: medians of clean samples (other processes under {args.max_foreign:.0%} of the CPUs); "
-        "ratios: medians of per-round ratios over rounds clean for both; "
-        "'clean' = fewest clean samples of any candidate\n",
+        "ratios: medians of per-round ratios over rounds clean for both, [min-max] over those rounds; "
+        "'clean' = fewest clean samples of any candidate; backend: grouped matmul and malloc setting chosen\n",
         flush=True,
     )
     results = []
     grid = itertools.product(args.tokens, args.dims, args.experts, args.top_k, args.modes)
     for tokens, dim, experts, top_k, mode in grid:
-        r = bench_one(
+        r = run_cell(
+            bench_one,
             tokens,
             dim,
             experts,
@@ -283,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             args.loops,
             args.max_foreign,
             args.max_rounds or 3 * args.repeats,
+            malloc=args.malloc,
+            in_process=args.in_process,
         )
         results.append(r)
         print(_table([r]).splitlines()[-1], flush=True)
     print()
     print(_table(results))
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average after: {load_average()}")
     return 0
 
 

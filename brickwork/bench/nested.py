@@ -1,6 +1,8 @@
 """`brickwork bench nested`: latency of nested sub-networks against width.
 
-For each width fraction w, side by side in one process (interleaved, warm-up, median):
+For each width fraction w, side by side, each case in a fresh worker process
+(:func:`brickwork.analysis.timing.run_cell`; interleaved, warm-up, median of per-round paired
+ratios with their min-max spread):
 
 * the supernet configured at w (weights sliced as views, no copy at run time),
 * the sliced standalone model of the same shape (``ops.slice_model``: contiguous small tensors),
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from brickwork.analysis.compute import subnet_flops
-from brickwork.analysis.timing import describe_machine, interleaved
-from brickwork.kernels.malloc import tune_glibc_malloc
+from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
 from brickwork.models.nested import nested_cnn, nested_lm, nested_mlp
 from brickwork.nn.nested import NestedModel, nested_modules
 from brickwork.ops.slice import slice_model
@@ -65,7 +67,7 @@ def _r2(xs: list[float], ys: list[float]) -> float:
     return (sxy * sxy) / (sxx * syy) if sxx and syy else 1.0
 
 
-def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, float], list[dict[str, float]]]:
+def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """All widths and variants timed in one interleaved rotation, so every ratio is side by side.
 
     Returns:
@@ -115,7 +117,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
 
     model.eval()
     with torch.no_grad():
-        fwd = interleaved(
+        fwd_s = time_rounds(
             {
                 **{f"super {w}": supernet_fwd(w) for w in widths},
                 **{f"sliced {w}": _forward(sliced[w], x) for w in widths},
@@ -125,7 +127,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
     model.train()
     for s in sliced.values():
         s.train()
-    bwd = interleaved(
+    bwd_s = time_rounds(
         {
             **{f"inplace {w}": supernet_step(w, True) for w in widths},
             **{f"autograd {w}": supernet_step(w, False) for w in widths},
@@ -135,6 +137,8 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
         },
         repeats=repeats,
     )
+    fwd = {n: t.median() for n, t in fwd_s.items()}
+    bwd = {n: t.median() for n, t in bwd_s.items()}
     model.configure(1.0)
     full = max(widths)
     separate = sum(bwd[f"sliced {w}"] for w in widths)
@@ -145,9 +149,9 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
             "flops_frac": flops[w] / flops[full],
             "fwd_ms": 1e3 * fwd[f"super {w}"],
             "latency_frac": fwd[f"super {w}"] / fwd[f"super {full}"],
-            "fwd_ratio": fwd[f"super {w}"] / fwd[f"sliced {w}"],
-            "bwd_inplace_ratio": bwd[f"inplace {w}"] / bwd[f"sliced {w}"],
-            "bwd_autograd_ratio": bwd[f"autograd {w}"] / bwd[f"sliced {w}"],
+            "fwd_ratio": ratio_spread(fwd_s[f"super {w}"], fwd_s[f"sliced {w}"]),
+            "bwd_inplace_ratio": ratio_spread(bwd_s[f"inplace {w}"], bwd_s[f"sliced {w}"]),
+            "bwd_autograd_ratio": ratio_spread(bwd_s[f"autograd {w}"], bwd_s[f"sliced {w}"]),
             "bwd_sliced_ms": 1e3 * bwd[f"sliced {w}"],
         }
         for w in widths
@@ -160,14 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument(
+        "--in-process", action="store_true", help="all cases in this process (the old order), not a fresh worker each"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = tune_glibc_malloc()
+    malloc = "tuned"  # raised glibc thresholds, applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
     print(
         f"median of {args.repeats} repeats after warm-up, every width and variant of a case interleaved in one "
-        "rotation; ratios < 1 are faster than the baseline"
+        f"rotation; cells: {'all in this process' if args.in_process else 'each case in a fresh spawned worker'}; "
+        "ratios (median of per-round ratios [min-max]) < 1 are faster than the baseline"
     )
     print(
         "| case | width | FLOPs(w)/FLOPs(1) | fwd latency(w)/latency(1) | fwd ms | fwd supernet / sliced "
@@ -175,11 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.cases:
-        accumulated, rows = bench_case(name, sorted(set(args.widths) | {1.0}), args.repeats)
+        accumulated, rows = run_cell(
+            bench_case,
+            name,
+            sorted(set(args.widths) | {1.0}),
+            args.repeats,
+            in_process=args.in_process,
+            malloc_setting=malloc,
+        )
         for r in rows:
             print(
                 f"| {name} | {r['width']:g} | {r['flops_frac']:.3f} | {r['latency_frac']:.3f} | {r['fwd_ms']:.2f} "
-                f"| {r['fwd_ratio']:.3f} | {r['bwd_inplace_ratio']:.3f} | {r['bwd_autograd_ratio']:.3f} |",
+                f"| {r['fwd_ratio']} | {r['bwd_inplace_ratio']} | {r['bwd_autograd_ratio']} |",
                 flush=True,
             )
         r2 = _r2([r["flops_frac"] for r in rows], [r["fwd_ms"] for r in rows])
@@ -189,4 +204,5 @@ def main(argv: list[str] | None = None) -> int:
             f"| {accumulated['inplace']:.3f} | {accumulated['autograd']:.3f} |",
             flush=True,
         )
+    print(f"load average after: {load_average()}")
     return 0

@@ -3,7 +3,9 @@
 Both train identical copies of the same model on the same batches in the same order; the
 runner side is :func:`brickwork.train.run_epoch` exactly as the ``train`` stage calls it
 (learning-rate schedule, auxiliary-loss collection, per-step metrics, progress-bar update),
-the baseline is the five-line loop a person writes by hand. Ratio = runner / hand-written.
+the baseline is the five-line loop a person writes by hand. Ratio = runner / hand-written: the
+median of per-round paired ratios, with their min-max spread; each model runs in a fresh worker
+process (:func:`brickwork.analysis.timing.run_cell`; ``--in-process`` for the old shared process).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import brickwork.models  # noqa: F401  (registers the model names bench_model looks up)
-from brickwork.analysis.timing import describe_machine, interleaved
+from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
 from brickwork.data import load_dataset
 from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.registry import REGISTRY
@@ -25,7 +28,7 @@ from brickwork.train import FitConfig, build_loss, run_epoch
 from brickwork.train.loop import show_step
 
 
-def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, float]:
+def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, Any]:
     data = load_dataset(dataset, seed=0)
     entry = REGISTRY.get("model", name)
     torch.manual_seed(0)
@@ -61,11 +64,11 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
             loss.backward()
             hand_opt.step()
 
-    t = interleaved({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1)
+    t = time_rounds({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1)
     return {
-        "runner_ms_per_step": 1e3 * t["runner"] / steps,
-        "hand_ms_per_step": 1e3 * t["hand"] / steps,
-        "ratio": t["runner"] / t["hand"],
+        "runner_ms_per_step": 1e3 * t["runner"].median() / steps,
+        "hand_ms_per_step": 1e3 * t["hand"].median() / steps,
+        "ratio": ratio_spread(t["runner"], t["hand"]),
         "steps": steps,
     }
 
@@ -76,14 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--in-process", action="store_true", help="all models in this process (the old order), not a fresh worker each"
+    )
     args = p.parse_args(argv)
     print(f"machine: {describe_machine()}")
-    print(f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, median of {args.repeats}")
-    print("| model | runner ms/step | hand-written ms/step | ratio (runner / hand) |")
+    print(
+        f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, {args.repeats} rounds after warm-up; "
+        f"cells: {'all in this process' if args.in_process else 'each model in a fresh spawned worker'}; "
+        "ratio: median of per-round runner / hand ratios [min-max]"
+    )
+    print("| model | runner ms/step | hand-written ms/step | ratio (runner / hand) [min-max] |")
     print("|---|---|---|---|")
     for name in args.models:
-        r = bench_model(name, args.dataset, args.batch_size, args.repeats)
-        print(
-            f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']:.3f} |", flush=True
-        )
+        r = run_cell(bench_model, name, args.dataset, args.batch_size, args.repeats, in_process=args.in_process)
+        print(f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']} |", flush=True)
+    print(f"load average after: {load_average()}")
     return 0

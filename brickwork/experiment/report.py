@@ -13,6 +13,7 @@ from brickwork.data.base import Dataset
 from brickwork.experiment.config import RunConfig
 from brickwork.experiment.context import StageContext
 from brickwork.experiment.store import RunRecord, SweepRecord
+from brickwork.kernels.autotune import describe_choices
 from brickwork.persist import atomic_write_text
 
 # Columns of the results table: metric key, header, format.
@@ -111,6 +112,9 @@ def write_report(
         "FLOPs are executed per sample in the forward pass (matmuls, convolutions and attention, "
         "1 multiply-accumulate = 2 FLOPs), counted on the evaluation data.",
     ]
+    backends = describe_choices(("moe", "sparse"))
+    if backends != "none":  # which kernel each MoE / group-sparse layer class ran (kernels/autotune.py)
+        sections.append(f"Backends per layer class (measured, cached or pinned on this machine): {backends}.")
     histories = {label: r["history"] for label, r in results.items() if r["history"]}
     if histories:
         plot_curves(histories, run_dir / "plots" / "curves.png")

@@ -17,15 +17,21 @@ rows ``x[o_{e-1}:o_e]`` are multiplied by ``weight[e]``. Three implementations:
   Wasteful under skewed loads (3.5x dense at max/mean load 3 in our notes); kept as a
   baseline and for tiny, balanced problems.
 
-``"auto"`` picks by device and dtype (:func:`choose_grouped_backend`).
+``"auto"`` chooses by measurement (:mod:`brickwork.kernels.autotune`): the first call of a shape
+class (rows bucketed, widths, groups, dtype, pass) times the applicable backends on its own
+operands and caches the fastest for this CPU; inside ``torch.compile`` the fixed rule of
+:func:`choose_grouped_backend` applies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from brickwork.kernels import autotune
 
 GroupedBackend = Literal["auto", "grouped_mm", "split", "bmm"]
 
@@ -82,6 +88,45 @@ def choose_grouped_backend(x: Tensor, weight: Tensor) -> Literal["grouped_mm", "
     return "split"
 
 
+def grouped_backends(x: Tensor, weight: Tensor) -> list[str]:
+    """The backends that can run these operands, in :data:`brickwork.kernels.autotune.KINDS` order."""
+    return [b for b in autotune.KINDS["moe"] if b != "grouped_mm" or grouped_mm_supported(x, weight)]
+
+
+def tuned_grouped_backend(x: Tensor, weight: Tensor, counts: Tensor) -> str:
+    """The backend ``"auto"`` resolves to: measured once per shape class (cached), the fixed rule
+    of :func:`choose_grouped_backend` inside compiled regions."""
+    if torch.compiler.is_compiling():
+        return choose_grouped_backend(x, weight)
+    groups = weight.shape[0]
+    shape = autotune.shape_class(
+        "moe", (autotune.bucket(x.shape[0]), x.shape[1], weight.shape[2], groups), x.dtype, x.device
+    )
+    backward = torch.is_grad_enabled()
+
+    def bench() -> dict[str, Callable[[], object]]:
+        # The call's own operands, detached: new leaves (for the backward) that share storage, so
+        # nothing is copied and no gradient reaches the caller's parameters or graph.
+        xs = x.detach().requires_grad_(backward)
+        ws = weight.detach().requires_grad_(backward)
+        cs = counts.detach()
+
+        def run(b: str) -> Callable[[], object]:
+            def call() -> object:
+                y = grouped_linear(xs, ws, cs, backend=b)  # type: ignore[arg-type]
+                if backward:
+                    y.backward(torch.ones_like(y))
+                    xs.grad = ws.grad = None
+                return None
+
+            return call
+
+        return {b: run(b) for b in grouped_backends(x, weight)}
+
+    flops = 2 * x.shape[0] * x.shape[1] * weight.shape[2]
+    return autotune.choose(shape, grouped_backends(x, weight), bench if autotune.can_time(x) else None, flops)
+
+
 def grouped_linear(
     x: Tensor,
     weight: Tensor,
@@ -97,7 +142,7 @@ def grouped_linear(
         weight: (G, K, M) one matrix per group (any strides; a transposed (G, M, K) view works).
         counts: (G,) integer rows per group; must sum to A.
         bias: optional (G, M) bias per group.
-        backend: implementation; ``"auto"`` uses :func:`choose_grouped_backend`.
+        backend: implementation; ``"auto"`` is chosen by measurement (:func:`tuned_grouped_backend`).
 
     Returns:
         (A, M) tensor.
@@ -107,7 +152,7 @@ def grouped_linear(
     if counts.shape != (weight.shape[0],):
         raise ValueError(f"grouped_linear: counts {tuple(counts.shape)} for {weight.shape[0]} groups")
     if backend == "auto":
-        backend = choose_grouped_backend(x, weight)
+        backend = tuned_grouped_backend(x, weight, counts)  # type: ignore[assignment]
     if backend == "grouped_mm":
         if not grouped_mm_supported(x, weight):
             raise ValueError(

@@ -14,6 +14,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from brickwork.kernels import autotune
 
 # mallopt parameter numbers from <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -57,3 +62,69 @@ def tune_glibc_malloc(
         return f"mallopt refused (mmap ok={ok_mmap}, trim ok={ok_trim}, max ok={ok_max}); env {env or 'unset'}"
     text = f"glibc mallopt M_MMAP_THRESHOLD={mmap_threshold} M_TRIM_THRESHOLD={trim_threshold}"
     return text + (" M_MMAP_MAX=0" if disable_mmap else "")
+
+
+# glibc's documented start values (mallopt(3)); setting them explicitly disables the dynamic
+# mmap threshold, so "default" is glibc's starting state, not its adapted one.
+_GLIBC_MMAP_THRESHOLD = 128 * 1024
+_GLIBC_TRIM_THRESHOLD = 128 * 1024
+_GLIBC_MMAP_MAX = 65536
+
+SETTINGS = autotune.KINDS["malloc"]
+"""``no-mmap`` (raised thresholds, every block from the heap), ``tuned`` (raised thresholds only),
+``default`` (glibc's start values)."""
+
+
+def set_malloc(setting: str) -> str:
+    """Apply one of :data:`SETTINGS` in this process; returns the one-line description."""
+    if setting == "no-mmap":
+        return tune_glibc_malloc(disable_mmap=True)
+    if setting == "tuned":
+        text = tune_glibc_malloc()
+        _mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)  # undo an earlier no-mmap
+        return text
+    if setting == "default":
+        ok = [
+            _mallopt(p, v)
+            for p, v in (
+                (_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD),
+                (_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD),
+                (_M_MMAP_MAX, _GLIBC_MMAP_MAX),
+            )
+        ]
+        return "glibc defaults" + ("" if all(ok) else " (mallopt unavailable)")
+    raise ValueError(f"set_malloc: unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(fn(param, value) == 1)
+
+
+def choose_malloc(
+    step: Callable[[], object], dims: Sequence[int], mode: str, dtype: torch.dtype = torch.float32
+) -> str:
+    """Apply the glibc setting measured fastest for ``step`` (one training or inference step of the
+    shape class ``dims``), timing each setting once per machine and class (cached, see
+    :mod:`brickwork.kernels.autotune`); returns the description of the setting applied.
+
+    The settings are switched inside this process, rotating their order, so a candidate also sees
+    the heap the previous one left: a measurement of the steady state, not of a fresh process.
+    """
+    shape = autotune.shape_class("malloc", dims, dtype, "cpu", mode)
+
+    def bench() -> dict[str, Callable[[], object]]:
+        def run(name: str) -> Callable[[], object]:
+            def call() -> object:
+                set_malloc(name)
+                return step()
+
+            return call
+
+        return {name: run(name) for name in SETTINGS}
+
+    return set_malloc(autotune.choose(shape, list(SETTINGS), bench))

@@ -21,7 +21,10 @@ def test_candidates_compute_the_same_product(kind):
 def test_prints_a_ratio_table(capsys):
     before = torch.get_num_threads()
     try:
-        assert main(["--experts", "2", "--rows", "4", "--dim", "8", "--repeats", "1", "--threads", "1"]) == 0
+        assert (
+            main(["--experts", "2", "--rows", "4", "--dim", "8", "--repeats", "1", "--threads", "1", "--in-process"])
+            == 0
+        )
     finally:
         torch.set_num_threads(before)
     out = capsys.readouterr().out

@@ -30,15 +30,26 @@ CPU notes. With as many input as output groups the input gradient is banded too 
 other wiring takes the gather path above; after rewiring a band is usually gone.
 
 Each plan is a handful of index tensors computed once per connectivity (:func:`build_plan`).
+
+Which path runs is chosen by measurement (:func:`block_sparse_linear` with ``path="auto"``, via
+:mod:`brickwork.kernels.autotune`): ``band`` (the strided views, banded wirings only), ``gather``
+(``index_select`` + ``bmm``) or ``dense`` (the compressed weight scattered into a dense one, the
+mask folded in, one dense matmul: faster than the gathers for small blocks on some CPUs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from brickwork.kernels import autotune
+
+SparsePath = Literal["auto", "band", "gather", "dense"]
 
 
 @dataclass(frozen=True)
@@ -184,22 +195,22 @@ class _GatheredBmm(torch.autograd.Function):
     """y = x W_dense^T + b with W_dense block-sparse, stored compressed as (G_out, b_out, K)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan, band: bool) -> Tensor:
         xt = _rows(x)  # (d_in, B)
         batch = xt.shape[1]
-        gathered = _band_view(xt, plan.fwd_band, plan.groups_out, plan.block_in) if plan.fwd_band else None
+        gathered = _band_view(xt, plan.fwd_band, plan.groups_out, plan.block_in) if band and plan.fwd_band else None
         if gathered is None:
             gathered = xt.index_select(0, plan.fwd_rows).view(plan.groups_out, -1, batch)  # (G_out, K, B)
         yt = torch.bmm(weight, gathered).view(-1, batch)  # (d_out, B)
         if bias is not None:
             yt.add_(bias[:, None])
-        ctx.plan = plan
+        ctx.plan, ctx.band = plan, band
         ctx.has_bias = bias is not None
         ctx.save_for_backward(gathered if ctx.needs_input_grad[1] else None, weight)
         return yt.t()
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         gathered, weight = ctx.saved_tensors
         plan: BlockPlan = ctx.plan
         gyt = _rows(grad_y)  # (d_out, B)
@@ -219,7 +230,7 @@ class _GatheredBmm(torch.autograd.Function):
             if plan.padded:
                 blocks[nblocks].zero_()
             wt = blocks[plan.bwd_blocks].view(plan.groups_in, plan.m * plan.block_out, plan.block_in)
-            dy = _band_view(gyt, plan.bwd_band, plan.groups_in, plan.block_out) if plan.bwd_band else None
+            dy = _band_view(gyt, plan.bwd_band, plan.groups_in, plan.block_out) if ctx.band and plan.bwd_band else None
             if dy is None:
                 dy = gyt.index_select(0, plan.bwd_rows).view(plan.groups_in, plan.m * plan.block_out, batch)
             gxt = torch.bmm(wt.transpose(1, 2), dy).view(-1, batch)  # (d_in, B) in group order
@@ -228,19 +239,87 @@ class _GatheredBmm(torch.autograd.Function):
             grad_x = gxt.t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gyt.sum(1)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def block_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> Tensor:
-    """``x @ W_dense^T + bias`` computing only the connected blocks of W_dense.
+def _dense(x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> Tensor:
+    """The ``dense`` path: scatter the compressed weight into (d_out, d_in) (differentiable), one matmul."""
+    g, b_out, kk = weight.shape
+    rows = plan.fwd_rows.view(g, 1, kk).expand(g, b_out, kk)
+    dense = weight.new_zeros(g, b_out, plan.groups_in * plan.block_in).scatter(2, rows, weight)
+    return F.linear(x, dense.view(g * b_out, -1), bias)
+
+
+def sparse_paths(plan: BlockPlan) -> list[str]:
+    """The paths that can run ``plan``, in :data:`brickwork.kernels.autotune.KINDS` order."""
+    return [p for p in autotune.KINDS["sparse"] if p != "band" or plan.fwd_band is not None]
+
+
+def tuned_sparse_path(x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan) -> str:
+    """The path ``"auto"`` resolves to: measured once per shape class (batch bucketed, widths,
+    groups, in-degree, banded or not, dtype, pass) and cached; ``band`` (else ``gather``) inside
+    compiled regions."""
+    paths = sparse_paths(plan)
+    if torch.compiler.is_compiling():
+        return paths[0]
+    d_in, d_out = plan.groups_in * plan.block_in, plan.groups_out * plan.block_out
+    dims = (
+        autotune.bucket(x.shape[0]),
+        d_in,
+        d_out,
+        plan.groups_in,
+        plan.groups_out,
+        plan.k,
+        int(plan.fwd_band is not None),
+    )
+    shape = autotune.shape_class("sparse", dims, x.dtype, x.device)
+    backward = torch.is_grad_enabled()
+
+    def bench() -> dict[str, Callable[[], object]]:
+        # The call's own operands as new leaves sharing storage: nothing reaches the caller's graph.
+        xs = x.detach().requires_grad_(backward)
+        ws = weight.detach().requires_grad_(backward)
+        bs = None if bias is None else bias.detach().requires_grad_(backward)
+
+        def run(p: str) -> Callable[[], object]:
+            def call() -> object:
+                y = block_sparse_linear(xs, ws, bs, plan, path=p)  # type: ignore[arg-type]
+                if backward:
+                    y.backward(torch.ones_like(y))
+                    xs.grad = ws.grad = None
+                    if bs is not None:
+                        bs.grad = None
+                return None
+
+            return call
+
+        return {p: run(p) for p in paths}
+
+    flops = 2 * x.shape[0] * weight.numel()
+    return autotune.choose(shape, paths, bench if autotune.can_time(x) else None, flops)
+
+
+def block_sparse_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: BlockPlan, path: SparsePath = "auto"
+) -> Tensor:
+    """``x @ W_dense^T + bias`` computing only the connected blocks of W_dense (or, on the ``dense``
+    path, all of them with the unconnected ones zero, where that measured faster).
 
     Args:
         x: (B, d_in); any layout (a transposed view is read without a copy).
         weight: (G_out, b_out, K) compressed weight, K = k * b_in (see :class:`BlockPlan`).
         bias: (d_out,) or None.
         plan: from :func:`build_plan` for this connectivity.
+        path: ``band``, ``gather``, ``dense``, or ``auto`` (measured, :func:`tuned_sparse_path`);
+            ``band`` on a wiring that is no band runs ``gather``.
 
     Returns:
-        (B, d_out), a transposed view of a contiguous (d_out, B) tensor.
+        (B, d_out); on the gather and band paths a transposed view of a contiguous (d_out, B) tensor.
     """
-    return _GatheredBmm.apply(x, weight, bias, plan)
+    if path == "auto":
+        path = tuned_sparse_path(x, weight, bias, plan)  # type: ignore[assignment]
+    if path == "dense":
+        return _dense(x, weight, bias, plan)
+    if path not in ("band", "gather"):
+        raise ValueError(f"block_sparse_linear: unknown path {path!r}; expected auto, band, gather or dense")
+    return _GatheredBmm.apply(x, weight, bias, plan, path == "band")
