@@ -42,6 +42,7 @@ from brickwork.ops.chain import (
     layer_importance,
     least_important,
     mcts_chain,
+    mcts_cheapest_chain,
     mcts_search,
     per_sample_oracle,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "linear_paths",
     "load_mixtral_moe",
     "mcts_chain",
+    "mcts_cheapest_chain",
     "mcts_search",
     "merge",
     "merge_files",
