@@ -78,6 +78,9 @@ def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
     # The threshold sweep's per-path prices equal what the dispatcher counts in the compacting forward.
     assert m["exit_sweep_flops_error"] < 1e-9 and m["exit_sweep_accuracy_error"] < 2e-3
     assert "ECE" in report and "| gate |" in report
+    # conformal sets at the chosen exit (alpha 0.1 by default): the coverage of the digits test split
+    assert m["exit_conformal_coverage"] >= 0.8 and 0.0 < m["exit_conformal_set_size"] <= 10.0
+    assert "Conformal prediction sets" in report
     trained = load_trained(RunStore(runs_dir), rec.id, "ee")
     assert float(trained.model.threshold) == m["exit_threshold"]  # the operating point is in the checkpoint
     assert m["test_accuracy"] == pytest.approx(m["exit_accuracy"])  # evaluate measures that operating point
