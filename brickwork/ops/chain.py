@@ -380,6 +380,20 @@ def mcts_search(
     return best, scores
 
 
+def _evaluator(
+    model: StackModel, x: Tensor, y: Tensor, costs: Sequence[float], batch_size: int
+) -> tuple[dict[Chain, ChainResult], Callable[[Chain], ChainResult]]:
+    """A memo of evaluated chains and the function that fills it (each chain is run once)."""
+    seen: dict[Chain, ChainResult] = {}
+
+    def evaluate(c: Chain) -> ChainResult:
+        if c not in seen:
+            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
+        return seen[c]
+
+    return seen, evaluate
+
+
 def mcts_chain(
     model: StackModel,
     x: Tensor,
@@ -409,12 +423,10 @@ def mcts_chain(
     costs = [1.0] * n if costs is None else list(costs)
     max_len = n + 2 if max_len is None else max_len
     full_cost = chain_cost(tuple(range(n)), costs)
-    seen: dict[Chain, ChainResult] = {}
+    seen, evaluate = _evaluator(model, x, y, costs, batch_size)
 
     def reward(c: Chain) -> float:
-        if c not in seen:
-            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
-        r = seen[c]
+        r = evaluate(c)
         return r.accuracy - cost_weight * r.cost / full_cost
 
     best, _ = mcts_search(
@@ -461,12 +473,10 @@ def mcts_cheapest_chain(
     max_len = n + 2 if max_len is None else max_len
     full_cost = chain_cost(tuple(range(n)), costs)
     worst = max_len * max(costs) / full_cost
-    seen: dict[Chain, ChainResult] = {}
+    seen, evaluate = _evaluator(model, x, y, costs, batch_size)
 
     def reward(c: Chain) -> float:
-        if c not in seen:
-            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
-        r = seen[c]
+        r = evaluate(c)
         if r.accuracy >= min_accuracy:
             return 1.0 - r.cost / full_cost
         return -(worst + min_accuracy - r.accuracy)

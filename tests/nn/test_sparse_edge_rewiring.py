@@ -12,14 +12,6 @@ from brickwork.models.sparse_mlp import sparse_mlp
 from brickwork.nn.sparse import GroupLinear, RewiringSettings, edge_wired, to_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def layer_with(regrow: str, **kw) -> tuple[GroupLinear, torch.Tensor]:
     """A 16 -> 16 layer, 4 x 4 groups, 25% density; with it the (16, 16) initial edge set."""
     torch.manual_seed(0)
