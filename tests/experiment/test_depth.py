@@ -101,11 +101,14 @@ def test_chains_and_layer_importance(runs_dir):
             {"stage": "train", "epochs": 2, "lr": 0.01},
             {"stage": "chains", "search_samples": 128, "oracle_samples": 64, "latency_repeats": 1, "max_repeat": 1},
             {"stage": "layer_importance", "samples": 64, "latency_repeats": 1, "max_drop_layers": 1},
+            {"stage": "chains", "search_samples": 128, "oracle_samples": 0, "latency_repeats": 1, "max_repeat": 1,
+             "search": "mcts", "evaluations": 5},
         ],
-    )
+    )  # fmt: skip
     m = metrics["vit"]
     assert m["chain_flops_saving"] >= 0 and 0 <= m["chain_oracle_relative_flops"] <= 1
     assert "Per-sample oracle" in report and "| attention | 2 |" in report
+    assert m["chain_search"] == "mcts" and m["chains_evaluated"] <= 5 and "MCTS (budget 5 chains" in report
     assert (rec.dir / "plots" / "chains-vit-flops.png").exists()
 
 
