@@ -5,7 +5,8 @@ Luo et al. (2024), "gamma-MoD: Exploring Mixture-of-Depth Adaptation for Multimo
 Language Models", sec. 3.2: a layer whose attention maps have low rank carries redundant tokens,
 so skipping most of its tokens costs little. ARank is the rank of the (T, T) attention matrix
 ``softmax(Q K^T / sqrt(d_h))`` averaged over heads and samples; the layers with the lowest ARank
-are converted to MoD layers (:class:`~brickwork.nn.mod.MixtureOfDepths`), the others stay dense.
+are converted to MoD layers (:class:`~brickwork.nn.mod.MixtureOfDepths`; the conversion is
+:mod:`brickwork.ops.gamma_mod`), the others stay dense.
 
 The maps are rebuilt from the query and key projections that a forward hook reads off each
 :class:`~brickwork.nn.attention.MultiHeadAttention` (its fused kernel never forms them); the

@@ -32,6 +32,7 @@ from brickwork.data.base import Dataset
 from brickwork.errors import CheckpointError
 from brickwork.experiment.config import Spec, validate_args
 from brickwork.models.nested import sliced_args
+from brickwork.ops.gamma_mod import gamma_mod_like
 from brickwork.ops.grow import replay_grow, upcycle_like
 from brickwork.ops.layerwise import compose_like, grow_layers_like
 from brickwork.ops.moefy import moefy_like
@@ -106,6 +107,7 @@ REBUILDERS["compose"] = compose_like  # ops.layerwise: the ensemble of specialis
 REBUILDERS["sema"] = sema_like  # train.sema: SEMA layers with their adapters, task heads
 REBUILDERS["grow"] = replay_grow  # ops.grow: one function-preserving growth step
 REBUILDERS["upcycle"] = upcycle_like  # ops.grow: dense FFNs upcycled into experts
+REBUILDERS["gamma_mod"] = gamma_mod_like  # ops.gamma_mod: the chosen layers wrapped in MoD layers
 
 
 def apply_structure(model: nn.Module, recipes: Sequence[Recipe]) -> nn.Module:

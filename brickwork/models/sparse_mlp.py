@@ -1,9 +1,15 @@
-"""G2GNet-style MLP: group-to-group connected hidden layers, optionally rewired during training."""
+"""G2GNet-style MLP: group-to-group connected hidden layers, optionally rewired during training.
+
+Rewiring defaults to the papers' level: single edges (G2GNet, SET, RigL), anywhere in the layer,
+within and across the group-to-group pattern (:func:`~brickwork.nn.sparse.edge_wired`); a
+rewired layer is then a masked dense layer, as in those papers. ``level: group`` moves whole
+blocks instead, so the layer keeps running as a block-sparse product.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 from torch import nn
@@ -11,7 +17,7 @@ from torch import nn
 from brickwork.models.presets import DATA_ARGS
 from brickwork.nn import ClassifierHead, Stack, StackModel
 from brickwork.nn.ffn import Activation
-from brickwork.nn.sparse import GroupLinear, LinearAct, Pattern, RewiringSettings
+from brickwork.nn.sparse import GroupLinear, LinearAct, Pattern, RewiringSettings, edge_wired
 from brickwork.registry import Flatten, register
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -32,6 +38,7 @@ def sparse_mlp(
     edge_density: Fraction = 1.0,
     pattern: Pattern = "random",
     rewiring: Annotated[RewiringSettings, Flatten] = _STATIC,
+    edge_regrowth: Literal["anywhere", "connected_blocks"] = "anywhere",
 ) -> StackModel:
     """MLP whose stem and body layers are :class:`GroupLinear` (the classifier head stays dense).
 
@@ -54,13 +61,22 @@ def sparse_mlp(
         rewiring: dynamic sparse training of every group-connected layer
             (:class:`~brickwork.nn.sparse.RewiringSettings`: regrow, level, interval, fraction,
             decay, stop, window, momentum; flat keys in a config). ``regrow: none`` is static.
+            ``level`` unset means ``edge``; ``interval``/``fraction``/``decay``/``stop`` unset
+            mean the chosen method's paper schedule.
+        edge_regrowth: with edge-level rewiring, where a regrown edge may land: ``anywhere``
+            (every block stored, the pattern as the initial edge mask: G2GNet, SET, RigL) or
+            ``connected_blocks`` (only inside the blocks stored; needs ``edge_density < 1``).
 
     Shapes:
         (B, *in_shape) -> (B, K)
     """
     d_in = math.prod(in_shape)
 
+    anywhere = rewiring.regrow != "none" and (rewiring.level or "edge") == "edge" and edge_regrowth == "anywhere"
+
     def layer(a: int, b: int, g_in: int) -> GroupLinear:
+        if anywhere:
+            return edge_wired(a, b, groups, density, g_in, pattern, edge_density, rewiring.policy("edge"))
         return GroupLinear(
             a,
             b,
@@ -69,7 +85,7 @@ def sparse_mlp(
             density=density,
             edge_density=edge_density,
             pattern=pattern,
-            rewiring=rewiring.policy(),
+            rewiring=rewiring.policy("edge"),
         )
 
     stem = nn.Sequential(nn.Flatten(1), LinearAct(layer(d_in, width, in_groups or groups), act))

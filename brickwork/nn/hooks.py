@@ -12,13 +12,17 @@ Bricks that need to know about training define, as plain methods (duck-typed):
   still in ``.grad`` — load-balancing biases, prune/regrow of sparse connectivity, running
   activation statistics.
 
+* ``after_epoch()``: called once at the end of every training epoch (SET's rewiring after each
+  epoch, Mocanu et al., 2018).
+
 * ``take_regrown() -> list[(parameter, bool mask)]``: positions of a parameter that were just
   regrown (sparse rewiring), so the loop zeroes the optimizer's state there: a regrown weight
   starts at zero and should not inherit the moments of the connection that used to sit in its
   slot (RigL, Evci et al., 2020, resets them too). Returns each position once, then forgets it.
 
 :func:`after_optimizer_step` makes the first two calls model-wide and
-:func:`reset_regrown_state` the third; ``train.train_step`` calls both.
+:func:`reset_regrown_state` the last; ``train.train_step`` calls both, and ``train.run_epoch``
+calls :func:`after_optimizer_epoch` (``after_epoch``, then the reset) at each epoch's end.
 """
 
 from __future__ import annotations
@@ -61,3 +65,14 @@ def reset_regrown_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
                     value.masked_fill_(where, 0)
             n += int(where.sum())
     return n
+
+
+def after_optimizer_epoch(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Call ``after_epoch()`` on every module that has it, then zero the optimizer's state where
+    that regrew weights (:func:`reset_regrown_state`, before the next step reads it); returns
+    how many positions were reset."""
+    for module in model.modules():
+        hook = getattr(module, "after_epoch", None)
+        if callable(hook):
+            hook()
+    return reset_regrown_state(model, optimizer)

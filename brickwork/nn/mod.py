@@ -15,8 +15,9 @@ skipped tokens are scaled by their ``w`` too, so the router also learns from the
 per-layer capacity decaying with depth (:func:`pmod_capacities`). gamma-MoD (Luo et al., 2024)
 chooses which layers to convert by the rank of their attention maps (ARank: the lowest-rank
 layers become MoD layers): :func:`brickwork.analysis.arank.attention_ranks` measures it and
-:func:`~brickwork.analysis.arank.arank_mod_layers` picks the layers; :func:`pmod_capacities` or
-your own list sets the capacities.
+:func:`~brickwork.analysis.arank.arank_mod_layers` picks the layers, and
+:func:`brickwork.ops.gamma_mod.gamma_mod` (stage ``gamma_mod``) converts them; :func:`pmod_capacities`
+or your own list sets the capacities.
 
 The gathered tokens keep their original order, so a causal block stays causal among them.
 Selecting top-C over the whole sequence looks at future tokens; for autoregressive sampling,

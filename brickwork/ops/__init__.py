@@ -43,6 +43,7 @@ from brickwork.ops.chain import (
     layer_importance,
     least_important,
     mcts_chain,
+    mcts_cheapest_chain,
     mcts_search,
     per_sample_oracle,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "linear_paths",
     "load_mixtral_moe",
     "mcts_chain",
+    "mcts_cheapest_chain",
     "mcts_search",
     "merge",
     "merge_files",

@@ -7,9 +7,9 @@
   order-preserving chains where a layer may be skipped or looped (repeated), the action space
   of chain-of-layers test-time depth adaptation (Li et al., 2025, "Skip a Layer or Loop it?",
   who search it per sample with Monte Carlo tree search; we use beam search or Monte Carlo tree
-  search (:func:`mcts_chain`, simplified: one search for the data set, reward accuracy minus a
-  cost penalty) for the data set and, per sample, an exhaustive search over a bounded chain
-  space evaluated in batches).
+  search (:func:`mcts_chain`, :func:`mcts_cheapest_chain`; simplified: one search for the data
+  set, a reward of accuracy and cost, a budget of chain evaluations) for the data set and, per
+  sample, an exhaustive search over a bounded chain space evaluated in batches).
 * :func:`layer_importance` scores each layer (or only its attention sublayer) by
   ``1 - cos(input, output)`` of the hidden states (He et al., 2024, "What Matters in
   Transformers? Not All Attention Is Needed"): a layer that barely changes its input can be
@@ -313,21 +313,26 @@ def mcts_search(
     simulations: int = 200,
     exploration: float = 1.0,
     seed: int = 0,
+    evaluations: int | None = None,
 ) -> tuple[Chain, dict[Chain, float]]:
     """Monte Carlo tree search over chains: UCB1 selection, one expansion and one evaluation per simulation.
 
     Each simulation walks down from ``root`` by UCB1 (``mean + c sqrt(ln N_parent / N_child)``)
     while the node is fully expanded, expands one untried edit of the node it stops at (chosen at
     random), scores it with ``reward`` and backs the score up the path (mean value). The budget
-    is the number of simulations, i.e. of chains evaluated beyond the root.
+    is the number of simulations, or with ``evaluations`` the number of distinct chains scored
+    (the root included), the unit beam search is measured in: the search then stops when that
+    many have been scored (``simulations`` still bounds the walks, for a space smaller than the
+    budget). Deterministic for a given ``seed``.
 
     Args:
         root: the starting chain.
         neighbours: the chains one edit away from a chain.
         reward: the score to maximise (higher is better).
-        simulations: the budget.
+        simulations: the budget (the most walks, with ``evaluations``).
         exploration: the UCB constant c.
         seed: order of trying untried edits.
+        evaluations: stop once this many distinct chains have been scored.
 
     Returns:
         The best-rewarded chain evaluated, and every evaluated chain's reward.
@@ -339,6 +344,8 @@ def mcts_search(
     children: dict[Chain, list[Chain]] = {}
     untried: dict[Chain, list[Chain]] = {}
     for _ in range(simulations):
+        if evaluations is not None and len(scores) >= evaluations:
+            break
         node, path = root, [root]
         while True:
             if node not in untried:
@@ -373,6 +380,20 @@ def mcts_search(
     return best, scores
 
 
+def _evaluator(
+    model: StackModel, x: Tensor, y: Tensor, costs: Sequence[float], batch_size: int
+) -> tuple[dict[Chain, ChainResult], Callable[[Chain], ChainResult]]:
+    """A memo of evaluated chains and the function that fills it (each chain is run once)."""
+    seen: dict[Chain, ChainResult] = {}
+
+    def evaluate(c: Chain) -> ChainResult:
+        if c not in seen:
+            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
+        return seen[c]
+
+    return seen, evaluate
+
+
 def mcts_chain(
     model: StackModel,
     x: Tensor,
@@ -402,12 +423,10 @@ def mcts_chain(
     costs = [1.0] * n if costs is None else list(costs)
     max_len = n + 2 if max_len is None else max_len
     full_cost = chain_cost(tuple(range(n)), costs)
-    seen: dict[Chain, ChainResult] = {}
+    seen, evaluate = _evaluator(model, x, y, costs, batch_size)
 
     def reward(c: Chain) -> float:
-        if c not in seen:
-            seen[c] = ChainResult(c, float(chain_correct(model, c, x, y, batch_size).mean()), chain_cost(c, costs))
-        r = seen[c]
+        r = evaluate(c)
         return r.accuracy - cost_weight * r.cost / full_cost
 
     best, _ = mcts_search(
@@ -419,3 +438,61 @@ def mcts_chain(
         seed=seed,
     )
     return seen[best], list(seen.values())
+
+
+def mcts_cheapest_chain(
+    model: StackModel,
+    x: Tensor,
+    y: Tensor,
+    *,
+    min_accuracy: float,
+    evaluations: int,
+    costs: Sequence[float] | None = None,
+    exploration: float = 1.0,
+    max_repeat: int = 2,
+    max_len: int | None = None,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> tuple[ChainResult, list[ChainResult]]:
+    """:func:`beam_search_chain`'s problem (the cheapest chain with accuracy >= ``min_accuracy``)
+    solved by Monte Carlo tree search (:func:`mcts_search`) within ``evaluations`` chains scored.
+
+    Same action space and start (the full chain). Reward: ``1 - cost / full cost`` for a chain
+    that meets the accuracy (cheaper is better), and below every such value for one that does
+    not, ``-(R + required - accuracy)`` with R the largest cost ratio a chain can have (closer to
+    the requirement is better, so the search is drawn towards the feasible region). Simplified
+    against Li et al. (2025), who search each sample's chain on an LLM's answer: here one search
+    serves the data set, with this reward, and the budget counts chain evaluations.
+
+    Returns:
+        The cheapest evaluated chain meeting the accuracy (the full chain if none is cheaper) and
+        every chain evaluated, as :func:`beam_search_chain` returns them.
+    """
+    n = len(model.body)
+    costs = [1.0] * n if costs is None else list(costs)
+    max_len = n + 2 if max_len is None else max_len
+    full_cost = chain_cost(tuple(range(n)), costs)
+    worst = max_len * max(costs) / full_cost
+    seen, evaluate = _evaluator(model, x, y, costs, batch_size)
+
+    def reward(c: Chain) -> float:
+        r = evaluate(c)
+        if r.accuracy >= min_accuracy:
+            return 1.0 - r.cost / full_cost
+        return -(worst + min_accuracy - r.accuracy)
+
+    mcts_search(
+        tuple(range(n)),
+        lambda c: _neighbours(c, n, max_repeat, max_len),
+        reward,
+        simulations=100 * evaluations,
+        exploration=exploration,
+        seed=seed,
+        evaluations=evaluations,
+    )
+    full = seen[tuple(range(n))]
+    ok = [r for r in seen.values() if r.accuracy >= min_accuracy]
+    best = min(ok, key=lambda r: (r.cost, -r.accuracy)) if ok else full
+    if (best.cost, -best.accuracy) >= (full.cost, -full.accuracy):
+        best = full
+    return best, list(seen.values())

@@ -19,7 +19,7 @@ from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
 from brickwork.distributed.data_parallel import context_of, count_rows, finish_gradients, gathered
 from brickwork.errors import BrickworkError
-from brickwork.nn.hooks import after_optimizer_step, reset_regrown_state
+from brickwork.nn.hooks import after_optimizer_epoch, after_optimizer_step, reset_regrown_state
 from brickwork.nn.records import aux_weight, collect_aux_losses
 from brickwork.train.checkpoint import load_training_state, save_training_state
 from brickwork.train.losses import LossFn
@@ -209,6 +209,7 @@ def run_epoch(
         n += 1
         if on_step is not None:
             on_step(r)
+    after_optimizer_epoch(model, optimizer)  # SET's end-of-epoch rewiring (nn.hooks)
     return loss_sum / max(n, 1), {k: v / max(n, 1) for k, v in aux_sum.items()}
 
 

@@ -78,6 +78,9 @@ def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
     # The threshold sweep's per-path prices equal what the dispatcher counts in the compacting forward.
     assert m["exit_sweep_flops_error"] < 1e-9 and m["exit_sweep_accuracy_error"] < 2e-3
     assert "ECE" in report and "| gate |" in report
+    # conformal sets at the chosen exit (alpha 0.1 by default): the coverage of the digits test split
+    assert m["exit_conformal_coverage"] >= 0.8 and 0.0 < m["exit_conformal_set_size"] <= 10.0
+    assert "Conformal prediction sets" in report
     trained = load_trained(RunStore(runs_dir), rec.id, "ee")
     assert float(trained.model.threshold) == m["exit_threshold"]  # the operating point is in the checkpoint
     assert m["test_accuracy"] == pytest.approx(m["exit_accuracy"])  # evaluate measures that operating point
@@ -98,11 +101,14 @@ def test_chains_and_layer_importance(runs_dir):
             {"stage": "train", "epochs": 2, "lr": 0.01},
             {"stage": "chains", "search_samples": 128, "oracle_samples": 64, "latency_repeats": 1, "max_repeat": 1},
             {"stage": "layer_importance", "samples": 64, "latency_repeats": 1, "max_drop_layers": 1},
+            {"stage": "chains", "search_samples": 128, "oracle_samples": 0, "latency_repeats": 1, "max_repeat": 1,
+             "search": "mcts", "evaluations": 5},
         ],
-    )
+    )  # fmt: skip
     m = metrics["vit"]
     assert m["chain_flops_saving"] >= 0 and 0 <= m["chain_oracle_relative_flops"] <= 1
     assert "Per-sample oracle" in report and "| attention | 2 |" in report
+    assert m["chain_search"] == "mcts" and m["chains_evaluated"] <= 5 and "MCTS (budget 5 chains" in report
     assert (rec.dir / "plots" / "chains-vit-flops.png").exists()
 
 

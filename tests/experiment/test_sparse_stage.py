@@ -31,6 +31,7 @@ def test_sparse_mlp_and_train_sparsify_finetune(runs_dir, one_thread):
                 "groups": 4,
                 "density": 0.5,
                 "regrow": "hebbian",
+                "level": "group",  # blocks move: the layer stays block-sparse (edge level is masked dense)
                 "interval": 5,
             },
         },

@@ -9,7 +9,7 @@ to ``ctx.points`` (the run's overall plot).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,7 @@ from brickwork.ops.chain import (
     has_attention,
     layer_importance,
     least_important,
+    mcts_cheapest_chain,
     per_sample_oracle,
 )
 from brickwork.registry import register
@@ -57,10 +58,16 @@ def chains(
     split: SplitName = "test",
     batch_size: Annotated[int, Field(ge=1)] = 256,
     latency_repeats: Annotated[int, Field(ge=1)] = 5,
+    search: Literal["beam", "mcts"] = "beam",
+    evaluations: Annotated[int, Field(ge=1)] = 40,
+    exploration: Annotated[float, Field(ge=0)] = 1.0,
 ) -> None:
     """Skip or loop layers: the cheapest chain of layers within an accuracy budget, and per sample.
 
-    Beam search on validation data for the cheapest chain within ``max_drop`` of the full
+    Beam search (``search: beam``, width ``beam``) or Monte Carlo tree search (``search: mcts``:
+    ``ops.chain.mcts_cheapest_chain``, at most ``evaluations`` chains scored, UCB constant
+    ``exploration``, seeded by the run's seed; simplified against Li et al., 2025: one search for
+    the data set) on validation data for the cheapest chain within ``max_drop`` of the full
     chain's accuracy; the Pareto-optimal chains it explored are measured on ``split``; then the
     per-sample oracle (the best chain for each sample) over all bounded chains.
     """
@@ -71,16 +78,32 @@ def chains(
     costs = stack_flops(model, xv[:batch_size]).layers
     full = tuple(range(n))
     full_acc = float(chain_correct(model, full, xv, yv, batch_size).mean())
-    best, explored = beam_search_chain(
-        model,
-        xv,
-        yv,
-        min_accuracy=full_acc - max_drop,
-        costs=costs,
-        beam=beam,
-        max_repeat=max_repeat,
-        batch_size=batch_size,
-    )
+    if search == "mcts":
+        best, explored = mcts_cheapest_chain(
+            model,
+            xv,
+            yv,
+            min_accuracy=full_acc - max_drop,
+            evaluations=evaluations,
+            costs=costs,
+            exploration=exploration,
+            max_repeat=max_repeat,
+            batch_size=batch_size,
+            seed=ctx.seed,
+        )
+        searched = f"MCTS (budget {evaluations} chains, c = {exploration}, each layer at most {max_repeat}x)"
+    else:
+        best, explored = beam_search_chain(
+            model,
+            xv,
+            yv,
+            min_accuracy=full_acc - max_drop,
+            costs=costs,
+            beam=beam,
+            max_repeat=max_repeat,
+            batch_size=batch_size,
+        )
+        searched = f"Beam search (beam {beam}, each layer at most {max_repeat}x)"
     front = [explored[i] for i in pareto_front([r.cost for r in explored], [r.accuracy for r in explored])]
     chosen = {r.chain: r for r in [*front, best]}
     chosen.setdefault(full, next(r for r in explored if r.chain == full))
@@ -103,11 +126,13 @@ def chains(
         chain_best=_chain_label(best.chain),
         chain_flops_saving=1 - best_point["flops"] / full_point["flops"],
         chain_accuracy_drop=full_point["accuracy"] - best_point["accuracy"],
+        chain_search=search,
+        chains_evaluated=len(explored),
     )
     ctx.points.extend([best_point] if best.chain != full else [])
     report = [
         f"### Skip or loop layers ({split}; chains searched on {len(xv)} validation samples)",
-        f"Beam search (beam {beam}, each layer at most {max_repeat}x) explored {len(explored)} chains; "
+        f"{searched} explored {len(explored)} chains; "
         f"required validation accuracy {full_acc - max_drop:.4f} (full chain {full_acc:.4f} - {max_drop}). "
         f"Best: {_chain_label(best.chain)}. Below: the Pareto-optimal chains on validation, measured on {split}.",
         table(points, [*POINT_COLUMNS[:4], ("val_accuracy", "val accuracy", "{:.4f}")]),
@@ -128,7 +153,7 @@ def chains(
         unit = "per-token accuracy on it" if yo.dim() > 1 else "its answer right"
         report += [
             f"Per-sample oracle on {len(xo)} {split} samples over "
-            f"{'all ' if exhaustive else 'the beam-explored '}{len(cands)} chains. Cheapest chain keeping "
+            f"{'all ' if exhaustive else 'the explored '}{len(cands)} chains. Cheapest chain keeping "
             f"{unit} at least as high as the full chain's: a cheaper one exists for {shorter:.1%} of the "
             f"samples, {float(oracle.relative_cost.mean()):.1%} of the full chain's body FLOPs on average. "
             f"Most accurate chain: better than the full chain for {improved:.1%} of the samples, accuracy "

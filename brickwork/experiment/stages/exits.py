@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
+from brickwork.analysis.calibration import conformal_at_exits
 from brickwork.analysis.compute import accuracy_and_flops, stack_flops
 from brickwork.analysis.exits import exit_outputs, exit_scores, exit_shares, path_costs, per_exit, select, simulate
 from brickwork.analysis.plots import plot_exit_curves
@@ -61,6 +62,7 @@ def exits(
     latency_repeats: Annotated[int, Field(ge=1)] = 3,
     ece_bins: Annotated[int, Field(ge=1)] = 15,
     target_saving: Annotated[float, Field(ge=0, le=1)] | None = None,
+    conformal_alpha: Annotated[float, Field(gt=0, lt=1)] | None = 0.1,
 ) -> None:
     """Per-exit accuracy and ECE, each policy's accuracy against FLOPs and latency, an operating point.
 
@@ -71,7 +73,10 @@ def exits(
     full-depth accuracy, or with ``target_saving`` the most accurate one saving that share of
     FLOPs), set on the model (saved with it), and measured on ``split`` by the real compacting
     forward. With ``target_saving`` the report says whether the point saves at least that share
-    within ``max_drop`` on ``split``.
+    within ``max_drop`` on ``split``. With ``conformal_alpha`` (classification), split-conformal
+    prediction sets at each sample's exit (JEI-DNN's intervals; ``analysis.calibration``) are
+    calibrated per exit on the validation split at the operating point and their coverage and
+    mean size measured on ``split``.
     """
     model = ctx.model
     if not isinstance(model, EarlyExit):
@@ -145,6 +150,41 @@ def exits(
         accuracy_drop=op["full_accuracy"] - measured_acc,
     )
 
+    conformal: list[str] = []
+    if conformal_alpha is not None and test.y.dim() == 1:
+        at = {name: simulate(exit_scores(model, o), o, data.y, op["threshold"])[0] for name, o, data in
+              (("val", outs["val"], val), ("test", outs["test"], test))}  # fmt: skip
+        conf, cover = conformal_at_exits(
+            outs["val"], val.y, at["val"], outs["test"], test.y, at["test"], conformal_alpha
+        )
+        ctx.metrics.update(exit_conformal_coverage=cover["coverage"], exit_conformal_set_size=cover["set_size"])
+        names = [r["exit"] for r in rows]
+        conformal = [
+            f"Conformal prediction sets at each sample's exit (split-conformal, LAC score 1 - p_y, calibrated per "
+            f"exit on {len(val)} validation samples at this operating point, alpha {conformal_alpha}): coverage "
+            f"**{cover['coverage']:.4f}** (target >= {1 - conformal_alpha:.2f}), mean set size "
+            f"**{cover['set_size']:.3f}** classes on {split}.",
+            table(
+                [
+                    {"exit": n, "cal": int(c), "q": float(q), "coverage": cv, "size": sz}
+                    for n, c, q, cv, sz in zip(
+                        names,
+                        conf.calibrated,
+                        conf.qhat,
+                        cover["coverage_per_exit"],
+                        cover["set_size_per_exit"],
+                        strict=True,
+                    )  # fmt: skip
+                ],
+                [
+                    ("exit", "exit", "{}"),
+                    ("cal", "calibration samples", "{}"),
+                    ("q", "score quantile", "{:.4f}"),
+                    ("coverage", "coverage", "{:.4f}"),
+                    ("size", "mean set size", "{:.3f}"),
+                ],
+            ),
+        ]
     ctx.metrics.update(
         exit_threshold=op["threshold"],
         exit_accuracy=op["accuracy"],
@@ -239,6 +279,7 @@ def exits(
                     ("latency_saving", "latency saved", "{:.1%}"),
                 ],
             ),
+            *conformal,
             f"![exits vs FLOPs](plots/{stem}-flops.png)",
             f"![exits vs latency](plots/{stem}-latency.png)",
         ]

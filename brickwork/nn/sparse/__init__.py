@@ -23,14 +23,16 @@ from brickwork.nn.sparse.connectivity import (
     top_k,
 )
 from brickwork.nn.sparse.conv import GroupConv2d
+from brickwork.nn.sparse.edge_wiring import edge_wired
 from brickwork.nn.sparse.kernel import BlockPlan, block_sparse_linear, build_plan
 from brickwork.nn.sparse.layer import LinearAct
 from brickwork.nn.sparse.linear import GroupLinear, in_degree
-from brickwork.nn.sparse.rewiring import Level, Regrow, Rewiring, RewiringSettings
+from brickwork.nn.sparse.rewiring import PAPER_SCHEDULES, Level, Regrow, Rewiring, RewiringSettings
 from brickwork.nn.sparse.schedule import PruneSchedule
 from brickwork.nn.sparse.stats import ActivationStats
 
 __all__ = [
+    "PAPER_SCHEDULES",
     "ActivationStats",
     "BlockPlan",
     "GroupConv2d",
@@ -46,6 +48,7 @@ __all__ = [
     "block_diagonal",
     "block_sparse_linear",
     "build_plan",
+    "edge_wired",
     "from_matrix",
     "in_degree",
     "make_pattern",

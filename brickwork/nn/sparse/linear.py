@@ -191,6 +191,11 @@ class GroupLinear(nn.Module):
         if self.rewiring is not None:
             self.rewiring.update(self)
 
+    def after_epoch(self) -> None:
+        """Training hook: SET's end-of-epoch update (a rewiring with ``interval="epoch"``)."""
+        if self.rewiring is not None:
+            self.rewiring.epoch_end(self)
+
     def take_regrown(self) -> list[tuple[nn.Parameter, Tensor]]:
         """Training hook: the weight positions regrown by the last update (once), for the loop to
         reset the optimizer's state there (``nn.hooks``)."""
