@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,9 @@ from brickwork.train import FitConfig, build_loss, run_epoch
 from brickwork.train.loop import show_step
 
 
-def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, float]:
+def bench_model(
+    name: str, dataset: str, batch_size: int, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     data = load_dataset(dataset, seed=0)
     entry = REGISTRY.get("model", name)
     torch.manual_seed(0)
@@ -61,7 +65,7 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
             loss.backward()
             hand_opt.step()
 
-    t = interleaved({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1)
+    t = interleaved({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1, clock=clock)
     return {
         "runner_ms_per_step": 1e3 * t["runner"] / steps,
         "hand_ms_per_step": 1e3 * t["hand"] / steps,
@@ -76,13 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time, leaving out time other processes took (a loaded machine)",
+    )
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"machine: {describe_machine()}")
-    print(f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, median of {args.repeats}")
+    print(f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, median of {args.repeats}", end="")
+    print(f", {args.clock} clock")
     print("| model | runner ms/step | hand-written ms/step | ratio (runner / hand) |")
     print("|---|---|---|---|")
     for name in args.models:
-        r = bench_model(name, args.dataset, args.batch_size, args.repeats)
+        r = bench_model(name, args.dataset, args.batch_size, args.repeats, clock)
         print(
             f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']:.3f} |", flush=True
         )
