@@ -81,7 +81,7 @@ def test_event_files_hold_the_recorded_curves_once_even_after_a_kill_and_resume(
 
 def test_log_tensorboard_false_writes_no_event_files(tiny_config, runs_dir):
     tiny_config["log"] = {"tensorboard": False}
-    tiny_config["stages"][0]["epochs"] = 1
+    tiny_config["stages"] = [{**tiny_config["stages"][0], "epochs": 1}]
     rec = _run(tiny_config, runs_dir)
     assert not (rec.dir / "tb").exists()
     assert validate(tiny_config).to_dict()["log"] == {"tensorboard": False}
@@ -91,7 +91,7 @@ def test_without_the_extra_a_run_works_and_says_once_that_curves_need_it(tiny_co
     monkeypatch.setattr(tensorboard, "available", lambda: False)
     monkeypatch.setattr(tensorboard, "_SAID", [])
     said: list[str] = []
-    tiny_config["stages"][0]["epochs"] = 1
+    tiny_config["stages"] = [{**tiny_config["stages"][0], "epochs": 1}]
     for i in range(2):
         rec = execute(validate(tiny_config), RunStore(tmp_path / f"r{i}"), progress=False, echo=said.append)
         assert rec.status == "completed" and not (rec.dir / "tb").exists()
