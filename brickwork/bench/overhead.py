@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,12 +30,17 @@ from brickwork.train import FitConfig, build_loss, run_epoch
 from brickwork.train.loop import show_step
 
 
-def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[str, Any]:
+def bench_model(
+    name: str, dataset: str, batch_size: int, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, Any]:
     data = load_dataset(dataset, seed=0)
     entry = REGISTRY.get("model", name)
     torch.manual_seed(0)
     base = entry.obj(in_shape=data.in_shape, num_classes=data.num_classes)
-    runner_model, hand_model = base, copy.deepcopy(base)
+    # Both sides train a copy: the model as built trained slower than its deepcopy in one
+    # ad-hoc measurement (mlp-small, AMD EPYC, one thread, CPU clock: about +0.1 of the ratio),
+    # which the runner side used to carry alone (docs/benchmarks.md, leaner step).
+    runner_model, hand_model = copy.deepcopy(base), copy.deepcopy(base)
     runner_opt = torch.optim.AdamW(runner_model.parameters(), lr=1e-3)
     hand_opt = torch.optim.AdamW(hand_model.parameters(), lr=1e-3)
     x, y = data.train.x, data.train.y
@@ -64,7 +71,7 @@ def bench_model(name: str, dataset: str, batch_size: int, repeats: int) -> dict[
             loss.backward()
             hand_opt.step()
 
-    t = time_rounds({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1)
+    t = time_rounds({"runner": runner, "hand": hand_written}, repeats=repeats, warmup=1, clock=clock)
     return {
         "runner_ms_per_step": 1e3 * t["runner"].median() / steps,
         "hand_ms_per_step": 1e3 * t["hand"].median() / steps,
@@ -79,20 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; workers inherit it)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the worker's CPU time, leaving out time other processes took (a loaded machine)",
+    )
     p.add_argument(
         "--in-process", action="store_true", help="all models in this process (the old order), not a fresh worker each"
     )
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"machine: {describe_machine()}")
     print(
-        f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, {args.repeats} rounds after warm-up; "
+        f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, "
+        f"{args.repeats} rounds after warm-up, {args.clock} clock; "
         f"cells: {'all in this process' if args.in_process else 'each model in a fresh spawned worker'}; "
         "ratio: median of per-round runner / hand ratios [min-max]"
     )
     print("| model | runner ms/step | hand-written ms/step | ratio (runner / hand) [min-max] |")
     print("|---|---|---|---|")
     for name in args.models:
-        r = run_cell(bench_model, name, args.dataset, args.batch_size, args.repeats, in_process=args.in_process)
+        r = run_cell(bench_model, name, args.dataset, args.batch_size, args.repeats, clock, in_process=args.in_process)
         print(f"| {name} | {r['runner_ms_per_step']:.3f} | {r['hand_ms_per_step']:.3f} | {r['ratio']} |", flush=True)
     print(f"load average after: {load_average()}")
     return 0

@@ -54,6 +54,19 @@ def check_name(path: str, value: object, what: str) -> str:
     return value
 
 
+class LogSettings(BaseModel):
+    """What a run logs while it trains (``log:`` in a config).
+
+    Attributes:
+        tensorboard: write TensorBoard event files (``<run>/tb/<variant>/seed<k>``); default
+            (null): when the ``tensorboard`` extra is installed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensorboard: bool | None = None
+
+
 class _Top(BaseModel):
     """The top level of a config; registry-backed sections are checked by :func:`_resolve_spec`."""
 
@@ -69,6 +82,7 @@ class _Top(BaseModel):
     models: dict[str, dict[str, Any]] | None = None
     stages: Annotated[list[dict[str, Any]], Field(min_length=1)]
     aux_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    log: LogSettings = Field(default_factory=LogSettings)
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ class RunConfig:
     models: dict[str, Spec]
     stages: list[Spec]
     aux_weights: dict[str, float] = field(default_factory=dict)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def run_seeds(self) -> list[int]:
@@ -119,6 +134,7 @@ class RunConfig:
             "models": {k: v.to_dict() for k, v in self.models.items()},
             "stages": [s.to_dict("stage") for s in self.stages],
             "aux_weights": dict(self.aux_weights),
+            "log": self.log.model_dump(),
         }
 
 
@@ -223,6 +239,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         models=models,
         stages=stages,
         aux_weights=top.aux_weights,
+        log=top.log,
     )
 
 

@@ -35,6 +35,8 @@ class StageContext:
             the saved weights can be loaded into a rebuilt model.
         stage: index of the stage being run, so a stage's own files (``stage_path``) never
             collide with those of an earlier stage of the same kind.
+        tensorboard: the variant's TensorBoard folder (``<run>/tb/<label>/seed<s>``), or None
+            when the run logs no live curves (``log: {tensorboard: false}`` or no extra).
     """
 
     label: str
@@ -53,7 +55,12 @@ class StageContext:
     report: list[str] = field(default_factory=list)
     structure: list[dict[str, Any]] = field(default_factory=list)
     stage: int = 0
+    tensorboard: Path | None = None
 
     def stage_path(self, name: str) -> Path:
         """``<variant dir>/stage<k>-<name>``: a file stem private to the running stage."""
         return self.dir / f"stage{self.stage}-{name}"
+
+    def tensorboard_dir(self, name: str) -> Path | None:
+        """``<tensorboard>/stage<k>-<name>``: the running stage's TensorBoard folder, or None."""
+        return None if self.tensorboard is None else self.tensorboard / f"stage{self.stage}-{name}"

@@ -33,6 +33,7 @@ from brickwork.experiment.preflight import check_models
 from brickwork.experiment.report import results_table, write_report
 from brickwork.experiment.store import RunRecord, RunStore, SweepPoint
 from brickwork.persist import atomic_write_text, owned_folder, read_json, sweep, write_json
+from brickwork.train import tensorboard
 from brickwork.train.checkpoint import load_model, save_model
 
 
@@ -105,6 +106,9 @@ def execute(
             lock.release()
             raise
     echo(f"run {record.id}: {data.summary()}")
+    live = cfg.log.tensorboard is not False and tensorboard.available()
+    if cfg.log.tensorboard is not False and not live and tensorboard.say_once():
+        echo(tensorboard.NEEDS_EXTRA)
     try:
         with owned_folder(record.dir):  # this process alone writes here while it holds the lock
             if resume is not None:
@@ -112,7 +116,7 @@ def execute(
             results = {}
             for label, spec in cfg.models.items():
                 per_seed = [
-                    _run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None)
+                    _run_variant(cfg, label, spec, data, record.dir, seed, device, progress, resume is not None, live)
                     for seed in cfg.run_seeds
                 ]
                 results[label] = per_seed[0] if cfg.seeds is None else aggregate_seeds(per_seed, cfg.run_seeds)
@@ -218,6 +222,7 @@ def _run_variant(
     device: str,
     progress: bool | None,
     resume: bool,
+    live: bool = False,
 ) -> dict[str, Any]:
     vdir = variant_dir(run_dir, cfg, label, seed)
     vdir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +251,7 @@ def _run_variant(
         points=state.get("points", []),
         report=state.get("report", []),
         structure=structure,
+        tensorboard=run_dir / "tb" / label / f"seed{seed}" if live else None,
     )
     for i, stage in enumerate(cfg.stages):
         if i < done:

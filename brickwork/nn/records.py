@@ -16,6 +16,7 @@ A loss the config does not weigh gets the weight its paper trains it with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,17 +88,31 @@ def aux_weights_used(names: list[str], weights: dict[str, float] | None = None) 
     return out
 
 
-def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
+def aux_loss_holders(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules of ``model`` that have an ``aux_losses`` attribute now (in module order).
+
+    Found once (after a forward: a brick may create the attribute in its first forward), they
+    spare the training loop a walk of the whole module tree per step.
+    """
+    return tuple(m for m in model.modules() if getattr(m, "aux_losses", None) is not None)
+
+
+def collect_aux_losses(model: nn.Module, holders: Iterable[nn.Module] | None = None) -> dict[str, Tensor]:
     """Sum each named auxiliary loss over all modules of ``model`` (latest forward only).
 
     Losses are summed over layers, as in Switch Transformer where the per-layer balancing
     losses are added before weighting.
 
+    Args:
+        model: the model just run forward.
+        holders: the modules to read (:func:`aux_loss_holders`, found once); default: every
+            module of ``model``. The sum is the same either way.
+
     Returns:
         ``{name: scalar}``; empty when no brick produced auxiliary losses.
     """
     total: dict[str, Tensor] = {}
-    for module in model.modules():
+    for module in model.modules() if holders is None else holders:
         losses = getattr(module, "aux_losses", None)
         if not losses:
             continue

@@ -100,6 +100,7 @@ def train_with(
     state_path: Path | None = None,
     progress: bool | None = None,
     desc: str = "train",
+    log_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` (in place) on ``train`` with ``settings``, validating on ``val`` after every epoch.
 
@@ -113,6 +114,7 @@ def train_with(
         state_path: with it, the training state is saved after every epoch and resumed from.
         progress: show a progress bar (default: when stderr is a terminal).
         desc: the progress bar's label.
+        log_dir: TensorBoard folder for this training's curves (``fit``; None: none).
 
     Returns:
         The per-epoch history of :func:`~brickwork.train.loop.fit`.
@@ -125,6 +127,8 @@ def train_with(
     opt = build_optimizer(settings.optimizer, engine.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = build_loss(settings.loss, label_smoothing=settings.label_smoothing)
     cfg = settings.fit_config(seed=seed, aux_weights=aux_weights, device=device)
-    history = fit(engine, train, val, loss_fn, opt, cfg, state_path=state_path, progress=progress, desc=desc)
+    history = fit(
+        engine, train, val, loss_fn, opt, cfg, state_path=state_path, progress=progress, desc=desc, log_dir=log_dir
+    )
     gathered(engine)  # FSDP2 trained a sharded copy: its weights come back into `model`
     return history

@@ -23,6 +23,7 @@ from brickwork.nn.records import aux_weights_used
 from brickwork.registry import Flatten, register
 from brickwork.train import build_loss, evaluate
 from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
+from brickwork.train.tensorboard import write_scalars
 
 
 def train_model(
@@ -44,6 +45,7 @@ def train_model(
         state_path=state_path,
         progress=ctx.progress,
         desc=desc,
+        log_dir=ctx.tensorboard_dir(state_path.name.removeprefix(f"stage{ctx.stage}-").removesuffix("_state")),
     )
 
 
@@ -101,6 +103,17 @@ def evaluate_stage(
     )
     if ctx.data.task == "lm":  # cross-entropy in nats per token -> bits per character
         ctx.metrics[f"{split}_bits_per_char"] = metrics["loss"] / math.log(2)
+    write_scalars(
+        ctx.tensorboard_dir("evaluate"),
+        {
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "flops_per_sample": float(compute.flops_per_sample),
+            "params": float(compute.params),
+            "latency_us_per_sample": latency * 1e6,
+        },
+        split,
+    )
     ctx.points.append(
         {
             "label": ctx.label,
