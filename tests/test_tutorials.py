@@ -163,3 +163,14 @@ def test_ellipsis_matching():
 
 def test_needs_comment():
     assert runner.needs("x <!-- needs: tokenizers  gensim --> y") == ["tokenizers", "gensim"]
+
+
+def test_the_site_home_page_is_the_readme():
+    """docs/index.md is generated from README.md (tools/docs_index.py), never edited apart from it."""
+    spec = importlib.util.spec_from_file_location("docs_index", ROOT / "tools" / "docs_index.py")
+    assert spec is not None and spec.loader is not None
+    docs_index = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs_index)
+    want = docs_index.index_text((ROOT / "README.md").read_text())
+    assert (ROOT / "docs" / "index.md").read_text() == want, "run: python tools/docs_index.py"
+    assert "[data.md](data.md)" in docs_index.index_text("# t\n`docs/data.md` is the contract\n")
