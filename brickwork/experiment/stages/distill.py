@@ -205,6 +205,7 @@ def distill(
         history = train_with(
             ctx.model, ctx.data.train, ctx.data.val, settings, seed=ctx.seed, aux_weights=ctx.aux_weights,
             device=ctx.device, state_path=ctx.stage_path("train_state"), progress=ctx.progress, desc=desc,
+            log_dir=ctx.tensorboard_dir("labels"),
         )  # fmt: skip
         _record(ctx, history, t0, ["labels only (cross-entropy)"])
         return
@@ -217,7 +218,7 @@ def distill(
     history = train_with(
         distiller, Split(x, torch.arange(len(x))), ctx.data.val, settings, seed=ctx.seed,
         aux_weights=ctx.aux_weights, device=ctx.device, state_path=ctx.stage_path("distill_state"),
-        progress=ctx.progress, desc=desc,
+        progress=ctx.progress, desc=desc, log_dir=ctx.tensorboard_dir("distill"),
     )  # fmt: skip
     ctx.model = student
     teacher_val = evaluate(model, ctx.data.val, build_loss(settings.loss), device=ctx.device)

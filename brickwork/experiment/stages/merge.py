@@ -345,6 +345,7 @@ def task_merge(
             state_path=ctx.stage_path(f"finetune-{name}"),
             progress=ctx.progress,
             desc=f"fine-tune on {name}",
+            log_dir=ctx.tensorboard_dir(f"finetune-{name}"),
         )
         tuned[name] = ft.eval()
     own = {

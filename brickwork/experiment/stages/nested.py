@@ -137,6 +137,7 @@ def nested_baselines(
             state_path=folder / "train_state",
             progress=ctx.progress,
             desc=f"baseline {label}",
+            log_dir=ctx.tensorboard_dir(f"baseline-{label}"),
         )
         save_model(folder / "model", base, model_meta(small, ctx.data, baseline_of=label))
         p = measure_point(
