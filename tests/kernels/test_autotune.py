@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,30 @@ def test_small_calls_are_not_timed(tmp_path: Path, unpinned: None) -> None:
     assert tuner.choose(MOE, NAMES, _candidates, flops=1e6) == "grouped_mm"
     assert tuner.made[MOE.key()].source == "small" and tuner.timings == 0 and not (tmp_path / "s.json").exists()
     assert tuner.choose(MOE, NAMES, _candidates, flops=1e9) == "split" and tuner.timings == 1
+
+
+def test_the_malloc_setting_is_measured_once_applied_and_pinnable(
+    tmp_path: Path, unpinned: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from brickwork.kernels import malloc
+
+    applied: list[str] = []
+
+    class Timing:  # runs each candidate (so it applies its setting), then reports a fixed time
+        def __call__(self, name: str, fn: Callable[[], object]) -> float:
+            fn()
+            applied.append(name)
+            return {"no-mmap": 2.0, "tuned": 1.0, "default": 3.0}[name]
+
+    tuner = Autotuner(tmp_path / "autotune.json", timer=Timing(), machine="CPU A | torch 1")
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    steps: list[int] = []
+    text = malloc.choose_malloc(lambda: steps.append(1), (4096, 512, 64), "fwd+bwd")
+    assert text == malloc.set_malloc("tuned") and set(applied) == set(malloc.SETTINGS) and steps
+    n = len(applied)
+    assert malloc.choose_malloc(lambda: None, (4096, 512, 64), "fwd+bwd") == text and len(applied) == n  # cached
+    monkeypatch.setenv("BRICKWORK_BACKEND", "malloc=default")
+    assert malloc.choose_malloc(lambda: None, (4096, 512, 64), "fwd+bwd").startswith("glibc defaults")
+    with pytest.raises(ValueError, match="unknown setting"):
+        malloc.set_malloc("huge")
+    malloc.set_malloc("default")  # leave this process as it started
