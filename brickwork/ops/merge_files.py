@@ -37,20 +37,9 @@ from torch import Tensor
 
 from brickwork.errors import BrickworkError, CheckpointError
 from brickwork.ops.merge import CHUNK, MergeMethod, check_merge, make_options, merge_pieces
-from brickwork.persist import _sha256, read_meta, save_tensors_streamed  # the one file hash
+from brickwork.persist import _ST_DTYPES, _sha256, read_meta, save_tensors_streamed  # the one file hash
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # safetensors' header names -> torch
 _CARRIED = ("model", "data", "structure", "extra_state")  # what experiment.build needs to rebuild
 
 
