@@ -10,7 +10,9 @@ memory is its own:
   file as the base, for the methods that need one), written to a new checkpoint.
 
 Times are the work inside the subprocess (imports excluded), in rotating order after a warm-up
-round (:func:`brickwork.analysis.timing.time_rounds`, median). Peak memory is the rise of the
+round (:func:`brickwork.analysis.timing.time_rounds`, median); ``--clock cpu`` takes the
+subprocess's CPU time (all its threads) instead of wall-clock time, which a loaded, shared
+machine distorts (another process's time slices, torch threads waiting for a core). Peak memory is the rise of the
 peak resident size (``VmHWM``, reset after the imports; else ``ru_maxrss``) over the resident
 size before the work. Ratios: ``merge / read`` time and ``merge peak / one model``.
 """
@@ -25,12 +27,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from brickwork.analysis.timing import describe_machine, time_rounds
+from brickwork.analysis.timing import add_clock_option, describe_machine, named_clock, time_rounds
 
 
 def minilm_shapes(layers: int = 6, d: int = 384, ffn: int = 1536, vocab: int = 30522) -> dict[str, tuple[int, ...]]:
@@ -75,14 +76,16 @@ def _rss() -> int:
     return 0
 
 
-def cell(kind: str, paths: list[str], method: str, out: str) -> dict[str, float]:
-    """Run one candidate in this process; seconds of the work and peak bytes above the start."""
+def cell(kind: str, paths: list[str], method: str, out: str, clock: str = "wall") -> dict[str, float]:
+    """Run one candidate in this process; seconds of the work (``clock``: ``wall`` or ``cpu``) and
+    peak bytes above the start."""
     from brickwork.ops.merge import NEEDS_BASE
     from brickwork.ops.merge_files import merge_files
 
     reset = _reset_peak()
     before = _rss()
-    t0 = time.perf_counter()
+    now = named_clock(clock)
+    t0 = now()
     if kind == "read":  # every byte of every file, once, into one reused 1 MiB buffer
         buf = bytearray(1 << 20)
         for p in paths:
@@ -93,7 +96,7 @@ def cell(kind: str, paths: list[str], method: str, out: str) -> dict[str, float]
         needs_base = method in NEEDS_BASE
         models, base = (paths[1:], paths[0]) if needs_base else (paths, None)
         merge_files(models, out, method, base=base, verify=False)  # type: ignore[arg-type]
-    seconds = time.perf_counter() - t0
+    seconds = now() - t0
     peak = _hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"seconds": seconds, "peak": max(0, peak - before)}
 
@@ -116,10 +119,11 @@ def _hwm() -> int:
     return 0
 
 
-def _spawn(kind: str, paths: list[Path], method: str, out: Path) -> dict[str, float]:
+def _spawn(kind: str, paths: list[Path], method: str, out: Path, clock: str = "wall") -> dict[str, float]:
     for p in (out.with_suffix(".safetensors"), out.with_suffix(".json")):
         p.unlink(missing_ok=True)
     args = [sys.executable, "-m", "brickwork.bench.merge", "--cell", kind, "--method", method, "--out", str(out)]
+    args += ["--clock", clock]
     res = subprocess.run([*args, "--paths", *map(str, paths)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"bench merge cell {kind} failed:\n{res.stderr[-2000:]}")
@@ -133,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["linear", "ties"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: a temporary folder)")
+    add_clock_option(p, "each subprocess's")
     p.add_argument("--cell", choices=["read", "merge"], help=argparse.SUPPRESS)
     p.add_argument("--paths", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("--method", default="linear", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cell:
-        print(json.dumps(cell(args.cell, args.paths, args.method, args.out)))
+        print(json.dumps(cell(args.cell, args.paths, args.method, args.out, args.clock)))
         return 0
     folder = args.dir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"load average before: {os.getloadavg()[0]:.2f}; one model {model_bytes / 2**20:.1f} MiB "
             f"({model_bytes // 4 / 1e6:.1f}M float32 parameters); median of {args.repeats} rounds after 1 warm-up, "
+            f"{args.clock} clock, "
             "each candidate a fresh subprocess; merge/read is the time against reading the N files once"
         )
         print("| method | models | read s | merge s | merge/read | read peak / model | merge peak / model |")
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     spent: list[float] = spent,
                     peaks: dict[str, list[float]] = peaks,
                 ) -> None:
-                    r = _spawn(kind, files, method, folder / "out")
+                    r = _spawn(kind, files, method, folder / "out", args.clock)
                     spent[0] += r["seconds"]
                     peaks[kind].append(r["peak"])
 

@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`Dataset` with deterministic train / val / test splits.
 Built-in names (``brickwork ls dataset``): ``digits``, ``mnist5k``, ``fashion-mnist``
-(images), ``hamlet``, ``bible`` (character-level text), ``rotten-tomatoes`` (sentences),
+(images), ``rotations`` (a self-supervised task on other datasets' images), ``hamlet``,
+``bible`` (character-level text), ``rotten-tomatoes``, ``convention-speeches`` (sentences),
 ``npz``, ``csv``, ``txt``, ``jsonl`` (your files; the contract is ``docs/data.md``).
 
 Example:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from brickwork.data import files, images, scaling, sentences, text, user_text
+from brickwork.data import files, images, pretext, scaling, sentences, speeches, text, user_text
 from brickwork.data.base import Dataset, Split, Task, split_indices
 from brickwork.data.batching import batches, epoch_order, input_batches, num_batches
 from brickwork.data.files import check_file
@@ -59,9 +60,11 @@ __all__ = [
     "input_batches",
     "load_dataset",
     "num_batches",
+    "pretext",
     "read_idx",
     "scaling",
     "sentences",
+    "speeches",
     "split_indices",
     "text",
     "user_text",

@@ -29,7 +29,7 @@ Every function **copies**: the models passed in are not modified.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -84,7 +84,7 @@ def _solve(
     """
     value = np.zeros((size, size)) if root is None else root.double().numpy().copy()
     best: dict[str, dict[tuple[int, int], np.ndarray]] = {c: {} for c in children}
-    pairs = [(i, i) for i in range(size)] if fixed else [(i, k) for i in range(size) for k in range(size)]
+    pairs = [] if not children else [(i, i) for i in range(size)] if fixed else list(np.ndindex(size, size))
     for c, s in children.items():
         s64 = s.double().numpy()
         for i, k in pairs:
@@ -105,48 +105,109 @@ def _units(t: Tensor, dim: int, offset: int, count: int) -> Tensor:
     return t.narrow(dim, offset, count).movedim(dim, 0).reshape(count, -1).double()
 
 
-def _weight_similarity(
-    spec: PermutationSpec,
-    by_tensor: dict[str, list[Axis]],
-    a: dict[str, Tensor],
-    b: dict[str, Tensor],
-    perms: Perms,
-    family: list[str],
-) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """Similarities of one family's units between ``a`` and ``b`` (b's other permutations applied);
-    ``by_tensor`` is :func:`axes_by_tensor` of ``spec``, computed once per matching."""
-    root_name = family[0]
-    p_size = spec.perms[root_name].size
-    root: Tensor | None = None
-    kids: dict[str, Tensor] = {}
-    skip = set(family)
-    for name, axes in by_tensor.items():
-        mine = [ax for ax in axes if ax.perm in skip and not ax.values]
-        if not mine:
-            continue
-        tb = permute_tensor(spec, perms, b[name], axes, skip)
-        ta = a[name]
-        for ax in mine:
-            p = spec.perms[ax.perm]
-            if ax.perm == root_name:
-                s = _units(ta, ax.dim, ax.offset, p_size) @ _units(tb, ax.dim, ax.offset, p_size).T
-                root = s if root is None else root + s
+class _Similarities:
+    """The similarity terms of weight matching, one per (tensor, axis), cached while their inputs stand.
+
+    A family's score is the sum over every tensor axis it moves of ``<A units, B units>``, B's
+    *other* permutations applied. A term depends only on the versions of those other permutations
+    (for an MLP's hidden layer l: layer l's weight on its input permutation, layer l+1's on its
+    output one), so after the first pass most terms are reused, not recomputed: a step costs its
+    assignment, plus one product for each neighbour that moved (git re-basin recomputes every
+    product at every step). Terms are computed and summed exactly as without the cache (same
+    operands, same order), so the permutations found are identical.
+    """
+
+    def __init__(self, spec: PermutationSpec, a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+        self.spec = spec
+        self.by_tensor = axes_by_tensor(spec)
+        self.a, self.b = a, b
+        self.version = dict.fromkeys(spec.perms, 0)  # bumped whenever a permutation is assigned
+        self.cache: dict[tuple[str, int], tuple[tuple[int, ...], Tensor]] = {}
+        self.units_a: dict[tuple[str, int], Tensor] = {}
+
+    def assigned(self, name: str) -> None:
+        self.version[name] += 1
+
+    def depends(self, family: list[str]) -> tuple[int, ...]:
+        """The versions of every permutation (not in ``family``) that ``family``'s terms read."""
+        skip = set(family)
+        touched = [t for t, axes in self.by_tensor.items() if any(ax.perm in skip and not ax.values for ax in axes)]
+        return tuple(v for t in touched for v in self._reads(t, skip))
+
+    def _reads(self, tensor: str, skip: set[str]) -> tuple[int, ...]:
+        """Versions of the permutations applied to ``b[tensor]`` when ``skip`` is left as it is."""
+        out: list[int] = []
+        for ax in self.by_tensor[tensor]:
+            if ax.perm not in skip:
+                parent = self.spec.perms[ax.perm].parent
+                out += [self.version[ax.perm]] + ([] if parent is None else [self.version[parent]])
+        return tuple(out)
+
+    def family(self, perms: Perms, family: list[str]) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Similarities of one family's units between ``a`` and ``b`` (b's other permutations applied)."""
+        spec = self.spec
+        root_name = family[0]
+        p_size = spec.perms[root_name].size
+        root: Tensor | None = None
+        kids: dict[str, Tensor] = {}
+        skip = set(family)
+        for name, axes in self.by_tensor.items():
+            mine = [(i, ax) for i, ax in enumerate(axes) if ax.perm in skip and not ax.values]
+            # A tensor whose parent axis also holds nested units (an expert's weights: experts on
+            # dim 0, their hidden units on dim 1 batched by dim 0) is scored by the nested term
+            # alone: that term is already the whole <A_i, B_k> under the best within-unit
+            # assignment, and adding the parent term as well would count the tensor a second
+            # time with the nested units unaligned (biasing the parent choice to the identity).
+            batched = {ax.batch_dim for _, ax in mine if ax.perm != root_name and ax.batch_dim is not None}
+            mine = [(i, ax) for i, ax in mine if not (ax.perm == root_name and ax.dim in batched)]
+            if not mine:
                 continue
-            if ax.batch_dim is None:
-                ua = _units(ta, ax.dim, ax.offset, p_size * p.size).reshape(p_size, p.size, -1)
-                ub = _units(tb, ax.dim, ax.offset, p_size * p.size).reshape(p_size, p.size, -1)
-            else:
+            key = self._reads(name, skip)
+            tb: Tensor | None = None
+            for i, ax in mine:
+                hit = self.cache.get((name, i))
+                if hit is not None and hit[0] == key:
+                    s = hit[1]
+                else:
+                    if tb is None:
+                        tb = permute_tensor(spec, perms, self.b[name], axes, skip)
+                    s = self._term(name, i, tb, root_name, p_size)
+                    self.cache[(name, i)] = (key, s)
+                if ax.perm == root_name:
+                    root = s if root is None else root + s
+                else:
+                    kids[ax.perm] = s if ax.perm not in kids else kids[ax.perm] + s
+        for c in family[1:]:
+            kids.setdefault(c, torch.zeros(p_size, p_size, spec.perms[c].size, spec.perms[c].size, dtype=torch.float64))
+        return root, kids
 
-                def nested(t: Tensor, ax: object = ax, n: int = p.size) -> Tensor:
-                    t = t.narrow(ax.dim, ax.offset, n).movedim((ax.batch_dim, ax.dim), (0, 1))  # type: ignore[attr-defined]
-                    return t.reshape(p_size, n, -1).double()
+    def _mine(self, name: str, i: int, make: Callable[[], Tensor]) -> Tensor:
+        """The reference's units of axis ``i`` of tensor ``name`` (float64), made once: A never moves."""
+        if (name, i) not in self.units_a:
+            self.units_a[(name, i)] = make()
+        return self.units_a[(name, i)]
 
-                ua, ub = nested(ta), nested(tb)
-            s = torch.einsum("iaf,kbf->ikab", ua, ub)
-            kids[ax.perm] = s if ax.perm not in kids else kids[ax.perm] + s
-    for c in family[1:]:
-        kids.setdefault(c, torch.zeros(p_size, p_size, spec.perms[c].size, spec.perms[c].size, dtype=torch.float64))
-    return root, kids
+    def _term(self, name: str, i: int, tb: Tensor, root_name: str, p_size: int) -> Tensor:
+        """(P, P) for the family's root, (P, P, n, n) for a nested permutation: axis ``i`` of ``name``."""
+        ta, ax = self.a[name], self.by_tensor[name][i]
+        p = self.spec.perms[ax.perm]
+        if ax.perm == root_name:
+            return (
+                self._mine(name, i, lambda: _units(ta, ax.dim, ax.offset, p_size))
+                @ _units(tb, ax.dim, ax.offset, p_size).T
+            )
+        if ax.batch_dim is None:
+            ua = self._mine(name, i, lambda: _units(ta, ax.dim, ax.offset, p_size * p.size).reshape(p_size, p.size, -1))
+            ub = _units(tb, ax.dim, ax.offset, p_size * p.size).reshape(p_size, p.size, -1)
+        else:
+
+            def nested(t: Tensor, ax: Axis = ax, n: int = p.size) -> Tensor:
+                assert ax.batch_dim is not None
+                t = t.narrow(ax.dim, ax.offset, n).movedim((ax.batch_dim, ax.dim), (0, 1))
+                return t.reshape(p_size, n, -1).double()
+
+            ua, ub = self._mine(name, i, lambda: nested(ta)), nested(tb)
+        return torch.einsum("iaf,kbf->ikab", ua, ub)
 
 
 def weight_matching(
@@ -159,6 +220,11 @@ def weight_matching(
     hold: Perms | None = None,
 ) -> Perms:
     """Permutations of ``other`` that best match ``reference`` by weights (git re-basin coordinate descent).
+
+    A step whose scores are unchanged since its family was last solved (no permutation it reads
+    has moved) is skipped: its assignment would be the same, so it changes nothing. With the
+    cached products (:class:`_Similarities`) a pass after the first costs little more than the
+    assignments of the families whose neighbours moved; the result is that of the plain descent.
 
     Args:
         reference: model A; other: model B of the same architecture.
@@ -179,18 +245,25 @@ def weight_matching(
     fams = {r: [r, *kids] for r, kids in _families(spec).items() if r not in (hold or {})}
     rng = np.random.default_rng(seed)
     names = sorted(fams)
-    by_tensor = axes_by_tensor(spec)
+    sims = _Similarities(spec, a, b)
+    solved: dict[str, tuple[int, ...]] = {}  # family -> the versions its last solve read
     for _ in range(max_iter):
         changed = False
         for r in [names[i] for i in rng.permutation(len(names))]:
             fam = fams[r]
-            root, kids = _weight_similarity(spec, by_tensor, a, b, perms, fam)
+            reads = sims.depends(fam)
+            if solved.get(r) == reads:
+                continue  # the same scores as at its last solve: the same assignment, no change
+            solved[r] = reads
+            root, kids = sims.family(perms, fam)
             parent, nested, new = _solve(root, kids, spec.perms[r].size, spec.perms[r].fixed)
             old = _objective(root, kids, perms, fam)
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[r] = torch.from_numpy(parent).long()
                 for c in fam[1:]:
                     perms[c] = torch.from_numpy(nested[c]).long()
+                for n in fam:
+                    sims.assigned(n)
                 changed = True
         if not changed:
             break

@@ -1,6 +1,6 @@
 """Merging safetensors checkpoints tensor by tensor, so memory does not grow with the number of models.
 
-:func:`merge_files` runs the engine of :mod:`brickwork.ops.merge` over :class:`FileSource`s:
+:func:`merge_files` runs the engine of :mod:`brickwork.ops.merge_engine` over :class:`FileSource`s:
 each file is opened once for the whole merge (its header parsed once), and every read is one
 positioned read (``os.preadv``) of one row chunk of one tensor into a fresh buffer; nothing is
 memory-mapped, so the pages read do not stay resident and the resident memory is a few chunks
@@ -36,7 +36,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from brickwork.errors import BrickworkError, CheckpointError
-from brickwork.ops.merge import CHUNK, MergeMethod, check_merge, make_options, merge_pieces
+from brickwork.ops.merge import check_merge, make_options
+from brickwork.ops.merge_engine import CHUNK, MergeMethod, merge_pieces
 from brickwork.persist import _ST_DTYPES, _sha256, read_meta, save_tensors_streamed  # the one file hash
 
 _DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # safetensors' header names -> torch
@@ -100,20 +101,21 @@ class FileSource:
         row = math.prod(shape[1:]) * dtype.itemsize
         first, stop = (0, shape[0] if shape else 1) if rows is None else (rows.start, rows.stop)
         out_shape = shape if rows is None else (stop - first, *shape[1:])
-        buf = bytearray(math.prod(out_shape) * dtype.itemsize)
+        out = torch.empty(out_shape, dtype=dtype)  # not zero-filled (a bytearray would be): preadv fills it
+        if out.numel() == 0:
+            return out
+        buf = out.view(-1).view(torch.uint8).numpy().data  # a writable memoryview
         if self._fd is None:
             with self:
                 self._pread(buf, self._start[name] + first * row)
         else:
             self._pread(buf, self._start[name] + first * row)
-        if not buf:
-            return torch.empty(out_shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
+        return out
 
-    def _pread(self, buf: bytearray, offset: int) -> None:
+    def _pread(self, view: memoryview, offset: int) -> None:
         assert self._fd is not None
-        view, done = memoryview(buf), 0
-        while done < len(buf):
+        done = 0
+        while done < len(view):
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got == 0:
                 raise CheckpointError(f"merge: {self.path}: file ends inside tensor data (truncated?)")

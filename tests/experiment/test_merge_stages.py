@@ -11,7 +11,7 @@ from brickwork.analysis import parameter_distance, reset_batch_norm
 from brickwork.cli import main
 from brickwork.data import load_dataset
 from brickwork.data.batching import input_batches
-from brickwork.errors import BrickworkError
+from brickwork.errors import BrickworkError, ConfigError
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.experiment.artifacts import load_trained
 from brickwork.experiment.build import load
@@ -27,9 +27,10 @@ def _restore_threads():
 MLP = {"name": "mlp", "width": 32, "depth": 2}
 
 
-def run(runs_dir, stages, models=None):
+def run(runs_dir, stages, models=None, **top):
     models = models or {"a": MLP, "b": MLP}
     cfg = {"name": "merge", "seed": 0, "threads": 1, "data": {"name": "digits"}, "models": models, "stages": stages}
+    cfg |= top  # further top-level keys, e.g. seeds
     rec = execute(validate(cfg), RunStore(runs_dir), progress=False, echo=lambda s: None)
     assert rec.status == "completed"
     return rec, json.loads((rec.dir / "metrics.json").read_text()), (rec.dir / "report.md").read_text()
@@ -98,6 +99,16 @@ def test_two_seeds_align_merge_evaluate(runs_dir):
     assert "### b aligned to a (weight matching)" in report and "weight matching" in report
 
 
+def test_init_seed_relative_gives_each_repetition_its_own_pair(runs_dir):
+    """Repeated over run seeds, a relative offset gives b the run's seed + offset: with offset 1 and
+    nothing trained, b of run seed 0 starts exactly as a of run seed 1, and every pair differs."""
+    rec, metrics, _ = run(runs_dir, [{"stage": "init_seed", "seeds": {"b": 1}, "relative": True}], seeds=[0, 1])
+    models = {(v, s): load_trained(RunStore(runs_dir), rec.id, v, seed=s).model for v in "ab" for s in (0, 1)}
+    assert parameter_distance(models["b", 0], models["a", 1]) == 0.0
+    assert all(parameter_distance(models["a", s], models["b", s]) > 0 for s in (0, 1))
+    assert metrics["b"]["init_seed"] == 1.5  # mean of 1 and 2
+
+
 def test_a_variant_listed_later_is_refused_with_one_message(runs_dir):
     with pytest.raises(BrickworkError, match="cannot load variant 'b' of this run.*list it before 'a'"):
         run(runs_dir, [{"stage": "train", "epochs": 1}, {"stage": "merge", "models": {"a": ["b"]}}])
@@ -151,7 +162,7 @@ def test_cnn_with_batch_norm_statistics_reset_on_the_path(runs_dir):
     assert m["align_max_output_change"] <= 1e-4  # batch-norm statistics permuted with their channels
 
 
-def test_task_merge_of_two_identical_fine_tunes_keeps_each_task(runs_dir):
+def test_task_merge_of_two_identical_fine_tunes_keeps_each_task(runs_dir, tb_epoch_losses):
     """The same task twice: both fine-tuned models are one model, so every merge returns it and
     every normalised accuracy is 1 (exactly, for methods that merge copies exactly)."""
     rec, metrics, report = run(
@@ -177,8 +188,70 @@ def test_task_merge_of_two_identical_fine_tunes_keeps_each_task(runs_dir):
         assert m[f"task_merge_{method}_normalised_digits-2"] == 1.0
     assert m["task_merge_regmean_normalised_mean"] == pytest.approx(1.0, abs=0.01)  # a solve, not a copy
     assert "### Multi-task merge: fine-tuned on digits and digits-2" in report
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: each task's fine-tuning in its own folder, one epoch each.
+        curves = tb_epoch_losses(rec.dir, "a")
+        assert {k: len(v) for k, v in curves.items()} == {"stage0-finetune-digits": 1, "stage0-finetune-digits-2": 1}
 
 
 def test_task_merge_refuses_data_of_another_shape(runs_dir):
     with pytest.raises(BrickworkError, match="task_merge: mnist5k has inputs \\(1, 28, 28\\)"):
         run(runs_dir, [{"stage": "task_merge", "other_data": {"name": "mnist5k"}, "epochs": 1}], models={"a": MLP})
+
+
+def test_task_merge_chooses_each_methods_options_on_validation(runs_dir):
+    """Two different tasks of one shape (digits, and rotation prediction on digits' training images),
+    fresh classifiers (10 and 4 classes): with ``split: val`` the reported figure of a method with a
+    grid is the best of its grid on val (the choice), and the chosen values are recorded."""
+    rec, metrics, report = run(
+        runs_dir,
+        [
+            {
+                "stage": "task_merge",
+                "tasks": [{"name": "digits"}, {"name": "rotations", "sources": [{"name": "digits"}]}],
+                "data_seed": 0,
+                "methods": ["task_arithmetic", "regmean"],
+                "grid": {"task_arithmetic": {"scale": [0.2, 1.0, 3.0]}, "regmean": {"alpha": [0.5, 1.0]}},
+                "probe_epochs": 1,
+                "epochs": 1,
+                "lr": 0.01,
+                "samples": 64,
+                "split": "val",
+            }
+        ],
+        models={"a": MLP},
+    )
+    m = metrics["a"]
+    rows = {r["method"]: r for r in json.loads((rec.dir / "a" / "stage0-task-merge.json").read_text())["rows"]}
+    for method, key, grid in (("task_arithmetic", "scale", [0.2, 1.0, 3.0]), ("regmean", "alpha", [0.5, 1.0])):
+        assert rows[method]["searched"] == len(grid)
+        assert rows[method]["norm_mean"] == rows[method]["val_mean"]  # reported on val: the chosen point's score
+        assert m[f"task_merge_{method}_chosen_{key}"] in grid
+        assert m[f"task_merge_{method}_normalised_mean"] == rows[method]["norm_mean"]
+    assert 0.0 < m["task_merge_finetuned_accuracy_rotations"] <= 1.0
+    assert "fresh classifier" in report and "| task_arithmetic | scale " in report
+
+
+def test_task_merge_refuses_bad_combinations_at_validation():
+    """Refused by ``validate`` (before any run exists), naming the key."""
+    bad = [
+        ({}, r"stages\[0\]\.tasks: give either other_data .* or tasks"),
+        (
+            {"other_data": {"name": "digits"}, "methods": ["linear"], "grid": {"ties": {"density": [0.1]}}},
+            r"stages\[0\]\.grid: names method\(s\) \['ties'\] that are not in methods",
+        ),
+        ({"other_data": {"name": "digits"}, "data_seed": 0}, r"stages\[0\]\.data_seed: goes with tasks"),
+        (
+            {"other_data": {"name": "digits"}, "methods": ["ties"], "grid": {"ties": {"lambda": [0.5]}}},
+            r"stages\[0\]\.grid: merge grid of ties: merge: unknown option\(s\) \['lambda'\]",
+        ),
+    ]
+    for keys, message in bad:
+        cfg = {
+            "name": "m",
+            "data": {"name": "digits"},
+            "models": {"a": MLP},
+            "stages": [{"stage": "task_merge", "epochs": 1, **keys}],
+        }
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)

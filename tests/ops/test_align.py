@@ -1,5 +1,7 @@
 """Permutation specs from the bricks, planted-permutation recovery (weights and activations), REPAIR."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from brickwork.models.cnn import cnn
 from brickwork.models.mlp import mlp
 from brickwork.models.moe import moe_lm, moe_mlp
 from brickwork.models.sparse_mlp import sparse_mlp
-from brickwork.models.transformers import vit
+from brickwork.models.transformers import transformer_lm, vit
 from brickwork.ops import (
     Axis,
     Perm,
@@ -34,6 +36,7 @@ def _cases():
         "cnn_groupnorm": (cnn((1, 8, 8), 5, channels=(4, 6), norm="group"), img),
         "vit": (vit((1, 8, 8), 5, dim=16, depth=2, heads=4, patch=4), img),
         "moe_mlp": (moe_mlp((1, 8, 8), 5, width=8, depth=2, hidden=6, num_experts=4), img),
+        "lm": (transformer_lm((8,), 11, dim=8, depth=2, heads=2, mlp_ratio=2), torch.randint(0, 11, (4, 8))),
         "moe_lm": (moe_lm((8,), 11, dim=8, depth=1, heads=2, hidden=6, num_experts=4), torch.randint(0, 11, (4, 8))),
         "sparse_mlp": (sparse_mlp((1, 8, 8), 5, width=8, depth=2, groups=4, density=0.5), img),
     }
@@ -155,3 +158,83 @@ def test_interpolate_ends_and_repair_restores_endpoint_statistics():
     # REPAIR of a model with itself changes nothing but round-off
     same = repair(a, a, a, [x])
     assert torch.allclose(same(x), a(x), atol=1e-5)
+
+
+def _plain_descent(a: nn.Module, b: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Git re-basin's coordinate descent as written: every similarity recomputed at every step."""
+    import numpy as np
+
+    from brickwork.ops.align import _families, _objective, _Similarities, _solve
+    from brickwork.ops.permutation import identity
+
+    spec = permutation_spec(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    perms = identity(spec)
+    fams = {r: [r, *kids] for r, kids in _families(spec).items()}
+    rng, names = np.random.default_rng(seed), sorted(fams)
+    for _ in range(100):
+        changed = False
+        for r in [names[i] for i in rng.permutation(len(names))]:
+            root, kids = _Similarities(spec, sa, sb).family(perms, fams[r])  # a fresh cache: nothing reused
+            parent, nested, new = _solve(root, kids, spec.perms[r].size, spec.perms[r].fixed)
+            old = _objective(root, kids, perms, fams[r])
+            if new > old + 1e-12 * max(1.0, abs(old)):
+                perms[r] = torch.from_numpy(parent).long()
+                perms |= {c: torch.from_numpy(nested[c]).long() for c in fams[r][1:]}
+                changed = True
+        if not changed:
+            break
+    return perms
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm", "vit", "moe_mlp", "sparse_mlp"])
+def test_cached_weight_matching_finds_the_plain_descents_permutations(name):
+    """Reused similarity terms and skipped unchanged steps change nothing: independent models
+    (many moves over several passes) get exactly the permutations of the descent without them."""
+    from brickwork.ops import weight_matching
+
+    model = CASES[name][0]
+    torch.manual_seed(7)
+    other = copy.deepcopy(model)
+    for p in other.parameters():
+        p.data.normal_(0, 1)
+    got, want = weight_matching(model, other), _plain_descent(model, other)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(v, torch.arange(v.shape[-1]).expand_as(v)) for v in got.values())
+
+
+@pytest.mark.parametrize("name", ["moe_mlp", "moe_lm", "sparse_mlp", "vit"])
+def test_each_family_step_maximises_the_true_weight_inner_product(name):
+    """The score one family's assignment maximises is sum_t <A_t, B_t permuted> over the tensors
+    it moves, up to a constant: an expert's weights carry the expert axis and, batched by it, the
+    expert's hidden units, and counting them again under the expert axis (units unaligned) biased
+    the expert order to the identity (it stayed the identity in every trained MoE pair)."""
+    from brickwork.ops.align import _families, _objective, _Similarities, _solve
+    from brickwork.ops.permutation import axes_by_tensor, identity, permute_tensor
+
+    torch.manual_seed(1)
+    model = CASES[name][0]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    for p in list(a.parameters()) + list(b.parameters()):
+        torch.nn.init.normal_(p.data)  # independent random weights (A and B)
+    spec = permutation_spec(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    by_tensor = axes_by_tensor(spec)
+    start = identity(spec)
+    nested = {r: kids for r, kids in _families(spec).items() if kids}
+    assert nested, "a case with nested permutations"
+    for root, kids in nested.items():
+        fam = [root, *kids]
+        sims = _Similarities(spec, sa, sb)
+        r, k = sims.family(start, fam)
+        parent, inner, total = _solve(r, k, spec.perms[root].size, spec.perms[root].fixed)
+        found = start | {root: torch.from_numpy(parent).long()} | {c: torch.from_numpy(inner[c]).long() for c in kids}
+        moved = [t for t, axes in by_tensor.items() if any(ax.perm in fam and not ax.values for ax in axes)]
+
+        def true(perms, moved=moved):
+            return sum(
+                float((sa[t].double() * permute_tensor(spec, perms, sb[t], by_tensor[t]).double()).sum()) for t in moved
+            )
+
+        gain = total - _objective(r, k, start, fam)
+        assert true(found) - true(start) == pytest.approx(gain, rel=1e-9, abs=1e-9), root

@@ -1,5 +1,5 @@
 """Stages that combine variants of one run: re-initialise from another seed, align, merge, and
-measure linear mode connectivity; and a multi-task merge of one model fine-tuned on two tasks.
+measure linear mode connectivity (the multi-task merge is ``stages/task_merge.py``).
 
 A run's variants (the labels under ``models:``) share the stage list and run in config order,
 so a stage here names the variants it works with (``to``, ``other``, ``models``): those listed
@@ -19,12 +19,11 @@ Typical LMC config (two MLPs from different seeds, barrier before and after alig
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
 from brickwork.analysis.connectivity import (
     LinearPath,
@@ -34,7 +33,6 @@ from brickwork.analysis.connectivity import (
     reset_batch_norm,
 )
 from brickwork.analysis.plots import plot_linear_paths
-from brickwork.data import Dataset, load_dataset
 from brickwork.data.batching import batches, input_batches
 from brickwork.errors import BrickworkError
 from brickwork.experiment.artifacts import earlier_variant
@@ -42,13 +40,11 @@ from brickwork.experiment.build import build_model, model_meta, variant_spec
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.experiment.report import markdown_table as table
 from brickwork.experiment.report import stage_plot_stem
-from brickwork.nn.stack import StackModel
 from brickwork.ops.align import align as align_models
-from brickwork.ops.merge import NEEDS_BASE, NEEDS_STATS, MergeMethod, fisher_diagonal, gram_matrices
+from brickwork.ops.merge import NEEDS_STATS, MergeMethod
 from brickwork.ops.merge import merge as merge_models
-from brickwork.registry import Flatten, register
+from brickwork.registry import register
 from brickwork.train.checkpoint import save_model
-from brickwork.train.recipe import DEFAULT_TRAINING, TrainSettings, train_with
 
 AlignMethod = Literal["none", "weight", "activation"]
 _ALIGN_NAMES = {"none": "naive (no alignment)", "weight": "weight matching", "activation": "activation matching"}
@@ -82,20 +78,26 @@ def _aligned(ctx: StageContext, reference: nn.Module, model: nn.Module, method: 
 
 
 @register("stage", "init_seed")
-def init_seed(ctx: StageContext, /, seeds: dict[str, Annotated[int, Field(ge=0)]]) -> None:
+def init_seed(ctx: StageContext, /, seeds: dict[str, Annotated[int, Field(ge=0)]], relative: bool = False) -> None:
     """Re-initialise the variants named in ``seeds`` from their own seed (``{label: seed}``).
 
     The variant's spec is built afresh under ``torch.manual_seed(seed)``; variants not named keep
     the run's initialisation. Use it first, before ``train``, so that two variants of one spec
     start from different initialisations (mode connectivity compares such models). Only the
     initialisation changes: the training batch order follows the run's seed.
+
+    With ``relative`` each seed is an offset added to the run's seed, so a config repeated over
+    ``seeds: [0, 1, 2]`` with ``{b: 100}`` compares the pairs (0, 100), (1, 101), (2, 102). Without
+    it, b's seed is the same in every repetition, and the repetition whose run seed equals it
+    would compare two identical initialisations.
     """
     if ctx.label not in seeds:
         return
-    torch.manual_seed(seeds[ctx.label])
+    seed = seeds[ctx.label] + (ctx.seed if relative else 0)
+    torch.manual_seed(seed)
     spec = variant_spec(ctx.run_dir, ctx.label)
     ctx.model = build_model(spec, ctx.data.in_shape, ctx.data.num_classes).to(ctx.device)
-    ctx.metrics["init_seed"] = seeds[ctx.label]
+    ctx.metrics["init_seed"] = seed
 
 
 @register("stage", "align")
@@ -291,105 +293,3 @@ def merge_stage(
             table(rows, [("label", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("loss", "loss", "{:.4f}")]),
         ]
     )
-
-
-@register("stage", "task_merge")
-def task_merge(
-    ctx: StageContext,
-    /,
-    other_data: dict[str, Any],
-    methods: Annotated[list[MergeMethod], Field(min_length=1)] = ["task_arithmetic", "ties"],  # noqa: B006
-    options: dict[str, dict[str, Any]] | None = None,
-    training: Annotated[TrainSettings, Flatten] = DEFAULT_TRAINING,
-    samples: Annotated[int, Field(ge=1)] = 512,
-    split: SplitName = "test",
-    eval_batch_size: Annotated[int, Field(ge=1)] = 256,
-) -> None:
-    """Multi-task merging: this model fine-tuned on two tasks (separate heads), the bodies merged.
-
-    The variant's model as it stands is the shared start (the "pre-trained" base). It is
-    fine-tuned (``training``: the ``train`` stage's keys) once on this run's data and once on
-    ``other_data`` (a dataset spec such as ``{name: fashion-mnist, limit_train: 10000}``, same
-    input shape), each copy with its own head. The two fine-tuned models are merged with each of
-    ``methods`` (``base``: the start; ``options``: per method, e.g. ``{ties: {density: 0.2}}``;
-    Fisher / RegMean statistics from ``samples`` training rows of each model's own task); every
-    task is then evaluated with the merged stem and body and that task's own fine-tuned head.
-    Reported: each task's accuracy normalised to its fine-tuned model, and their mean (Ilharco
-    et al., 2023). The variant's own model is not changed.
-    """
-    model = ctx.model
-    if not isinstance(model, StackModel):
-        raise BrickworkError(f"task_merge: needs a stack model with a head, not {type(model).__name__}")
-    raw = dict(other_data)
-    if "name" not in raw:
-        raise BrickworkError("task_merge: other_data needs a dataset name, e.g. {name: fashion-mnist}")
-    other = load_dataset(raw.pop("name"), seed=ctx.seed, **raw)
-    if tuple(other.in_shape) != tuple(ctx.data.in_shape) or other.num_classes != ctx.data.num_classes:
-        raise BrickworkError(
-            f"task_merge: {other.name} has inputs {tuple(other.in_shape)} and {other.num_classes} classes, "
-            f"{ctx.data.name} {tuple(ctx.data.in_shape)} and {ctx.data.num_classes}; expected the same"
-        )
-    tasks = {ctx.data.name: ctx.data, (other.name if other.name != ctx.data.name else f"{other.name}-2"): other}
-    base = copy.deepcopy(model).eval()
-    tuned: dict[str, StackModel] = {}
-    for name, data in tasks.items():
-        ft = copy.deepcopy(base)
-        torch.manual_seed(ctx.seed)
-        train_with(
-            ft,
-            data.train,
-            data.val,
-            training,
-            seed=ctx.seed,
-            device=ctx.device,
-            state_path=ctx.stage_path(f"finetune-{name}"),
-            progress=ctx.progress,
-            desc=f"fine-tune on {name}",
-            log_dir=ctx.tensorboard_dir(f"finetune-{name}"),
-        )
-        tuned[name] = ft.eval()
-    own = {
-        n: evaluate_loss_accuracy(m, getattr(tasks[n], split), eval_batch_size, ctx.device)[1] for n, m in tuned.items()
-    }
-    rows: list[dict[str, Any]] = [{"method": "fine-tuned (each its own)", **{f"acc_{n}": a for n, a in own.items()}}]
-    for method in dict.fromkeys(methods):
-        kw: dict[str, Any] = dict((options or {}).get(method, {}))
-        if method in NEEDS_BASE:
-            kw["base"] = base
-        if method == "fisher":
-            kw["statistics"] = [fisher_diagonal(tuned[n], _task_batches(tasks[n], samples, ctx.device)) for n in tasks]
-        elif method == "regmean":
-            kw["statistics"] = [gram_matrices(tuned[n], _task_batches(tasks[n], samples, ctx.device)) for n in tasks]
-        merged = merge_models(list(tuned.values()), method, **kw)
-        row: dict[str, Any] = {"method": method}
-        for n, data in tasks.items():
-            m = copy.deepcopy(merged)
-            m.head = copy.deepcopy(tuned[n].head)  # the task's own head on the merged stem and body
-            row[f"acc_{n}"] = evaluate_loss_accuracy(m, getattr(data, split), eval_batch_size, ctx.device)[1]
-            row[f"norm_{n}"] = row[f"acc_{n}"] / own[n]
-            ctx.metrics[f"task_merge_{method}_normalised_{n}"] = row[f"norm_{n}"]
-        row["norm_mean"] = sum(row[f"norm_{n}"] for n in tasks) / len(tasks)
-        ctx.metrics[f"task_merge_{method}_normalised_mean"] = row["norm_mean"]
-        rows.append(row)
-    names = list(tasks)
-    ctx.report.extend(
-        [
-            f"### Multi-task merge: fine-tuned on {' and '.join(names)}, bodies merged ({split})",
-            f"Both fine-tuned from {ctx.label} as it stood ({training.epochs} epoch(s), lr {training.lr}), each with "
-            "its own head; each task evaluated with the merged stem and body and its own head. `norm`: accuracy "
-            "divided by that task's fine-tuned model's.",
-            table(
-                rows,
-                [
-                    ("method", "method", "{}"),
-                    *[(f"acc_{n}", f"acc {n}", "{:.4f}") for n in names],
-                    *[(f"norm_{n}", f"norm {n}", "{:.3f}") for n in names],
-                    ("norm_mean", "mean norm", "{:.3f}"),
-                ],
-            ),
-        ]
-    )
-
-
-def _task_batches(data: Dataset, samples: int, device: str) -> list[tuple[Tensor, Tensor]]:
-    return list(batches(data.train.x, data.train.y, 64, limit=samples, device=device))
