@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, load_average, paired_ratio, run_cell, time_rounds
+from brickwork.analysis.timing import (
+    add_clock_option,
+    describe_machine,
+    load_average,
+    named_clock,
+    paired_ratio,
+    run_cell,
+    time_rounds,
+)
 from brickwork.data import load_dataset
 from brickwork.distributed import DistContext, run_ranks, shard_batch, wrap
 from brickwork.distributed.data_parallel import DataParallel
@@ -42,6 +50,9 @@ CASES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], str, dict[str, 
     "lm": (transformer_lm, {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 4}, "hamlet", {"seq_len": 64}, 32),
 }
 LOSS = cross_entropy()
+# ``--clock``: wall-clock time (the goal's measure), or the process's CPU time (``named_clock``:
+# the compute and gloo's threads' work, not the waiting for the other rank; on a loaded machine
+# it shows how much of a step's cost is work at all).
 
 
 def _setup(case: str, x: Tensor, y: Tensor) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -52,7 +63,14 @@ def _setup(case: str, x: Tensor, y: Tensor) -> tuple[nn.Module, torch.optim.Opti
 
 
 def _rank(
-    ctx: DistContext, case: str, x: Tensor, y: Tensor, strategy: str, repeats: int, breakdown: bool = False
+    ctx: DistContext,
+    case: str,
+    x: Tensor,
+    y: Tensor,
+    strategy: str,
+    repeats: int,
+    breakdown: bool = False,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     model, _ = _setup(case, x, y)
     alone = copy.deepcopy(model)
@@ -63,6 +81,8 @@ def _rank(
     if breakdown:  # copied before any step: a trained module holds its last forward's tensors
         lean = DataParallel(copy.deepcopy(alone), ctx, "ddp", find_unused_parameters=False)
         opt_lean = torch.optim.AdamW(lean.parameters(), lr=1e-3)
+        apart = DataParallel(copy.deepcopy(alone), ctx, "ddp", fuse_scalars=False)  # the scalars' own all-reduce
+        opt_apart = torch.optim.AdamW(apart.parameters(), lr=1e-3)
     samples = time_rounds(
         {
             "dp": lambda: train_step(engine, x, y, LOSS, opt),
@@ -70,6 +90,7 @@ def _rank(
         },
         repeats=repeats,
         warmup=3,
+        clock=named_clock(clock),
     )
     out = {
         "dp": samples["dp"].median(),
@@ -86,35 +107,58 @@ def _rank(
             {
                 "dp": lambda: train_step(engine, x, y, LOSS, opt),
                 "dp_no_search": lambda: train_step(lean, x, y, LOSS, opt_lean),
+                "dp_apart": lambda: train_step(apart, x, y, LOSS, opt_apart),
                 "grad_allreduce": lambda: dist.all_reduce(grads, group=ctx.group),
                 "scalar_allreduce": lambda: dist.all_reduce(scalars, group=ctx.group),
             },
             repeats=repeats,
             warmup=3,
+            clock=named_clock(clock),
         )
-        out.update({k: parts[k].median() for k in ("dp_no_search", "grad_allreduce", "scalar_allreduce")})
+        out.update({k: parts[k].median() for k in _PARTS})
         out["search_ratio"] = paired_ratio(parts["dp_no_search"], parts["dp"])
+        out["apart_ratio"] = paired_ratio(parts["dp_apart"], parts["dp"])
     return out
 
 
-def bench_case(case: str, strategy: str = "ddp", repeats: int = 15, breakdown: bool = False) -> dict[str, Any]:
+#: The breakdown's timed parts besides the dp step (their medians are reported in ms).
+_PARTS = ("dp_no_search", "dp_apart", "grad_allreduce", "scalar_allreduce")
+
+
+def bench_case(
+    case: str,
+    strategy: str = "ddp",
+    repeats: int = 15,
+    breakdown: bool = False,
+    batch: int | None = None,
+    clock: str = "wall",
+) -> dict[str, Any]:
     """Median step seconds of ``dp``, ``ideal`` and ``1x2`` for ``case``, and the ratios.
+
+    ``batch``: the global batch (default: the case's); rows cycle through the data if it is larger.
+    ``clock``: ``wall`` or ``cpu`` (:func:`~brickwork.analysis.timing.named_clock`; ``cpu``: the
+    process's CPU seconds, ``1x2`` then sums both threads).
 
     With ``breakdown``, also (ms, slowest rank's median, in rounds of their own):
     ``dp_no_search_ms``, the DDP step with ``find_unused_parameters`` off, and ``search_ratio``,
-    its paired ratio to the dp step in those rounds; ``grad_allreduce_ms``, a gloo all-reduce of the model's
+    its paired ratio to the dp step in those rounds; ``dp_apart_ms`` and ``apart_ratio``, the same
+    for the DDP step whose scalars get their own all-reduce instead of riding in the gradient
+    bucket (``fuse_scalars=False``); ``grad_allreduce_ms``, a gloo all-reduce of the model's
     parameter count in float32 alone (the floor of DDP's gradient traffic: 2 ranks, one
     message); ``scalar_allreduce_ms``, the step's small all-reduce alone.
     """
-    _, _, data, data_args, batch = CASES[case]
+    _, _, data, data_args, default = CASES[case]
+    batch = batch or default
     ds = load_dataset(data, seed=0, **data_args)
-    x, y = ds.train.x[:batch], ds.train.y[:batch]
-    per_rank = run_ranks(_rank, 2, case, x, y, strategy, repeats, breakdown, timeout_s=900.0)
+    rows = torch.arange(batch) % len(ds.train.x)
+    x, y = ds.train.x[rows], ds.train.y[rows]
+    per_rank = run_ranks(_rank, 2, case, x, y, strategy, repeats, breakdown, clock, timeout_s=900.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         model, opt = _setup(case, x, y)
-        one = time_rounds({"1x2": lambda: train_step(model, x, y, LOSS, opt)}, repeats=repeats, warmup=3)["1x2"]
+        step = {"1x2": lambda: train_step(model, x, y, LOSS, opt)}
+        one = time_rounds(step, repeats=repeats, warmup=3, clock=named_clock(clock))["1x2"]
     finally:
         torch.set_num_threads(threads)
     dp = max(r["dp"] for r in per_rank)
@@ -127,12 +171,8 @@ def bench_case(case: str, strategy: str = "ddp", repeats: int = 15, breakdown: b
         "ratio": max(r["ratio"] for r in per_rank),
         "one_ms": 1e3 * one.median(),
         "speedup": one.median() / dp,
-        **{
-            f"{k}_ms": 1e3 * max(r[k] for r in per_rank)
-            for k in ("dp_no_search", "grad_allreduce", "scalar_allreduce")
-            if breakdown
-        },
-        **({"search_ratio": max(r["search_ratio"] for r in per_rank)} if breakdown else {}),
+        **{f"{k}_ms": 1e3 * max(r[k] for r in per_rank) for k in _PARTS if breakdown},
+        **{k: max(r[k] for r in per_rank) for k in ("search_ratio", "apart_ratio") if breakdown},
     }
 
 
@@ -158,6 +198,7 @@ def gloo_floor(repeats: int = 21) -> str:
 
 
 _BREAKDOWN = (("dp_no_search_ms", "dp, no unused search ms"), ("search_ratio", "no search / dp"),
+              ("dp_apart_ms", "dp, scalars apart ms"), ("apart_ratio", "apart / dp"),
               ("grad_allreduce_ms", "grad all-reduce ms"), ("scalar_allreduce_ms", "scalar all-reduce ms"))  # fmt: skip
 
 
@@ -180,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,moe,lm", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=None, help="global batch of every case (default: each case's own)")
+    add_clock_option(parser, "each rank's")
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time the DDP step without find_unused_parameters and the bare gloo all-reduces (ddp only)",
+        help="also time the DDP step without find_unused_parameters, with the scalars' own all-reduce, and"
+        " the bare gloo all-reduces (ddp only)",
     )
     parser.add_argument(
         "--in-process", action="store_true", help="all cases from this process (the old order), not a fresh worker each"
@@ -195,10 +239,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model {unknown}; expected some of {', '.join(CASES)}")
     print(f"machine: {describe_machine()}; ranks 1 thread each, gloo")
     print(f"cells: {'all from this process' if args.in_process else 'each case from a fresh spawned worker'}")
+    print(
+        f"clock: {args.clock}"
+        + (" (process CPU time: work, not waiting; the floor stays wall-clock)" if args.clock == "cpu" else "")
+    )
     rows = []
     for case in cases:
         breakdown = args.breakdown and args.strategy == "ddp"
-        rows.append(run_cell(bench_case, case, args.strategy, args.repeats, breakdown, in_process=args.in_process))
+        rows.append(
+            run_cell(
+                bench_case,
+                case,
+                args.strategy,
+                args.repeats,
+                breakdown,
+                args.batch,
+                args.clock,
+                in_process=args.in_process,
+            )
+        )
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(_table(rows))

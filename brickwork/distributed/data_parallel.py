@@ -36,9 +36,10 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from brickwork.distributed.batch import barrier
+from brickwork.distributed.batch import all_sum_start, barrier
 from brickwork.distributed.expert_parallel import (
     ExpertParallelGroups,
     ExpertParallelMoE,
@@ -54,8 +55,20 @@ from brickwork.distributed.expert_state import (
     local_model_state,
     local_optimizer_state,
 )
+from brickwork.distributed.fused_scalars import ScalarRider
 from brickwork.distributed.process_group import DistContext
 from brickwork.errors import BrickworkError
+from brickwork.nn.sparse.rewiring import Rewiring
+
+# Hebbian regrowth (G2GNet) keeps running activation statistics that each rank would gather on its
+# own slice only, so the ranks would regrow different edges and their replicas would drift apart
+# (RigL's captured gradients are averaged instead: ``_average_batch_gradients``). Refused until the
+# statistics are combined over the ranks exactly.
+HEBBIAN_PER_RANK = (
+    "rewiring: regrow 'hebbian' is not supported under data parallelism (its activation statistics"
+    " are gathered per rank, so the ranks would regrow different edges); use regrow 'gradient' or"
+    " 'random', or train in one process"
+)
 
 Strategy = Literal["ddp", "fsdp"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -92,6 +105,10 @@ class DataParallel(nn.Module):
         find_unused_parameters: DDP's search of the autograd graph for parameters a step left
             out (on: routed, early-exit and nested bricks do; ``bench distributed --breakdown``
             measures what turning it off saves for a model that never leaves one out).
+        fuse_scalars: DDP: the step's scalars (loss, auxiliary losses, skip flag) ride in the
+            last gradient bucket (:class:`~brickwork.distributed.fused_scalars.ScalarRider`), so
+            a step makes one all-reduce; off: they get their own (``bench distributed
+            --breakdown`` pairs the two).
 
     Raises:
         BrickworkError: FSDP2 cannot shard this model (the message names the module).
@@ -107,9 +124,11 @@ class DataParallel(nn.Module):
         strategy: Strategy = "ddp",
         expert_parallel: int | None = None,
         find_unused_parameters: bool = True,
+        fuse_scalars: bool = True,
     ) -> None:
         super().__init__()
         self.ctx, self.strategy = ctx, strategy
+        self.rider: ScalarRider | None = None  # DDP with fused scalars: the gradient buckets' hook
         object.__setattr__(self, "plain", model)  # not a submodule: state dicts stay the engine's
         self.groups = None if expert_parallel is None else expert_groups(ctx, expert_parallel)
         # Expert parallelism trains a copy whose MoE layers hold this rank's experts only.
@@ -127,6 +146,9 @@ class DataParallel(nn.Module):
                 process_group=ctx.group,
                 find_unused_parameters=find_unused_parameters,
             )
+            if fuse_scalars:
+                self.rider = ScalarRider(ctx.group, ctx.world_size)
+                engine.register_comm_hook(None, self.rider.hook)  # type: ignore[operator]
         elif strategy == "fsdp":
             self.objective = _Objective(copy.deepcopy(model) if self.groups is None else trained)
             experts = set(expert_parameters(self.objective).values())
@@ -134,6 +156,12 @@ class DataParallel(nn.Module):
         else:
             raise BrickworkError(f"data_parallel: {strategy!r} is not a strategy; expected 'ddp' or 'fsdp'")
         object.__setattr__(self, "engine", engine)
+        # found once: count_rows runs every step, and a walk over every module costs a small
+        # model's step ~0.2 ms (a profile of the MLP's DDP step)
+        self._ep_moes = [m for m in self.objective.modules() if isinstance(m, ExpertParallelMoE)]
+        self._rewirings = [m for m in self.objective.modules() if isinstance(m, Rewiring)]
+        if ctx.world_size > 1 and any(m.regrow == "hebbian" for m in self._rewirings):
+            raise BrickworkError(HEBBIAN_PER_RANK)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.objective.predict(x)
@@ -193,6 +221,7 @@ class DataParallel(nn.Module):
     def finish_gradients(self, max_norm: float | None) -> None:
         """After ``backward``: reduce what the engine did not (EP: the experts over dp), then clip
         to the global gradient norm (every expert counted once) when ``max_norm`` is set."""
+        self._average_batch_gradients()
         if self.groups is not None:
             reduce_expert_grads(self.objective.model, self.groups)
             if max_norm:
@@ -200,11 +229,21 @@ class DataParallel(nn.Module):
         elif max_norm:
             torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
+    def _average_batch_gradients(self) -> None:
+        """Average the gradients bricks captured themselves (RigL's scores) over the ranks, as DDP
+        does ``.grad``: one all-reduce on the steps that captured any (the same steps on every rank)."""
+        captured = [t for m in self._rewirings for t in m.batch_gradients()]
+        if not captured:
+            return
+        flat = torch.cat([t.reshape(-1) for t in captured]) / self.ctx.world_size
+        dist.all_reduce(flat, group=self.ctx.group)
+        for t, part in zip(captured, flat.split([t.numel() for t in captured]), strict=True):
+            t.copy_(part.view_as(t))
+
     def count_rows(self, counted: bool) -> None:
         """Whether this rank's rows count in global batch statistics (False for a borrowed row)."""
-        for m in self.objective.modules():
-            if isinstance(m, ExpertParallelMoE):
-                m.counted = counted
+        for m in self._ep_moes:
+            m.counted = counted
 
 
 def expert_groups(ctx: DistContext, degree: int) -> ExpertParallelGroups:
@@ -283,6 +322,18 @@ def finish_gradients(model: nn.Module, max_norm: float | None) -> None:
         model.finish_gradients(max_norm)
     elif max_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def step_sums_start(model: nn.Module, values: list[float]) -> Callable[[], list[float]]:
+    """Start summing a step's scalars over the ranks; call the result after the backward for the sums.
+
+    DDP with fused scalars: they ride in the backward's last gradient bucket (no collective of
+    their own); otherwise (FSDP2, DDP without fusion) their own float64 all-reduce, started now
+    so it travels during the backward. A single process: the values themselves.
+    """
+    if isinstance(model, DataParallel) and model.rider is not None:
+        return model.rider.start(values)
+    return all_sum_start(context_of(model), values)
 
 
 def count_rows(model: nn.Module, counted: bool) -> None:

@@ -11,14 +11,7 @@ from torch import nn
 from brickwork.nn.hooks import after_optimizer_step
 from brickwork.nn.sparse import GroupLinear, PruneSchedule, Rewiring
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def masked_reference(layer: GroupLinear, x: torch.Tensor) -> torch.Tensor:

@@ -227,6 +227,7 @@ class Rewiring(nn.Module):
         # Captured on an update step's forward/backward, consumed by that step's update.
         self._pairs: list[tuple[Tensor, list[Tensor]]] = []
         self._edge_grad: Tensor | None = None
+        self._dense: Tensor | None = None  # the pairs' dense gradient, once summed
         self._regrown: Tensor | None = None  # (G_out, b_out, K) bool, until taken by the loop
 
     def config(self) -> dict[str, Any]:
@@ -300,13 +301,33 @@ class Rewiring(nn.Module):
     def _keep_edge_grad(self, g: Tensor) -> None:
         self._edge_grad = g.detach().clone() if self._edge_grad is None else self._edge_grad + g.detach()
 
-    def _dense_block_grad(self, layer: RewiredLayer) -> Tensor:
-        """(G_out, G_in) Frobenius norm of dL/dW_dense per block, from the captured (x, dy) pairs."""
-        total = None
+    def batch_gradients(self) -> list[Tensor]:
+        """This step's captured gradients, which data parallelism must average over the ranks.
+
+        RigL scores edges and blocks by gradients this module captures itself (hooks on the
+        masked weight and on the layer's output), not by ``.grad``, so DDP does not average them:
+        a data-parallel wrapper averages these tensors in place after the backward (as DDP
+        averages ``.grad``), and every rank then regrows the edges one process would on the
+        whole batch. Empty on steps that capture nothing (not RigL, or no update due).
+
+        Returns:
+            RigL's (d_out, d_in) dense gradient (the captured (x, dy) pairs summed into it here)
+            and (G_out, b_out, K * b_in) edge gradient, whichever were captured.
+        """
+        return [t for t in (self._summed_dense(), self._edge_grad) if t is not None]
+
+    def _summed_dense(self) -> Tensor | None:
+        """(d_out, d_in) dense dL/dW of the captured forwards, summed once (the pairs released)."""
         for x, grads in self._pairs:
             for gy in grads:
                 g = gy.t() @ x  # (d_out, d_in): the dense gradient of this forward
-                total = g if total is None else total + g
+                self._dense = g if self._dense is None else self._dense + g
+        self._pairs = []
+        return self._dense
+
+    def _dense_block_grad(self, layer: RewiredLayer) -> Tensor:
+        """(G_out, G_in) Frobenius norm of dL/dW_dense per block, from the captured (x, dy) pairs."""
+        total = self._summed_dense()
         if total is None:
             raise RuntimeError("rewiring: no gradient was captured on the update step (was backward run?)")
         total = total.index_select(1, layer.in_perm)
@@ -319,7 +340,7 @@ class Rewiring(nn.Module):
         self.step += 1
         step, progress = int(self.step), float(self.progress)
         if not self.schedule.due(step, progress):
-            self._pairs, self._edge_grad = [], None
+            self._pairs, self._edge_grad, self._dense = [], None, None
             return
         self._move(layer, step, self.schedule.fraction_at(progress))
 
@@ -354,7 +375,7 @@ class Rewiring(nn.Module):
         self._regrown = grown if (moved_edges or moved_blocks) else None
         if self.stats is not None and self.stats.edges:
             self.stats.reset_edges()
-        self._pairs, self._edge_grad = [], None
+        self._pairs, self._edge_grad, self._dense = [], None, None
         self.edges_moved += moved_edges
         self.blocks_moved += moved_blocks
         self.record = {"step": step, "fraction": frac, "edges_moved": moved_edges, "blocks_moved": moved_blocks}
