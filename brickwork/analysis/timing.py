@@ -37,6 +37,7 @@ states where a figure was measured.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import platform
@@ -79,6 +80,26 @@ class Samples:
     def median(self, max_foreign: float | None = None) -> float:
         """Median over clean samples (over all samples when none is clean)."""
         return statistics.median(self.clean(max_foreign) or self.seconds)
+
+
+def named_clock(name: str) -> Clock:
+    """``"wall"``: ``time.perf_counter``; ``"cpu"``: ``time.process_time``, this process's CPU time
+    (all its threads), which leaves out the time other processes take on a shared machine (not
+    their cache and memory interference); the ``--clock`` option of the benchmarks."""
+    if name not in ("wall", "cpu"):
+        raise ValueError(f"named_clock: {name!r} is not a clock; expected wall or cpu")
+    return time.process_time if name == "cpu" else time.perf_counter
+
+
+def add_clock_option(parser: argparse.ArgumentParser, what: str = "this process's") -> None:
+    """The benchmarks' ``--clock wall|cpu`` option (see :func:`named_clock`); ``what`` names whose
+    CPU time ``cpu`` takes (a worker's, each subprocess's)."""
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help=f"wall clock, or {what} CPU time (other processes' time left out; with --threads 1)",
+    )
 
 
 def sync() -> None:

@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
+from brickwork.analysis.timing import (
+    add_clock_option,
+    describe_machine,
+    load_average,
+    named_clock,
+    ratio_spread,
+    run_cell,
+    time_rounds,
+)
 from brickwork.models import cnn, mlp
 from brickwork.train.distill import Distiller, Tap, Term, build_cache, frozen_teacher
 from brickwork.train.loop import train_step
@@ -127,13 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-foreign", type=float, default=0.5, help="drop rounds where other processes used more CPU")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    p.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="wall: perf_counter; cpu: this process's CPU time (on a shared machine, where other "
-        "processes take the cores, it times the work itself; meaningful with --threads 1)",
-    )
+    add_clock_option(p)
     p.add_argument(
         "--in-process", action="store_true", help="all cases in this process (the old order), not a fresh worker each"
     )
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     malloc = "tuned"  # applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = named_clock(args.clock)
     print(f"{args.steps} steps per call, median of {args.repeats} interleaved rounds after warm-up, {args.clock} clock")
     print(
         "| case | distill / hand-written KD | cached / live teacher | 1 - teacher share "

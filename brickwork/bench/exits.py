@@ -28,7 +28,16 @@ import torch
 from torch import Tensor
 
 from brickwork.analysis.compute import measure_compute
-from brickwork.analysis.timing import Spread, describe_machine, load_average, ratio_spread, run_cell, time_rounds
+from brickwork.analysis.timing import (
+    Spread,
+    add_clock_option,
+    describe_machine,
+    load_average,
+    named_clock,
+    ratio_spread,
+    run_cell,
+    time_rounds,
+)
 from brickwork.models.nested import early_exit
 from brickwork.nn.exits import EarlyExit
 
@@ -46,7 +55,7 @@ CASES: dict[str, Callable[[], tuple[EarlyExit, Tensor]]] = {
 }
 
 
-def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, Any]]:
+def bench_case(name: str, rates: list[float], repeats: int, clock: str = "wall") -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model, x = CASES[name]()
     model.eval()
@@ -94,6 +103,7 @@ def bench_case(name: str, rates: list[float], repeats: int) -> list[dict[str, An
             samples = time_rounds(
                 {"compaction": lambda: model(x), "full": full, "no_compaction": no_compaction, "ideal": ideal(stay)},
                 repeats=repeats,
+                clock=named_clock(clock),
             )
         times = {n: t.median() for n, t in samples.items()}
         flops_saving = 1 - flops / full_flops
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    add_clock_option(p)
     p.add_argument(
         "--in-process", action="store_true", help="all cells in this process (the old order), not a fresh worker each"
     )
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     malloc = "tuned"  # raised glibc thresholds, applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
     print(
-        f"median of {args.repeats} interleaved repeats after warm-up; cells: "
+        f"median of {args.repeats} interleaved repeats after warm-up, {args.clock} clock; cells: "
         f"{'all in this process' if args.in_process else 'each (case, rate) in a fresh spawned worker'}; "
         "time saving / FLOPs saving: median of per-round values [min-max]"
     )
@@ -148,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, rate in [(n, r) for n in args.cases for r in args.rates]:
-        rows = run_cell(bench_case, name, [rate], args.repeats, in_process=args.in_process, malloc_setting=malloc)
+        rows = run_cell(
+            bench_case, name, [rate], args.repeats, args.clock, in_process=args.in_process, malloc_setting=malloc
+        )
         for r in rows:
             print(
                 f"| {name} | {r['rate']:.1%} | {r['flops_saving']:.1%} | {r['time_saving']:.1%} | {r['ratio']} "

@@ -27,9 +27,17 @@ import torch
 from torch import Tensor
 
 from brickwork.analysis.compute import subnet_flops
-from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
+from brickwork.analysis.timing import (
+    add_clock_option,
+    describe_machine,
+    load_average,
+    named_clock,
+    ratio_spread,
+    run_cell,
+    time_rounds,
+)
 from brickwork.models.nested import nested_cnn, nested_lm, nested_mlp
-from brickwork.nn.nested import NestedModel, nested_modules
+from brickwork.nn.nested import NestedModel, nested_modules, zero_written_grads
 from brickwork.ops.slice import slice_model
 
 CASES: dict[str, Callable[[], tuple[NestedModel, Tensor]]] = {
@@ -50,9 +58,11 @@ def _forward(model: torch.nn.Module, x: Tensor) -> Callable[[], object]:
 
 
 def _train_step(model: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    # Gradient buffers kept and zeroed between steps (optimizer.zero_grad(set_to_none=False)), for
+    # every candidate; a sliced supernet's only where the sub-network wrote (zero_written_grads):
+    # a fresh full-size zero gradient per step was most of the gap at width 1/4 (docs/perf-notes.md).
     def step() -> None:
-        for p in model.parameters():
-            p.grad = None
+        zero_written_grads(model.parameters())
         model(x).float().square().mean().backward()
 
     return step
@@ -67,7 +77,9 @@ def _r2(xs: list[float], ys: list[float]) -> float:
     return (sxy * sxy) / (sxx * syy) if sxx and syy else 1.0
 
 
-def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def bench_case(
+    name: str, widths: list[float], repeats: int, clock: str = "wall"
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """All widths and variants timed in one interleaved rotation, so every ratio is side by side.
 
     Returns:
@@ -107,8 +119,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
             for m in nested_modules(model):
                 if hasattr(m, "inplace_grad"):
                     setattr(m, "inplace_grad", inplace)  # noqa: B010 - a nested brick's flag, not a Module attribute
-            for p in model.parameters():
-                p.grad = None
+            zero_written_grads(model.parameters())
             for w in widths:
                 model.configure(w)
                 model(x).float().square().mean().backward()
@@ -123,6 +134,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
                 **{f"sliced {w}": _forward(sliced[w], x) for w in widths},
             },
             repeats=repeats,
+            clock=named_clock(clock),
         )
     model.train()
     for s in sliced.values():
@@ -136,6 +148,7 @@ def bench_case(name: str, widths: list[float], repeats: int) -> tuple[dict[str, 
             "sorted autograd": sorted_step(False),
         },
         repeats=repeats,
+        clock=named_clock(clock),
     )
     fwd = {n: t.median() for n, t in fwd_s.items()}
     bwd = {n: t.median() for n, t in bwd_s.items()}
@@ -164,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    add_clock_option(p)
     p.add_argument(
         "--in-process", action="store_true", help="all cases in this process (the old order), not a fresh worker each"
     )
@@ -173,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     malloc = "tuned"  # raised glibc thresholds, applied in each worker before it allocates
     print(f"machine: {describe_machine(malloc)}")
     print(
-        f"median of {args.repeats} repeats after warm-up, every width and variant of a case interleaved in one "
+        f"median of {args.repeats} repeats after warm-up ({args.clock} clock), every width and variant of a case "
+        "interleaved in one "
         f"rotation; cells: {'all in this process' if args.in_process else 'each case in a fresh spawned worker'}; "
         "ratios (median of per-round ratios [min-max]) < 1 are faster than the baseline"
     )
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             name,
             sorted(set(args.widths) | {1.0}),
             args.repeats,
+            args.clock,
             in_process=args.in_process,
             malloc_setting=malloc,
         )

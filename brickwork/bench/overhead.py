@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import brickwork.models  # noqa: F401  (registers the model names bench_model looks up)
-from brickwork.analysis.timing import describe_machine, load_average, ratio_spread, run_cell, time_rounds
+from brickwork.analysis.timing import (
+    add_clock_option,
+    describe_machine,
+    load_average,
+    named_clock,
+    ratio_spread,
+    run_cell,
+    time_rounds,
+)
 from brickwork.data import load_dataset
 from brickwork.data.batching import batches, epoch_order, num_batches
 from brickwork.registry import REGISTRY
@@ -87,19 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; workers inherit it)")
-    p.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="cpu: the worker's CPU time, leaving out time other processes took (a loaded machine)",
-    )
+    add_clock_option(p, "the worker's")
     p.add_argument(
         "--in-process", action="store_true", help="all models in this process (the old order), not a fresh worker each"
     )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = named_clock(args.clock)
     print(f"machine: {describe_machine()}")
     print(
         f"data: {args.dataset}, batch {args.batch_size}, one epoch per repeat, "

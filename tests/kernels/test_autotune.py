@@ -50,8 +50,9 @@ def test_fastest_is_chosen_written_and_read_back_without_timing(tmp_path: Path, 
     assert tuner.made[MOE.key()].source == "measured"
     stored = json.loads(path.read_text())["machines"]["CPU A | torch 1"][MOE.key()]
     assert stored["backend"] == "split" and stored["seconds"] == {"grouped_mm": 3.0, "split": 1.0, "bmm": 2.0}
-    # Bounded: budget 0.3 s is spent after the first timed round, so one warm-up + one round each.
-    assert timer.calls == dict.fromkeys(NAMES, 2)
+    # Bounded: budget 0.3 s is spent after the first timed round; min_rounds asks for a second,
+    # so one warm-up + two rounds each.
+    assert timer.calls == dict.fromkeys(NAMES, 3)
 
     # A fresh process (a new tuner) reads the file: no candidate is built or timed again.
     again = FakeTimer({"grouped_mm": 0.1, "split": 9.0, "bmm": 9.0})
@@ -63,6 +64,20 @@ def test_fastest_is_chosen_written_and_read_back_without_timing(tmp_path: Path, 
     assert fresh.choose(MOE, NAMES, never) == "split"
     assert fresh.made[MOE.key()].source == "cached" and fresh.timings == 0
     assert again.calls == dict.fromkeys(NAMES, 0)
+
+
+def test_the_preferred_candidate_is_kept_unless_another_is_faster_by_the_margin(tmp_path: Path, unpinned: None) -> None:
+    # split 5 % faster than grouped_mm (the first in KINDS order): within the 10 % margin, kept.
+    near = Autotuner(tmp_path / "a.json", timer=FakeTimer({"grouped_mm": 1.0, "split": 0.95, "bmm": 2.0}))
+    assert near.choose(MOE, NAMES, _candidates) == "grouped_mm"
+    # 20 % faster: chosen; the preference follows the applicable order, not a fixed name.
+    far = Autotuner(tmp_path / "b.json", timer=FakeTimer({"grouped_mm": 1.0, "split": 0.8, "bmm": 2.0}))
+    assert far.choose(MOE, NAMES, _candidates) == "split"
+    late = Autotuner(tmp_path / "c.json", timer=FakeTimer({"grouped_mm": 1.0, "split": 1.0, "bmm": 0.95}))
+    assert late.choose(MOE, ["split", "bmm"], lambda: {n: (lambda: None) for n in ("split", "bmm")}) == "split"
+    # Without a margin the plain fastest wins (the guard is the margin, not an order).
+    plain = Autotuner(tmp_path / "d.json", timer=FakeTimer({"grouped_mm": 1.0, "split": 0.95, "bmm": 2.0}), margin=0)
+    assert plain.choose(MOE, NAMES, _candidates) == "split"
 
 
 def test_keys_separate_shape_class_cpu_model_and_torch_version(tmp_path: Path, unpinned: None) -> None:
@@ -234,3 +249,37 @@ def test_the_malloc_setting_is_measured_once_applied_and_pinnable(
     with pytest.raises(ValueError, match="unknown setting"):
         malloc.set_malloc("huge")
     malloc.set_malloc("default")  # leave this process as it started
+
+
+def test_the_wall_timer_measures_the_call_it_wraps() -> None:
+    # No time is asserted: the measured span lies inside the span around it, and the call ran.
+    import time
+
+    ran: list[int] = []
+    t0 = time.perf_counter()
+    dt = autotune.wall_timer("split", lambda: ran.append(1))
+    outer = time.perf_counter() - t0
+    assert ran == [1] and 0.0 <= dt <= outer
+
+
+def test_the_cache_warning_points_at_the_callers_line(tmp_path: Path, unpinned: None) -> None:
+    path = tmp_path / "autotune.json"
+    path.write_text("{not json")
+    tuner = Autotuner(path, timer=FakeTimer({"grouped_mm": 2.0, "split": 1.0, "bmm": 3.0}), machine="CPU A | torch 1")
+    with pytest.warns(UserWarning, match="ignoring it") as caught:
+        tuner.choose(MOE, NAMES, _candidates)
+    assert caught[0].filename == __file__  # this test's call, not autotune's internals
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo")
+def test_the_machine_key_names_the_first_cpus_model_and_numbers_and_the_torch_version() -> None:
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's block
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+    if "model name" not in fields:
+        pytest.skip("this CPU reports no model name")
+    numbers = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    want = fields["model name"] + (f" ({numbers})" if numbers else "")
+    assert autotune.cpu_model() == want
+    assert autotune.machine_key() == f"{want} | torch {torch.__version__}"
+    if not torch.cuda.is_available():
+        assert autotune.machine_key("cuda") == autotune.machine_key()  # no GPU to name: the CPU's key

@@ -19,16 +19,10 @@ from brickwork.nn.nested import (
     prefix,
     sliced_linear,
     units,
+    zero_written_grads,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster, and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_units_rounds_half_up_within_bounds():
@@ -60,6 +54,33 @@ def test_inplace_sliced_gradients_equal_autograd_through_views(kind):
     for name in g_a:
         torch.testing.assert_close(g_a[name], g_b[name])
     assert g_b["weight"][-1].abs().sum() == 0  # the last output row is in neither sub-network
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_kept_gradients_zeroed_by_prefix_equal_fresh_autograd_over_steps(kind):
+    """Steps at shrinking, growing and full widths (full width accumulates through autograd, which
+    writes all of .grad), the buffers kept and zeroed by zero_written_grads between steps: every
+    step's gradients equal a fresh autograd computation through views (float64, 1e-10)."""
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64}
+    if kind == "linear":
+        module, make = NestedLinear(12, 10, **kw), (lambda: torch.randn(3, 12, dtype=torch.float64))
+    else:
+        module = NestedConv2d(5, 6, stride=2, **kw)
+        make = lambda: torch.randn(2, 5, 6, 6, dtype=torch.float64)  # noqa: E731
+    reference = NestedLinear(12, 10, **kw) if kind == "linear" else NestedConv2d(5, 6, stride=2, **kw)
+    reference.load_state_dict(module.state_dict())
+    reference.inplace_grad = False
+    for widths in ([0.8], [0.3], [1.0, 0.3], [0.5], [0.7, 0.3], [0.2]):
+        x = make()
+        zero_written_grads(module.parameters())
+        reference.zero_grad(set_to_none=True)
+        for m in (module, reference):
+            for w in widths:
+                m.width = w
+                m(x).square().sum().backward()
+        for (name, p), q in zip(module.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=f"{name} after widths {widths}")
 
 
 def test_sliced_linear_without_grad_is_a_view_product():

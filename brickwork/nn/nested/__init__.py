@@ -1,7 +1,7 @@
 """Nested width and depth: bricks usable at any prefix width, SortedNet and Matryoshka training."""
 
 from brickwork.nn.nested.attention import NestedAttention
-from brickwork.nn.nested.functional import sliced_conv2d, sliced_linear, units
+from brickwork.nn.nested.functional import sliced_conv2d, sliced_linear, units, zero_written_grads
 from brickwork.nn.nested.layers import (
     NestedConv2d,
     NestedGroupNorm,
@@ -36,4 +36,5 @@ __all__ = [
     "sliced_linear",
     "subnet_label",
     "units",
+    "zero_written_grads",
 ]

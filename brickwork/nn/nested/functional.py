@@ -17,7 +17,10 @@ not see it. Outside of grad mode, or at full width, the plain functional ops run
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,11 +39,65 @@ def units(width: float, n: int) -> int:
     return max(1, min(n, int(math.floor(width * n + 0.5))))
 
 
-def _grad_buffer(p: Tensor) -> Tensor:
-    """``p.grad``, allocated as zeros when it does not exist yet (first slice of a step)."""
+def _grad_buffer(p: Tensor, *sizes: int) -> Tensor:
+    """``p.grad``, allocated as zeros when it does not exist yet (first slice of a step); records
+    that the prefix ``sizes`` of it is about to be written (see :func:`zero_written_grads`)."""
     if p.grad is None:
         p.grad = torch.zeros_like(p)
+    _mark_written(p, sizes)
     return p.grad
+
+
+# Which prefix of a parameter's .grad was written since zero_written_grads last zeroed it: a tuple
+# of sizes (the empty tuple: nothing, the buffer is all zeros), or None: written anywhere (autograd
+# accumulated into it; zero it whole). Kept on the parameter itself, set only for parameters a
+# sliced function has written, which also get a hook marking autograd's own accumulation.
+_WRITTEN = "_brickwork_grad_written"
+
+
+def _written_by_autograd(ref: weakref.ref[Tensor], grad: Tensor | None) -> None:
+    """Tensor hook: autograd brings a gradient for the whole parameter (it will write all of .grad).
+    The sliced functions return no gradient for their parameters: the hook then sees None."""
+    p = ref()
+    if p is not None and grad is not None:
+        setattr(p, _WRITTEN, None)
+
+
+def _mark_written(p: Tensor, sizes: tuple[int, ...]) -> None:
+    if not hasattr(p, _WRITTEN):
+        # Autograd's own accumulation (a full-width step, autograd through a view) writes all of .grad.
+        p.register_hook(functools.partial(_written_by_autograd, weakref.ref(p)))
+        setattr(p, _WRITTEN, None)  # unknown until the first zero_written_grads
+    seen = getattr(p, _WRITTEN)
+    if seen is not None:
+        setattr(p, _WRITTEN, tuple(max(a, b) for a, b in zip(seen, sizes, strict=True)) if seen else sizes)
+
+
+def zero_written_grads(params: Iterable[Tensor]) -> None:
+    """Zero the gradients of ``params`` in place, keeping the buffers (as
+    ``optimizer.zero_grad(set_to_none=False)``), but for a gradient that only the sliced functions
+    here wrote since the last call, zero only the prefix they wrote.
+
+    Why: a sub-network at width 1/4 writes 1/16 of a square weight's gradient, yet a full-size
+    zero gradient per step (``p.grad = None`` and a fresh ``zeros_like``, or ``zero_()``) writes all
+    of it: at batch 256 that zero-fill put a 4x1024 MLP's training step at width 1/4 at 1.28x a
+    separately built small model, against 1.13x with only the prefix zeroed (one thread, CPU
+    clock; ``docs/perf-notes.md``). A gradient autograd accumulated into (full width, plain
+    autograd), or one never seen by a sliced function, is zeroed whole.
+
+    Args:
+        params: parameters (e.g. ``model.parameters()``).
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        seen = getattr(p, _WRITTEN, None)
+        if seen is None:
+            p.grad.zero_()
+        elif seen:
+            p.grad[tuple(slice(0, n) for n in seen)].zero_()
+        if hasattr(p, _WRITTEN):
+            setattr(p, _WRITTEN, ())
 
 
 class _SlicedLinear(torch.autograd.Function):
@@ -62,9 +119,9 @@ class _SlicedLinear(torch.autograd.Function):
         grad_x = grad @ weight[:rows, :cols] if ctx.needs_input_grad[0] else None
         g2 = grad.reshape(-1, rows)
         if ctx.needs_input_grad[1]:
-            _grad_buffer(weight)[:rows, :cols].addmm_(g2.t(), x.reshape(-1, cols))
+            _grad_buffer(weight, rows, cols)[:rows, :cols].addmm_(g2.t(), x.reshape(-1, cols))
         if bias is not None and ctx.needs_input_grad[2]:
-            _grad_buffer(bias)[:rows].add_(g2.sum(0))
+            _grad_buffer(bias, rows)[:rows].add_(g2.sum(0))
         return grad_x, None, None, None, None
 
 
@@ -99,9 +156,9 @@ class _SlicedConv2d(torch.autograd.Function):
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b],
         )
         if ctx.needs_input_grad[1]:
-            _grad_buffer(weight)[:o, :i].add_(gw)
+            _grad_buffer(weight, o, i, *weight.shape[2:])[:o, :i].add_(gw)
         if need_b:
-            _grad_buffer(bias)[:o].add_(gb)
+            _grad_buffer(bias, o)[:o].add_(gb)
         return gx, None, None, None, None, None, None
 
 
