@@ -77,7 +77,7 @@ def assert_one_line_refusal(r: Result, expected: str) -> None:
 def test_the_corpus_has_at_least_20_bad_files():
     assert len(cases.DATA) + len(cases.CHECKPOINT) >= 20
     kinds = {name.split("-")[0] for name in [*cases.DATA, *cases.CHECKPOINT]}
-    assert kinds == {"npz", "csv", "txt", "jsonl", "state", "model"}
+    assert kinds == {"npz", "csv", "txt", "jsonl", "speeches", "state", "model"}
 
 
 @pytest.mark.parametrize("name", sorted(cases.DATA))

@@ -320,3 +320,204 @@ def test_a_streamed_save_interrupted_mid_way_keeps_the_old_checkpoint(tmp_path):
         save_tensors_streamed(tmp_path / "ck", {k: (tuple(v.shape), v.dtype) for k, v in t.items()}, cut())
     assert list(load_tensors(tmp_path / "ck")[0]) == ["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]
+
+
+# ------------------------------------------------- paths, formats and messages, in the process
+
+
+def test_a_stem_may_be_given_with_either_files_suffix_and_nested_folders_are_made(tmp_path):
+    from brickwork.persist import atomic_write_text
+
+    save_tensors(tmp_path / "a" / "b" / "ck.safetensors", {"x": torch.ones(2)})
+    save_tensors(tmp_path / "c" / "d" / "m.json", {"x": torch.zeros(1)})
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["ck.json", "ck.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "c" / "d").iterdir()) == ["m.json", "m.safetensors"]
+    assert torch.equal(load_tensors(tmp_path / "a" / "b" / "ck.json")[0]["x"], torch.ones(2))
+    atomic_write_text(tmp_path / "e" / "f" / "note.txt", "hi")
+    assert (tmp_path / "e" / "f" / "note.txt").read_text() == "hi"
+
+
+def test_metadata_json_is_indented_with_sorted_keys_and_its_digest_input_is_canonical(tmp_path):
+    from pathlib import Path
+
+    from brickwork.persist import canonical_json, write_json
+
+    write_json(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+    # The bytes meta_sha256 hashes: sorted keys, no spaces, ASCII escapes, paths as text. A change
+    # here would refuse every checkpoint written before it.
+    assert canonical_json({"b": [1, 2], "a": "é", "p": Path("x/y")}) == b'{"a":"\\u00e9","b":[1,2],"p":"x/y"}'
+
+
+def test_metadata_that_cannot_be_json_names_the_file(tmp_path):
+    from brickwork.persist import write_json
+
+    with pytest.raises(Exception, match=r"m\.json"):
+        write_json(tmp_path / "m.json", {"x": object()})
+    assert not (tmp_path / "m.json").exists()
+
+
+def _streamed_save(stem, tensors, meta=None):
+    from brickwork.persist import save_tensors_streamed
+
+    return save_tensors_streamed(
+        stem, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, tensors.items(), meta
+    )
+
+
+@pytest.mark.parametrize("save", [save_tensors, _streamed_save], ids=["save_tensors", "streamed"])
+def test_a_ctrl_c_just_after_a_rename_is_still_a_ctrl_c(tmp_path, monkeypatch, save):
+    # The signal can land after os.replace returned but before the save leaves its try block:
+    # the temporary is gone by then, and cleaning it up must not turn the Ctrl-C into another error.
+    import brickwork.persist as persist
+
+    save_tensors(tmp_path / "ck", {"a": torch.zeros(2)}, {"step": 1})
+    for n in (1, 2):  # tensors -> pending; the JSON into place
+        calls = {"n": 0}
+        real = persist.os.replace
+
+        def replace(src, dst, real=real, calls=calls, n=n):
+            calls["n"] += 1
+            real(src, dst)
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(persist.os, "replace", replace)
+            with pytest.raises(KeyboardInterrupt):
+                save(tmp_path / "ck", {"a": torch.ones(2)}, {"step": 2})
+        back, meta = load_tensors(tmp_path / "ck")
+        assert (back["a"].sum().item(), meta["step"]) == ((0.0, 1) if n == 1 else (2.0, 2))
+
+
+def test_a_failed_write_is_the_os_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    # safetensors reports I/O failures as its own error with "(os error N)"; save_tensors turns it
+    # into the OSError it is, naming the checkpoint (not the temporary), and keeps the old one.
+    import errno
+
+    import brickwork.persist as persist
+
+    save_tensors(tmp_path / "ck", {"a": torch.zeros(2)})
+    real = persist.save_file
+    monkeypatch.setattr(persist, "save_file", lambda t, tmp: real(t, f"{tmp}/under-a-file"))  # ENOTDIR
+    with pytest.raises(OSError) as caught:
+        save_tensors(tmp_path / "ck", {"a": torch.ones(2)})
+    e = caught.value
+    assert type(e) is NotADirectoryError and e.errno == errno.ENOTDIR
+    assert e.strerror == "Not a directory" and e.filename == str(tmp_path / "ck.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]
+    assert torch.equal(load_tensors(tmp_path / "ck")[0]["a"], torch.zeros(2))
+
+
+def test_load_errors_name_the_file_and_what_was_expected(tmp_path):
+    from brickwork.persist import read_meta
+
+    save_tensors(tmp_path / "ck", {"a": torch.zeros(2)})
+    (tmp_path / "ck.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=r"ck\.safetensors: contents do not match the SHA-256 recorded in ck\.json; "
+        "the file is corrupt or was changed after it was written$",
+    ):
+        load_tensors(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors: not a readable safetensors file \("):
+        load_tensors(tmp_path / "ck", verify=False)
+    (tmp_path / "ck.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors: weights file not found \(metadata is at .*ck\.json\)"):
+        load_tensors(tmp_path / "ck")
+    (tmp_path / "ck.json").write_text("{\n  oops")
+    with pytest.raises(CheckpointError, match=r"ck\.json: not valid JSON \(.* at line 2\)"):
+        read_meta(tmp_path / "ck")
+    (tmp_path / "ck.json").write_text("[1]")
+    with pytest.raises(
+        CheckpointError, match=r"ck\.json: expected a JSON object of checkpoint metadata, got a JSON list"
+    ):
+        read_meta(tmp_path / "ck")
+
+
+def test_read_meta_verifies_by_default_and_load_tensors_can_skip_it(tmp_path):
+    from brickwork.persist import read_meta
+
+    save_tensors(tmp_path / "ck", {"a": torch.ones(2)}, {"step": 1})
+    _edit_json(tmp_path / "ck", lambda m: m.update(step=5))
+    with pytest.raises(
+        CheckpointError,
+        match=r"ck\.json: the metadata does not match its SHA-256 \(key 'meta_sha256'\); "
+        r"it was changed after it was written \(or belongs to other tensors\)$",
+    ):
+        read_meta(tmp_path / "ck")
+    back, meta = load_tensors(tmp_path / "ck", verify=False)  # the caller asked not to check
+    assert meta["step"] == 5 and torch.equal(back["a"], torch.ones(2))
+    _edit_json(tmp_path / "ck", lambda m: m.pop("meta_sha256"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"ck\.json: format 2 but no metadata hash \(key 'meta_sha256'\); "
+        "the metadata was changed after it was written$",
+    ):
+        read_meta(tmp_path / "ck")
+
+
+def test_legacy_metadata_binds_the_keys_it_has(tmp_path):
+    from brickwork.persist import read_meta
+
+    save_tensors(tmp_path / "ck", {"a": torch.ones(2)}, {"seed": 1})
+    _edit_json(tmp_path / "ck", lambda m: (m.pop("meta_sha256"), m.pop("format")))  # the oldest files
+    assert read_meta(tmp_path / "ck", expect={"seed": 1, "run": "r1"})["seed"] == 1  # no 'run': not bound
+    for expect in ({"seed": 0}, {"run": "r1", "seed": 0}):  # a key it has must match, after one it lacks
+        with pytest.raises(
+            CheckpointError,
+            match=r"ck\.json: seed: saved 1, expected 0; "
+            "these checkpoint files belong to another run, model or seed$",
+        ):
+            read_meta(tmp_path / "ck", expect=expect)
+
+
+def test_a_streamed_file_in_safetensors_order_is_byte_identical_to_save_file(tmp_path):
+    # safetensors orders tensors by alignment, then name; given that order the streamed writer's
+    # header (compact JSON, padded with spaces to 8 bytes) and data are exactly save_file's.
+    from safetensors.torch import save_file
+
+    from brickwork.persist import save_tensors_streamed
+
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "ids": torch.arange(6).reshape(2, 3),
+        "a": torch.randn(3, 4, generator=g),
+        "w": torch.randn(5, generator=g),
+        "half": torch.randn(3, generator=g).to(torch.float16),
+    }
+    save_file(t, str(tmp_path / "ref.safetensors"))
+    save_tensors_streamed(
+        tmp_path / "deep" / "er" / "s", {k: (tuple(v.shape), v.dtype) for k, v in t.items()}, _pieces(t, 2)
+    )
+    assert (tmp_path / "deep" / "er" / "s.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_a_streamed_save_refuses_a_dtype_safetensors_cannot_store(tmp_path):
+    from brickwork.persist import save_tensors_streamed
+
+    layout = {"w": ((2,), torch.float32), "z": ((2,), torch.complex64)}
+    with pytest.raises(
+        CheckpointError, match=r"s\.safetensors: tensor 'z' has dtype torch\.complex64, which safetensors"
+    ):
+        save_tensors_streamed(tmp_path / "s", layout, [])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "layout, pieces, at",
+    [
+        ({"a": ((4,), torch.float32), "b": ((4,), torch.float32)}, [("b", torch.ones(4))], "'a'"),  # same dtype, size
+        ({}, [("x", torch.ones(1))], "'(no tensor)'"),  # nothing expected at all
+    ],
+    ids=["other-tensor", "empty-layout"],
+)
+def test_a_streamed_piece_of_another_tensor_is_refused_naming_the_expected_one(tmp_path, layout, pieces, at):
+    import re
+
+    from brickwork.persist import save_tensors_streamed
+
+    want = f"s.safetensors: a piece of '{pieces[0][0]}' does not follow the layout (at {at})"
+    with pytest.raises(CheckpointError, match=re.escape(want)):
+        save_tensors_streamed(tmp_path / "s", layout, pieces)
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,15 @@ Usage:
     python tools/mutation.py                # every target (hours on 2 cores)
     python tools/mutation.py routing exits  # some targets
     python tools/mutation.py --list
+    python tools/mutation.py kernels --max-children 1 --workdir /tmp/mut-a
+    python tools/mutation.py kernels --resume              # go on where a stopped run was
+    python tools/mutation.py kernels --mutants 'brickwork.kernels.grouped*'  # (re)test some only
+    python tools/mutation.py kernels --survivors           # re-test survivors after new tests
+
+``--resume``, ``--mutants`` and ``--survivors`` reuse the target's copy and mutmut's verdicts: the
+copy's tests (and tools) are refreshed from the checkout, its sources are not, so the mutants
+stay the ones already judged. The test selection must not change in between (mutmut would then
+judge every mutant again).
 """
 
 from __future__ import annotations
@@ -36,21 +45,40 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
             "tests/nn/test_routing_losses.py",
             "tests/nn/test_routing_properties.py",
             "tests/nn/test_moe.py",
+            "tests/nn/test_noisy_topk.py",
+            "tests/nn/test_token_hash.py",
         ],
     ),
     "kernels": (["brickwork/kernels/*"], ["tests/kernels"]),
     "sparse": (
         ["brickwork/nn/sparse/*"],
-        ["tests/nn/test_sparse_linear.py", "tests/nn/test_sparse_connectivity.py", "tests/nn/test_sparse_rewiring.py"],
+        [
+            "tests/nn/test_sparse_linear.py",
+            "tests/nn/test_sparse_connectivity.py",
+            "tests/nn/test_sparse_rewiring.py",
+            "tests/nn/test_sparse_edge_rewiring.py",
+            "tests/nn/test_sparse_properties.py",
+        ],
     ),
-    "nested": (["brickwork/nn/nested/*"], ["tests/nn/test_nested.py", "tests/ops/test_slice.py"]),
-    "exits": (["brickwork/nn/exits.py"], ["tests/nn/test_exits.py", "tests/analysis/test_exits.py"]),
+    "nested": (
+        ["brickwork/nn/nested/*"],
+        ["tests/nn/test_nested.py", "tests/nn/test_nested_properties.py", "tests/ops/test_slice.py"],
+    ),
+    "exits": (
+        ["brickwork/nn/exits.py"],
+        [
+            "tests/nn/test_exits.py",
+            "tests/nn/test_exits_values.py",
+            "tests/nn/test_jei.py",
+            "tests/analysis/test_exits.py",
+        ],
+    ),
     "mod": (["brickwork/nn/mod.py"], ["tests/nn/test_mod.py", "tests/nn/test_mod_properties.py"]),
     "compute": (
         ["brickwork/analysis/compute.py"],
         ["tests/analysis/test_compute.py", "tests/analysis/test_compute_counting.py"],
     ),
-    "persist": (["brickwork/persist.py"], ["tests/test_persist.py"]),
+    "persist": (["brickwork/persist.py"], ["tests/test_persist.py", "tests/test_persist_cleanup.py"]),
     "train": (["brickwork/train/*"], ["tests/train"]),
     "config": (
         ["brickwork/experiment/config.py"],
@@ -86,21 +114,74 @@ def _config(only: list[str], tests: list[str]) -> str:
         'source_paths = ["brickwork"]\n'
         f"only_mutate = [{quoted}]\n"
         f"pytest_add_cli_args_test_selection = [{selected}]\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
+        # torch._dynamo as a plugin: imported once in mutmut's fork server, not in every mutant's
+        # process (a first optimizer step imports it lazily: ~9 s each on 2 loaded cores).
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "torch._dynamo", "-q", "-x"]\n'
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
+        # mutmut's wall-clock limit per mutant is (estimated test time + timeout_constant) * 15 s. At
+        # the default constant of 1 s, on the loaded 2-core machine (a niced worker got ~10 % of a
+        # core), mutants whose tests pass were reported as timeouts, i.e. as killed; 10 s leaves room.
+        "timeout_constant = 10.0\n"
     )
 
 
-def run_target(name: str, workdir: Path, mutmut: Path) -> dict[str, object]:
+def _refresh_tests(copy: Path) -> None:
+    """The checkout's test files (and tools) into an existing copy; its sources stay as they were."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "tests", "tools"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, copy / rel)
+
+
+def _survivors(copy: Path, mutmut: Path, env: dict[str, str]) -> list[str]:
+    """The names of the mutants that survived (or had no test) in the copy's last run."""
+    out = subprocess.run([str(mutmut), "results"], cwd=copy, env=env, capture_output=True, text=True).stdout
+    names = []
+    for line in out.splitlines():
+        name, _, status = line.strip().partition(": ")
+        if status in ("survived", "no tests"):
+            names.append(name)
+    return names
+
+
+def run_target(
+    name: str,
+    workdir: Path,
+    mutmut: Path,
+    *,
+    reuse: bool = False,
+    mutants: list[str] | None = None,
+    survivors: bool = False,
+    max_children: int | None = None,
+) -> dict[str, object]:
     only, tests = TARGETS[name]
     copy = workdir / name
-    _copy_tree(copy)
-    with open(copy / "pyproject.toml", "a") as f:
-        f.write(_config(only, tests))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy)}
+    if (reuse or mutants or survivors) and (copy / "mutants").is_dir():
+        _refresh_tests(copy)
+    else:
+        _copy_tree(copy)
+        with open(copy / "pyproject.toml", "a") as f:
+            f.write(_config(only, tests))
+    names = list(mutants or [])
+    if survivors:
+        names += _survivors(copy, mutmut, env)
+        if not names:
+            return {"target": name, "modules": only, "tests": tests, "score": None, "seconds": 0, "returncode": 0}
+    cmd = ["nice", "-n", "19", str(mutmut), "run"]
+    if max_children:
+        cmd += ["--max-children", str(max_children)]
     t0 = time.time()
-    run = subprocess.run(["nice", "-n", "19", str(mutmut), "run"], cwd=copy, env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd + names, cwd=copy, env=env, capture_output=True, text=True)
     subprocess.run([str(mutmut), "export-cicd-stats"], cwd=copy, env=env, capture_output=True, text=True)
     stats_file = copy / "mutants" / "mutmut-cicd-stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
@@ -125,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("targets", nargs="*", help=f"some of: {', '.join(TARGETS)} (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "brickwork-mutation")
     parser.add_argument("--list", action="store_true", help="print the targets and exit")
+    parser.add_argument("--max-children", type=int, help="parallel mutmut workers (default: one per core)")
+    parser.add_argument("--resume", action="store_true", help="reuse the copy; test the mutants without a verdict")
+    parser.add_argument("--mutants", nargs="+", metavar="PATTERN", help="(re)test only these mutant names / globs")
+    parser.add_argument("--survivors", action="store_true", help="re-test the survivors of the copy's last run")
     args = parser.parse_args(argv)
     if args.list:
         for name, (only, tests) in TARGETS.items():
@@ -140,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for name in args.targets or list(TARGETS):
-        r = run_target(name, args.workdir, mutmut)
+        r = run_target(
+            name,
+            args.workdir,
+            mutmut,
+            reuse=args.resume,
+            mutants=args.mutants,
+            survivors=args.survivors,
+            max_children=args.max_children,
+        )
         results.append(r)
         score = "n/a" if r["score"] is None else f"{r['score']:.1%}"
         print(
@@ -151,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["returncode"]:
             print(f"  mutmut exited {r['returncode']}:\n{r['log_tail']}", file=sys.stderr)
     out = args.workdir / "mutation-results.json"
-    out.write_text(json.dumps(results, indent=2))
+    earlier = json.loads(out.read_text()) if out.exists() else []  # other targets' last results stay
+    done = {r["target"] for r in results}
+    out.write_text(json.dumps([r for r in earlier if r.get("target") not in done] + results, indent=2))
     print(f"results: {out}")
     return 0
 

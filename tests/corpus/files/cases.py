@@ -343,3 +343,44 @@ CHECKPOINT: dict[str, CheckpointCase] = {
         "slice", _edit_json(M, lambda m: m.pop("model"), legacy=True), "no model spec"
     ),
 }
+
+
+# --------------------------------------------------- convention speeches (brickwork.data.speeches)
+
+
+def _speeches(data: bytes) -> Callable[[Path], dict[str, Any]]:
+    def write(folder: Path) -> dict[str, Any]:
+        path = folder / "speeches.csv"
+        path.write_bytes(data)
+        return {"name": "convention-speeches", "path": str(path)}
+
+    return write
+
+
+SPEECH = "We will build a stronger economy for every family in this country."
+DATA.update(
+    {
+        "speeches-missing-file": DataCase(
+            lambda folder: {"name": "convention-speeches", "path": str(folder / "absent.csv")},
+            "data.path: file not found",  # the config's path check, before the loader's own
+        ),
+        "speeches-missing-column": DataCase(
+            _speeches(f"party,speech\ndemocrat,{SPEECH}\n".encode()), "no column(s) ['text']; expected a CSV"
+        ),
+        "speeches-unknown-party": DataCase(
+            _speeches(f"party,text\ndemocrat,{SPEECH}\nwhig,{SPEECH}\n".encode()),
+            "line 3: party 'whig'; expected one of ['democrat', 'republican']",
+        ),
+        "speeches-one-party": DataCase(
+            _speeches(f"party,text\nrepublican,{SPEECH}\nrepublican,{SPEECH}\n".encode()),
+            "speeches of ['republican'] only; expected both parties",
+        ),
+        "speeches-non-utf8": DataCase(
+            _speeches("party,text\ndemocrat,caf\u00e9 society\n".encode("latin-1")), "not UTF-8 text (byte 0xe9"
+        ),
+        "speeches-split-without-sentences": DataCase(
+            _speeches(f"party,text\ndemocrat,{SPEECH}\nrepublican,Thank you.\n".encode()),
+            "split holds no sentence of 5 or more words",
+        ),
+    }
+)
