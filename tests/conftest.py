@@ -78,3 +78,53 @@ def killed_then_resumed(monkeypatch: pytest.MonkeyPatch):
         return store, execute(None, store, resume=rec.id, progress=False, echo=lambda s: None)
 
     return run
+
+
+def _event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in ``folder``'s TensorBoard event files, as (step, value) in step order."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="needs the tensorboard extra"
+    )
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture
+def tb_scalars():
+    """``tb_scalars(folder)``: the scalars of a TensorBoard folder (skips without the extra)."""
+    return _event_scalars
+
+
+@pytest.fixture
+def tb_epoch_losses(tb_scalars):
+    """``tb_epoch_losses(run_dir, label)``: ``{stage folder: [train/epoch_loss values]}`` of one
+    variant's seed-0 TensorBoard folders, for the stages that train; None without the
+    ``tensorboard`` extra (runs then write no curves), so a test checks its curves only with it."""
+    from brickwork.train import tensorboard
+
+    if not tensorboard.available():
+        return None
+
+    def read(run_dir: Path, label: str) -> dict[str, list[float]]:
+        root = run_dir / "tb" / label / "seed0"
+        out = {}
+        for events in sorted(root.rglob("events.out.tfevents.*")):
+            folder = events.parent
+            scalars = tb_scalars(folder)
+            if "train/epoch_loss" in scalars:
+                out[folder.relative_to(root).as_posix()] = [v for _, v in scalars["train/epoch_loss"]]
+        return out
+
+    return read
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test, restored after: tiny shapes run faster on one thread, and
+    immune to OpenMP waits when other processes compete for the cores. Test files of tiny tensor
+    checks use it for every test: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

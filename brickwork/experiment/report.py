@@ -25,6 +25,13 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("flops_per_sample", "FLOPs/sample", "{:,.0f}"),
     ("latency_us_per_sample", "latency µs/sample", "{:.1f}"),
     ("train_seconds", "train s", "{:.1f}"),
+    # the ``lmc`` stage (mean ± std over seed pairs in a repeated-seed run): naive, weight-, activation-matched
+    ("lmc_none_loss_barrier", "loss barrier naive", "{:.4f}"),
+    ("lmc_weight_loss_barrier", "loss barrier weight-matched", "{:.4f}"),
+    ("lmc_activation_loss_barrier", "loss barrier act.-matched", "{:.4f}"),
+    ("lmc_none_midpoint_accuracy", "midpoint acc naive", "{:.4f}"),
+    ("lmc_weight_midpoint_accuracy", "midpoint acc weight-matched", "{:.4f}"),
+    ("lmc_activation_midpoint_accuracy", "midpoint acc act.-matched", "{:.4f}"),
 ]
 
 

@@ -62,6 +62,7 @@ def train_phase(
     aux_weights: dict[str, float] | None = None,
     progress: bool | None = None,
     desc: str = "phase",
+    log_dir: Path | None = None,
 ) -> PhaseResult:
     """Freeze ``model`` except the parameters matching the globs ``trainable``, train it (in place).
 
@@ -73,7 +74,8 @@ def train_phase(
         seed: batch order (pure function of seed and epoch).
         device: where batches go.
         state_path: saved after every epoch and resumed from (``train.recipe.train_with``).
-        aux_weights, progress, desc: as for ``train_with``.
+        aux_weights, progress, desc, log_dir: as for ``train_with`` (``log_dir``: this phase's
+            TensorBoard folder, or None).
 
     Raises:
         BrickworkError: no parameter matches ``trainable``.
@@ -91,5 +93,6 @@ def train_phase(
         state_path=state_path,
         progress=progress,
         desc=desc,
+        log_dir=log_dir,
     )
     return PhaseResult(count_params(model, trainable_only=True), per_sample, settings.epochs * len(train), history)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from brickwork.data.base import Split
 from brickwork.data.batching import batches, epoch_order, num_batches
-from brickwork.distributed.batch import all_sum, all_sum_start, shard_batch
-from brickwork.distributed.data_parallel import context_of, count_rows, finish_gradients, gathered
+from brickwork.distributed.batch import all_sum, shard_batch
+from brickwork.distributed.data_parallel import context_of, count_rows, finish_gradients, gathered, step_sums_start
 from brickwork.errors import BrickworkError
 from brickwork.nn.hooks import ModelHooks, after_optimizer_epoch
 from brickwork.nn.records import aux_loss_holders, aux_weight, collect_aux_losses
@@ -145,10 +145,10 @@ def train_step(
     if dist.active:
         values = [loss.item(), *(share * v.item() for v in aux.values())]  # each times this rank's share
         finite = math.isfinite(total.item())
-        # One all-reduce, overlapped with the backward pass: the whole batch's scalars and one
-        # skip decision for all ranks. A non-finite step is then skipped after its backward, but
-        # before any update: the weights stay as they were, as in one process.
-        sums = all_sum_start(dist, [*values, 0.0 if finite else 1.0])
+        # The whole batch's scalars and one skip decision for all ranks, summed during the backward
+        # (under DDP inside its last gradient bucket: one all-reduce per step). A non-finite step is
+        # then skipped after its backward, but before any update: the weights stay as they were.
+        sums = step_sums_start(model, [*values, 0.0 if finite else 1.0])
         total.backward()
         *summed, bad = sums()
         summed = [v / dist.world_size for v in summed]

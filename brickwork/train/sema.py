@@ -194,6 +194,7 @@ class _TaskTraining:
     state_dir: Path | None
     name: str
     progress: bool | None
+    log_dir: Path | None = None
     phases: int = 0
     flops: float = 0.0
 
@@ -217,6 +218,7 @@ class _TaskTraining:
             state_path=where,
             progress=self.progress,
             desc=f"{self.name} phase {self.phases}",
+            log_dir=None if self.log_dir is None else self.log_dir / f"phase{self.phases}",
         )
         for (i, _), d in zip(learning, descriptors, strict=True):
             d.learning = False
@@ -241,6 +243,7 @@ def continual(
     state_dir: Path | None = None,
     state_prefix: str = "",
     progress: bool | None = None,
+    log_dir: Path | None = None,
 ) -> ContinualResult:
     """Learn ``tasks`` one after the other from ``backbone`` (copied) with ``method``.
 
@@ -257,6 +260,8 @@ def continual(
         state_dir, state_prefix: each phase's training state is kept as
             ``state_dir / f"{state_prefix}task{t}-phase{p}"`` (resume continues inside the sequence).
         progress: progress bars.
+        log_dir: TensorBoard folder; each phase's curves go to ``log_dir / f"task{t}" / f"phase{p}"``
+            (None: no curves).
     """
     model = sema_model(backbone, rank, descriptor_rank).to(device)
     layers: list[SEMALayer] = list(model.body.layers)  # type: ignore[arg-type]
@@ -272,7 +277,8 @@ def continual(
         local = Split(task.train.x, task.train.y - task.offset)
         head = f"model.head.proj.heads.{t}.*"
         name = f"{state_prefix}task{t}"
-        job = _TaskTraining(model, view, local, settings, seed + 1_000 * t, device, state_dir, name, progress)
+        curves = None if log_dir is None else log_dir / f"task{t}"
+        job = _TaskTraining(model, view, local, settings, seed + 1_000 * t, device, state_dir, name, progress, curves)
         run = job.run
 
         if method == "finetune":

@@ -30,7 +30,9 @@ def _cfg(threads):
     }
 
 
-def test_specialists_compose_resume_bit_exactly_and_reload(runs_dir, one_thread, tmp_path, killed_then_resumed):
+def test_specialists_compose_resume_bit_exactly_and_reload(
+    runs_dir, one_thread, tmp_path, killed_then_resumed, tb_epoch_losses
+):
     from brickwork.data import load_dataset
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
@@ -45,6 +47,12 @@ def test_specialists_compose_resume_bit_exactly_and_reload(runs_dir, one_thread,
     step = 2 * (1024 + 256 + 160) + 2 * (256 + 2 * 160)
     assert m["train_flops"] == 1258 * step
     assert {"specialist0_val_accuracy", "specialist1_val_accuracy", "compose_val_accuracy"} <= m.keys()
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # Each specialist's training curve in its own TensorBoard folder, equal to the history it recorded.
+        history = json.loads((ref.dir / "m" / "progress.json").read_text())["history"]
+        curves = {f"stage0-specialist{i}": [h["train_loss"] for h in history if h["specialist"] == i] for i in (0, 1)}
+        assert tb_epoch_losses(ref.dir, "m") == {k: pytest.approx(v, rel=1e-6) for k, v in curves.items()}
+        assert all(len(v) == 1 for v in curves.values())
 
     # 5 steps per specialist (620 and 638 samples): stop inside the second one
     store, resumed = killed_then_resumed(cfg, runs_dir, 5 + 2)

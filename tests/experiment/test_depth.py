@@ -31,7 +31,7 @@ def run(runs_dir, models, stages):
     return rec, json.loads((rec.dir / "metrics.json").read_text()), (rec.dir / "report.md").read_text()
 
 
-def test_nested_subnetworks_and_separate_baselines(runs_dir):
+def test_nested_subnetworks_and_separate_baselines(runs_dir, tb_epoch_losses):
     model = {"name": "nested_mlp", "width": 32, "depth": 2, "widths": [0.5, 1.0], "depths": [1, 2], "samples": 3}
     rec, metrics, report = run(
         runs_dir,
@@ -59,6 +59,10 @@ def test_nested_subnetworks_and_separate_baselines(runs_dir):
     assert "separately trained" in report and "| w0.5-d1 |" in report
     assert (rec.dir / "plots" / "nested-sn-latency.png").exists()
     assert (rec.dir / "sn" / "stage2-baseline-w0.5-d1" / "model.safetensors").exists()
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: the supernet's training and each separately trained baseline, 3 epochs each.
+        baselines = {f"stage2-baseline-w{w:g}-d{d}": 3 for w, d in [(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]}
+        assert {k: len(v) for k, v in tb_epoch_losses(rec.dir, "sn").items()} == {"stage0-train": 3, **baselines}
 
 
 def test_early_exits_choose_and_save_an_operating_threshold(runs_dir):
@@ -112,7 +116,7 @@ def test_chains_and_layer_importance(runs_dir):
     assert (rec.dir / "plots" / "chains-vit-flops.png").exists()
 
 
-def test_stitching_two_variants_of_a_run(runs_dir):
+def test_stitching_two_variants_of_a_run(runs_dir, tb_epoch_losses):
     rec, metrics, report = run(
         runs_dir,
         {"small": {"name": "mlp", "width": 16, "depth": 2}, "large": {"name": "mlp", "width": 32, "depth": 4}},
@@ -124,3 +128,7 @@ def test_stitching_two_variants_of_a_run(runs_dir):
     assert "Stitched family between small and large" in report
     assert "| small[:1]+large[2:] |" in report and "| large[:2]+small[1:] |" in report  # both directions
     assert report.count("### Stitched family") == 1  # the front variant itself does nothing
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: one folder per fine-tuned stitching layer, named by the cut.
+        stitches = {k for k in tb_epoch_losses(rec.dir, "large") if k.startswith("stage1-")}
+        assert "stage1-small1-large2" in stitches and "stage1-large2-small1" in stitches

@@ -45,7 +45,7 @@ def _weights(runs_dir: Path, run_id: str, label: str) -> dict[str, torch.Tensor]
     return load_trained(RunStore(runs_dir), run_id, label).model.state_dict()
 
 
-def test_teacher_variant_students_and_label_baseline(runs_dir: Path) -> None:
+def test_teacher_variant_students_and_label_baseline(runs_dir: Path, tb_epoch_losses: Any) -> None:
     stage = {
         "stage": "distill",
         "teacher": {"variant": "t"},
@@ -57,6 +57,10 @@ def test_teacher_variant_students_and_label_baseline(runs_dir: Path) -> None:
     models = {"t": TEACHER, "base": STUDENT, "kd": STUDENT, "hint": STUDENT}
     rec = _run(runs_dir, _config(models, [stage]))
     assert len(list((rec.dir / "teacher-cache").glob("*.safetensors"))) == 2  # kd's and hint's taps
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: the label-only variants train on labels, the students distil; one epoch each.
+        assert tb_epoch_losses(rec.dir, "base").keys() == {"stage0-labels"}
+        assert {k: len(v) for k, v in tb_epoch_losses(rec.dir, "kd").items()} == {"stage0-distill": 1}
     data = load_dataset("digits", seed=0)
     settings = TrainSettings(epochs=1)
 

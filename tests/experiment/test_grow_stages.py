@@ -65,7 +65,7 @@ def test_growth_stages_preserve_the_function_and_resume_bit_exactly(
     assert len(loaded.model.body) == 2
 
 
-def test_train_budget_matches_another_variants_training_compute(runs_dir, one_thread):
+def test_train_budget_matches_another_variants_training_compute(runs_dir, one_thread, tb_epoch_losses):
     stages = [
         {"stage": "train_budget", "epochs": 1, "lr": 0.01, "batch_size": 128},
         {"stage": "upcycle", "experts": 4, "top_k": 2, "variants": ["moe"], "eval_samples": 32},
@@ -82,6 +82,11 @@ def test_train_budget_matches_another_variants_training_compute(runs_dir, one_th
     per_epoch = dense["train_flops_stage0"]  # one epoch of the dense model
     epochs = dense["train_flops_stage2"] / per_epoch
     assert epochs == round(moe["train_flops_stage2"] / per_epoch) > 2  # cheaper steps: more epochs, same compute
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: each train_budget stage's curve, as many epochs as it ran.
+        curves = tb_epoch_losses(run.dir, "dense")
+        want = {"stage0-train_budget": 1, "stage2-train_budget": round(epochs)}
+        assert {k: len(v) for k, v in curves.items()} == want
 
 
 def test_grow_and_upcycle_verbs_write_checkpoints_that_reload(runs_dir, one_thread, capsys):

@@ -41,7 +41,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_grown_model_resumes_bit_exactly_and_reloads(runs_dir, one_thread, tmp_path, killed_then_resumed):
+def test_grown_model_resumes_bit_exactly_and_reloads(
+    runs_dir, one_thread, tmp_path, killed_then_resumed, tb_epoch_losses
+):
     from brickwork.experiment.artifacts import load_trained
     from brickwork.persist import load_tensors
 
@@ -58,6 +60,13 @@ def test_grown_model_resumes_bit_exactly_and_reloads(runs_dir, one_thread, tmp_p
     f1 = 2 * (1024 + 2 * 256 + 64 + 160) + 2 * (2 * 160 + 2 * 256 + 96)  # depth 2: layer 1, head, LoRA on 0
     f2 = 2 * (1024 + 3 * 256 + 2 * 64 + 160) + 2 * (2 * 160 + 2 * 256 + (256 + 128) + 96)  # depth 3
     assert metrics["train_flops"] == 1258 * (2 * f0 + f1 + f2)
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # One TensorBoard folder per phase: 2 epochs at depth 1, then 1 per added layer.
+        assert {k: len(v) for k, v in tb_epoch_losses(ref.dir, "grown").items()} == {
+            "stage0-phase0": 2,
+            "stage0-phase1": 1,
+            "stage0-phase2": 1,
+        }
     report = (ref.dir / "report.md").read_text()
     assert f"| 1 | 442 | 2 | {f0:,} |" in report and f"| 2 | {272 + 170 + 64} | 1 | {f1:,} |" in report
 

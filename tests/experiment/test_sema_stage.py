@@ -42,7 +42,7 @@ def _cfg(threads, methods):
     }
 
 
-def test_sema_and_baselines_report_accuracy_forgetting_and_adapters(runs_dir, one_thread):
+def test_sema_and_baselines_report_accuracy_forgetting_and_adapters(runs_dir, one_thread, tb_epoch_losses):
     rec = execute(validate(_cfg(one_thread, None)), RunStore(runs_dir), progress=False, echo=lambda s: None)
     m = json.loads((rec.dir / "metrics.json").read_text())["m"]
     for method in ("sema", "fixed", "finetune"):
@@ -51,6 +51,13 @@ def test_sema_and_baselines_report_accuracy_forgetting_and_adapters(runs_dir, on
     assert 2 <= m["sema_adapters"] <= 4  # one per layer on the first task, at most one more per layer
     report = (rec.dir / "report.md").read_text()
     assert "SEMA's expansion checks" in report and "| finetune |" in report
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: a folder per method, task and phase (two tasks; each phase one epoch).
+        curves = tb_epoch_losses(rec.dir, "m")
+        assert curves.pop("stage0-train") and all(len(v) == 1 for v in curves.values())
+        for method in ("sema", "fixed", "finetune"):
+            tasks = {k.split("/")[1] for k in curves if k.startswith(f"stage1-{method}/")}
+            assert tasks == {"task0", "task1"}, method
 
 
 def test_resume_inside_the_task_sequence_is_bit_exact(runs_dir, one_thread, tmp_path, killed_then_resumed):

@@ -50,7 +50,7 @@ def test_an_identical_twin_teaches_nothing(runs_dir):
     assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
 
 
-def test_cnn_teaches_mlp_and_the_kept_student_is_saved(runs_dir):
+def test_cnn_teaches_mlp_and_the_kept_student_is_saved(runs_dir, tb_epoch_losses):
     stage = {"stage": "transfer", "teacher": {"mlp": "cnn"}, "methods": ["kl_dp_unsup", "xekl"], "keep": "xekl"}
     stage |= {"epochs": 1, "lr": 0.003}
     models = {"cnn": {"name": "cnn", "channels": [8, 16], "blocks": 1}, "mlp": MLP}
@@ -63,6 +63,14 @@ def test_cnn_teaches_mlp_and_the_kept_student_is_saved(runs_dir):
             m["transfer_student_accuracy"] + m[f"transfer_{method}_transfer_delta"], abs=1e-12
         )
     assert 0 < m["transfer_complementary"] < 1
+    if tb_epoch_losses:  # None without the tensorboard extra
+        # TensorBoard: the pretraining and each method's transfer, one epoch each.
+        curves = tb_epoch_losses(rec.dir, "mlp")
+        assert {k: len(v) for k, v in curves.items()} == {
+            "stage0-train": 1,
+            "stage1-transfer-kl_dp_unsup": 1,
+            "stage1-transfer-xekl": 1,
+        }
     # kept: the saved variant is the XE-KL student, whose test accuracy the stage measured
     assert "continues as the xekl student" in report
     kept = load_trained(RunStore(runs_dir), rec.id, "mlp").model.eval()

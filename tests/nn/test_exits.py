@@ -11,14 +11,7 @@ from brickwork.models.nested import early_exit
 from brickwork.nn import ClassifierHead
 from brickwork.nn.exits import EarlyExit, ExitAt, ExitGate, choose_exit, prediction_features
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster, and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 W, K, IN = 16, 5, 64

@@ -15,14 +15,7 @@ from brickwork.nn.sparse import (
     top_k,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("pattern", ["band", "ring", "small_world", "random"])

@@ -7,14 +7,7 @@ import torch.nn.functional as F
 from brickwork.analysis.compute import FlopMeter
 from brickwork.nn.sparse import GroupConv2d, GroupLinear, in_degree
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CASES = {

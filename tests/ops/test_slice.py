@@ -9,14 +9,7 @@ from brickwork.models import nested as builders
 from brickwork.ops.slice import slice_error, slice_model
 from brickwork.registry import REGISTRY
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster, and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CASES = {

@@ -10,14 +10,7 @@ from brickwork.nn.sparse import GroupLinear
 from brickwork.ops.sparsify import plan_sparsify, sparsify
 from brickwork.registry import REGISTRY
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP waits on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_full_connectivity_preserves_an_mlp_with_absorbed_permutations():

@@ -7,14 +7,7 @@ import torch
 from brickwork.models import cnn, mlp, vit
 from brickwork.ops.stitch import StitchLayer, default_cuts, family, fit_least_squares, stitched
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster, and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 X = torch.randn(96, 1, 8, 8)

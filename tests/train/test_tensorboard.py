@@ -14,16 +14,6 @@ STEPS = 20  # digits: 1257 training images, batch 64 -> 20 steps per epoch
 EPOCHS = 2
 
 
-def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag in ``folder``'s event files, as (step, value) in step order."""
-    event_accumulator = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator", reason="needs the tensorboard extra"
-    )
-    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def _run(cfg, runs_dir):
     return execute(validate(cfg), RunStore(runs_dir), progress=False, echo=lambda s: None)
 
@@ -38,13 +28,13 @@ def moe_config(tiny_config):
 
 
 def test_event_files_hold_the_recorded_curves_once_even_after_a_kill_and_resume(
-    moe_config, tmp_path, killed_then_resumed
+    moe_config, tmp_path, killed_then_resumed, tb_scalars
 ):
     pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
     moe_config["stages"][0]["epochs"] = EPOCHS
     ref = _run(moe_config, tmp_path / "ref")
     state = (ref.dir / "moe" / "progress.json").read_text()
-    train = _scalars(ref.dir / "tb" / "moe" / "seed0" / "stage0-train")
+    train = tb_scalars(ref.dir / "tb" / "moe" / "seed0" / "stage0-train")
     history = json.loads(state)["history"]
     assert len(history) == EPOCHS
     log_steps = sorted({*range(10, EPOCHS * STEPS + 1, 10), *(STEPS * e for e in range(1, EPOCHS + 1))})
@@ -65,14 +55,14 @@ def test_event_files_hold_the_recorded_curves_once_even_after_a_kill_and_resume(
         (tag,) = [t for t in train if t.startswith("routing/") and t.endswith(stat)]
         assert [s for s, _ in train[tag]] == ends
     assert all(v >= 1.0 for _, v in train[next(t for t in train if t.endswith("imbalance"))])
-    evaluated = _scalars(ref.dir / "tb" / "moe" / "seed0" / "stage1-evaluate")
+    evaluated = tb_scalars(ref.dir / "tb" / "moe" / "seed0" / "stage1-evaluate")
     metrics = ref.metrics["moe"]
     assert evaluated["test/accuracy"] == [(0, pytest.approx(metrics["test_accuracy"], rel=1e-6))]
     assert evaluated["test/flops_per_sample"] == [(0, pytest.approx(metrics["flops_per_sample"], rel=1e-6))]
 
     # Killed in epoch 2 after 35 steps (step 30 logged): the resumed run redoes 21-40, each logged once.
     _, resumed = killed_then_resumed(moe_config, tmp_path / "killed", 35)
-    again = _scalars(resumed.dir / "tb" / "moe" / "seed0" / "stage0-train")
+    again = tb_scalars(resumed.dir / "tb" / "moe" / "seed0" / "stage0-train")
     assert again.keys() == train.keys()
     for tag, points in train.items():
         assert [s for s, _ in again[tag]] == [s for s, _ in points], tag

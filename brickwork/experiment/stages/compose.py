@@ -87,6 +87,7 @@ def compose_stage(
             aux_weights=ctx.aux_weights,
             progress=ctx.progress,
             desc=f"compose {ctx.label} specialist {i}",
+            log_dir=ctx.tensorboard_dir(f"specialist{i}"),
         )
         total += result.flops
         ctx.history.extend({**h, "specialist": i} for h in result.history)

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
+import pydantic
 from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from brickwork.analysis.compute import stack_flops
 from brickwork.analysis.pareto import pareto_front
 from brickwork.analysis.tradeoff import measure_point
 from brickwork.data.batching import input_batches
+from brickwork.errors import ConfigError
 from brickwork.experiment.context import SplitName, StageContext
 from brickwork.experiment.report import POINT_COLUMNS, tradeoff_section
 from brickwork.experiment.report import markdown_table as table
@@ -36,9 +39,49 @@ from brickwork.ops.chain import (
     mcts_cheapest_chain,
     per_sample_oracle,
 )
-from brickwork.registry import register
+from brickwork.registry import Flatten, register
 
 # -- stages -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
+class ChainSearch:
+    """How the ``chains`` stage searches: beam search or Monte Carlo tree search, and each one's budget.
+
+    Attributes:
+        search: ``beam`` (:func:`~brickwork.ops.chain.beam_search_chain`) or ``mcts``
+            (:func:`~brickwork.ops.chain.mcts_cheapest_chain`).
+        beam: beam width (beam search only).
+        evaluations: chains scored at most (MCTS only).
+        exploration: UCB exploration constant (MCTS only).
+    """
+
+    search: Literal["beam", "mcts"] = "beam"
+    beam: Annotated[int, pydantic.Field(ge=1)] = 4
+    evaluations: Annotated[int, pydantic.Field(ge=1)] = 40
+    exploration: Annotated[float, pydantic.Field(ge=0)] = 1.0
+
+    def check(self, path: str = "") -> None:
+        """Reject a setting the chosen search does not use unless it is at its default.
+
+        Raises:
+            ConfigError: naming the key, e.g. ``stages[1].evaluations``.
+        """
+        default = ChainSearch()
+        unused = ("evaluations", "exploration") if self.search == "beam" else ("beam",)
+        for name in unused:
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                other = "mcts" if self.search == "beam" else "beam"
+                raise ConfigError(
+                    f"{path}.{name}" if path else name,
+                    f"is a setting of search {other!r}, unused with search {self.search!r}; set "
+                    f"search: {other} or leave it at its default {getattr(default, name)!r}",
+                    value,
+                )
+
+
+_BEAM = ChainSearch()  # frozen: safe to share as a default
 
 
 def _chain_label(chain: Sequence[int]) -> str:
@@ -50,7 +93,7 @@ def chains(
     ctx: StageContext,
     /,
     max_drop: Annotated[float, Field(ge=0, lt=1)] = 0.01,
-    beam: Annotated[int, Field(ge=1)] = 4,
+    chain_search: Annotated[ChainSearch, Flatten] = _BEAM,
     max_repeat: Annotated[int, Field(ge=1)] = 2,
     search_samples: Annotated[int, Field(ge=1)] = 1024,
     oracle_samples: Annotated[int, Field(ge=0)] = 256,
@@ -58,19 +101,19 @@ def chains(
     split: SplitName = "test",
     batch_size: Annotated[int, Field(ge=1)] = 256,
     latency_repeats: Annotated[int, Field(ge=1)] = 5,
-    search: Literal["beam", "mcts"] = "beam",
-    evaluations: Annotated[int, Field(ge=1)] = 40,
-    exploration: Annotated[float, Field(ge=0)] = 1.0,
 ) -> None:
     """Skip or loop layers: the cheapest chain of layers within an accuracy budget, and per sample.
 
     Beam search (``search: beam``, width ``beam``) or Monte Carlo tree search (``search: mcts``:
     ``ops.chain.mcts_cheapest_chain``, at most ``evaluations`` chains scored, UCB constant
     ``exploration``, seeded by the run's seed; simplified against Li et al., 2025: one search for
-    the data set) on validation data for the cheapest chain within ``max_drop`` of the full
-    chain's accuracy; the Pareto-optimal chains it explored are measured on ``split``; then the
-    per-sample oracle (the best chain for each sample) over all bounded chains.
+    the data set; :class:`ChainSearch` refuses the other search's settings) on validation data
+    for the cheapest chain within ``max_drop`` of the full chain's accuracy; the Pareto-optimal
+    chains it explored are measured on ``split``; then the per-sample oracle (the best chain for
+    each sample) over all bounded chains.
     """
+    search, beam = chain_search.search, chain_search.beam
+    evaluations, exploration = chain_search.evaluations, chain_search.exploration
     model = stack_of(ctx.model)
     n = len(model.body)
     val, test = ctx.data.val, getattr(ctx.data, split)

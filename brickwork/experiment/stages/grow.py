@@ -170,6 +170,7 @@ def train_budget_stage(
         aux_weights=ctx.aux_weights,
         progress=ctx.progress,
         desc=f"train_budget {ctx.label}",
+        log_dir=ctx.tensorboard_dir("train_budget"),
     )
     ctx.history.extend({**h, "stage": ctx.stage} for h in result.history)
     ctx.metrics[key] = result.flops

@@ -99,6 +99,7 @@ def grow_layers_stage(
             aux_weights=ctx.aux_weights,
             progress=ctx.progress,
             desc=f"grow_layers {ctx.label} depth {len(model.body)}",
+            log_dir=ctx.tensorboard_dir(f"phase{phase}"),
         )
 
     template = copy.deepcopy(model.body.layers[-1])  # plain: adapters later wrap the stack's own layers

@@ -74,6 +74,7 @@ def sema_stage(
             state_dir=ctx.dir,
             state_prefix=f"stage{ctx.stage}-{method}-",
             progress=ctx.progress,
+            log_dir=ctx.tensorboard_dir(method),
         )
     probe = torch.cat([t.test.x[:64] for t in tasks])
     rows: list[dict[str, Any]] = []

@@ -20,9 +20,19 @@ from brickwork.train import FitConfig, build_loss, fit
 
 
 def _fine_tune(
-    ctx: StageContext, model: StackModel, layer: nn.Module, epochs: int, lr: float, batch_size: int, desc: str
+    ctx: StageContext,
+    model: StackModel,
+    layer: nn.Module,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    desc: str,
+    curves: str,
 ) -> None:
-    """Train only ``layer`` inside ``model``; every other part stays frozen, batch-norm statistics included."""
+    """Train only ``layer`` inside ``model``; every other part stays frozen, batch-norm statistics included.
+
+    ``curves`` names the TensorBoard folder of this fine-tuning (``ctx.tensorboard_dir``).
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for p in layer.parameters():
@@ -40,6 +50,7 @@ def _fine_tune(
         FitConfig(epochs=epochs, batch_size=batch_size, seed=ctx.seed, device=ctx.device),
         progress=ctx.progress,
         desc=desc,
+        log_dir=ctx.tensorboard_dir(curves),
     )
     model.eval()
 
@@ -89,7 +100,8 @@ def stitch_stage(
             label = f"{a}[:{i}]+{b}[{j}:]"
             ls_acc = measure_point(model, data, label, **kw)["accuracy"]
             if epochs:
-                _fine_tune(ctx, model, model.body.layers[i], epochs, lr, batch_size, f"stitch {label}")
+                layer = model.body.layers[i]
+                _fine_tune(ctx, model, layer, epochs, lr, batch_size, f"stitch {label}", f"{a}{i}-{b}{j}")
             points.append(measure_point(model, data, label, **kw, residual=residual, ls_accuracy=ls_acc))
     ctx.points.extend(points[2:])
     ctx.report.extend(

@@ -112,6 +112,7 @@ def transfer_stage(
             state_path=ctx.stage_path(f"transfer-{method}"),
             progress=ctx.progress,
             desc=f"transfer {ref}->{ctx.label} {method}",
+            log_dir=ctx.tensorboard_dir(f"transfer-{method}"),
         )
         stats = transfer_stats(before, predict(student), taught, y).as_dict()
         rows.append({"method": _NAMES[method], **stats})

@@ -74,9 +74,11 @@ class GroupConv2d(nn.Module):
             sources = make_pattern(pattern, groups, groups_in, in_degree(density, 1.0, groups_in))
         else:
             sources = connectivity.long().clone()
-        if sources.shape[0] != groups or any(len(set(r)) != len(r) for r in sources.tolist()):
+        in_range = sources.numel() > 0 and 0 <= int(sources.min()) and int(sources.max()) < groups_in
+        if sources.shape[0] != groups or not in_range or any(len(set(r)) != len(r) for r in sources.tolist()):
             raise ValueError(
-                f"group_conv2d: connectivity {tuple(sources.shape)} must be {groups} rows of distinct groups"
+                f"group_conv2d: connectivity {tuple(sources.shape)} must be {groups} rows of distinct groups "
+                f"in 0..{groups_in - 1}"
             )
         self.k = sources.shape[1]
         self.register_buffer("sources", sources.to(device))

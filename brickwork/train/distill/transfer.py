@@ -181,6 +181,7 @@ def transfer(
     state_path: Path | None = None,
     progress: bool | None = None,
     desc: str = "transfer",
+    log_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Transfer knowledge from ``teacher`` into ``student`` (in place) with ``method``, on ``train``.
 
@@ -190,12 +191,20 @@ def transfer(
     the non-finite policy are those of every ``train`` stage; ``settings.loss`` is the
     validation loss only. With ``cache`` the frozen teacher (and initial self) run once over the
     training inputs (:func:`~brickwork.train.distill.cache.build_cache`; refused where that would
-    change training) instead of at every step.
+    change training) instead of at every step. ``log_dir``: the training's TensorBoard folder
+    (None: no curves).
 
     Returns:
         The per-epoch history of the loop.
     """
-    fit: dict[str, Any] = {"seed": seed, "device": device, "state_path": state_path, "progress": progress, "desc": desc}
+    fit: dict[str, Any] = {
+        "seed": seed,
+        "device": device,
+        "state_path": state_path,
+        "progress": progress,
+        "desc": desc,
+        "log_dir": log_dir,
+    }
     if method == "labels":  # the control trains the student alone: no teacher pass per step
         return train_with(student, train, val, settings, **fit)
     terms = transfer_terms(method, temperature, alpha)
