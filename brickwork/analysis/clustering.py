@@ -48,7 +48,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 # How the co-activation graph is cut: METIS (MoEfication's) or the spectral relaxation.
@@ -118,6 +117,8 @@ def exact_balanced_assignment(dist: Tensor, size: int) -> Tensor:
         (H,) long labels, each cluster used exactly ``size`` times.
     """
     cost = dist.double().cpu().repeat_interleave(size, dim=1).numpy()
+    from scipy.optimize import linear_sum_assignment  # here: scipy is slow to import
+
     rows, cols = linear_sum_assignment(cost)
     labels = torch.empty(dist.shape[0], dtype=torch.long)
     labels[torch.from_numpy(rows)] = torch.from_numpy(cols) // size

@@ -1,7 +1,8 @@
 """Plots a person would rather look at than read: training curves, accuracy against compute,
 early-exit threshold sweeps, loss and accuracy along linear paths between models.
 
-Uses matplotlib's Agg backend (files only, no display needed).
+Uses matplotlib's Agg backend (files only, no display needed). matplotlib is imported on the first
+plot, not with this module: it is half a second of every command's start-up otherwise.
 """
 
 from __future__ import annotations
@@ -10,21 +11,31 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from brickwork.analysis.pareto import pareto_front  # noqa: E402
+from brickwork.analysis.pareto import pareto_front
 
 if TYPE_CHECKING:
     from brickwork.analysis.connectivity import LinearPath
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _no_minor_labels(axis: Any) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
+
+
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
     """Training loss and validation accuracy per epoch, one line per model variant."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for label, rows in histories.items():
         if not rows:
             continue
@@ -52,7 +63,7 @@ def plot_accuracy_vs(
 ) -> Path:
     """Accuracy against any cost ``points[x_key]`` (FLOPs, latency; log scale), each point
     labelled, the Pareto front dashed, error bars where points carry ``accuracy_std``."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.5))
     xs = [float(p[x_key]) for p in points]
     acc = [float(p["accuracy"]) for p in points]
     err = [float(p.get("accuracy_std", 0.0)) for p in points]
@@ -66,7 +77,7 @@ def plot_accuracy_vs(
         [xs[i] for i in front], [acc[i] for i in front], "--", color="tab:red", lw=1.2, label="Pareto front", zorder=2
     )
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
+    _no_minor_labels(ax.xaxis)
     ax.set(xlabel=x_label, ylabel="accuracy", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -84,7 +95,7 @@ def plot_exit_curves(
 ) -> Path:
     """One accuracy-against-cost curve per exit policy (a threshold sweep, the ``chosen`` point
     starred), fixed exits (every sample at one exit) as labelled marks, Pareto front of all dashed."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.5))
     every = [p for ps in curves.values() for p in ps] + list(marks)
     for name, ps in curves.items():
         ps = sorted(ps, key=lambda p: p[x_key])
@@ -120,7 +131,7 @@ def plot_linear_paths(paths: Mapping[str, LinearPath], path: str | Path, *, titl
             (e.g. ``{"naive": ..., "weight matching": ...}``); the legend gives each loss barrier.
         path: the image file to write.
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for label, p in paths.items():
         ax_loss.plot(p.alphas, p.loss, marker=".", label=f"{label} (barrier {p.loss_barrier:.3f})")
         ax_acc.plot(p.alphas, p.accuracy, marker=".", label=f"{label} (barrier {p.accuracy_barrier:.3f})")
@@ -139,7 +150,7 @@ def _save(fig: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -153,14 +164,14 @@ def plot_metric_against(
 ) -> Path:
     """One line of ``(x, metric)`` points per series (a sweep axis, the other axes held fixed);
     the x axis is logarithmic when every x is positive and they span a factor of 10 or more."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.5))
     xs = [x for pts in series.values() for x, _ in pts]
     for name, pts in series.items():
         pts = sorted(pts)
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
     if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _no_minor_labels(ax.xaxis)
     ax.set(xlabel=x_label, ylabel=y_label, title=title)
     ax.grid(alpha=0.3, which="both")
     if len(series) > 1 or any(series):

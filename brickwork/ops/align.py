@@ -34,7 +34,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from brickwork.analysis.connectivity import check_same_architecture, reset_batch_norm
@@ -64,6 +63,8 @@ def _families(spec: PermutationSpec) -> dict[str, list[str]]:
 
 
 def _lap(score: np.ndarray) -> tuple[np.ndarray, float]:
+    from scipy.optimize import linear_sum_assignment  # here: scipy is slow to import
+
     rows, cols = linear_sum_assignment(score, maximize=True)
     return cols[np.argsort(rows)], float(score[rows, cols].sum())
 
