@@ -22,8 +22,10 @@ a later cell's answer). ``moe`` and ``dense`` are interleaved in one rotation,
 :func:`bench_one`). glibc malloc is tuned first so large blocks are reused
 instead of fresh zero-filled mmap pages (see :mod:`brickwork.kernels.malloc`; with 64 experts the
 expert weight gradients alone are 384 MiB per step at d_model 512); by default (``--malloc auto``)
-the setting is chosen by measurement per shape class (:func:`brickwork.kernels.malloc.choose_malloc`)
-and, like the grouped-matmul backend (:mod:`brickwork.kernels.autotune`), printed per cell.
+the setting is chosen by measurement per shape class (:func:`brickwork.kernels.malloc.choose_malloc`:
+moe's step timed in a fresh process per setting, :func:`moe_step_seconds`), applied at the start of
+the cell's worker and, like the grouped-matmul backend (:mod:`brickwork.kernels.autotune`), printed
+per cell.
 Samples taken while other processes used the CPUs are discarded
 (:func:`brickwork.analysis.timing.time_rounds` with ``max_foreign``).
 """
@@ -40,8 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brickwork.analysis.timing import Spread, describe_machine, load_average, ratio_spread, run_cell, time_rounds
-from brickwork.kernels.autotune import backends_used
+from brickwork.analysis.timing import (
+    Spread,
+    describe_machine,
+    isolated,
+    load_average,
+    ratio_spread,
+    run_cell,
+    time_rounds,
+)
+from brickwork.kernels.autotune import backends_used, wall_timer
 from brickwork.kernels.malloc import choose_malloc, set_malloc
 from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import MoE, moe_ffn
@@ -159,6 +169,22 @@ def _step(module: nn.Module, x: Tensor, grad: Tensor | None) -> Callable[[], Non
     return run
 
 
+def _modules(tokens: int, dim: int, experts: int, top_k: int) -> tuple[LoopMoE, MoE, Tensor]:
+    """The loop baseline (seed 0), brickwork's MoE with its weights, and the input (tokens, dim)."""
+    torch.manual_seed(0)
+    by_modules = LoopMoE(dim, 2 * dim, experts, top_k)
+    return by_modules, brickwork_from_loop(by_modules), torch.randn(tokens, dim)
+
+
+def moe_step_seconds(tokens: int, dim: int, experts: int, top_k: int, mode: str, rounds: int = 3) -> float:
+    """The fastest of ``rounds`` timed steps of the cell's MoE after one warm-up step: what
+    :func:`~brickwork.kernels.malloc.choose_malloc` compares, each setting in a fresh process."""
+    _, moe, x = _modules(tokens, dim, experts, top_k)
+    step = _step(moe.train(), x, torch.randn(tokens, dim) if mode == "fwd+bwd" else None)
+    step()  # the grouped-matmul backend (measured once, cached) and the first allocations
+    return min(wall_timer("moe", step) for _ in range(rounds))
+
+
 def bench_one(
     tokens: int,
     dim: int,
@@ -174,16 +200,20 @@ def bench_one(
 ) -> Result:
     """Time moe, dense and the requested loop baselines (``"modules"``, ``"stacked"``) on one shape.
 
-    ``malloc``: a :data:`brickwork.kernels.malloc.SETTINGS` name, ``auto`` (measured per shape
-    class on moe's step, :func:`~brickwork.kernels.malloc.choose_malloc`), or ``keep`` (as the
-    process has it).
+    ``malloc``: a :data:`brickwork.kernels.malloc.SETTINGS` name (applied before anything is
+    built), ``auto`` (the one measured fastest for moe's step, each setting in a fresh process,
+    :func:`~brickwork.kernels.malloc.choose_malloc`; cached per machine and shape class), or
+    ``keep`` (as the process has it).
     """
-    hidden = 2 * dim
-    torch.manual_seed(0)
-    by_modules = LoopMoE(dim, hidden, experts, top_k)
-    moe = brickwork_from_loop(by_modules)
-    dense = FeedForward(dim, top_k * hidden, act="silu", glu=True, bias=False)
-    x = torch.randn(tokens, dim)
+    if malloc == "auto":
+        malloc = choose_malloc(
+            lambda s: isolated(moe_step_seconds, tokens, dim, experts, top_k, mode, malloc_setting=s),
+            (tokens, dim, experts, top_k),
+            mode,
+        )
+    malloc_text = "as set" if malloc == "keep" else set_malloc(malloc)
+    by_modules, moe, x = _modules(tokens, dim, experts, top_k)
+    dense = FeedForward(dim, 2 * top_k * dim, act="silu", glu=True, bias=False)
     baselines = {"loop_modules": by_modules} if "modules" in loops else {}
     if "stacked" in loops:
         baselines["loop_stacked"] = stacked_from_modules(by_modules)
@@ -193,10 +223,6 @@ def bench_one(
             torch.testing.assert_close(moe(sample), b(sample), rtol=1e-4, atol=1e-4)
     grad = torch.randn(tokens, dim) if mode == "fwd+bwd" else None
     run_moe = _step(moe.train(), x, grad)
-    if malloc == "auto":
-        malloc_text = choose_malloc(run_moe, (tokens, dim, experts, top_k), mode)
-    else:
-        malloc_text = "as set" if malloc == "keep" else set_malloc(malloc)
     # Two rotations: moe against the dense limit, then moe against the loop baselines. In one
     # shared rotation the stacked loop's full-size gradient per expert (GBs per step at 64
     # experts) churns the heap and caches for whichever candidate runs next, and moe, whose

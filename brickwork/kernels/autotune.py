@@ -250,6 +250,8 @@ class Autotuner:
         applicable: Sequence[str],
         bench: Callable[[], Candidates] | None = None,
         flops: float | None = None,
+        *,
+        measure: Callable[[], Mapping[str, float]] | None = None,
     ) -> str:
         """The backend for ``shape`` among ``applicable`` (in :data:`KINDS` order).
 
@@ -258,7 +260,9 @@ class Autotuner:
         cached. With no ``bench`` (see :func:`can_time`) an uncached class gets the first applicable
         backend, neither cached nor recorded, and is timed at a later call that can. A call of under
         ``min_flops`` (``flops``, its forward FLOPs) is not worth timing: the first applicable one
-        (source ``small``).
+        (source ``small``). ``measure``, instead of ``bench``, returns each candidate's seconds
+        measured elsewhere (in a fresh process per candidate, for a setting that changes the
+        process for good); the same margin rule then decides.
         """
         if not applicable:
             raise ValueError(f"autotune: no applicable {shape.kind} backend for {shape.key()}")
@@ -278,16 +282,28 @@ class Autotuner:
             choice = Choice(str(entry["backend"]), "cached", dict(entry.get("seconds", {})))
         elif len(applicable) == 1:
             return self._record(shape, Choice(applicable[0], "default", {}))
-        elif bench is None:  # cannot time now (a FLOP counter, tracing): the first one, not cached
+        elif bench is not None:
+            choice = self._timed(machine, path, shape, lambda: self._measure(bench()))
+        elif measure is not None:
+
+            def decide() -> Choice:
+                seconds = {n: float(t) for n, t in measure().items() if n in applicable}
+                return self._decide(seconds, next(n for n in applicable if n in seconds))
+
+            choice = self._timed(machine, path, shape, decide)
+        else:  # cannot time now (a FLOP counter, tracing): the first one, not cached
             return applicable[0]
-        else:
-            t0 = time.perf_counter()
-            choice = self._measure(bench())
-            self.seconds_spent += time.perf_counter() - t0
-            self.timings += 1
-            self._write(path, machine, shape, choice)
         self._memo[memo_key] = choice
         return self._record(shape, choice)
+
+    def _timed(self, machine: str, path: Path, shape: ShapeClass, measure: Callable[[], Choice]) -> Choice:
+        """``measure()``'s choice, cached, with the seconds it took counted."""
+        t0 = time.perf_counter()
+        choice = measure()
+        self.seconds_spent += time.perf_counter() - t0
+        self.timings += 1
+        self._write(path, machine, shape, choice)
+        return choice
 
     def _record(self, shape: ShapeClass, choice: Choice) -> str:
         self.made[shape.key()] = choice
@@ -317,8 +333,11 @@ class Autotuner:
                 spent += dt
             if spent >= self.budget_s and r + 1 >= self.min_rounds:
                 break
+        return self._decide(best, next(iter(alive)))  # candidates come in KINDS order: the first is preferred
+
+    def _decide(self, best: dict[str, float], preferred: str) -> Choice:
+        """The fastest of ``best`` (seconds per candidate), unless within ``margin`` of ``preferred``."""
         fastest = min(best, key=lambda n: best[n])
-        preferred = next(iter(alive))  # candidates come in KINDS order: the first is preferred
         if best[fastest] >= (1.0 - self.margin) * best[preferred]:
             fastest = preferred  # a gain within the noise of a shared machine is not worth a switch
         return Choice(fastest, "measured", best)
@@ -365,9 +384,11 @@ def choose(
     applicable: Sequence[str],
     bench: Callable[[], Candidates] | None = None,
     flops: float | None = None,
+    *,
+    measure: Callable[[], Mapping[str, float]] | None = None,
 ) -> str:
     """:meth:`Autotuner.choose` of the process's tuner."""
-    return TUNER.choose(shape, applicable, bench, flops)
+    return TUNER.choose(shape, applicable, bench, flops, measure=measure)
 
 
 def choices_made() -> dict[str, Choice]:

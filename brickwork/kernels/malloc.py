@@ -106,25 +106,20 @@ def _mallopt(param: int, value: int) -> bool:
 
 
 def choose_malloc(
-    step: Callable[[], object], dims: Sequence[int], mode: str, dtype: torch.dtype = torch.float32
+    measure: Callable[[str], float], dims: Sequence[int], mode: str, dtype: torch.dtype = torch.float32
 ) -> str:
-    """Apply the glibc setting measured fastest for ``step`` (one training or inference step of the
-    shape class ``dims``), timing each setting once per machine and class (cached, see
-    :mod:`brickwork.kernels.autotune`); returns the description of the setting applied.
+    """The glibc setting measured fastest for one training or inference step of the shape class
+    ``dims``, timed once per machine and class (cached, see :mod:`brickwork.kernels.autotune`);
+    ``measure(setting)`` returns the step's seconds in a **fresh process** that applied ``setting``
+    before allocating anything (e.g. :func:`brickwork.analysis.timing.isolated` with
+    ``malloc_setting``). Returns the setting's name; the caller applies it (:func:`set_malloc`),
+    best at the start of the process that will run the steps.
 
-    The settings are switched inside this process, rotating their order, so a candidate also sees
-    the heap the previous one left: a measurement of the steady state, not of a fresh process.
+    Why fresh processes: a setting changes the heap for the rest of a process. Switched inside one
+    process, each candidate also saw the heap the previous one had grown, and on the Intel Xeon of
+    session 7 that measured ``tuned`` 13 % faster than ``no-mmap`` for the 8192-token x 16-expert
+    step, while cells started with ``tuned`` ran the same step and its dense baseline 25-40 % slower
+    than cells started with ``no-mmap`` (``docs/benchmarks.md``, the Intel pass).
     """
     shape = autotune.shape_class("malloc", dims, dtype, "cpu", mode)
-
-    def bench() -> dict[str, Callable[[], object]]:
-        def run(name: str) -> Callable[[], object]:
-            def call() -> object:
-                set_malloc(name)
-                return step()
-
-            return call
-
-        return {name: run(name) for name in SETTINGS}
-
-    return set_malloc(autotune.choose(shape, list(SETTINGS), bench))
+    return autotune.choose(shape, list(SETTINGS), measure=lambda: {name: measure(name) for name in SETTINGS})

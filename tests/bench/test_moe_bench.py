@@ -55,3 +55,27 @@ def test_main_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "| 32 | 16 | 4 | 1 | fwd |" in out and "moe / dense" in out
     assert "CPU " in out and "load average after" in out
+
+
+def test_auto_malloc_times_moes_step_once_per_setting_each_in_a_fresh_process(tmp_path, monkeypatch):
+    from brickwork.bench import moe as bench_moe
+    from brickwork.kernels import autotune
+    from brickwork.kernels.malloc import SETTINGS, set_malloc
+
+    monkeypatch.setenv("BRICKWORK_BACKEND", "moe=grouped_mm")  # malloc unpinned
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(tmp_path / "autotune.json", machine="CPU A | torch 1"))
+    calls = []
+
+    def fresh_process(fn, *args, malloc_setting):  # stands for analysis.timing.isolated
+        calls.append((fn, args, malloc_setting))
+        assert fn(*args) > 0.0  # the real step, timed in this process
+        return {"no-mmap": 2.0, "tuned": 1.0, "default": 3.0}[malloc_setting]
+
+    monkeypatch.setattr(bench_moe, "isolated", fresh_process)
+    try:
+        r = bench_one(64, 16, 4, 2, "fwd+bwd", repeats=1, warmup=0, loops=[], max_foreign=1.0)
+    finally:
+        set_malloc("no-mmap")  # the setting the suite runs under
+    assert sorted(c[2] for c in calls) == sorted(SETTINGS)
+    assert all(fn is bench_moe.moe_step_seconds and args == (64, 16, 4, 2, "fwd+bwd") for fn, args, _ in calls)
+    assert r.backend.endswith("malloc tuned")
