@@ -60,16 +60,6 @@ from brickwork.distributed.process_group import DistContext
 from brickwork.errors import BrickworkError
 from brickwork.nn.sparse.rewiring import Rewiring
 
-# Hebbian regrowth (G2GNet) keeps running activation statistics that each rank would gather on its
-# own slice only, so the ranks would regrow different edges and their replicas would drift apart
-# (RigL's captured gradients are averaged instead: ``_average_batch_gradients``). Refused until the
-# statistics are combined over the ranks exactly.
-HEBBIAN_PER_RANK = (
-    "rewiring: regrow 'hebbian' is not supported under data parallelism (its activation statistics"
-    " are gathered per rank, so the ranks would regrow different edges); use regrow 'gradient' or"
-    " 'random', or train in one process"
-)
-
 Strategy = Literal["ddp", "fsdp"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -160,8 +150,8 @@ class DataParallel(nn.Module):
         # model's step ~0.2 ms (a profile of the MLP's DDP step)
         self._ep_moes = [m for m in self.objective.modules() if isinstance(m, ExpertParallelMoE)]
         self._rewirings = [m for m in self.objective.modules() if isinstance(m, Rewiring)]
-        if ctx.world_size > 1 and any(m.regrow == "hebbian" for m in self._rewirings):
-            raise BrickworkError(HEBBIAN_PER_RANK)
+        for m in self._rewirings:  # Hebbian sums wait for the ranks' sum (_reduce_captured)
+            m.defer_statistics = ctx.world_size > 1
 
     def forward(self, x: Tensor) -> Tensor:
         return self.objective.predict(x)
@@ -221,7 +211,7 @@ class DataParallel(nn.Module):
     def finish_gradients(self, max_norm: float | None) -> None:
         """After ``backward``: reduce what the engine did not (EP: the experts over dp), then clip
         to the global gradient norm (every expert counted once) when ``max_norm`` is set."""
-        self._average_batch_gradients()
+        self._reduce_captured()
         if self.groups is not None:
             reduce_expert_grads(self.objective.model, self.groups)
             if max_norm:
@@ -229,21 +219,28 @@ class DataParallel(nn.Module):
         elif max_norm:
             torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
-    def _average_batch_gradients(self) -> None:
-        """Average the gradients bricks captured themselves (RigL's scores) over the ranks, as DDP
-        does ``.grad``: one all-reduce on the steps that captured any (the same steps on every rank)."""
-        captured = [t for m in self._rewirings for t in m.batch_gradients()]
-        if not captured:
-            return
-        flat = torch.cat([t.reshape(-1) for t in captured]) / self.ctx.world_size
-        dist.all_reduce(flat, group=self.ctx.group)
-        for t, part in zip(captured, flat.split([t.numel() for t in captured]), strict=True):
-            t.copy_(part.view_as(t))
+    def _reduce_captured(self) -> None:
+        """What bricks captured themselves, combined over the ranks in one all-reduce: RigL's
+        gradient scores averaged (as DDP averages ``.grad``) and G2GNet's Hebbian activation sums
+        added (each rank's slice, of its own size, into the whole batch's), then folded. The same
+        steps capture on every rank, so every rank runs the same collective."""
+        grads = [t for m in self._rewirings for t in m.batch_gradients()]
+        sums = [t for m in self._rewirings for t in m.batch_statistics()]
+        if grads or sums:
+            parts = [t.reshape(-1) / self.ctx.world_size for t in grads] + [t.reshape(-1) for t in sums]
+            flat = torch.cat(parts)
+            dist.all_reduce(flat, group=self.ctx.group)
+            for t, part in zip(grads + sums, flat.split([t.numel() for t in grads + sums]), strict=True):
+                t.copy_(part.view_as(t))
+        for m in self._rewirings:
+            m.fold_statistics()
 
     def count_rows(self, counted: bool) -> None:
         """Whether this rank's rows count in global batch statistics (False for a borrowed row)."""
         for m in self._ep_moes:
             m.counted = counted
+        for r in self._rewirings:
+            r.counted = counted
 
 
 def expert_groups(ctx: DistContext, degree: int) -> ExpertParallelGroups:

@@ -46,29 +46,6 @@ def check_models(cfg: RunConfig, data: Dataset) -> None:
     for label, spec in cfg.models.items():
         check_model(spec, tuple(data.in_shape), data.num_classes, sample, f"models.{label}")
     check_expert_parallel_stages(cfg, data)
-    check_data_parallel_rewiring(cfg)
-
-
-def check_data_parallel_rewiring(cfg: RunConfig) -> None:
-    """Under ``torchrun`` (world size > 1), no model or stage asks for Hebbian regrowth, which
-    data parallelism does not support (``distributed.data_parallel.HEBBIAN_PER_RANK``).
-
-    Raises:
-        ConfigError: at the ``regrow`` key of the first model or stage that sets it.
-    """
-    from brickwork.distributed import current
-    from brickwork.distributed.data_parallel import HEBBIAN_PER_RANK
-    from brickwork.nn.sparse import RewiringSettings
-
-    if current().world_size <= 1:
-        return
-    specs = [(f"models.{label}", spec) for label, spec in cfg.models.items()]
-    specs += [(f"stages[{i}]", stage) for i, stage in enumerate(cfg.stages)]
-    for where, spec in specs:
-        for value in spec.args.values():
-            if isinstance(value, RewiringSettings) and value.regrow == "hebbian":
-                message = HEBBIAN_PER_RANK.removeprefix("rewiring: regrow 'hebbian' ")
-                raise ConfigError(f"{where}.regrow", message, "hebbian")
 
 
 def check_expert_parallel_stages(cfg: RunConfig, data: Dataset) -> None:

@@ -121,6 +121,48 @@ def test_hebbian_regrows_the_most_correlated_edge():
     assert layer.weight[0, 0, 6] == 0.0
 
 
+def _hebbian_pair(level: str) -> tuple[GroupLinear, GroupLinear]:
+    torch.manual_seed(0)
+    kwargs = {"groups": 4, "density": 0.5} | ({"edge_density": 0.5} if level == "edge" else {})
+    a = GroupLinear(16, 8, rewiring=Rewiring("hebbian", level, interval=3, fraction=0.25, window=3), **kwargs).double()
+    return a, copy.deepcopy(a)
+
+
+@pytest.mark.parametrize("level", ["group", "edge"])
+def test_hebbian_sums_kept_for_the_ranks_then_folded_equal_the_sums_folded_at_once(level):
+    # Data parallelism keeps each forward's sums (defer_statistics), adds the ranks' slices and
+    # folds them: with one "rank" holding the whole batch that must be the one-process statistics.
+    now, later = _hebbian_pair(level)
+    later.rewiring.defer_statistics = True
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+        now(x), later(x)
+        assert later.rewiring.batch_statistics()  # kept, not folded
+        with pytest.raises(RuntimeError, match="never reduced"):
+            later.after_step()  # an update before the ranks' sum would act on one rank's slice
+        later.rewiring.fold_statistics()
+        assert not later.rewiring.batch_statistics()
+        now.after_step(), later.after_step()
+    assert int(now.rewiring.step) == 3 and int(now.rewiring.edges_moved) + int(now.rewiring.blocks_moved) > 0
+    for (k, v), (k2, w) in zip(now.state_dict().items(), later.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, w), k
+
+
+def test_a_borrowed_row_adds_nothing_to_the_hebbian_sums():
+    layer, _ = _hebbian_pair("edge")
+    layer.rewiring.defer_statistics = True
+    layer.rewiring.counted = False  # this rank computes on a borrowed row
+    layer(torch.randn(1, 16, dtype=torch.float64))
+    kept = layer.rewiring.batch_statistics()
+    assert len(kept) == 12 and all(torch.count_nonzero(t) == 0 for t in kept)  # group and edge sums, rows = 0
+    layer.rewiring.fold_statistics()
+    layer.rewiring.counted = True
+    layer(torch.randn(5, 16, dtype=torch.float64))
+    rows = [float(t) for t in layer.rewiring.batch_statistics() if t.dim() == 0]
+    assert rows == [5.0, 5.0]
+
+
 def test_rigl_block_scores_are_the_dense_gradient_and_pick_its_largest_block():
     layer = GroupLinear(
         16, 16, groups=4, density=0.5, rewiring=Rewiring("gradient", "group", interval=1, fraction=0.125)

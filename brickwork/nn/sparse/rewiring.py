@@ -229,6 +229,12 @@ class Rewiring(nn.Module):
         self._edge_grad: Tensor | None = None
         self._dense: Tensor | None = None  # the pairs' dense gradient, once summed
         self._regrown: Tensor | None = None  # (G_out, b_out, K) bool, until taken by the loop
+        # Hebbian statistics under data parallelism: each forward's sums wait here until the ranks'
+        # slices are added together (batch_statistics, then fold_statistics); in one process they
+        # are folded at once. ``counted`` is False while the rank computes on a borrowed row.
+        self.defer_statistics = False
+        self.counted = True
+        self._pending: list[tuple[str, list[Tensor]]] = []
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this policy (plain JSON): rebuilds an equal, unbound one."""
@@ -286,10 +292,12 @@ class Rewiring(nn.Module):
             plan = layer.plan()
             ordered = xt if plan.inv_perm is None else xt.index_select(0, layer.in_perm)
             xg = ordered.reshape(layer.groups_in, layer.block_in, -1).mean(1)
-            self.stats.update_groups(xg, yt.reshape(layer.groups_out, layer.block_out, -1).mean(1))
+            self._statistics(
+                "groups", self.stats.group_sums(xg, yt.reshape(layer.groups_out, layer.block_out, -1).mean(1))
+            )
             if self.stats.edges and self._in_window():
                 gathered = xt.index_select(0, plan.fwd_rows).view(layer.groups_out, -1, xt.shape[1])
-                self.stats.accumulate_edges(xt, yt, gathered)
+                self._statistics("edges", self.stats.edge_sums(xt, yt, gathered))
         if self.regrow == "gradient" and self._next_due():
             if self.groups and y.requires_grad:
                 grads: list[Tensor] = []
@@ -297,6 +305,37 @@ class Rewiring(nn.Module):
                 y.register_hook(lambda g: grads.append(g.detach()))
             if self.edges and w_eff.requires_grad and w_eff is not layer.weight:
                 w_eff.register_hook(self._keep_edge_grad)
+
+    def _statistics(self, kind: str, sums: list[Tensor]) -> None:
+        """Fold one forward's Hebbian sums now, or keep them for the ranks' sum (``defer_statistics``)."""
+        if not self.counted:  # a borrowed row: the same collectives, nothing added
+            sums = [torch.zeros_like(t) for t in sums]
+        if self.defer_statistics:
+            self._pending.append((kind, sums))
+        else:
+            self._fold(kind, sums)
+
+    def _fold(self, kind: str, sums: list[Tensor]) -> None:
+        assert self.stats is not None
+        (self.stats.fold_groups if kind == "groups" else self.stats.fold_edges)(sums)
+
+    def batch_statistics(self) -> list[Tensor]:
+        """This step's Hebbian sums (``defer_statistics``), which data parallelism must *sum* over
+        the ranks in place before :meth:`fold_statistics`: G2GNet's correlations are then those of
+        the whole batch on every rank, and every rank regrows the edges one process would.
+
+        Returns:
+            Per training forward: the group sums (:meth:`ActivationStats.group_sums`) and, inside
+            an edge window, the edge sums (:meth:`ActivationStats.edge_sums`). Empty unless
+            ``regrow`` is ``hebbian``.
+        """
+        return [t for _, sums in self._pending for t in sums]
+
+    def fold_statistics(self) -> None:
+        """Fold the kept sums into the statistics, in the order of the forwards that made them."""
+        for kind, sums in self._pending:
+            self._fold(kind, sums)
+        self._pending = []
 
     def _keep_edge_grad(self, g: Tensor) -> None:
         self._edge_grad = g.detach().clone() if self._edge_grad is None else self._edge_grad + g.detach()
@@ -337,6 +376,11 @@ class Rewiring(nn.Module):
     @torch.no_grad()
     def update(self, layer: RewiredLayer) -> None:
         """After an optimizer step: count it and, when due, move edges and/or blocks."""
+        if self._pending:
+            raise RuntimeError(
+                "rewiring: Hebbian sums of this step were kept for the ranks but never reduced"
+                " (call DataParallel.finish_gradients after backward)"
+            )
         self.step += 1
         step, progress = int(self.step), float(self.progress)
         if not self.schedule.due(step, progress):

@@ -87,13 +87,27 @@ class ActivationStats(nn.Module):
     @torch.no_grad()
     def update_groups(self, a_in: Tensor, a_out: Tensor) -> None:
         """Fold in one batch of group activities ``a_in`` (G_in, B) and ``a_out`` (G_out, B)."""
-        batch = a_in.shape[1]
-        new = (a_in.mean(1), (a_in**2).mean(1), a_out.mean(1), (a_out**2).mean(1), a_out @ a_in.t() / batch)
+        self.fold_groups(self.group_sums(a_in, a_out))
+
+    @torch.no_grad()
+    def group_sums(self, a_in: Tensor, a_out: Tensor) -> list[Tensor]:
+        """One batch's sums over its B rows, in the buffers' dtype: [B (a 0-d tensor), sum of
+        ``a_in`` (G_in,), of ``a_in**2``, of ``a_out`` (G_out,), of ``a_out**2``, and of the outer
+        products (G_out, G_in)]. Sums, not means, so that data parallelism can add the ranks'
+        slices (of unequal sizes) into the whole batch's before :meth:`fold_groups`."""
+        a_in, a_out = a_in.to(self.g_cross.dtype), a_out.to(self.g_cross.dtype)
+        rows = a_in.new_tensor(float(a_in.shape[1]))
+        return [rows, a_in.sum(1), (a_in**2).sum(1), a_out.sum(1), (a_out**2).sum(1), a_out @ a_in.t()]
+
+    @torch.no_grad()
+    def fold_groups(self, sums: list[Tensor]) -> None:
+        """Fold one batch's :meth:`group_sums` into the moving averages (of per-batch means)."""
+        rows, *totals = sums
         old = (self.g_in_mean, self.g_in_sq, self.g_out_mean, self.g_out_sq, self.g_cross)
         # The first batch sets the averages (no bias towards the zero initial state).
         w = 0.0 if int(self.g_seen) == 0 else self.momentum
-        for o, n in zip(old, new, strict=True):
-            o.mul_(w).add_(n.to(o.dtype), alpha=1.0 - w)
+        for o, total in zip(old, totals, strict=True):
+            o.mul_(w).add_(total / rows, alpha=1.0 - w)
         self.g_seen += 1
 
     def group_correlation(self) -> Tensor:
@@ -104,20 +118,33 @@ class ActivationStats(nn.Module):
 
     @torch.no_grad()
     def accumulate_edges(self, xt: Tensor, yt: Tensor, gathered: Tensor) -> None:
-        """Add one batch to the edge window.
+        """Add one batch to the edge window (:meth:`edge_sums`, then :meth:`fold_edges`)."""
+        self.fold_edges(self.edge_sums(xt, yt, gathered))
+
+    @torch.no_grad()
+    def edge_sums(self, xt: Tensor, yt: Tensor, gathered: Tensor) -> list[Tensor]:
+        """One batch's edge-window sums: [B, sum of x (d_in,), of x**2, of y (d_out,), of y**2, and
+        the (G_out, b_out, K) cross sums inside the connected blocks].
 
         Args:
             xt: (d_in, B) inputs, feature-major.
             yt: (d_out, B) outputs, feature-major.
             gathered: (G_out, K, B) the inputs each output group reads, in weight column order.
         """
+        dtype = self.e_xy.dtype
+        xt, yt, gathered = xt.to(dtype), yt.to(dtype), gathered.to(dtype)
         g_out, b_out, _ = self.e_xy.shape
-        self.e_xy.add_(torch.bmm(yt.reshape(g_out, b_out, -1), gathered.transpose(1, 2)))
-        self.e_x.add_(xt.sum(1))
-        self.e_xx.add_((xt**2).sum(1))
-        self.e_y.add_(yt.sum(1))
-        self.e_yy.add_((yt**2).sum(1))
-        self.e_n += xt.shape[1]
+        cross = torch.bmm(yt.reshape(g_out, b_out, -1), gathered.transpose(1, 2))
+        rows = xt.new_tensor(float(xt.shape[1]))
+        return [rows, xt.sum(1), (xt**2).sum(1), yt.sum(1), (yt**2).sum(1), cross]
+
+    @torch.no_grad()
+    def fold_edges(self, sums: list[Tensor]) -> None:
+        """Add one batch's :meth:`edge_sums` to the window."""
+        rows, *totals = sums
+        for buffer, total in zip((self.e_x, self.e_xx, self.e_y, self.e_yy, self.e_xy), totals, strict=True):
+            buffer.add_(total)
+        self.e_n += int(round(float(rows)))
 
     def edge_correlation(self, fwd_rows: Tensor) -> Tensor:
         """(G_out, b_out, K) correlation of each unit pair inside the connected blocks.
