@@ -96,12 +96,17 @@ class FileSource:
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._info[name]
 
-    def read(self, name: str, rows: slice | None = None) -> Tensor:
+    def read(self, name: str, rows: slice | None = None, out: Tensor | None = None) -> Tensor:
         shape, dtype = self._info[name]
         row = math.prod(shape[1:]) * dtype.itemsize
         first, stop = (0, shape[0] if shape else 1) if rows is None else (rows.start, rows.stop)
         out_shape = shape if rows is None else (stop - first, *shape[1:])
-        out = torch.empty(out_shape, dtype=dtype)  # not zero-filled (a bytearray would be): preadv fills it
+        if out is None:
+            out = torch.empty(out_shape, dtype=dtype)  # not zero-filled (a bytearray would be): preadv fills it
+        elif tuple(out.shape) != tuple(out_shape) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(
+                f"merge: read of {name!r} into a {tuple(out.shape)} {out.dtype} buffer; need {out_shape} {dtype}"
+            )
         if out.numel() == 0:
             return out
         buf = out.view(-1).view(torch.uint8).numpy().data  # a writable memoryview

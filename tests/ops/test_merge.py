@@ -359,6 +359,25 @@ def test_streaming_merge_equals_in_memory(tmp_path, method):
         merge_files(paths, tmp_path / "out", method, base=tmp_path / "base", statistics=stat_paths, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_streaming_linear_merge_equals_in_memory_in_every_dtype_over_many_chunks(tmp_path, dtype):
+    # The streamed pieces go to a writer thread while the next chunk is summed into a reused
+    # buffer: a piece that were a view of that buffer (a float64 sum needs no narrowing) would be
+    # overwritten before it is written.
+    models = [{k: v.to(dtype) for k, v in m.items()} for m in states(0, 1, 2)]
+    paths = [save_tensors(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    mem = merge_state_dicts(models, "linear", weights=[0.5, 0.3, 0.2], chunk_elems=8)
+    out = merge_files(paths, tmp_path / "out", "linear", weights=[0.5, 0.3, 0.2], chunk_elems=8)
+    got, _ = load_tensors(out.with_suffix(""))
+    assert all(got[k].dtype == dtype and torch.equal(got[k], mem[k]) for k in mem)
+    want = {k: sum(w * m[k].double() for w, m in zip([0.5, 0.3, 0.2], models, strict=True)).to(dtype) for k in mem}
+    eps = torch.finfo(dtype).eps
+    for k in mem:  # the float64 sum rounded once; in float64 itself, a sum's rounding bound
+        scale = sum(w * m[k].double().abs() for w, m in zip([0.5, 0.3, 0.2], models, strict=True))
+        err = (mem[k].double() - want[k].double()).abs()
+        assert bool((err <= eps * (want[k].double().abs() + (3 * scale if dtype == torch.float64 else 0))).all()), k
+
+
 def test_bad_input_gets_one_clear_message(tmp_path):
     a, b = states(0, 1)
     other = nn.Sequential(nn.Linear(5, 7)).state_dict()
