@@ -62,6 +62,9 @@ KINDS: dict[str, tuple[str, ...]] = {
 
 ENV_OVERRIDE = "BRICKWORK_BACKEND"
 CACHE_FILE = "autotune.json"
+# The cache's format and measuring method; a file of another version is ignored (every class is
+# measured again once) and rewritten. 2: malloc settings measured in a fresh process each (session 7).
+CACHE_VERSION = 2
 
 Timer = Callable[[str, Callable[[], object]], float]
 """Seconds one call of the named candidate took (tests inject a fake one)."""
@@ -354,6 +357,8 @@ class Autotuner:
         if not isinstance(machines, dict) or not all(isinstance(v, dict) for v in machines.values()):
             self._warn(path, "not a brickwork autotune cache")
             return {}
+        if data.get("version") != CACHE_VERSION:
+            return {}  # an older measuring method: measured again, rewritten at this version
         return machines
 
     def _warn(self, path: Path, why: str) -> None:
@@ -370,7 +375,8 @@ class Autotuner:
         machines.setdefault(machine, {})[shape.key()] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"version": 1, "machines": machines}, indent=1, sort_keys=True) + "\n")
+            text = json.dumps({"version": CACHE_VERSION, "machines": machines}, indent=1, sort_keys=True)
+            atomic_write_text(path, text + "\n")
         except OSError as e:  # a read-only home: the choice still holds for this process
             self._warn(path, f"not writable ({e})")
 

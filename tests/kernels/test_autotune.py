@@ -296,3 +296,14 @@ def test_the_machine_key_names_the_first_cpus_model_and_numbers_and_the_torch_ve
     assert autotune.machine_key() == f"{want} | torch {torch.__version__}"
     if not torch.cuda.is_available():
         assert autotune.machine_key("cuda") == autotune.machine_key()  # no GPU to name: the CPU's key
+
+
+def test_a_cache_of_an_older_version_is_measured_again_and_rewritten(tmp_path: Path, unpinned: None) -> None:
+    path = tmp_path / "autotune.json"
+    old = {"version": autotune.CACHE_VERSION - 1, "machines": {"CPU A | torch 1": {MOE.key(): {"backend": "bmm"}}}}
+    path.write_text(json.dumps(old))
+    tuner = Autotuner(path, timer=FakeTimer({"grouped_mm": 3.0, "split": 1.0, "bmm": 2.0}), machine="CPU A | torch 1")
+    assert tuner.choose(MOE, NAMES, _candidates) == "split" and tuner.timings == 1  # not the old file's bmm
+    data = json.loads(path.read_text())
+    assert data["version"] == autotune.CACHE_VERSION
+    assert data["machines"]["CPU A | torch 1"][MOE.key()]["backend"] == "split"
