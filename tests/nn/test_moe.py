@@ -20,6 +20,8 @@ from brickwork.nn.routing import (
     RoutingRecord,
     TopKRouter,
     balance_token_hash,
+    expert_capacity,
+    plan_dispatch,
     token_choice_routing,
 )
 from brickwork.nn.transformer import TransformerBlock
@@ -303,3 +305,74 @@ def test_router_expert_count_mismatch_is_an_error() -> None:
     moe = MoE(GroupedFFNExperts(3, 8, 8), TopKRouter(8, 4))
     with pytest.raises(ValueError, match="4 experts"):
         moe(torch.randn(2, 8))
+
+
+def test_expert_capacity_is_the_ceiling_and_at_least_one() -> None:
+    # ceil(c * A / E): 3.125 -> 4, 7/6 -> 2, 2.5 -> 3, 0.75 -> 1; no assignments still leave room for one
+    cases = {(10, 4, 1.25): 4, (7, 3, 0.5): 2, (10, 4, 1.0): 3, (3, 4, 1.0): 1, (0, 4, 1.0): 1, (8, 2, 1.0): 4}
+    assert {args: expert_capacity(*args) for args in cases} == cases
+
+
+def test_weight_priority_breaks_ties_by_position() -> None:
+    """Equal weights keep token order (a stable sort): of 20 equal-weight tokens sent to expert 0
+    with room for 5, tokens 0-4 are kept. An unstable sort of 20 ties permutes them on the CPU."""
+    router = FixedRouter([[0]] * 20, [[0.5]] * 20, 2)
+    plan = plan_dispatch(router(torch.zeros(20, 4)), capacity_factor=0.5, priority="weight")  # C = ceil(5) = 5
+    assert plan.capacity == 5
+    assert plan.order.tolist() == [0, 1, 2, 3, 4] and plan.kept.tolist() == [True] * 5 + [False] * 15
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("priority", ["position", "slot", "weight"])
+def test_dispatch_makes_its_tensors_on_the_routing_device(capacity_factor: float | None, priority: str) -> None:
+    """The plan is built on the device of the routing, whatever the default device is: under a
+    meta default device, a tensor made without ``device=`` would be meta and the indexing fail."""
+    table = [[0, 1], [1, 2], [0, 2], [0, 1], [2, 1]]
+    weights = [[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1], [0.8, 0.2]]
+    routing = FixedRouter(table, weights, 3)(torch.zeros(5, 4))
+    expected = plan_dispatch(routing, capacity_factor, priority)  # type: ignore[arg-type]
+    with torch.device("meta"):
+        plan = plan_dispatch(routing, capacity_factor, priority)  # type: ignore[arg-type]
+    assert plan.order.device.type == plan.kept.device.type == "cpu"
+    assert torch.equal(plan.order, expected.order) and torch.equal(plan.kept, expected.kept)
+
+
+@pytest.mark.parametrize(("glu", "bias"), [(False, False), (False, True), (True, False), (True, True)])
+def test_from_feed_forward_keeps_every_form_dtype_and_backend(glu: bool, bias: bool) -> None:
+    """Stacking E FeedForwards keeps the gated / biased form, the dtype and the backend asked for:
+    each expert of the bank equals its FeedForward in float64 (1e-12), and converts back to it."""
+    torch.manual_seed(0)
+    ffs = [FeedForward(6, 5, act="silu", glu=glu, bias=bias, dtype=torch.float64) for _ in range(3)]
+    bank = GroupedFFNExperts.from_feed_forward(ffs, backend="split")
+    assert (bank.glu, bank.b_in is not None, bank.b_out is not None, bank.backend) == (glu, bias, bias, "split")
+    assert bank.w_in.dtype == torch.float64
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for i, f in enumerate(ffs):
+        counts = torch.zeros(3, dtype=torch.long)
+        counts[i] = 4
+        torch.testing.assert_close(bank(x, counts), f(x), rtol=0, atol=1e-12)
+        back = dict(bank.to_feed_forward(i).named_parameters())
+        assert back.keys() == dict(f.named_parameters()).keys()
+        assert all(torch.equal(back[n], p) for n, p in f.named_parameters())
+
+
+def test_from_feed_forward_of_one_expert_on_the_meta_device_and_refusals() -> None:
+    one = GroupedFFNExperts.from_feed_forward([FeedForward(6, 5, device="meta")])
+    assert one.num_experts == 1 and one.w_in.device.type == "meta"
+    for other in (FeedForward(6, 4), FeedForward(6, 5, glu=True), FeedForward(6, 5, act="relu")):
+        with pytest.raises(
+            ValueError, match=r"^GroupedFFNExperts\.from_feed_forward: experts differ in shape, act or glu$"
+        ):
+            GroupedFFNExperts.from_feed_forward([FeedForward(6, 5), other])
+
+
+def test_gated_expert_gate_is_one_bias_free_scalar_per_token() -> None:
+    """Qwen-MoE's shared-expert gate: ``sigmoid(x . w)``, no bias, in the dtype and on the device asked for."""
+    torch.manual_seed(0)
+    expert = FeedForward(6, 5, dtype=torch.float64)
+    gated = GatedExpert(expert, 6, dtype=torch.float64)
+    assert gated.gate.bias is None and gated.gate.weight.shape == (1, 6) and gated.gate.weight.dtype == torch.float64
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    expected = torch.sigmoid(x @ gated.gate.weight.detach()[0])[..., None] * expert(x)
+    torch.testing.assert_close(gated(x), expected, rtol=0, atol=1e-12)
+    assert GatedExpert(FeedForward(6, 5), 6, device="meta").gate.weight.device.type == "meta"

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from brickwork.nn.routing import load_balance_loss, router_z_loss
+from brickwork.nn.routing import cv_squared, load_balance_loss, router_z_loss
 
 
 def test_load_balance_top1_hand_worked() -> None:
@@ -48,3 +48,14 @@ def test_router_z_loss_hand_worked() -> None:
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
     assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_cv_squared_of_two_experts_of_integer_loads_and_of_a_zero_mean() -> None:
+    # (1, 3): population variance 1, mean 2 -> 1/4; integer counts are promoted to float32
+    assert float(cv_squared(torch.tensor([1.0, 3.0], dtype=torch.float64))) == 1.0 / (4.0 + 1e-10)
+    counts = cv_squared(torch.tensor([1, 2, 3, 6]))
+    assert counts.dtype == torch.float32 and math.isclose(float(counts), 3.5 / 9.0, rel_tol=1e-6)
+    assert cv_squared(torch.tensor([1.0, 3.0], dtype=torch.bfloat16)).dtype == torch.float32
+    # mean 0: eps keeps the denominator positive, var 1e-12 / eps 1e-10 = 0.01
+    zero_mean = cv_squared(torch.tensor([1e-6, -1e-6], dtype=torch.float64))
+    assert math.isclose(float(zero_mean), 0.01, rel_tol=1e-9)

@@ -17,10 +17,12 @@ from brickwork.nn.routing import (
     HashRouter,
     KeyRouter,
     MLPRouter,
+    TokenHashRouter,
     TopKRouter,
     activation_dense_to_sparse,
     anneal,
     feed_token_ids,
+    wants_token_ids,
 )
 
 D, E = 8, 4
@@ -261,3 +263,103 @@ def test_key_routers_read_the_experts_keys() -> None:
     assert torch.equal(mlp(x).expert_idx.view(5, 4).sort(-1).values, torch.arange(4).expand(5, 4))  # k = E: all
     with pytest.raises(ValueError, match="top_k"):
         KeyRouter(8, 4, top_k=5, bank=bank)
+
+
+class _PlainBank(nn.Module):
+    """A bank with nothing but ``w_in`` (E, D, H/E), all that :class:`KeyBank` asks for (no ``glu``)."""
+
+    def __init__(self, w_in: torch.Tensor) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(w_in)
+
+
+def test_key_router_reads_a_plain_bank_whole_and_gives_softmax_probs_and_unit_weights() -> None:
+    """A bank without ``glu`` (or with ``glu=False``) is read whole: every column is a key. The
+    routing carries softmax(logits) over the experts as probs and the logits, and its weights are
+    ones in the score dtype. float64 throughout, so the by-hand values agree to 1e-12."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, D, generator=gen, dtype=torch.float64)  # N = 6 != E = 4: a softmax over tokens differs
+    for bank in (
+        _PlainBank(torch.randn(E, D, 5, generator=gen, dtype=torch.float64)),
+        GroupedFFNExperts(E, D, 5, glu=False, dtype=torch.float64),
+    ):
+        r = KeyRouter(D, E, top_k=2, bank=bank)  # type: ignore[arg-type]
+        assert r.num_experts == E
+        logits = x @ bank.w_in.detach().mean(2).t()  # all 5 columns of each expert
+        out = r(x)
+        assert out.num_experts == E and out.logits is not None and out.probs is not None
+        torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.probs, torch.softmax(logits, -1), rtol=0, atol=1e-12)
+        assert torch.equal(out.expert_idx.view(6, 2), logits.topk(2, -1).indices)
+        assert out.weights.dtype == torch.float64 and torch.equal(out.weights, torch.ones(12, dtype=torch.float64))
+
+
+def test_mlp_router_scores_are_w2_tanh_w1_of_the_unit_input() -> None:
+    """MoEfication's router is ``W2 tanh(W1 x / |x|)`` with x normalised per token (tokens of very
+    different norms here), two bias-free matrices, and softmax probs over the experts."""
+    gen = torch.Generator().manual_seed(1)
+    r = MLPRouter(D, E, top_k=2, dtype=torch.float64)
+    assert {n for n, _ in r.named_parameters()} == {"w1.weight", "w2.weight"}
+    assert all(p.dtype == torch.float64 for p in r.parameters())
+    x = torch.randn(2, 3, D, generator=gen, dtype=torch.float64) * torch.tensor([0.1, 1.0, 30.0])[:, None]
+    flat = x.reshape(6, D)
+    unit = flat / flat.norm(dim=-1, keepdim=True)
+    expected = torch.tanh(unit @ r.w1.weight.detach().t()) @ r.w2.weight.detach().t()
+    torch.testing.assert_close(r.scores(flat), expected, rtol=0, atol=1e-12)
+    out = r(x)
+    assert out.logits is not None and out.probs is not None
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.probs, torch.softmax(expected, -1), rtol=0, atol=1e-12)
+    assert torch.equal(out.expert_idx.view(6, 2), expected.topk(2, -1).indices)
+
+
+def test_key_routers_defaults_and_refusals_name_the_router() -> None:
+    bank = GroupedFFNExperts(E, D, 6, glu=True)
+    assert KeyRouter(D, E, bank=bank).top_k == 2 and MLPRouter(D, E).top_k == 2
+    assert KeyRouter(D, E, top_k=1, bank=bank).top_k == 1 and MLPRouter(D, E, top_k=1).top_k == 1
+    for cls in (KeyRouter, MLPRouter):
+        name = cls.__name__
+        with pytest.raises(ValueError, match=rf"^{name}: top_k must be in \[1, 4\], got 0$"):
+            cls(D, E, top_k=0, bank=bank)
+        wrong = GroupedFFNExperts(E, D - 2, 6, glu=True)  # w_in (4, 6, 12)
+        with pytest.raises(ValueError, match=rf"^{name}: the bank's w_in \(4, 6, 12\) is not \(4, 8, \.\.\.\)$"):
+            cls(D, E, bank=wrong)
+
+
+def test_key_routers_stay_on_the_device_asked_for() -> None:
+    """On the meta device (no data, no CPU fallback): a tensor made on the default device would be
+    on the CPU."""
+    bank = GroupedFFNExperts(E, D, 6, glu=True, device="meta")
+    x = torch.randn(5, D, device="meta")
+    for r in (KeyRouter(D, E, bank=bank), MLPRouter(D, E, device="meta"), MLPRouter(D, E, bank=bank, device="meta")):
+        out = r(x)
+        assert out.weights.device.type == "meta" and out.token_idx.device.type == "meta"
+        assert all(p.device.type == "meta" for p in r.parameters())
+
+
+@pytest.mark.parametrize("key", ["input", "position"])
+def test_hash_router_weights_are_one_over_k_in_the_input_dtype_and_device(key: str) -> None:
+    r = HashRouter(D, E, top_k=2, key=key).double()  # type: ignore[arg-type]
+    out = r(torch.randn(2, 3, D, dtype=torch.float64))
+    assert out.weights.dtype == torch.float64 and torch.equal(out.weights, torch.full((12,), 0.5, dtype=torch.float64))
+    meta = HashRouter(D, E, top_k=2, key=key, device="meta")  # type: ignore[arg-type]
+    assert meta(torch.randn(2, 3, D, device="meta")).weights.device.type == "meta"
+
+
+def test_wants_token_ids_only_when_a_router_reads_them() -> None:
+    def moe(router: nn.Module) -> nn.Module:
+        return nn.Sequential(nn.Linear(D, D), MoE([nn.Linear(D, D) for _ in range(E)], router))
+
+    assert not wants_token_ids(moe(HashRouter(D, E, key="input")))
+    assert not wants_token_ids(moe(HashRouter(D, E, key="position")))
+    assert not wants_token_ids(moe(TopKRouter(D, E)))
+    assert wants_token_ids(moe(HashRouter(D, E, key="token_id")))
+    assert wants_token_ids(moe(TokenHashRouter(D, E, vocab_size=10)))
+
+
+def test_progress_is_clamped_to_the_unit_interval() -> None:
+    r = DenseToSparseRouter(D, E, tau_start=2.0, tau_end=0.3, schedule="linear")
+    r.set_progress(1.5)
+    assert r.progress == 1.0 and math.isclose(r.temperature, 0.3)
+    r.set_progress(-0.5)
+    assert r.progress == 0.0 and math.isclose(r.temperature, 2.0)

@@ -86,3 +86,33 @@ def test_mixing_uses_every_bit_of_the_key() -> None:
     # position keys are no longer round robin
     pos = HashRouter(4, E, key="position").assign(torch.randn(1, 64, 4))[:, 0]
     assert all(not torch.equal(pos, (torch.arange(64) + s) % E) for s in range(E))
+
+
+def test_frequency_table_takes_ids_by_falling_frequency() -> None:
+    # by frequency: 1 (5) -> e0, 2 (4) -> e1, 0 (1) -> e1 (4 < 5); in id order it would be [0, 1, 0]
+    assert frequency_balanced_table(torch.tensor([1, 5, 4]), 2, 1).reshape(-1).tolist() == [1, 0, 1]
+
+
+def test_router_defaults_and_the_range_of_k() -> None:
+    r = TokenHashRouter(4, E, vocab_size=100)
+    assert (r.top_k, r.table_kind) == (1, "random") and not bool(r.frequency_balanced)
+    assert torch.equal(r.table.long(), random_balanced_table(100, E, 1, seed=0))  # seed 0 by default
+    assert TokenHashRouter(4, E).vocab_size == 65536
+    assert TokenHashRouter(4, E, top_k=E, vocab_size=10).table.shape == (10, E)  # k = E: every expert
+    for k in (0, E + 1):
+        with pytest.raises(ValueError, match=rf"^TokenHashRouter: top_k must be in \[1, {E}\], got {k}$"):
+            TokenHashRouter(4, E, top_k=k, vocab_size=10)
+
+
+def test_balance_token_hash_rebalances_only_the_ids_seen_and_refuses_ids_past_the_table() -> None:
+    plain = torch.nn.Sequential(TokenHashRouter(4, E, vocab_size=20))
+    assert balance_token_hash(plain, torch.tensor([[1, 2]])) == 0  # a random table is not rebalanced
+    router = TokenHashRouter(4, E, vocab_size=20, table="frequency")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), router)
+    before = router.table.clone()
+    # V' = 1 (only id 0 seen): id 0 is refitted to expert 0, ids 1.. keep their random entries
+    assert balance_token_hash(model, torch.zeros(2, 3, dtype=torch.long)) == 1
+    assert router.table[0] == 0 and torch.equal(router.table[1:], before[1:]) and bool(router.frequency_balanced)
+    assert before[1] != 1  # what a table refitted on ids 0 and 1 would give id 1
+    with pytest.raises(ValueError, match=r"^balance_token_hash: ids reach 20, the table covers 20$"):
+        balance_token_hash(model, torch.tensor([[3, 20]]))
