@@ -22,6 +22,8 @@ from brickwork.nn.routing import (
     activation_dense_to_sparse,
     anneal,
     feed_token_ids,
+    load_balance_loss,
+    router_z_loss,
     wants_token_ids,
 )
 
@@ -363,3 +365,78 @@ def test_progress_is_clamped_to_the_unit_interval() -> None:
     assert r.progress == 1.0 and math.isclose(r.temperature, 0.3)
     r.set_progress(-0.5)
     assert r.progress == 0.0 and math.isclose(r.temperature, 2.0)
+
+
+def test_dense_to_sparse_defaults_are_evomoe() -> None:
+    r = DenseToSparseRouter(D, E)
+    assert (r.tau_start, r.tau_end, r.schedule, r.threshold) == (2.0, 0.3, "exponential", 0.02)
+    assert (r.activation, r.gumbel, r.eval_top_k, r.load_balance, r.z_loss) == ("none", True, 0, True, False)
+    assert r.proj.bias is not None and r.progress == 0.0
+    a = activation_dense_to_sparse(D, E)
+    assert (a.tau_start, a.tau_end, a.schedule, a.threshold) == (2.0, 0.3, "exponential", 0.02)
+    assert (a.activation, a.gumbel, a.eval_top_k, a.load_balance, a.z_loss) == ("tanh", False, 0, True, False)
+    assert DenseToSparseRouter(D, E, eval_top_k=E).eval_top_k == E
+    with pytest.raises(ValueError, match=r"^DenseToSparseRouter: eval_top_k 5 > num_experts 4$"):
+        DenseToSparseRouter(D, E, eval_top_k=E + 1)
+
+
+@pytest.mark.parametrize("activation", ["none", "sigmoid", "gelu", "softplus"])
+def test_dense_to_sparse_forward_by_hand(activation: str) -> None:
+    """In evaluation (no Gumbel noise): weights ``softmax(act(W x + b) / tau)``; an expert is kept
+    when its weight exceeds the threshold, and each token's best one always; the assignments in
+    token-major order, with those weights. float64, so by hand agrees to 1e-12."""
+    torch.manual_seed(0)
+    r = DenseToSparseRouter(D, E, threshold=0.2, activation=activation, z_loss=True).double().eval()  # type: ignore[arg-type]
+    r.set_progress(0.4)
+    tau = r.temperature
+    x = torch.randn(2, 5, D, dtype=torch.float64) * 2
+    z = r.proj(x.reshape(10, D)).detach()
+    act = {"none": lambda t: t, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}.get(
+        activation, torch.nn.functional.softplus
+    )
+    scaled = act(z) / tau
+    probs = torch.softmax(scaled, -1)
+    keep = probs > 0.2
+    keep[torch.arange(10), probs.argmax(-1)] = True
+    tokens, experts = keep.nonzero(as_tuple=True)
+    out = r(x)
+    assert out.num_tokens == 10 and out.num_experts == E and out.top_k is None and out.aux_losses == {}
+    assert torch.equal(out.token_idx, tokens) and torch.equal(out.expert_idx, experts)
+    assert 10 < out.num_assignments < 10 * E  # some tokens keep more than their best expert, none all
+    assert out.probs is not None and out.logits is not None
+    torch.testing.assert_close(out.probs, probs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, scaled, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.weights, probs[tokens, experts], rtol=0, atol=1e-12)
+    # evaluation by the top k instead of the threshold (EvoMoE evaluates top-1)
+    r.eval_top_k = 1
+    top1 = r(x)
+    assert torch.equal(top1.token_idx, torch.arange(10)) and torch.equal(top1.expert_idx, probs.argmax(-1))
+
+
+def test_dense_to_sparse_training_adds_gumbel_noise_and_its_losses() -> None:
+    """Training: weights ``softmax((logits + g) / tau)`` with g ~ Gumbel(0, 1); the load-balance
+    loss over the chosen assignments and the z-loss on the tempered logits (both unweighted)."""
+    torch.manual_seed(0)
+    r = DenseToSparseRouter(D, E, threshold=0.2, z_loss=True).double().train()
+    r.set_progress(0.7)
+    tau = r.temperature
+    x = torch.randn(10, D, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = r(x)
+    torch.manual_seed(3)
+    logits = r.proj(x).detach()
+    g = -torch.empty(10, E, dtype=torch.float64).exponential_().log()
+    weights_all = torch.softmax((logits + g) / tau, -1)
+    keep = weights_all > 0.2
+    keep[torch.arange(10), weights_all.argmax(-1)] = True
+    tokens, experts = keep.nonzero(as_tuple=True)
+    assert torch.equal(out.token_idx, tokens) and torch.equal(out.expert_idx, experts)
+    torch.testing.assert_close(out.weights.detach(), weights_all[tokens, experts], rtol=0, atol=1e-12)
+    probs = torch.softmax(logits / tau, -1)  # the noiseless distribution: P_i and the record's entropy
+    torch.testing.assert_close(out.probs.detach(), probs, rtol=0, atol=1e-12)  # type: ignore[union-attr]
+    assert set(out.aux_losses) == {"load_balance", "z_loss"}
+    expected_lb = load_balance_loss(probs, experts, E)
+    torch.testing.assert_close(out.aux_losses["load_balance"].detach(), expected_lb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.aux_losses["z_loss"].detach(), router_z_loss(logits / tau), rtol=0, atol=1e-12)
+    off = DenseToSparseRouter(D, E, load_balance=False, z_loss=False).train()
+    assert off(x.float()).aux_losses == {}

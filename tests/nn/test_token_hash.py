@@ -116,3 +116,36 @@ def test_balance_token_hash_rebalances_only_the_ids_seen_and_refuses_ids_past_th
     assert before[1] != 1  # what a table refitted on ids 0 and 1 would give id 1
     with pytest.raises(ValueError, match=r"^balance_token_hash: ids reach 20, the table covers 20$"):
         balance_token_hash(model, torch.tensor([[3, 20]]))
+
+
+def test_router_refusals_name_the_router_and_what_to_do() -> None:
+    r = TokenHashRouter(4, E, vocab_size=10)
+    with pytest.raises(RuntimeError, match=r"^TokenHashRouter: call set_token_ids\(ids\) or feed_token_ids\(model\)$"):
+        r(torch.randn(2, 3, 4))  # no ids given yet
+    r.set_token_ids(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^TokenHashRouter: token ids \(2, 3\) do not match input \(2, 4\)$"):
+        r(torch.randn(2, 4, 4))
+    freq = TokenHashRouter(4, E, vocab_size=10, table="frequency").train()
+    freq.set_token_ids(torch.zeros(2, 3, dtype=torch.long))
+    message = (
+        r"^TokenHashRouter\(table='frequency'\): no frequency table yet; run the hash_balance stage "
+        r"\(or balance_token_hash\(model, train_ids\)\) before training$"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        freq(torch.randn(2, 3, 4))
+
+
+def test_table_buffers_dtype_and_device_and_the_routing_on_the_input_device() -> None:
+    """The table is int32 (65536 x k entries, saved with the model), the flag a bool; both on the
+    device asked for. The routing lands on the input's device and dtype, with weights 1/k."""
+    r = TokenHashRouter(4, E, top_k=2, vocab_size=10)
+    assert r.table.dtype == torch.int32 and r.frequency_balanced.dtype == torch.bool
+    meta = TokenHashRouter(4, E, vocab_size=10, device="meta")
+    assert meta.table.device.type == meta.frequency_balanced.device.type == "meta"
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    r.set_token_ids(ids)
+    out = r(torch.randn(2, 3, 4, dtype=torch.float64))
+    assert torch.equal(out.expert_idx.view(6, 2), r.table[ids.reshape(-1)].long())
+    assert out.weights.dtype == torch.float64 and torch.equal(out.weights, torch.full((12,), 0.5, dtype=torch.float64))
+    on_meta = r(torch.randn(2, 3, 4, device="meta"))  # a CPU table and CPU ids, a meta input (FLOP counting)
+    assert on_meta.expert_idx.device.type == on_meta.weights.device.type == "meta"
