@@ -14,7 +14,10 @@ from brickwork.nn.ffn import FeedForward
 from brickwork.nn.moe import GatedExpert, MoE, moe_ffn
 from brickwork.nn.records import collect_aux_losses, collect_records, weighted_aux_loss
 from brickwork.nn.routing import (
+    DenseToSparseRouter,
+    ExpertChoiceRouter,
     GroupedFFNExperts,
+    HashRouter,
     MoESettings,
     Routing,
     RoutingRecord,
@@ -25,6 +28,7 @@ from brickwork.nn.routing import (
     token_choice_routing,
 )
 from brickwork.nn.transformer import TransformerBlock
+from brickwork.ops.permutation import permutation_spec, permute, random_perms
 from brickwork.registry import REGISTRY, register
 
 BACKENDS = ["split", "bmm"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
@@ -376,3 +380,106 @@ def test_gated_expert_gate_is_one_bias_free_scalar_per_token() -> None:
     expected = torch.sigmoid(x @ gated.gate.weight.detach()[0])[..., None] * expert(x)
     torch.testing.assert_close(gated(x), expected, rtol=0, atol=1e-12)
     assert GatedExpert(FeedForward(6, 5), 6, device="meta").gate.weight.device.type == "meta"
+
+
+def _axes(*specs: str) -> set[str]:
+    return set(specs)
+
+
+def _symmetry_cases() -> dict[str, tuple[nn.Module, list[set[str]]]]:
+    """MoEs between two linear layers (a model's own input and output are fixed), float64, with the
+    free permutations each must declare, as the sets of axes they move: ``tensor:dim``, with
+    ``:offset`` and ``b`` (batched over the experts axis) for an expert's hidden units."""
+    torch.manual_seed(0)
+    d, e, h, hs = 6, 4, 5, 7
+    cases: dict[str, tuple[nn.Module, list[set[str]]]] = {}
+
+    router = TopKRouter(d, e, bias=True, noise="learned", balance_rate=0.01)
+    assert router.selection_bias is not None
+    router.selection_bias.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))  # moves the choice: must follow the experts
+    bank = GroupedFFNExperts(e, d, h, act="silu", glu=True, bias=True)
+    moe = MoE(bank, router, shared=GatedExpert(FeedForward(d, hs), d))
+    cases["grouped_glu_topk_gated_shared"] = (
+        nn.Sequential(nn.Linear(d, d), moe, nn.Linear(d, d)),
+        [
+            _axes("0.weight:0", "0.bias:0", "1.router.proj.weight:1", "1.router.noise_proj.weight:1",
+                  "1.experts.w_in:1", "1.shared.gate.weight:1", "1.shared.expert.up.weight:1"),
+            _axes("1.experts.w_out:2", "1.experts.b_out:1", "1.shared.expert.down.weight:0",
+                  "1.shared.expert.down.bias:0", "2.weight:1"),
+            _axes("1.router.proj.weight:0", "1.router.proj.bias:0", "1.router.noise_proj.weight:0",
+                  "1.router.selection_bias.bias:0", "1.router.selection_bias.pending_load:0",
+                  "1.experts.w_in:0", "1.experts.w_out:0", "1.experts.b_in:0", "1.experts.b_out:0"),
+            _axes("1.experts.w_in:2:0b", "1.experts.w_in:2:5b", "1.experts.w_out:1:0b",
+                  "1.experts.b_in:1:0b", "1.experts.b_in:1:5b"),
+            _axes("1.shared.expert.up.weight:0", "1.shared.expert.up.bias:0", "1.shared.expert.down.weight:1"),
+        ],
+    )  # fmt: skip
+
+    bank = GroupedFFNExperts(e, d, h, act="gelu")
+    for name, r in (
+        ("expert_choice", ExpertChoiceRouter(d, e, bias=True)),
+        ("dense_to_sparse", DenseToSparseRouter(d, e)),
+    ):
+        cases[name] = (
+            nn.Sequential(nn.Linear(d, d), MoE(bank, r), nn.Linear(d, d)),
+            [
+                _axes("0.weight:0", "0.bias:0", "1.router.proj.weight:1", "1.experts.w_in:1"),
+                _axes("1.experts.w_out:2", "2.weight:1"),
+                _axes("1.router.proj.weight:0", "1.router.proj.bias:0", "1.experts.w_in:0", "1.experts.w_out:0"),
+                _axes("1.experts.w_in:2:0b", "1.experts.w_out:1:0b"),
+            ],
+        )
+
+    # A list of experts keeps its order (it offers no expert port); each expert's hidden units move.
+    experts = [FeedForward(d, h) for _ in range(e)]
+    expected = [
+        _axes("0.weight:0", "0.bias:0", "1.router.proj.weight:1", "1.shared.up.weight:1",
+              *(f"1.experts.{i}.up.weight:1" for i in range(e))),
+        _axes("1.shared.down.weight:0", "1.shared.down.bias:0", "2.weight:1",
+              *(f"1.experts.{i}.down.{t}:0" for i in range(e) for t in ("weight", "bias"))),
+        _axes("1.shared.up.weight:0", "1.shared.up.bias:0", "1.shared.down.weight:1"),
+        *(_axes(f"1.experts.{i}.up.weight:0", f"1.experts.{i}.up.bias:0", f"1.experts.{i}.down.weight:1")
+          for i in range(e)),
+    ]  # fmt: skip
+    moe = MoE(experts, TopKRouter(d, e), shared=FeedForward(d, hs))
+    cases["expert_list_shared"] = (nn.Sequential(nn.Linear(d, d), moe, nn.Linear(d, d)), expected)
+
+    # A hash router is fixed: the layer's input and the expert order stay; the output and the
+    # hidden units inside each expert still move.
+    bank = GroupedFFNExperts(e, d, h)
+    cases["hash"] = (
+        nn.Sequential(nn.Linear(d, d), MoE(bank, HashRouter(d, e)), nn.Linear(d, d)),
+        [_axes("1.experts.w_out:2", "2.weight:1"), _axes("1.experts.w_in:2:0b", "1.experts.w_out:1:0b")],
+    )
+    return {k: (m.double().eval(), want) for k, (m, want) in cases.items()}
+
+
+@pytest.mark.parametrize("case", list(_symmetry_cases()))
+def test_declared_permutations_move_what_they_should_and_keep_the_function(case: str) -> None:
+    """The MoE's declared symmetry (with its bank's, router's and shared expert's) gives exactly
+    these free permutations, and a random one of them applied to the model leaves its function
+    unchanged: the router rows and the selection bias follow the expert order, a fixed router
+    fixes the layer's input."""
+    model, expected = _symmetry_cases()[case]
+    spec = permutation_spec(model)
+    moved = [
+        {f"{a.tensor}:{a.dim}" + (f":{a.offset}b" if a.batch_dim is not None else "") for a in spec.axes if a.perm == n}
+        for n in spec.free()
+    ]
+    # (with a fixed router the MoE's own expert permutation is bound to nothing and moves no axis)
+    assert sorted(sorted(m) for m in moved if m) == sorted(map(sorted, expected))
+    other = permute(model, random_perms(spec, torch.Generator().manual_seed(1)), spec).eval()
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
+    x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_extra_reprs_show_the_settings() -> None:
+    bank = GroupedFFNExperts(4, 6, 5, act="silu", glu=True, bias=True, backend="split")
+    assert bank.extra_repr() == "num_experts=4, dim=6, hidden=5, act=silu, glu=True, bias=True, backend=split"
+    assert MoE(bank, TopKRouter(6, 4)).extra_repr() == "num_experts=4, dropless, priority=slot"
+    capped = MoE(bank, TopKRouter(6, 4), capacity_factor=1.25, priority="weight")
+    assert capped.extra_repr() == "num_experts=4, capacity_factor=1.25, priority=weight"

@@ -149,3 +149,12 @@ def test_table_buffers_dtype_and_device_and_the_routing_on_the_input_device() ->
     assert out.weights.dtype == torch.float64 and torch.equal(out.weights, torch.full((12,), 0.5, dtype=torch.float64))
     on_meta = r(torch.randn(2, 3, 4, device="meta"))  # a CPU table and CPU ids, a meta input (FLOP counting)
     assert on_meta.expert_idx.device.type == on_meta.weights.device.type == "meta"
+
+
+def test_extra_repr_says_which_table_is_in_force() -> None:
+    head = f"num_experts={E}, top_k=2, vocab_size=10, table="
+    assert TokenHashRouter(4, E, top_k=2, vocab_size=10).extra_repr() == head + "random"
+    freq = TokenHashRouter(4, E, top_k=2, vocab_size=10, table="frequency")
+    assert freq.extra_repr() == head + "frequency (not built yet)"
+    freq.balance_by_frequency(torch.tensor([3, 1, 2]))
+    assert freq.extra_repr() == head + "frequency"
