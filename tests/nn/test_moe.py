@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pydantic
 import pytest
 import torch
@@ -483,3 +485,37 @@ def test_extra_reprs_show_the_settings() -> None:
     assert MoE(bank, TopKRouter(6, 4)).extra_repr() == "num_experts=4, dropless, priority=slot"
     capped = MoE(bank, TopKRouter(6, 4), capacity_factor=1.25, priority="weight")
     assert capped.extra_repr() == "num_experts=4, capacity_factor=1.25, priority=weight"
+
+
+def test_routing_record_by_hand() -> None:
+    """A record of 3 tokens, 4 assignments (one dropped), hand-made probabilities: every derived
+    figure worked out by hand, and the record holds no graph."""
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]], requires_grad=True)
+    weights = torch.tensor([0.5, 0.5, 1.0, 0.5], requires_grad=True)
+    routing = Routing(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 0, 2]), weights, 3, 3, probs=probs)
+    assert routing.num_assignments == 4
+    kept = torch.tensor([True, True, False, True])
+    rec = RoutingRecord.of(routing, (1, 3), kept, torch.tensor([1, 1, 1]), capacity=1)
+    assert (rec.num_tokens, rec.num_experts, rec.leading_shape, rec.capacity) == (3, 3, (1, 3), 1)
+    assert not rec.weights.requires_grad and rec.probs is not None and not rec.probs.requires_grad
+    assert rec.dropped == 1 and rec.drop_rate == 0.25 and rec.unrouted_tokens == 1  # token 1 lost its only one
+    assert torch.equal(rec.load_fraction, torch.full((3,), 1 / 3, dtype=torch.float64))
+    # entropies ln 2, 0 and 1.5 ln 2 (0 log 0 = 0): mean 2.5 ln 2 / 3
+    assert rec.entropy is not None and abs(rec.entropy - 2.5 * math.log(2.0) / 3) < 1e-12
+    empty = RoutingRecord.of(
+        Routing(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), 2, 3),
+        (2,), torch.zeros(0, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
+    )  # fmt: skip
+    assert (empty.drop_rate, empty.unrouted_tokens, empty.entropy, empty.capacity) == (0.0, 2, None, None)
+    assert torch.equal(empty.load_fraction, torch.zeros(3, dtype=torch.float64))
+
+
+def test_token_choice_routing_is_token_major() -> None:
+    top = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])
+    r = token_choice_routing(top, w, 3, aux_losses={"z": torch.tensor(1.0)})
+    assert r.token_idx.tolist() == [0, 0, 1, 1, 2, 2] and r.expert_idx.tolist() == [2, 0, 1, 2, 0, 1]
+    assert r.weights.tolist() == pytest.approx([0.7, 0.3, 0.6, 0.4, 0.9, 0.1])
+    assert (r.num_tokens, r.num_experts, r.top_k, set(r.aux_losses), r.aux_sums) == (3, 3, 2, {"z"}, {})
+    with torch.device("meta"):  # made on the choices' device, not the default one
+        assert token_choice_routing(top, w, 3).token_idx.device.type == "cpu"

@@ -440,3 +440,47 @@ def test_dense_to_sparse_training_adds_gumbel_noise_and_its_losses() -> None:
     torch.testing.assert_close(out.aux_losses["z_loss"].detach(), router_z_loss(logits / tau), rtol=0, atol=1e-12)
     off = DenseToSparseRouter(D, E, load_balance=False, z_loss=False).train()
     assert off(x.float()).aux_losses == {}
+
+
+def test_dense_to_sparse_threshold_is_strict_and_weights_come_back_in_the_input_dtype() -> None:
+    """A zero scorer gives every expert weight exactly 1/4: at threshold 1/4 none exceeds it, so
+    each token keeps its best expert only. bfloat16 inputs are routed in float32 and their weights
+    returned in bfloat16."""
+    r = DenseToSparseRouter(D, E, threshold=0.25, gumbel=False, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        r.proj.weight.zero_()
+        r.proj.bias.zero_()  # type: ignore[union-attr]
+    out = r(torch.randn(6, D, dtype=torch.bfloat16))
+    assert torch.equal(out.token_idx, torch.arange(6)) and out.num_assignments == 6
+    assert out.weights.dtype == torch.bfloat16 and out.logits is not None and out.logits.dtype == torch.float32
+
+
+def test_expert_choice_forward_by_hand() -> None:
+    """``S = softmax(x W)`` over the experts; expert e takes its C best tokens by S[:, e], weighted
+    by those scores; expert-major order; the z-loss in training only. float64 by hand at 1e-12."""
+    torch.manual_seed(0)
+    r = ExpertChoiceRouter(D, E, capacity_factor=1.5, bias=True).double().eval()
+    x = torch.randn(2, 5, D, dtype=torch.float64)  # N = 10, C = ceil(10 * 1.5 / 4) = 4
+    logits = r.proj(x.reshape(10, D)).detach()
+    s = torch.softmax(logits, -1)
+    best = s.t().topk(4, -1)
+    out = r(x)
+    assert (out.num_tokens, out.num_experts, out.top_k, out.aux_losses) == (10, E, None, {})
+    assert torch.equal(out.expert_idx, torch.arange(E).repeat_interleave(4))
+    assert torch.equal(out.token_idx, best.indices.reshape(-1))
+    assert out.logits is not None and out.probs is not None
+    torch.testing.assert_close(out.weights, best.values.reshape(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.probs, s, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-12)
+    train = r.train()(x)
+    assert set(train.aux_losses) == {"z_loss"}
+    torch.testing.assert_close(train.aux_losses["z_loss"].detach(), router_z_loss(logits), rtol=0, atol=1e-12)
+    assert ExpertChoiceRouter(D, E, z_loss=False).train()(x.float()).aux_losses == {}
+
+
+def test_expert_choice_dtype_and_device() -> None:
+    r = ExpertChoiceRouter(D, E, dtype=torch.bfloat16)
+    out = r(torch.randn(6, D, dtype=torch.bfloat16))
+    assert out.weights.dtype == torch.bfloat16 and out.logits is not None and out.logits.dtype == torch.float32
+    on_meta = ExpertChoiceRouter(D, E, device="meta")(torch.randn(6, D, device="meta"))
+    assert on_meta.expert_idx.device.type == on_meta.token_idx.device.type == "meta"
