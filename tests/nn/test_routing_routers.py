@@ -484,3 +484,19 @@ def test_expert_choice_dtype_and_device() -> None:
     assert out.weights.dtype == torch.bfloat16 and out.logits is not None and out.logits.dtype == torch.float32
     on_meta = ExpertChoiceRouter(D, E, device="meta")(torch.randn(6, D, device="meta"))
     assert on_meta.expert_idx.device.type == on_meta.token_idx.device.type == "meta"
+
+
+def test_anneal_by_hand() -> None:
+    # p = 0.25 from 2 to 0.5: linear 2 - 1.5 / 4; cosine 0.5 + 1.5 (1 + cos(pi / 4)) / 2; geometric 2 (1/4)^(1/4)
+    assert anneal(2.0, 0.5, 0.25, "linear") == 1.625
+    assert math.isclose(anneal(2.0, 0.5, 0.25, "cosine"), 0.5 + 0.75 * (1 + math.sqrt(0.5)), rel_tol=1e-15)
+    assert math.isclose(anneal(2.0, 0.5, 0.25), 2.0 * 0.25**0.25, rel_tol=1e-15)  # exponential by default
+    assert math.isclose(anneal(2.0, 0.5, 0.25, "exponential"), 2.0 * 0.25**0.25, rel_tol=1e-15)
+    for schedule in ("linear", "cosine", "exponential"):  # progress clamped to [0, 1]
+        assert anneal(2.0, 0.5, -1.0, schedule) == 2.0 and anneal(2.0, 0.5, 3.0, schedule) == 0.5  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^anneal: the exponential schedule needs positive start and end$"):
+        anneal(2.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match=r"^anneal: the exponential schedule needs positive start and end$"):
+        anneal(0.0, 2.0, 0.5)
+    with pytest.raises(ValueError, match=r"^anneal: unknown schedule 'step'$"):
+        anneal(2.0, 0.5, 0.5, "step")  # type: ignore[arg-type]
