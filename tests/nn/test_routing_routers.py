@@ -492,6 +492,7 @@ def test_anneal_by_hand() -> None:
     assert math.isclose(anneal(2.0, 0.5, 0.25, "cosine"), 0.5 + 0.75 * (1 + math.sqrt(0.5)), rel_tol=1e-15)
     assert math.isclose(anneal(2.0, 0.5, 0.25), 2.0 * 0.25**0.25, rel_tol=1e-15)  # exponential by default
     assert math.isclose(anneal(2.0, 0.5, 0.25, "exponential"), 2.0 * 0.25**0.25, rel_tol=1e-15)
+    assert anneal(0.5, 2.0, 0.5) == 1.0  # upwards too, from a start below 1: 0.5 * 4^(1/2)
     for schedule in ("linear", "cosine", "exponential"):  # progress clamped to [0, 1]
         assert anneal(2.0, 0.5, -1.0, schedule) == 2.0 and anneal(2.0, 0.5, 3.0, schedule) == 0.5  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^anneal: the exponential schedule needs positive start and end$"):

@@ -158,3 +158,66 @@ def test_extra_repr_says_which_table_is_in_force() -> None:
     assert freq.extra_repr() == head + "frequency (not built yet)"
     freq.balance_by_frequency(torch.tensor([3, 1, 2]))
     assert freq.extra_repr() == head + "frequency"
+
+
+def _fmix32(value: int, seed: int) -> int:
+    """murmur3's 32-bit finaliser of ``value ^ seed``, in plain Python integers (the reference)."""
+    h = (value ^ (seed & 0xFFFFFFFF)) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_mix_is_murmur3_fmix32() -> None:
+    values = [0, 1, 2, 7, 65535, 65536, 123456789, 2**31 - 1, 2**32 - 1, 2**40 + 5]
+    for seed in (0, 1, 12345, 2**32 + 3):
+        got = _mix(torch.tensor(values), seed).tolist()
+        assert got == [_fmix32(v, seed) for v in values], seed
+    assert _fmix32(1, 0) == 0x514E28B7  # murmur3 fmix32(1), the published value
+
+
+def test_hash_router_keys_and_assignment_by_hand() -> None:
+    """The LSH key is the sign pattern of ``x @ planes`` read as 16 bits (planes drawn from the
+    seed); the position key is the index along the sequence; the expert is fmix32(key ^ seed) mod E
+    and the next k - 1 experts after it, mod E."""
+    d, seed = 4, 5
+    r = HashRouter(d, E, top_k=3, key="input", seed=seed)
+    planes = torch.randn(d, _LSH_BITS, generator=torch.Generator().manual_seed(seed))
+    assert r.planes.dtype == torch.float32 and torch.equal(r.planes, planes)
+    x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0))
+    bits = (x.reshape(6, d) @ planes) > 0
+    keys = [sum(1 << i for i in range(_LSH_BITS) if bits[t, i]) for t in range(6)]
+    first = torch.tensor([_fmix32(k, seed) % E for k in keys])
+    expected = (first[:, None] + torch.arange(3)) % E
+    assert torch.equal(r.assign(x), expected)
+    assert torch.equal(r(x).expert_idx.view(6, 3), expected)
+    pos = HashRouter(d, E, top_k=2, key="position", seed=seed)
+    first = torch.tensor([_fmix32(t, seed) % E for t in range(3)])
+    assert torch.equal(pos.assign(x), ((first[:, None] + torch.arange(2)) % E).repeat(2, 1))  # (B, T): t per row
+    tok = HashRouter(d, E, key="token_id", seed=seed)
+    tok.set_token_ids(torch.tensor([[9, 3, 9], [0, 70000, 3]]))
+    ids = [9, 3, 9, 0, 70000, 3]
+    assert tok.assign(x)[:, 0].tolist() == [_fmix32(i, seed) % E for i in ids]
+
+
+def test_hash_router_defaults_settings_and_refusals() -> None:
+    r = HashRouter(4, E)
+    assert (r.top_k, r.key, r.seed, r.needs_token_ids) == (1, "input", 0, False)
+    assert torch.equal(r.planes, torch.randn(4, _LSH_BITS, generator=torch.Generator().manual_seed(0)))
+    assert r.extra_repr() == f"num_experts={E}, top_k=1, key=input"
+    assert HashRouter(4, E, top_k=E).top_k == E and HashRouter(4, E, key="token_id").needs_token_ids
+    assert HashRouter(4, E, dtype=torch.float64).planes.dtype == torch.float64
+    assert HashRouter(4, E, device="meta").planes.device.type == "meta"
+    for k in (0, E + 1):
+        with pytest.raises(ValueError, match=rf"^HashRouter: top_k must be in \[1, {E}\], got {k}$"):
+            HashRouter(4, E, top_k=k)
+    tok = HashRouter(4, E, key="token_id")
+    with pytest.raises(
+        RuntimeError, match=r"^HashRouter\(key='token_id'\): call set_token_ids\(ids\) or feed_token_ids\(model\)$"
+    ):
+        tok(torch.randn(2, 3, 4))
+    tok.set_token_ids(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^HashRouter: token ids \(2, 3\) do not match input \(3, 2\)$"):
+        tok(torch.randn(3, 2, 4))
