@@ -24,6 +24,7 @@ from brickwork.nn.routing import (
     feed_token_ids,
     load_balance_loss,
     router_z_loss,
+    sigmoid_topk,
     wants_token_ids,
 )
 
@@ -501,3 +502,96 @@ def test_anneal_by_hand() -> None:
         anneal(0.0, 2.0, 0.5)
     with pytest.raises(ValueError, match=r"^anneal: unknown schedule 'step'$"):
         anneal(2.0, 0.5, 0.5, "step")  # type: ignore[arg-type]
+
+
+def test_topk_router_defaults_and_refusals() -> None:
+    r = TopKRouter(D, E)
+    assert (r.top_k, r.gate, r.noise, r.noise_scale, r.load_balance, r.z_loss) == (
+        2, "softmax_topk_renorm", "none", 1e-2, True, True
+    )  # fmt: skip
+    assert r.proj.bias is None and r.noise_proj is None and r.selection_bias is None
+    assert r.extra_repr() == f"num_experts={E}, top_k=2, gate=softmax_topk_renorm, noise=none"
+    assert TopKRouter(D, E, top_k=1).top_k == 1 and TopKRouter(D, E, top_k=E).top_k == E
+    for k in (0, E + 1):
+        with pytest.raises(ValueError, match=rf"^TopKRouter: top_k must be in \[1, {E}\], got {k}$"):
+            TopKRouter(D, E, top_k=k)
+    learned = TopKRouter(D, E, noise="learned", bias=True, dtype=torch.float64, balance_rate=0.5)
+    assert learned.noise_proj is not None and learned.noise_proj.bias is None and not learned.noise_proj.weight.any()
+    assert (
+        learned.proj.bias is not None and learned.proj.weight.dtype == learned.noise_proj.weight.dtype == torch.float64
+    )
+    assert learned.selection_bias is not None and learned.selection_bias.rate == 0.5
+    meta = TopKRouter(D, E, noise="learned", balance_rate=0.1, device="meta")
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+    sig = sigmoid_topk(D, E)
+    assert (sig.gate, sig.top_k, sig.noise, sig.load_balance, sig.z_loss, sig.selection_bias) == (
+        "sigmoid_topk_renorm", 2, "none", True, True, None
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("noise", ["none", "jitter", "gaussian", "learned"])
+@pytest.mark.parametrize(
+    "gate", ["softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk", "sigmoid_topk_renorm"]
+)
+def test_topk_router_training_forward_by_hand(gate: str, noise: str) -> None:
+    """Every gate with every noise, in training, reproduced from the same random draws in float64:
+    the choice, the weights, the probabilities, the logits, both losses and the load observed."""
+    torch.manual_seed(0)
+    r = TopKRouter(D, E, top_k=2, gate=gate, noise=noise, noise_scale=0.3, balance_rate=0.01, bias=True)  # type: ignore[arg-type]
+    r = r.double().train()
+    if r.noise_proj is not None:
+        with torch.no_grad():
+            r.noise_proj.weight.normal_()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    torch.manual_seed(7)
+    out = r(x)
+    torch.manual_seed(7)
+    flat = x.reshape(10, D)
+    if noise == "jitter":
+        flat = flat * torch.empty_like(flat).uniform_(0.7, 1.3)
+    logits = r.proj(flat).detach()
+    if noise == "gaussian":
+        logits = logits + torch.randn_like(logits) * 0.3
+    elif noise == "learned":
+        assert r.noise_proj is not None
+        logits = logits + torch.randn_like(logits) * torch.nn.functional.softplus(r.noise_proj(flat).detach())
+    if gate.startswith("sigmoid"):
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+    else:
+        probs = torch.softmax(logits, -1)
+        scores = probs
+    top = scores.topk(2, dim=-1).indices  # the selection bias starts at zero
+    if gate == "topk_softmax":
+        weights = torch.softmax(logits.gather(-1, top), -1)
+    else:
+        weights = scores.gather(-1, top)
+        if gate.endswith("renorm"):
+            weights = weights / weights.sum(-1, keepdim=True)
+    assert (out.num_tokens, out.num_experts, out.top_k) == (10, E, 2)
+    assert torch.equal(out.expert_idx.view(10, 2), top)
+    assert out.probs is not None and out.logits is not None
+    torch.testing.assert_close(out.logits.detach(), logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.probs.detach(), probs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.weights.detach().view(10, 2), weights, rtol=0, atol=1e-12)
+    assert set(out.aux_losses) == {"load_balance", "z_loss"}
+    lb = load_balance_loss(probs, top, E)
+    torch.testing.assert_close(out.aux_losses["load_balance"].detach(), lb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.aux_losses["z_loss"].detach(), router_z_loss(logits), rtol=0, atol=1e-12)
+    assert r.selection_bias is not None
+    load = torch.bincount(top.reshape(-1), minlength=E).double()
+    assert torch.equal(r.selection_bias.pending_load, load)  # observed in training
+    r.eval()(x)
+    assert torch.equal(r.selection_bias.pending_load, load)  # not in evaluation
+    r.after_step()
+    assert torch.equal(r.selection_bias.bias, 0.01 * torch.sign(load.mean() - load))  # float64 after .double()
+
+
+def test_topk_router_losses_can_be_switched_off_and_weights_return_in_the_input_dtype() -> None:
+    x = torch.randn(6, D)
+    assert set(TopKRouter(D, E, z_loss=False).train()(x).aux_losses) == {"load_balance"}
+    assert set(TopKRouter(D, E, load_balance=False).train()(x).aux_losses) == {"z_loss"}
+    half = TopKRouter(D, E, dtype=torch.bfloat16).train()
+    out = half(x.bfloat16())
+    assert out.weights.dtype == torch.bfloat16 and out.logits is not None and out.logits.dtype == torch.float32
+    assert out.aux_losses["z_loss"].dtype == torch.float32
