@@ -25,6 +25,7 @@ from brickwork.nn.routing import (
     RoutingRecord,
     TopKRouter,
     balance_token_hash,
+    build_router,
     expert_capacity,
     plan_dispatch,
     token_choice_routing,
@@ -519,3 +520,67 @@ def test_token_choice_routing_is_token_major() -> None:
     assert (r.num_tokens, r.num_experts, r.top_k, set(r.aux_losses), r.aux_sums) == (3, 3, 2, {"z"}, {})
     with torch.device("meta"):  # made on the choices' device, not the default one
         assert token_choice_routing(top, w, 3).token_idx.device.type == "cpu"
+
+
+def test_router_kwargs_match_each_routers_own_arguments() -> None:
+    """Each setting reaches a router only through an argument of that name; expert choice takes
+    top_k as its capacity factor (a float)."""
+    s = MoESettings(top_k=3, balance="aux_free", balance_rate=0.01, noise="jitter")
+    token_choice = {"top_k": 3, "noise": "jitter", "load_balance": False, "balance_rate": 0.01}
+    expected = {"topk": token_choice, "sigmoid": token_choice, "noisy_topk": {"top_k": 3, "load_balance": False},
+                "expert_choice": {"capacity_factor": 3.0}, "hash": {"top_k": 3}, "emoe": {"top_k": 3},
+                "dense_to_sparse": {"load_balance": False}}  # fmt: skip
+    for name, kw in expected.items():
+        got = s.router_kwargs(REGISTRY.get("router", name))
+        assert got == kw and type(got.get("capacity_factor", 0.0)) is float, name
+    plain = MoESettings().router_kwargs(REGISTRY.get("router", "topk"))
+    assert plain == {"top_k": 2, "noise": "none", "load_balance": True, "balance_rate": 0.0}
+
+
+def test_build_router_passes_the_bank_device_and_dtype_only_where_taken() -> None:
+    bank = GroupedFFNExperts(4, 8, 6, glu=True)
+    emoe = build_router(MoESettings(router="emoe"), 8, 4, bank=bank, device="meta", dtype=torch.float64)
+    assert emoe.keys().shape == (4, 8)  # KeyRouter takes the bank, and neither device nor dtype
+    mlp = build_router(MoESettings(router="mlp"), 8, 4, bank=bank, dtype=torch.float64)
+    assert mlp.w1.weight.dtype == torch.float64  # initialised from the bank's keys
+    torch.testing.assert_close(
+        mlp.w1.weight, nn.functional.normalize(bank.w_in[..., :6].transpose(1, 2), dim=-1).mean(1).double()
+    )
+    topk = build_router(MoESettings(), 8, 4, bank=bank, device="meta", dtype=torch.float64)
+    assert topk.proj.weight.device.type == "meta" and topk.proj.weight.dtype == torch.float64
+    with pytest.raises(ConfigError, match=r"^noise: router 'hash' does not use this setting"):
+        build_router(MoESettings(router="hash", noise="gaussian"), 8, 4)  # the settings are checked
+
+
+def test_setting_errors_name_the_key_path_the_default_and_the_routers_that_use_it() -> None:
+    def message(**settings: object) -> str:
+        with pytest.raises(ConfigError) as info:
+            MoESettings(**settings).check("models.moe")  # type: ignore[arg-type]
+        return str(info.value)
+
+    text = message(router="dense_to_sparse", top_k=1)
+    head = (
+        "models.moe.top_k: router 'dense_to_sparse' does not use this setting; "
+        "leave it at its default 2 or choose a router that uses it ("
+    )
+    assert text.startswith(head) and text.endswith(") (got 1)")
+    users = set(text[len(head) : -len(") (got 1)")].split(", "))
+    assert {"topk", "sigmoid", "noisy_topk", "expert_choice", "hash", "lsh", "emoe", "mlp", "token_hash"} <= users
+    assert not users & {"dense_to_sparse", "activation_dense_to_sparse"}
+    assert message(router="expert_choice", noise="gaussian") == (
+        "models.moe.noise: router 'expert_choice' does not use this setting; leave it at its default 'none' "
+        "or choose a router that uses it (sigmoid, topk) (got 'gaussian')"
+    )
+    assert message(router="hash", balance="aux_free") == (
+        "models.moe.balance: router 'hash' does not use this setting; leave it at its default 'aux_loss' "
+        "or choose a router that uses it (sigmoid, topk) (got 'aux_free')"
+    )
+    assert message(router="topk", balance_rate=0.01) == (
+        "models.moe.balance_rate: is the rate of balance 'aux_free' only; leave it at its default 0.001 "
+        "with balance 'aux_loss' (got 0.01)"
+    )
+    assert message(router="topkk").startswith("models.moe.router: unknown router name")
+    # a setting the router does not use is accepted at its default, and 'none' never needs a user
+    MoESettings(router="hash", balance="none").check()
+    MoESettings(router="dense_to_sparse", balance="aux_loss", top_k=2, noise="none").check("models.moe")
+    MoESettings(router="topk", balance="aux_free", balance_rate=0.01).check()

@@ -221,3 +221,20 @@ def test_hash_router_defaults_settings_and_refusals() -> None:
     tok.set_token_ids(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"^HashRouter: token ids \(2, 3\) do not match input \(3, 2\)$"):
         tok(torch.randn(3, 2, 4))
+
+
+def test_hash_router_keys_on_deeper_inputs_zero_inputs_other_dtypes_and_devices() -> None:
+    """Positions are counted along dim -2 of any (..., T, D) input; a zero input has every
+    projection at 0, which is not positive (key 0); a float64 input meets float32 planes; ids and
+    positions land on the input's device."""
+    pos = HashRouter(4, E, key="position", seed=2)
+    x = torch.randn(2, 3, 5, 4)
+    expected = torch.tensor([_fmix32(t, 2) % E for t in range(5)]).repeat(6)
+    assert torch.equal(pos.assign(x)[:, 0], expected)
+    lsh = HashRouter(4, E, key="input", seed=2)
+    assert lsh.assign(torch.zeros(1, 4)).item() == _fmix32(0, 2) % E
+    x64 = torch.randn(7, 4, dtype=torch.float64)
+    assert torch.equal(lsh.assign(x64), lsh.assign(x64.float()))
+    tok = HashRouter(4, E, key="token_id")
+    tok.set_token_ids(torch.tensor([[1, 2, 3]]))  # ids on the CPU, the input on the meta device
+    assert tok(torch.randn(1, 3, 4, device="meta")).expert_idx.device.type == "meta"
