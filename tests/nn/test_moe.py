@@ -18,6 +18,7 @@ from brickwork.nn.records import collect_aux_losses, collect_records, weighted_a
 from brickwork.nn.routing import (
     DenseToSparseRouter,
     ExpertChoiceRouter,
+    ExpertList,
     GroupedFFNExperts,
     HashRouter,
     MoESettings,
@@ -584,3 +585,101 @@ def test_setting_errors_name_the_key_path_the_default_and_the_routers_that_use_i
     MoESettings(router="hash", balance="none").check()
     MoESettings(router="dense_to_sparse", balance="aux_loss", top_k=2, noise="none").check("models.moe")
     MoESettings(router="topk", balance="aux_free", balance_rate=0.01).check()
+
+
+def _reference_plan(table: list[list[int]], weights: list[list[float]], e: int, c: float | None, priority: str):
+    """Dispatch in plain Python: assignments ranked by the priority, each expert keeps its first C."""
+    n, k = len(table), len(table[0])
+    flat = [(t, s, table[t][s], weights[t][s]) for t in range(n) for s in range(k)]  # token-major: index t * k + s
+    rank = {
+        "position": lambda i: i,
+        "slot": lambda i: (flat[i][1], flat[i][0]) if k > 1 else i,
+        "weight": lambda i: (-flat[i][3], i),
+    }[priority]
+    cap = None if c is None else max(1, math.ceil(c * n * k / e))
+    order, counts = [], [0] * e
+    for expert in range(e):
+        mine = sorted((i for i in range(n * k) if flat[i][2] == expert), key=rank if c is not None else (lambda i: i))
+        mine = mine if cap is None else mine[:cap]
+        order += mine
+        counts[expert] = len(mine)
+    kept = [i in set(order) for i in range(n * k)]
+    return order, [flat[i][0] for i in order], [flat[i][3] for i in order], counts, kept, cap
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 0.75, 1.0, 1.3, 4.0])
+@pytest.mark.parametrize("priority", ["position", "slot", "weight"])
+def test_plan_dispatch_equals_a_plain_python_dispatch(capacity_factor: float | None, priority: str) -> None:
+    """Random top-2 choices of 9 tokens over 3 experts (ceil(c * 18 / 3) rows per expert, not a whole
+    number of tokens), distinct weights: the plan is the plain-Python one field by field."""
+    gen = torch.Generator().manual_seed(3)
+    table = [torch.randperm(3, generator=gen)[:2].tolist() for _ in range(9)]
+    weights = torch.rand(9, 2, generator=gen).tolist()  # float32 values, as FixedRouter stores them
+    plan = plan_dispatch(FixedRouter(table, weights, 3)(torch.zeros(9, 4)), capacity_factor, priority)  # type: ignore[arg-type]
+    order, tokens, w, counts, kept, cap = _reference_plan(table, weights, 3, capacity_factor, priority)
+    assert plan.order.tolist() == order and plan.token_idx.tolist() == tokens and plan.weights.tolist() == w
+    assert plan.counts.tolist() == counts and plan.kept.tolist() == kept and plan.capacity == cap
+    assert sum(counts) == len(order) and plan.counts.dtype == torch.int64
+
+
+def test_moe_forward_equals_a_per_assignment_loop_with_capacity_and_shared_expert() -> None:
+    """y_t = sum over t's kept assignments of w * expert(x_t), plus the shared expert; on a (B, T, D)
+    input in float64 (1e-12); the record and the losses are those of this forward."""
+    torch.manual_seed(0)
+    bank = GroupedFFNExperts(4, 6, 5, act="silu", glu=True, bias=True, dtype=torch.float64)
+    router = TopKRouter(6, 4, top_k=2, bias=True).double()
+    shared = FeedForward(6, 7, dtype=torch.float64)
+    moe = MoE(bank, router, shared=shared, capacity_factor=0.6, priority="weight").train()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    y = moe(x)
+    flat = x.reshape(10, 6)
+    routing = router(x)
+    plan = plan_dispatch(routing, 0.6, "weight")  # C = ceil(0.6 * 20 / 4) = 3
+    ref = shared(flat)
+    for i in plan.order.tolist():
+        t, e = int(routing.token_idx[i]), int(routing.expert_idx[i])
+        ref[t] = ref[t] + routing.weights[i] * bank.to_feed_forward(e)(flat[t : t + 1])[0]
+    torch.testing.assert_close(y, ref.reshape(2, 5, 6), rtol=0, atol=1e-12)
+    rec = moe.record
+    kept = int(plan.counts.sum())
+    assert rec is not None and rec.capacity == 3 and rec.leading_shape == (2, 5) and rec.dropped == 20 - kept > 0
+    assert torch.equal(rec.kept, plan.kept) and torch.equal(rec.load, plan.counts)
+    assert set(moe.aux_losses) == {"load_balance", "z_loss"}
+    torch.testing.assert_close(moe.aux_losses["z_loss"], routing.aux_losses["z_loss"], rtol=0, atol=1e-12)
+
+
+def test_moe_construction_and_the_bank_contract() -> None:
+    experts = [nn.Linear(4, 4) for _ in range(3)]
+    moe = MoE(experts, FixedRouter([[0]], [[1.0]], 3))
+    assert isinstance(moe.experts, ExpertList) and moe.num_experts == 3 and list(moe.experts) == experts
+    assert (moe.shared, moe.capacity_factor, moe.priority, moe.aux_losses, moe.record) == (None, None, "slot", {}, None)
+    assert MoE(nn.ModuleList(experts), FixedRouter([[0]], [[1.0]], 3)).num_experts == 3
+    bank = ExpertList(experts)
+    assert MoE(bank, FixedRouter([[0]], [[1.0]], 3)).experts is bank  # not wrapped twice
+    with pytest.raises(ValueError, match=r"^MoE: router routes to 4 experts, the bank has 3$"):
+        MoE(GroupedFFNExperts(3, 8, 8), TopKRouter(8, 4))(torch.randn(2, 8))
+
+
+def test_expert_list_skips_experts_without_rows() -> None:
+    """An expert with no rows is not called (a BatchNorm expert would refuse an empty batch); with no
+    rows at all the output is empty, with the experts' width."""
+    calls: list[int] = []
+
+    class Counting(nn.Module):
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            self.i = i
+
+        def forward(self, x: Tensor) -> Tensor:
+            calls.append(self.i)
+            return x + self.i
+
+    bank = ExpertList([Counting(i) for i in range(4)])
+    x = torch.arange(6.0).reshape(3, 2)
+    out = bank(x, torch.tensor([0, 2, 0, 1]))
+    assert calls == [1, 3] and torch.equal(out, torch.tensor([[1.0, 2.0], [3.0, 4.0], [7.0, 8.0]]))
+    calls.clear()
+    assert torch.equal(bank(x[1:2], torch.tensor([0, 0, 1, 0])), x[1:2] + 2) and calls == [2]
+    calls.clear()
+    empty = bank(torch.zeros(0, 2), torch.zeros(4, dtype=torch.long))
+    assert calls == [] and empty.shape == (0, 2)

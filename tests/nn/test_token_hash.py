@@ -238,3 +238,16 @@ def test_hash_router_keys_on_deeper_inputs_zero_inputs_other_dtypes_and_devices(
     tok = HashRouter(4, E, key="token_id")
     tok.set_token_ids(torch.tensor([[1, 2, 3]]))  # ids on the CPU, the input on the meta device
     assert tok(torch.randn(1, 3, 4, device="meta")).expert_idx.device.type == "meta"
+
+
+def test_hash_planes_are_float32_draws_whatever_the_default_dtype() -> None:
+    """The same seed gives the same hyperplanes, hence the same routing, in a process whose default
+    dtype is float64 (a float64 draw consumes the generator differently)."""
+    want = HashRouter(4, E, seed=3).planes
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        planes = HashRouter(4, E, seed=3).planes
+    finally:
+        torch.set_default_dtype(previous)
+    assert planes.dtype == torch.float32 and torch.equal(planes, want)
