@@ -683,3 +683,38 @@ def test_expert_list_skips_experts_without_rows() -> None:
     calls.clear()
     empty = bank(torch.zeros(0, 2), torch.zeros(4, dtype=torch.long))
     assert calls == [] and empty.shape == (0, 2)
+
+
+def test_grouped_ffn_experts_shapes_defaults_and_initialisation() -> None:
+    """Per-expert nn.Linear initialisation U(-1/sqrt(fan_in), 1/sqrt(fan_in)): fan-in D for the
+    input projection, H for the output one (D != H here; 4 * 16 * 128 draws reach the bound)."""
+    torch.manual_seed(0)
+    bank = GroupedFFNExperts(4, 16, 64, glu=True, bias=True, dtype=torch.float64)
+    assert (bank.act_name, bank.backend) == ("gelu", "auto")
+    assert bank.w_in.shape == (4, 16, 128) and bank.w_out.shape == (4, 64, 16)
+    assert bank.b_in is not None and bank.b_out is not None
+    assert bank.b_in.shape == (4, 128) and bank.b_out.shape == (4, 16) and bank.w_in.dtype == torch.float64
+    for t, bound in ((bank.w_in, 0.25), (bank.b_in, 0.25), (bank.w_out, 0.125), (bank.b_out, 0.125)):
+        top = float(t.detach().abs().max())
+        assert 0.9 * bound < top <= bound, bound
+    plain = GroupedFFNExperts(4, 16, 64)
+    assert (plain.glu, plain.b_in, plain.b_out, plain.w_in.shape) == (False, None, None, (4, 16, 64))
+    assert all(p.device.type == "meta" for p in GroupedFFNExperts(2, 4, 3, bias=True, device="meta").parameters())
+
+
+@pytest.mark.parametrize(("act", "glu", "bias"), [("gelu", False, True), ("silu", True, True), ("relu", True, False)])
+def test_grouped_ffn_experts_forward_by_hand(act: str, glu: bool, bias: bool) -> None:
+    """Rows of expert e: act(x W_in[e] + b_in[e]) W_out[e] + b_out[e], or with glu
+    (act(x W_a[e] + b_a) * (x W_b[e] + b_b)) W_out[e] + b_out[e]; float64 by hand, unequal counts."""
+    torch.manual_seed(0)
+    e, d, h = 3, 6, 5
+    bank = GroupedFFNExperts(e, d, h, act=act, glu=glu, bias=bias, backend="split", dtype=torch.float64)  # type: ignore[arg-type]
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, d, dtype=torch.float64)
+    f = {"gelu": nn.functional.gelu, "silu": nn.functional.silu, "relu": torch.relu}[act]
+    rows = []
+    for i, ex in ((0, 0), (1, 0), (2, 2), (3, 2), (4, 2)):
+        z = x[i] @ bank.w_in[ex] + (bank.b_in[ex] if bank.b_in is not None else 0)
+        hidden = f(z[:h]) * z[h:] if glu else f(z)
+        rows.append(hidden @ bank.w_out[ex] + (bank.b_out[ex] if bank.b_out is not None else 0))
+    torch.testing.assert_close(bank(x, counts), torch.stack(rows), rtol=0, atol=1e-12)

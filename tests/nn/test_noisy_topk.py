@@ -127,3 +127,24 @@ def test_weights_come_back_in_the_input_dtype_while_the_router_computes_in_float
         r.w_gate.normal_()
     out = r(torch.randn(6, 5, dtype=torch.bfloat16))
     assert out.logits is not None and out.logits.dtype == torch.float32 and out.weights.dtype == torch.bfloat16
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_smooth_load_by_hand(k: int) -> None:
+    """Expert i's threshold is the k-th largest of the *other* noisy logits: the (k+1)-th overall
+    when i is in the top k, the k-th otherwise; P = Phi((clean - threshold) / std). Two tokens,
+    float64 against math.erf."""
+    clean = torch.tensor([[1.0, 0.5, -0.2], [0.0, 0.3, 0.6]], dtype=torch.float64)
+    noisy = torch.tensor([[1.3, 0.2, 0.4], [0.9, -0.1, 0.5]], dtype=torch.float64)
+    std = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.25, 0.75]], dtype=torch.float64)
+    # sorted noisy logits: row 0 (1.3, 0.4, 0.2), row 1 (0.9, 0.5, -0.1)
+    thresholds = {1: [[0.4, 1.3, 1.3], [0.5, 0.9, 0.9]], 2: [[0.2, 0.4, 0.2], [-0.1, 0.5, -0.1]]}[k]
+    expected = [[_phi((float(clean[t, i]) - thresholds[t][i]) / float(std[t, i])) for i in range(3)] for t in range(2)]
+    torch.testing.assert_close(
+        smooth_load(clean, noisy, std, k), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    assert smooth_load(clean.float(), noisy.float(), std.float(), k).dtype == torch.float32

@@ -377,6 +377,9 @@ def test_dense_to_sparse_defaults_are_evomoe() -> None:
     assert (a.tau_start, a.tau_end, a.schedule, a.threshold) == (2.0, 0.3, "exponential", 0.02)
     assert (a.activation, a.gumbel, a.eval_top_k, a.load_balance, a.z_loss) == ("tanh", False, 0, True, False)
     assert DenseToSparseRouter(D, E, eval_top_k=E).eval_top_k == E
+    assert DenseToSparseRouter(D, E, bias=False).proj.bias is None
+    assert DenseToSparseRouter(D, E, dtype=torch.float64).proj.weight.dtype == torch.float64
+    assert DenseToSparseRouter(D, E, device="meta").proj.weight.device.type == "meta"
     with pytest.raises(ValueError, match=r"^DenseToSparseRouter: eval_top_k 5 > num_experts 4$"):
         DenseToSparseRouter(D, E, eval_top_k=E + 1)
 

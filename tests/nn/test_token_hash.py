@@ -251,3 +251,14 @@ def test_hash_planes_are_float32_draws_whatever_the_default_dtype() -> None:
     finally:
         torch.set_default_dtype(previous)
     assert planes.dtype == torch.float32 and torch.equal(planes, want)
+
+
+def test_random_table_deals_each_id_the_next_experts_of_its_block() -> None:
+    """Id b E + j gets pi[(j + s) mod E] for s < k: its s-th expert is the first expert of the id s
+    places further on in its block (cyclically)."""
+    table = random_balanced_table(3 * E, E, 3, seed=4)
+    for b in range(3):
+        for j in range(E):
+            for s in range(3):
+                assert table[b * E + j, s] == table[b * E + (j + s) % E, 0], (b, j, s)
+    assert not torch.equal(table, random_balanced_table(3 * E, E, 3, seed=5))
