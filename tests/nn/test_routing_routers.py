@@ -483,6 +483,12 @@ def test_expert_choice_forward_by_hand() -> None:
 
 
 def test_expert_choice_dtype_and_device() -> None:
+    default = ExpertChoiceRouter(D, E)
+    assert (default.capacity_factor, default.z_loss, default.proj.bias) == (2.0, True, None)  # Zhou et al.'s c = 2
+    assert default.extra_repr() == f"num_experts={E}, capacity_factor=2.0"
+    assert ExpertChoiceRouter(D, E, dtype=torch.float64).proj.weight.dtype == torch.float64
+    assert ExpertChoiceRouter(D, E, device="meta").proj.weight.device.type == "meta"
+    assert ExpertChoiceRouter(D, E, bias=True).proj.bias is not None
     r = ExpertChoiceRouter(D, E, dtype=torch.bfloat16)
     out = r(torch.randn(6, D, dtype=torch.bfloat16))
     assert out.weights.dtype == torch.bfloat16 and out.logits is not None and out.logits.dtype == torch.float32
