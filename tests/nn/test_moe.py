@@ -683,6 +683,8 @@ def test_expert_list_skips_experts_without_rows() -> None:
     calls.clear()
     empty = bank(torch.zeros(0, 2), torch.zeros(4, dtype=torch.long))
     assert calls == [] and empty.shape == (0, 2)
+    with pytest.raises(ValueError, match="zip"):  # counts for 1 expert of 4: refused, not truncated
+        bank(x, torch.tensor([3]))
 
 
 def test_grouped_ffn_experts_shapes_defaults_and_initialisation() -> None:
