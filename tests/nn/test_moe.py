@@ -367,6 +367,7 @@ def test_from_feed_forward_keeps_every_form_dtype_and_backend(glu: bool, bias: b
 def test_from_feed_forward_of_one_expert_on_the_meta_device_and_refusals() -> None:
     one = GroupedFFNExperts.from_feed_forward([FeedForward(6, 5, device="meta")])
     assert one.num_experts == 1 and one.w_in.device.type == "meta"
+    assert all(p.device.type == "meta" for p in one.to_feed_forward(0).parameters())
     for other in (FeedForward(6, 4), FeedForward(6, 5, glu=True), FeedForward(6, 5, act="relu")):
         with pytest.raises(
             ValueError, match=r"^GroupedFFNExperts\.from_feed_forward: experts differ in shape, act or glu$"

@@ -62,19 +62,26 @@ def test_cv_squared_of_two_experts_of_integer_loads_and_of_a_zero_mean() -> None
 
 
 def test_load_balance_keeps_the_probability_dtype_and_counts_unused_experts() -> None:
-    # float64 in, float64 out; experts 2 and 3 chosen by nobody still count in E and in f
-    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]], dtype=torch.float64)
-    loss = load_balance_loss(probs, torch.tensor([[0], [1]]), 4)
-    # f = (1/2, 1/2, 0, 0); P = (0.25, 0.45, 0.2, 0.1): 4 * (0.125 + 0.225) = 1.4
-    assert loss.dtype == torch.float64 and math.isclose(float(loss), 1.4, rel_tol=1e-12)
+    # float64 in, float64 out (f = 1/3 is not a float32 number); experts 3 and 4 chosen by nobody
+    # still count in E and in f
+    probs = torch.tensor(
+        [[0.4, 0.3, 0.2, 0.1, 0.0], [0.1, 0.6, 0.2, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]],
+        dtype=torch.float64,
+    )
+    loss = load_balance_loss(probs, torch.tensor([[0], [1], [2]]), 5)
+    # f = (1/3, 1/3, 1/3, 0, 0); P = (0.7, 1.1, 0.6, 0.4, 0.2) / 3: 5 * 2.4 / 9
+    assert loss.dtype == torch.float64 and math.isclose(float(loss), 5 * 2.4 / 9, rel_tol=1e-14)
     # no assignment at all: f = 0, the loss 0 (not 0 / 0)
-    assert float(load_balance_loss(probs, torch.zeros(0, dtype=torch.long), 4)) == 0.0
+    assert float(load_balance_loss(probs, torch.zeros(0, dtype=torch.long), 5)) == 0.0
 
 
 def test_router_z_loss_computes_in_float32_at_least() -> None:
-    logits = torch.tensor([[20.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16)
+    # (3, 2): the logsumexp runs over each token's experts (rows), not over the tokens
+    logits = torch.tensor([[20.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.bfloat16)
     z = router_z_loss(logits)
     assert z.dtype == torch.float32
-    expected = ((20.0 + math.log1p(math.exp(-20.0))) ** 2 + math.log(2.0) ** 2) / 2
+    expected = (
+        (20.0 + math.log1p(math.exp(-20.0))) ** 2 + math.log(2.0) ** 2 + (1 + math.log1p(math.exp(-1.0))) ** 2
+    ) / 3
     assert math.isclose(float(z), expected, rel_tol=1e-6)  # float32 round-off
     assert router_z_loss(logits.double()).dtype == torch.float64
