@@ -721,3 +721,27 @@ def test_grouped_ffn_experts_forward_by_hand(act: str, glu: bool, bias: bool) ->
         hidden = f(z[:h]) * z[h:] if glu else f(z)
         rows.append(hidden @ bank.w_out[ex] + (bank.b_out[ex] if bank.b_out is not None else 0))
     torch.testing.assert_close(bank(x, counts), torch.stack(rows), rtol=0, atol=1e-12)
+
+
+def test_the_bank_runs_the_backend_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import brickwork.nn.routing.experts as experts_module
+
+    asked: list[str] = []
+    real = experts_module.grouped_linear
+
+    def recording(*args: object, backend: str = "auto", **kw: object) -> Tensor:
+        asked.append(backend)
+        return real(*args, backend=backend, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experts_module, "grouped_linear", recording)
+    GroupedFFNExperts(2, 4, 3, backend="bmm")(torch.randn(3, 4), torch.tensor([1, 2]))
+    assert asked == ["bmm", "bmm"]  # both projections
+
+
+def test_plan_dispatch_gives_first_choices_priority_by_default() -> None:
+    table, weights = [[1, 0], [0, 1], [0, 1], [0, 1]], [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]]
+    routing = FixedRouter(table, weights, 2)(torch.zeros(4, 4))
+    default, slot = plan_dispatch(routing, 0.5), plan_dispatch(routing, 0.5, "slot")
+    assert torch.equal(default.kept, slot.kept) and not torch.equal(
+        default.kept, plan_dispatch(routing, 0.5, "position").kept
+    )

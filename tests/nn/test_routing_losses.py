@@ -85,3 +85,9 @@ def test_router_z_loss_computes_in_float32_at_least() -> None:
     ) / 3
     assert math.isclose(float(z), expected, rel_tol=1e-6)  # float32 round-off
     assert router_z_loss(logits.double()).dtype == torch.float64
+
+
+def test_load_balance_of_a_single_assignment() -> None:
+    # one token, one choice: f = (0, 1, 0), the loss E * P_1 = 3 * 0.5
+    probs = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64)
+    assert float(load_balance_loss(probs, torch.tensor([1]), 3)) == 1.5
