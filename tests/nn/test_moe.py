@@ -328,6 +328,10 @@ def test_weight_priority_breaks_ties_by_position() -> None:
     plan = plan_dispatch(router(torch.zeros(20, 4)), capacity_factor=0.5, priority="weight")  # C = ceil(5) = 5
     assert plan.capacity == 5
     assert plan.order.tolist() == [0, 1, 2, 3, 4] and plan.kept.tolist() == [True] * 5 + [False] * 15
+    # dropless too: each expert's rows stay in token order (40 assignments, 2 experts, many ties)
+    spread = FixedRouter([[t % 2] for t in range(40)], [[0.5]] * 40, 2)
+    dropless = plan_dispatch(spread(torch.zeros(40, 4)))
+    assert dropless.order.tolist() == list(range(0, 40, 2)) + list(range(1, 40, 2))
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
