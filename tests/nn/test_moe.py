@@ -573,6 +573,7 @@ def test_setting_errors_name_the_key_path_the_default_and_the_routers_that_use_i
     users = set(text[len(head) : -len(") (got 1)")].split(", "))
     assert {"topk", "sigmoid", "noisy_topk", "expert_choice", "hash", "lsh", "emoe", "mlp", "token_hash"} <= users
     assert not users & {"dense_to_sparse", "activation_dense_to_sparse"}
+    assert users <= set(REGISTRY.names("router"))  # routers only: the moe brick has a capacity_factor too
     assert message(router="expert_choice", noise="gaussian") == (
         "models.moe.noise: router 'expert_choice' does not use this setting; leave it at its default 'none' "
         "or choose a router that uses it (sigmoid, topk) (got 'gaussian')"
