@@ -750,3 +750,14 @@ def test_plan_dispatch_gives_first_choices_priority_by_default() -> None:
     assert torch.equal(default.kept, slot.kept) and not torch.equal(
         default.kept, plan_dispatch(routing, 0.5, "position").kept
     )
+
+
+def test_a_bfloat16_moe_with_float32_router_weights() -> None:
+    """The key routers give float32 weights (their score dtype) on a bfloat16 model: the MoE casts
+    them to the input's dtype before scaling and scattering."""
+    torch.manual_seed(0)
+    moe = moe_ffn(8, 12, 4, MoESettings(router="emoe"), dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    assert moe.router(x).weights.dtype == torch.float32
+    y = moe(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape and torch.isfinite(y).all()
