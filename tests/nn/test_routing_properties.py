@@ -81,3 +81,22 @@ def test_selection_bias_accumulates_the_load_of_every_forward_until_the_update()
     meta = SelectionBias(4, rate=0.1, device="meta")
     assert meta.bias.device.type == meta.pending_load.device.type == "meta"
     assert meta.bias.dtype == torch.float32 and meta.pending_load.dtype == torch.float64
+
+
+def test_aux_free_bias_of_topk_softmax_is_added_to_the_logits() -> None:
+    """``topk_softmax`` scores are the logits: the selection bias shifts the logits for the choice,
+    and the weights stay the softmax over the chosen k unbiased logits. Biasing the probabilities
+    instead would choose other experts."""
+    torch.manual_seed(0)
+    r = TopKRouter(D, E, top_k=2, gate="topk_softmax", balance_rate=0.01, load_balance=False, z_loss=False).eval()
+    assert r.selection_bias is not None
+    bias = torch.tensor([0.0, 0.3, -0.2, 0.5, 0.1])
+    r.selection_bias.bias.copy_(bias)
+    x = torch.randn(64, D)
+    out = r(x)
+    logits = r.proj(x).float()
+    chosen = torch.topk(logits + bias, 2, dim=-1).indices
+    assert not torch.equal(chosen, torch.topk(torch.softmax(logits, -1) + bias, 2, dim=-1).indices)
+    assert torch.equal(out.expert_idx.view(-1, 2), chosen)
+    expected = torch.softmax(logits.gather(-1, chosen), -1)
+    torch.testing.assert_close(out.weights.view(-1, 2), expected, rtol=1.3e-6, atol=1e-7)  # float32 router math
