@@ -1,5 +1,7 @@
 """Shazeer et al.'s noisy top-k gate: the smooth load estimator against Monte Carlo, the losses, the init."""
 
+import math
+
 import pytest
 import torch
 
@@ -72,3 +74,77 @@ def test_noisy_topk_through_the_settings() -> None:
     off = moe_ffn(8, 12, 4, MoESettings(router="noisy_topk", balance="none")).train()
     off(x)
     assert off.aux_losses == {}
+
+
+def test_defaults_and_the_range_of_k() -> None:
+    """k = 2 and the tensor2tensor noise floor 1e-2 by default; k = 1 and k = E are valid (k = E
+    runs every expert: its load is the token count), k = 0 and k > E are refused."""
+    r = NoisyTopKRouter(5, 4)
+    assert (r.top_k, r.noise_floor) == (2, 1e-2)
+    x = torch.randn(6, 5)
+    assert NoisyTopKRouter(5, 4, top_k=1)(x).num_assignments == 6
+    every = NoisyTopKRouter(5, 4, top_k=4).train()
+    out = every(x)
+    assert out.num_assignments == 24 and torch.equal(out.aux_sums["load"], torch.full((4,), 6.0))
+    for k in (0, 5):
+        with pytest.raises(ValueError, match=rf"^NoisyTopKRouter: top_k must be in \[1, 4\], got {k}$"):
+            NoisyTopKRouter(5, 4, top_k=k)
+
+
+def test_the_noise_floor_is_added_to_the_noise_scale() -> None:
+    """With W_noise = 0 the noise scale is softplus(0) + floor = ln 2 + floor: the default floor
+    1e-2 and another one give the load estimator's Phi((clean - threshold) / std) with that std."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    for floor in (None, 0.5):
+        r = NoisyTopKRouter(5, 4, top_k=2) if floor is None else NoisyTopKRouter(5, 4, top_k=2, noise_floor=floor)
+        r = r.double().train()
+        with torch.no_grad():
+            r.w_gate.normal_()
+        std = torch.full((7, 4), math.log(2.0) + (1e-2 if floor is None else floor), dtype=torch.float64)
+        torch.manual_seed(1)
+        out = r(x)
+        clean = x @ r.w_gate.detach()
+        torch.manual_seed(1)
+        noisy = clean + torch.randn(clean.shape, dtype=torch.float64) * std
+        torch.testing.assert_close(out.logits, noisy, rtol=0, atol=1e-12)
+        val, idx = noisy.topk(2, dim=-1)
+        gates = torch.zeros_like(noisy).scatter(-1, idx, torch.softmax(val, -1))  # G(x): probs of the routing
+        torch.testing.assert_close(out.probs, gates, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.aux_sums["load"], smooth_load(clean, noisy, std, 2).sum(0), rtol=0, atol=1e-12)
+
+
+def test_weights_are_made_in_the_dtype_and_on_the_device_asked_for() -> None:
+    r = NoisyTopKRouter(5, 4, dtype=torch.float64)
+    assert r.w_gate.dtype == r.w_noise.dtype == torch.float64
+    meta = NoisyTopKRouter(5, 4, device="meta")
+    assert meta.w_gate.device.type == meta.w_noise.device.type == "meta"
+
+
+def test_weights_come_back_in_the_input_dtype_while_the_router_computes_in_float32() -> None:
+    r = NoisyTopKRouter(5, 4, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        r.w_gate.normal_()
+    out = r(torch.randn(6, 5, dtype=torch.bfloat16))
+    assert out.logits is not None and out.logits.dtype == torch.float32 and out.weights.dtype == torch.bfloat16
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_smooth_load_by_hand(k: int) -> None:
+    """Expert i's threshold is the k-th largest of the *other* noisy logits: the (k+1)-th overall
+    when i is in the top k, the k-th otherwise; P = Phi((clean - threshold) / std). Two tokens,
+    float64 against math.erf."""
+    clean = torch.tensor([[1.0, 0.5, -0.2], [0.0, 0.3, 0.6]], dtype=torch.float64)
+    noisy = torch.tensor([[1.3, 0.2, 0.4], [0.9, -0.1, 0.5]], dtype=torch.float64)
+    std = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.25, 0.75]], dtype=torch.float64)
+    # sorted noisy logits: row 0 (1.3, 0.4, 0.2), row 1 (0.9, 0.5, -0.1)
+    thresholds = {1: [[0.4, 1.3, 1.3], [0.5, 0.9, 0.9]], 2: [[0.2, 0.4, 0.2], [-0.1, 0.5, -0.1]]}[k]
+    expected = [[_phi((float(clean[t, i]) - thresholds[t][i]) / float(std[t, i])) for i in range(3)] for t in range(2)]
+    torch.testing.assert_close(
+        smooth_load(clean, noisy, std, k), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    assert smooth_load(clean.float(), noisy.float(), std.float(), k).dtype == torch.float32

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from brickwork.nn.routing import load_balance_loss, router_z_loss
+from brickwork.nn.routing import cv_squared, load_balance_loss, router_z_loss
 
 
 def test_load_balance_top1_hand_worked() -> None:
@@ -48,3 +48,46 @@ def test_router_z_loss_hand_worked() -> None:
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
     assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_cv_squared_of_two_experts_of_integer_loads_and_of_a_zero_mean() -> None:
+    # (1, 3): population variance 1, mean 2 -> 1/4; integer counts are promoted to float32
+    assert float(cv_squared(torch.tensor([1.0, 3.0], dtype=torch.float64))) == 1.0 / (4.0 + 1e-10)
+    counts = cv_squared(torch.tensor([1, 2, 3, 6]))
+    assert counts.dtype == torch.float32 and math.isclose(float(counts), 3.5 / 9.0, rel_tol=1e-6)
+    assert cv_squared(torch.tensor([1.0, 3.0], dtype=torch.bfloat16)).dtype == torch.float32
+    # mean 0: eps keeps the denominator positive, var 1e-12 / eps 1e-10 = 0.01
+    zero_mean = cv_squared(torch.tensor([1e-6, -1e-6], dtype=torch.float64))
+    assert math.isclose(float(zero_mean), 0.01, rel_tol=1e-9)
+
+
+def test_load_balance_keeps_the_probability_dtype_and_counts_unused_experts() -> None:
+    # float64 in, float64 out (f = 1/3 is not a float32 number); experts 3 and 4 chosen by nobody
+    # still count in E and in f
+    probs = torch.tensor(
+        [[0.4, 0.3, 0.2, 0.1, 0.0], [0.1, 0.6, 0.2, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]],
+        dtype=torch.float64,
+    )
+    loss = load_balance_loss(probs, torch.tensor([[0], [1], [2]]), 5)
+    # f = (1/3, 1/3, 1/3, 0, 0); P = (0.7, 1.1, 0.6, 0.4, 0.2) / 3: 5 * 2.4 / 9
+    assert loss.dtype == torch.float64 and math.isclose(float(loss), 5 * 2.4 / 9, rel_tol=1e-14)
+    # no assignment at all: f = 0, the loss 0 (not 0 / 0)
+    assert float(load_balance_loss(probs, torch.zeros(0, dtype=torch.long), 5)) == 0.0
+
+
+def test_router_z_loss_computes_in_float32_at_least() -> None:
+    # (3, 2): the logsumexp runs over each token's experts (rows), not over the tokens
+    logits = torch.tensor([[20.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.bfloat16)
+    z = router_z_loss(logits)
+    assert z.dtype == torch.float32
+    expected = (
+        (20.0 + math.log1p(math.exp(-20.0))) ** 2 + math.log(2.0) ** 2 + (1 + math.log1p(math.exp(-1.0))) ** 2
+    ) / 3
+    assert math.isclose(float(z), expected, rel_tol=1e-6)  # float32 round-off
+    assert router_z_loss(logits.double()).dtype == torch.float64
+
+
+def test_load_balance_of_a_single_assignment() -> None:
+    # one token, one choice: f = (0, 1, 0), the loss E * P_1 = 3 * 0.5
+    probs = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64)
+    assert float(load_balance_loss(probs, torch.tensor([1]), 3)) == 1.5
