@@ -372,8 +372,8 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: li
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif str(part) in {"constrained-str", "function-after"} or "[" in str(part):
-            continue  # pydantic's internal names for union members / validators
+        elif str(part).startswith("constrained-") or str(part) == "function-after" or "[" in str(part):
+            continue  # pydantic's internal names for union members / validators (constrained-int, ...)
         else:
             loc += f".{part}" if loc else str(part)
     kind = err["type"]

@@ -2,13 +2,14 @@
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 import yaml
+from pydantic import Field
 
 from brickwork.errors import ConfigError
-from brickwork.experiment.config import apply_override, load_config, validate
+from brickwork.experiment.config import apply_override, load_config, validate, validate_args
 from brickwork.nn.routing import MoESettings
 from brickwork.nn.sparse import RewiringSettings
 from brickwork.registry import REGISTRY, Entry, Flatten
@@ -90,6 +91,21 @@ def test_unknown_registry_names(tiny_config):
     assert "models.mlp.name" in error(tiny_config) and "mlp-tiny" in error(tiny_config)
 
 
+def test_close_matches_for_a_literal_inside_a_union_or_annotated():
+    def f(
+        a: Literal["split", "zero"] | None = None,
+        b: Annotated[Literal["copy", "fresh"], Field(description="how")] = "copy",
+    ) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"a": "splt"}, "m")
+    assert str(e.value) == "m.a: input should be 'split' or 'zero' (got 'splt'); did you mean 'split'?"
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"b": "cpy"}, "m")
+    assert str(e.value) == "m.b: input should be 'copy' or 'fresh' (got 'cpy'); did you mean 'copy'?"
+
+
 def test_unknown_stage_and_optimizer(tiny_config):
     tiny_config["stages"][0]["optimizer"] = "adamww"
     msg = error(tiny_config)
@@ -151,8 +167,77 @@ def test_bad_overrides(tiny_config):
         load_config(tiny_config, ["stages[0].epochs=0"])
 
 
+def test_override_key_paths_and_values():
+    raw = {"models": {"XL": {"name": "mlp"}}, "stages": [{"stage": "train"}, {"stage": "evaluate"}]}
+    for item in ("models.XL.width=8", "stages[1].split=val", "stages.0.lr=0.5", "data.path=runs/a=b.csv"):
+        apply_override(raw, item)
+    apply_override(raw, "data.label=")  # an empty value is the empty string, not YAML's null
+    apply_override(raw, "data.name=[digits")  # not YAML: the text as it was given
+    assert raw == {
+        "models": {"XL": {"name": "mlp", "width": 8}},  # a label with the brackets' neighbours kept
+        "stages": [{"stage": "train", "lr": 0.5}, {"stage": "evaluate", "split": "val"}],
+        "data": {"path": "runs/a=b.csv", "label": "", "name": "[digits"},  # the value may hold '='
+    }
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("epochs", "override 'epochs' is not of the form key.path=value"),
+        ("=3", "override '=3' is not of the form key.path=value"),
+        ("stages[2].epochs=1", "stages.2: override index out of range: the list has 2 items (got '2')"),
+        ("stages.x.epochs=1", "stages.x: override index out of range: the list has 2 items (got 'x')"),
+        ("name.x=1", "name.x: override goes into a value that is not a mapping or list (got 'tiny')"),
+        (
+            "stages[0].stage.x=1",
+            "stages.0.stage.x: override goes into a value that is not a mapping or list (got 'train')",
+        ),
+    ],
+)
+def test_bad_override_messages(tiny_config, item, message):
+    with pytest.raises(ConfigError) as e:
+        apply_override(tiny_config, item)
+    assert str(e.value) == message
+
+
 def test_config_round_trips_through_yaml(tiny_config):
     cfg = validate(tiny_config)
+    assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_the_resolved_config_is_plain_data(tiny_config):
+    """Tuples become lists and typed arguments (a teacher, a distill term) mappings; YAML can write it."""
+    tiny_config["models"] = {"a": {"name": "mlp-tiny"}, "b": {"name": "mlp-tiny"}}
+    tiny_config["stages"] = [
+        {"stage": "stitch", "front": "a", "cuts": [[1, 2], [0, 1]]},
+        {"stage": "distill", "teacher": {"variant": "a"}, "losses": {"kd": {"loss": "logit_kd", "weight": 0.5}}},
+    ]
+    cfg = validate(tiny_config)
+    assert cfg.stages[0].args["cuts"] == [(1, 2), (0, 1)]
+    stitch, distill = cfg.to_dict()["stages"]
+    assert stitch["cuts"] == [[1, 2], [0, 1]] and all(type(c) is list for c in stitch["cuts"])
+    assert distill["teacher"] == {
+        "variant": "a",
+        "current": False,
+        "run": None,
+        "model": None,
+        "seed": None,
+        "checkpoint": None,
+        "pretrained": None,
+        "bert": None,
+    }
+    assert distill["losses"] == {
+        "kd": {
+            "loss": "logit_kd",
+            "weight": 0.5,
+            "args": {},
+            "student": "",
+            "teacher": "",
+            "student_io": "output",
+            "teacher_io": "output",
+            "adapter": False,
+        }
+    }
     assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
 
 
@@ -261,6 +346,7 @@ def test_moe_settings_a_router_uses_pass(tiny_config):
         ({"regrow": "hebian"}, "regrow", "did you mean 'hebbian'"),
         ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
         ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
+        ({"regrow": "random", "interval": 0}, "interval", "greater than or equal to 1"),  # int | "epoch"
         ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
     ],
 )
