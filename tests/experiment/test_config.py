@@ -12,6 +12,7 @@ from brickwork.errors import ConfigError
 from brickwork.experiment.config import apply_override, load_config, validate, validate_args
 from brickwork.nn.routing import MoESettings
 from brickwork.nn.sparse import RewiringSettings
+from brickwork.nn.sparse.rewiring import StepsOrEpoch
 from brickwork.registry import REGISTRY, Entry, Flatten
 from brickwork.train import TrainSettings
 
@@ -104,6 +105,26 @@ def test_close_matches_for_a_literal_inside_a_union_or_annotated():
     with pytest.raises(ConfigError) as e:
         validate_args(entry, {"b": "cpy"}, "m")
     assert str(e.value) == "m.b: input should be 'copy' or 'fresh' (got 'cpy'); did you mean 'copy'?"
+
+
+def test_an_error_inside_a_union_member_has_the_key_path_of_the_value():
+    """pydantic names the union member it tried (``list[int]``, ``constrained-int``); the path does not."""
+
+    def f(
+        a: list[int] | Literal["all"] = "all",
+        b: StepsOrEpoch = 100,
+        c: Annotated[str, Field(min_length=1)] | int = 0,
+    ) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    for args, message in [
+        ({"a": [1, "x"]}, "m.a[1]: input should be a valid integer (got 'x')"),  # loc list[int], 1
+        ({"b": 0}, "m.b: input should be greater than or equal to 1 (got 0)"),  # loc constrained-int
+        ({"c": ""}, "m.c: string should have at least 1 character (got '')"),  # loc constrained-str
+    ]:
+        with pytest.raises(ConfigError) as e:
+            validate_args(entry, args, "m")
+        assert str(e.value) == message
 
 
 def test_unknown_stage_and_optimizer(tiny_config):
