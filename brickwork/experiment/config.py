@@ -372,8 +372,9 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: li
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif str(part).startswith("constrained-") or str(part) == "function-after" or "[" in str(part):
-            continue  # pydantic's internal names for union members / validators (constrained-int, ...)
+        elif str(part).startswith("constrained-") or "[" in str(part):
+            # pydantic's names for union members: constrained-int, list[int], function-after[f(), int]
+            continue
         else:
             loc += f".{part}" if loc else str(part)
     kind = err["type"]
