@@ -378,11 +378,9 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: li
         else:
             loc += f".{part}" if loc else str(part)
     kind = err["type"]
-    if kind == "extra_forbidden":
-        top_keys = list(_Top.model_fields)
-        return ConfigError(
-            loc, f"unknown key; expected one of {', '.join(top_keys)}", str(err["loc"][-1]), choices=top_keys
-        )
+    if kind == "extra_forbidden":  # only the top level and `log:` are models that forbid extra keys
+        keys = list((LogSettings if err["loc"][:-1] == ("log",) else _Top).model_fields)
+        return ConfigError(loc, f"unknown key; expected one of {', '.join(keys)}", str(err["loc"][-1]), choices=keys)
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
     got = err.get("input", value)
