@@ -322,7 +322,7 @@ def _check_value(annotation: Any, value: Any, where: str) -> Any:
     except ValidationError as e:
         raise _from_pydantic(e, where, value, choices=_literals(annotation)) from None
     for meta in _metadata(annotation):
-        if isinstance(meta, RegistryName):
+        if isinstance(meta, RegistryName) and checked is not None:  # None: an optional name not given
             REGISTRY.get(meta.kind, checked, path=where)
     return checked
 
@@ -384,7 +384,7 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: li
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
     got = err.get("input", value)
-    close = choices if kind == "literal_error" and isinstance(got, str) else None
+    close = choices if isinstance(got, str) else None  # also `interval: epochs` (int | "epoch"): 'epoch'?
     return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got, choices=close)
 
 

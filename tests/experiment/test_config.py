@@ -13,7 +13,7 @@ from brickwork.experiment.config import apply_override, load_config, validate, v
 from brickwork.nn.routing import MoESettings
 from brickwork.nn.sparse import RewiringSettings
 from brickwork.nn.sparse.rewiring import StepsOrEpoch
-from brickwork.registry import REGISTRY, Entry, Flatten
+from brickwork.registry import REGISTRY, Entry, Flatten, RegistryName
 from brickwork.train import TrainSettings
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))
@@ -129,6 +129,17 @@ def test_an_error_inside_a_union_member_has_the_key_path_of_the_value():
         assert str(e.value) == message
 
 
+def test_a_registry_name_inside_an_optional_is_checked():
+    def f(opt: Annotated[str, RegistryName("optimizer")] | None = None) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    assert validate_args(entry, {"opt": None}, "m") == {"opt": None}
+    assert validate_args(entry, {"opt": "sgd"}, "m") == {"opt": "sgd"}
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"opt": "adamww"}, "m")
+    assert str(e.value).startswith("m.opt: unknown optimizer name") and "did you mean 'adamw'" in str(e.value)
+
+
 def test_unknown_stage_and_optimizer(tiny_config):
     tiny_config["stages"][0]["optimizer"] = "adamww"
     msg = error(tiny_config)
@@ -158,7 +169,7 @@ def test_missing_required_argument(tiny_config, tmp_path):
 
 def test_missing_section(tiny_config):
     del tiny_config["stages"]
-    assert error(tiny_config).startswith("stages: required key is missing")
+    assert error(tiny_config) == "stages: required key is missing"
 
 
 def test_malformed_yaml(tmp_path):
@@ -370,6 +381,7 @@ def test_moe_settings_a_router_uses_pass(tiny_config):
         ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
         ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
         ({"regrow": "random", "interval": 0}, "interval", "greater than or equal to 1"),  # int | "epoch"
+        ({"regrow": "random", "interval": "epochs"}, "interval", "valid integer (got 'epochs'); did you mean 'epoch'?"),
         ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
     ],
 )
