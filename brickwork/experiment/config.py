@@ -320,7 +320,7 @@ def _check_value(annotation: Any, value: Any, where: str) -> Any:
     try:
         checked = _strict_validate(_adapter(annotation), value)
     except ValidationError as e:
-        raise _from_pydantic(e, where, value, choices=_literals(annotation)) from None
+        raise _from_pydantic(e, where, choices=_literals(annotation)) from None
     for meta in _metadata(annotation):
         if isinstance(meta, RegistryName) and checked is not None:  # None: an optional name not given
             REGISTRY.get(meta.kind, checked, path=where)
@@ -365,7 +365,7 @@ def _metadata(annotation: Any) -> list[Any]:
     return [m for a in get_args(annotation) for m in _metadata(a)]
 
 
-def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: list[str] | None = None) -> ConfigError:
+def _from_pydantic(e: ValidationError, base: str, choices: list[str] | None = None) -> ConfigError:
     """The first pydantic error as one ConfigError with a dotted key path."""
     err = e.errors()[0]
     loc = base
@@ -383,7 +383,7 @@ def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: li
         return ConfigError(loc, f"unknown key; expected one of {', '.join(keys)}", str(err["loc"][-1]), choices=keys)
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
-    got = err.get("input", value)
+    got = err["input"]  # the bad value itself, inside a list or mapping
     close = choices if isinstance(got, str) else None  # also `interval: epochs` (int | "epoch"): 'epoch'?
     return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got, choices=close)
 
