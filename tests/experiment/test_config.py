@@ -73,8 +73,16 @@ def test_unknown_top_level_key(tiny_config):
 
 def test_unknown_model_argument_suggests_the_right_one(tiny_config):
     tiny_config["models"]["mlp"]["widht"] = 4
-    msg = error(tiny_config)
-    assert msg.startswith("models.mlp.widht:") and "did you mean 'width'" in msg
+    assert error(tiny_config) == (
+        "models.mlp.widht: unknown argument for model 'mlp'; expected width, depth, act, dropout (got 'widht'); "
+        "did you mean 'width'?"
+    )
+
+    def g() -> None: ...
+
+    with pytest.raises(ConfigError) as e:
+        validate_args(Entry("brick", "g", g, ""), {"x": 1}, "m")
+    assert str(e.value) == "m.x: unknown argument for brick 'g'; expected no arguments (got 'x')"
 
 
 def test_wrong_type(tiny_config):
@@ -273,6 +281,8 @@ def test_the_resolved_config_is_plain_data(tiny_config):
         }
     }
     assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    for spec in cfg.stages:  # validated arguments (typed objects, which JSON cannot hold) validate to themselves
+        assert validate_args(spec.entry, spec.args, "s") == spec.args
 
 
 # -- settings types: flat keys in a config, one typed object in the callable ------------------------
