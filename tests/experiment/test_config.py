@@ -172,7 +172,7 @@ def test_missing_required_argument(tiny_config, tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("a,y\n1,0\n")
     tiny_config["data"] = {"name": "csv", "path": str(f)}
-    assert error(tiny_config).startswith("data.label: required argument")
+    assert error(tiny_config) == "data.label: required argument of dataset 'csv' is missing"
 
 
 def test_missing_section(tiny_config):
