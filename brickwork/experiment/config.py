@@ -218,16 +218,16 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             "models", "give exactly one of `model:` (one model) or `models:` (named variants)", show_value=False
         )
-    models_raw = top.models if top.models is not None else {_label(top.model): top.model}
-    where = "models" if top.models is not None else "model"
-    if not models_raw:
-        raise ConfigError(where, "expected at least one model variant", models_raw)
-    models = {
-        label: _resolve_spec("model", spec, f"{where}.{label}" if top.models is not None else where)
-        for label, spec in models_raw.items()
-    }
-    for label in models:  # after resolving: a shorthand's label is its model's (registered) name
-        check_name(f"{where}.{label}" if top.models is not None else f"{where}.name", label, "a model label")
+    if top.models is not None:
+        if not top.models:
+            raise ConfigError("models", "expected at least one model variant", top.models)
+        models = {label: _resolve_spec("model", spec, f"models.{label}") for label, spec in top.models.items()}
+        for label in models:  # after resolving every variant: an unknown model name is the first error
+            check_name(f"models.{label}", label, "a model label")
+    else:
+        assert top.model is not None  # exactly one of the two, checked above
+        spec = _resolve_spec("model", top.model, "model")
+        models = {check_name("model.name", spec.name, "a model label"): spec}  # labelled by its registered name
     stages = [_resolve_spec("stage", s, f"stages[{i}]", key="stage") for i, s in enumerate(top.stages)]
     return RunConfig(
         name=top.name,
@@ -243,11 +243,6 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     )
 
 
-def _label(spec: dict[str, Any] | None) -> str:
-    name = (spec or {}).get("name", "model")
-    return name if isinstance(name, str) else "model"  # a non-string name is refused by _resolve_spec
-
-
 def check_finite(value: Any, path: str) -> None:
     """Refuse ``.inf`` / ``.nan`` anywhere in a config: no setting means anything with them."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -260,9 +255,8 @@ def check_finite(value: Any, path: str) -> None:
             check_finite(v, f"{path}[{i}]")
 
 
-def _resolve_spec(kind: str, raw: Any, path: str, key: str = "name") -> Spec:
-    if not isinstance(raw, dict):
-        raise ConfigError(path, f"expected a mapping with `{key}:` and arguments", raw)
+def _resolve_spec(kind: str, raw: dict[str, Any], path: str, key: str = "name") -> Spec:
+    # raw is a mapping: _Top's types checked that (data: digits is refused there, with its path)
     if key not in raw:
         raise ConfigError(f"{path}.{key}", f"missing; `brickwork ls {kind}` lists the names", show_value=False)
     name = raw[key]

@@ -175,6 +175,11 @@ def test_missing_required_argument(tiny_config, tmp_path):
     assert error(tiny_config) == "data.label: required argument of dataset 'csv' is missing"
 
 
+def test_a_spec_without_its_name_key(tiny_config):
+    del tiny_config["stages"][0]["stage"]
+    assert error(tiny_config) == "stages[0].stage: missing; `brickwork ls stage` lists the names"
+
+
 def test_missing_section(tiny_config):
     del tiny_config["stages"]
     assert error(tiny_config) == "stages: required key is missing"
