@@ -1,5 +1,6 @@
 """Bad configs fail before any work with one clear message: key path, bad value, expectation."""
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal
@@ -200,7 +201,9 @@ def test_yaml_tags_never_construct_objects(tmp_path):
 
 
 def test_overrides(tiny_config):
+    given = copy.deepcopy(tiny_config)
     cfg = load_config(tiny_config, ["stages[0].epochs=7", "models.mlp.width=8", "seed=3", "stages.1.split=val"])
+    assert tiny_config == given  # the caller's mapping is left as it was
     assert cfg.stages[0].args["settings"].epochs == 7 and cfg.models["mlp"].args["width"] == 8 and cfg.seed == 3
     assert cfg.stages[1].args["split"] == "val"
 
