@@ -186,6 +186,13 @@ def test_missing_section(tiny_config):
     assert error(tiny_config) == "stages: required key is missing"
 
 
+def test_a_missing_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("nope.yaml")
+    assert str(e.value) == f"config file 'nope.yaml' not found (paths are relative to {Path.cwd()})"
+
+
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: [\n  - {stage: train\n")
