@@ -201,6 +201,26 @@ def test_malformed_yaml(tmp_path):
     assert str(e.value) == f"{bad}: malformed YAML at line 3, column 3: expected the node content, but found '-'"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: a\nname: b\n", "c.yaml: duplicate key 'name' at line 2, column 1 (each key may appear once)"),
+        ("- 1\n- 2\n", "c.yaml: expected a mapping of keys (name, data, models, stages) at the top (got [1, 2])"),
+        ("", "c.yaml: expected a mapping of keys (name, data, models, stages) at the top (got None)"),
+        (
+            "name: x\n\tseed: 1\n",
+            "c.yaml: malformed YAML at line 2, column 1: found character '\\t' that cannot start any token",
+        ),
+    ],
+)
+def test_unreadable_config_files(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config("c.yaml")
+    assert str(e.value) == message
+
+
 def test_yaml_tags_never_construct_objects(tmp_path):
     bad = tmp_path / "evil.yaml"
     bad.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
