@@ -211,6 +211,8 @@ def test_malformed_yaml(tmp_path):
             "name: x\n\tseed: 1\n",
             "c.yaml: malformed YAML at line 2, column 1: found character '\\t' that cannot start any token",
         ),
+        # a reader error has no position mark and no `problem`: the first line of its text
+        ("name: a\x07\n", "c.yaml: malformed YAML: unacceptable character #x0007: special characters are not allowed"),
     ],
 )
 def test_unreadable_config_files(tmp_path, monkeypatch, text, message):
