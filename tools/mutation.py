@@ -112,6 +112,9 @@ def _config(only: list[str], tests: list[str]) -> str:
     return (
         "\n[tool.mutmut]\n"
         'source_paths = ["brickwork"]\n'
+        # mutmut runs the tests in mutants/, which holds only the sources and tests/: the shipped
+        # configs and the tools some tests read (configs/**, tools/make_example_data.py) go along.
+        'also_copy = ["configs", "tools"]\n'
         f"only_mutate = [{quoted}]\n"
         f"pytest_add_cli_args_test_selection = [{selected}]\n"
         # torch._dynamo as a plugin: imported once in mutmut's fork server, not in every mutant's

@@ -218,16 +218,16 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             "models", "give exactly one of `model:` (one model) or `models:` (named variants)", show_value=False
         )
-    models_raw = top.models if top.models is not None else {_label(top.model): top.model}
-    where = "models" if top.models is not None else "model"
-    if not models_raw:
-        raise ConfigError(where, "expected at least one model variant", models_raw)
-    models = {
-        label: _resolve_spec("model", spec, f"{where}.{label}" if top.models is not None else where)
-        for label, spec in models_raw.items()
-    }
-    for label in models:  # after resolving: a shorthand's label is its model's (registered) name
-        check_name(f"{where}.{label}" if top.models is not None else f"{where}.name", label, "a model label")
+    if top.models is not None:
+        if not top.models:
+            raise ConfigError("models", "expected at least one model variant", top.models)
+        models = {label: _resolve_spec("model", spec, f"models.{label}") for label, spec in top.models.items()}
+        for label in models:  # after resolving every variant: an unknown model name is the first error
+            check_name(f"models.{label}", label, "a model label")
+    else:
+        assert top.model is not None  # exactly one of the two, checked above
+        spec = _resolve_spec("model", top.model, "model")
+        models = {check_name("model.name", spec.name, "a model label"): spec}  # labelled by its registered name
     stages = [_resolve_spec("stage", s, f"stages[{i}]", key="stage") for i, s in enumerate(top.stages)]
     return RunConfig(
         name=top.name,
@@ -243,11 +243,6 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     )
 
 
-def _label(spec: dict[str, Any] | None) -> str:
-    name = (spec or {}).get("name", "model")
-    return name if isinstance(name, str) else "model"  # a non-string name is refused by _resolve_spec
-
-
 def check_finite(value: Any, path: str) -> None:
     """Refuse ``.inf`` / ``.nan`` anywhere in a config: no setting means anything with them."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -260,9 +255,8 @@ def check_finite(value: Any, path: str) -> None:
             check_finite(v, f"{path}[{i}]")
 
 
-def _resolve_spec(kind: str, raw: Any, path: str, key: str = "name") -> Spec:
-    if not isinstance(raw, dict):
-        raise ConfigError(path, f"expected a mapping with `{key}:` and arguments", raw)
+def _resolve_spec(kind: str, raw: dict[str, Any], path: str, key: str = "name") -> Spec:
+    # raw is a mapping: _Top's types checked that (data: digits is refused there, with its path)
     if key not in raw:
         raise ConfigError(f"{path}.{key}", f"missing; `brickwork ls {kind}` lists the names", show_value=False)
     name = raw[key]
@@ -320,9 +314,9 @@ def _check_value(annotation: Any, value: Any, where: str) -> Any:
     try:
         checked = _strict_validate(_adapter(annotation), value)
     except ValidationError as e:
-        raise _from_pydantic(e, where, value, choices=_literals(annotation)) from None
+        raise _from_pydantic(e, where, choices=_literals(annotation)) from None
     for meta in _metadata(annotation):
-        if isinstance(meta, RegistryName):
+        if isinstance(meta, RegistryName) and checked is not None:  # None: an optional name not given
             REGISTRY.get(meta.kind, checked, path=where)
     return checked
 
@@ -365,27 +359,26 @@ def _metadata(annotation: Any) -> list[Any]:
     return [m for a in get_args(annotation) for m in _metadata(a)]
 
 
-def _from_pydantic(e: ValidationError, base: str, value: Any = None, choices: list[str] | None = None) -> ConfigError:
+def _from_pydantic(e: ValidationError, base: str, choices: list[str] | None = None) -> ConfigError:
     """The first pydantic error as one ConfigError with a dotted key path."""
     err = e.errors()[0]
     loc = base
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif str(part) in {"constrained-str", "function-after"} or "[" in str(part):
-            continue  # pydantic's internal names for union members / validators
+        elif str(part).startswith("constrained-") or "[" in str(part):
+            # pydantic's names for union members: constrained-int, list[int], function-after[f(), int]
+            continue
         else:
             loc += f".{part}" if loc else str(part)
     kind = err["type"]
-    if kind == "extra_forbidden":
-        top_keys = list(_Top.model_fields)
-        return ConfigError(
-            loc, f"unknown key; expected one of {', '.join(top_keys)}", str(err["loc"][-1]), choices=top_keys
-        )
+    if kind == "extra_forbidden":  # only the top level and `log:` are models that forbid extra keys
+        keys = list((LogSettings if err["loc"][:-1] == ("log",) else _Top).model_fields)
+        return ConfigError(loc, f"unknown key; expected one of {', '.join(keys)}", str(err["loc"][-1]), choices=keys)
     if kind == "missing":
         return ConfigError(loc, "required key is missing", show_value=False)
-    got = err.get("input", value)
-    close = choices if kind == "literal_error" and isinstance(got, str) else None
+    got = err["input"]  # the bad value itself, inside a list or mapping
+    close = choices if isinstance(got, str) else None  # also `interval: epochs` (int | "epoch"): 'epoch'?
     return ConfigError(loc, f"{err['msg'][0].lower()}{err['msg'][1:]}", got, choices=close)
 
 

@@ -1,17 +1,20 @@
 """Bad configs fail before any work with one clear message: key path, bad value, expectation."""
 
+import copy
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 import yaml
+from pydantic import Field
 
 from brickwork.errors import ConfigError
-from brickwork.experiment.config import apply_override, load_config, validate
+from brickwork.experiment.config import apply_override, load_config, validate, validate_args
 from brickwork.nn.routing import MoESettings
 from brickwork.nn.sparse import RewiringSettings
-from brickwork.registry import REGISTRY, Entry, Flatten
+from brickwork.nn.sparse.rewiring import StepsOrEpoch
+from brickwork.registry import REGISTRY, Entry, Flatten, RegistryName
 from brickwork.train import TrainSettings
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))
@@ -63,14 +66,24 @@ def error(raw) -> str:
 
 def test_unknown_top_level_key(tiny_config):
     tiny_config["stagse"] = []
-    msg = error(tiny_config)
-    assert msg.startswith("stagse:") and "unknown key" in msg and "'stages'" in msg
+    assert error(tiny_config) == (
+        "stagse: unknown key; expected one of name, seed, seeds, device, threads, data, model, models, stages, "
+        "aux_weights, log (got 'stagse'); did you mean 'stages'?"
+    )
 
 
 def test_unknown_model_argument_suggests_the_right_one(tiny_config):
     tiny_config["models"]["mlp"]["widht"] = 4
-    msg = error(tiny_config)
-    assert msg.startswith("models.mlp.widht:") and "did you mean 'width'" in msg
+    assert error(tiny_config) == (
+        "models.mlp.widht: unknown argument for model 'mlp'; expected width, depth, act, dropout (got 'widht'); "
+        "did you mean 'width'?"
+    )
+
+    def g() -> None: ...
+
+    with pytest.raises(ConfigError) as e:
+        validate_args(Entry("brick", "g", g, ""), {"x": 1}, "m")
+    assert str(e.value) == "m.x: unknown argument for brick 'g'; expected no arguments (got 'x')"
 
 
 def test_wrong_type(tiny_config):
@@ -88,6 +101,52 @@ def test_value_out_of_range(tiny_config):
 def test_unknown_registry_names(tiny_config):
     tiny_config["models"]["mlp"]["name"] = "mlp-tinny"
     assert "models.mlp.name" in error(tiny_config) and "mlp-tiny" in error(tiny_config)
+
+
+def test_close_matches_for_a_literal_inside_a_union_or_annotated():
+    def f(
+        a: Literal["split", "zero"] | None = None,
+        b: Annotated[Literal["copy", "fresh"], Field(description="how")] = "copy",
+    ) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"a": "splt"}, "m")
+    assert str(e.value) == "m.a: input should be 'split' or 'zero' (got 'splt'); did you mean 'split'?"
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"b": "cpy"}, "m")
+    assert str(e.value) == "m.b: input should be 'copy' or 'fresh' (got 'cpy'); did you mean 'copy'?"
+
+
+def test_an_error_inside_a_union_member_has_the_key_path_of_the_value():
+    """pydantic names the union member it tried (``list[int]``, ``constrained-int``); the path does not."""
+
+    def f(
+        a: list[int] | Literal["all"] = "all",
+        b: StepsOrEpoch = 100,
+        c: Annotated[str, Field(min_length=1)] | int = 0,
+    ) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    for args, message in [
+        ({"a": [1, "x"]}, "m.a[1]: input should be a valid integer (got 'x')"),  # loc list[int], 1
+        ({"b": 0}, "m.b: input should be greater than or equal to 1 (got 0)"),  # loc constrained-int
+        ({"c": ""}, "m.c: string should have at least 1 character (got '')"),  # loc constrained-str
+    ]:
+        with pytest.raises(ConfigError) as e:
+            validate_args(entry, args, "m")
+        assert str(e.value) == message
+
+
+def test_a_registry_name_inside_an_optional_is_checked():
+    def f(opt: Annotated[str, RegistryName("optimizer")] | None = None) -> None: ...
+
+    entry = Entry("brick", "f", f, "")
+    assert validate_args(entry, {"opt": None}, "m") == {"opt": None}
+    assert validate_args(entry, {"opt": "sgd"}, "m") == {"opt": "sgd"}
+    with pytest.raises(ConfigError) as e:
+        validate_args(entry, {"opt": "adamww"}, "m")
+    assert str(e.value).startswith("m.opt: unknown optimizer name") and "did you mean 'adamw'" in str(e.value)
 
 
 def test_unknown_stage_and_optimizer(tiny_config):
@@ -114,19 +173,54 @@ def test_missing_required_argument(tiny_config, tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("a,y\n1,0\n")
     tiny_config["data"] = {"name": "csv", "path": str(f)}
-    assert error(tiny_config).startswith("data.label: required argument")
+    assert error(tiny_config) == "data.label: required argument of dataset 'csv' is missing"
+
+
+def test_a_spec_without_its_name_key(tiny_config):
+    del tiny_config["stages"][0]["stage"]
+    assert error(tiny_config) == "stages[0].stage: missing; `brickwork ls stage` lists the names"
 
 
 def test_missing_section(tiny_config):
     del tiny_config["stages"]
-    assert error(tiny_config).startswith("stages: required key is missing")
+    assert error(tiny_config) == "stages: required key is missing"
+
+
+def test_a_missing_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("nope.yaml")
+    assert str(e.value) == f"config file 'nope.yaml' not found (paths are relative to {Path.cwd()})"
 
 
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: [\n  - {stage: train\n")
-    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
+    with pytest.raises(ConfigError) as e:
         load_config(bad)
+    assert str(e.value) == f"{bad}: malformed YAML at line 3, column 3: expected the node content, but found '-'"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: a\nname: b\n", "c.yaml: duplicate key 'name' at line 2, column 1 (each key may appear once)"),
+        ("- 1\n- 2\n", "c.yaml: expected a mapping of keys (name, data, models, stages) at the top (got [1, 2])"),
+        ("", "c.yaml: expected a mapping of keys (name, data, models, stages) at the top (got None)"),
+        (
+            "name: x\n\tseed: 1\n",
+            "c.yaml: malformed YAML at line 2, column 1: found character '\\t' that cannot start any token",
+        ),
+        # a reader error has no position mark and no `problem`: the first line of its text
+        ("name: a\x07\n", "c.yaml: malformed YAML: unacceptable character #x0007: special characters are not allowed"),
+    ],
+)
+def test_unreadable_config_files(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config("c.yaml")
+    assert str(e.value) == message
 
 
 def test_yaml_tags_never_construct_objects(tmp_path):
@@ -137,7 +231,9 @@ def test_yaml_tags_never_construct_objects(tmp_path):
 
 
 def test_overrides(tiny_config):
+    given = copy.deepcopy(tiny_config)
     cfg = load_config(tiny_config, ["stages[0].epochs=7", "models.mlp.width=8", "seed=3", "stages.1.split=val"])
+    assert tiny_config == given  # the caller's mapping is left as it was
     assert cfg.stages[0].args["settings"].epochs == 7 and cfg.models["mlp"].args["width"] == 8 and cfg.seed == 3
     assert cfg.stages[1].args["split"] == "val"
 
@@ -151,9 +247,80 @@ def test_bad_overrides(tiny_config):
         load_config(tiny_config, ["stages[0].epochs=0"])
 
 
+def test_override_key_paths_and_values():
+    raw = {"models": {"XL": {"name": "mlp"}}, "stages": [{"stage": "train"}, {"stage": "evaluate"}]}
+    for item in ("models.XL.width=8", "stages[1].split=val", "stages.0.lr=0.5", "data.path=runs/a=b.csv"):
+        apply_override(raw, item)
+    apply_override(raw, "data.label=")  # an empty value is the empty string, not YAML's null
+    apply_override(raw, "data.name=[digits")  # not YAML: the text as it was given
+    assert raw == {
+        "models": {"XL": {"name": "mlp", "width": 8}},  # a label with the brackets' neighbours kept
+        "stages": [{"stage": "train", "lr": 0.5}, {"stage": "evaluate", "split": "val"}],
+        "data": {"path": "runs/a=b.csv", "label": "", "name": "[digits"},  # the value may hold '='
+    }
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("epochs", "override 'epochs' is not of the form key.path=value"),
+        ("=3", "override '=3' is not of the form key.path=value"),
+        ("stages[2].epochs=1", "stages.2: override index out of range: the list has 2 items (got '2')"),
+        ("stages.x.epochs=1", "stages.x: override index out of range: the list has 2 items (got 'x')"),
+        ("name.x=1", "name.x: override goes into a value that is not a mapping or list (got 'tiny')"),
+        (
+            "stages[0].stage.x=1",
+            "stages.0.stage.x: override goes into a value that is not a mapping or list (got 'train')",
+        ),
+    ],
+)
+def test_bad_override_messages(tiny_config, item, message):
+    with pytest.raises(ConfigError) as e:
+        apply_override(tiny_config, item)
+    assert str(e.value) == message
+
+
 def test_config_round_trips_through_yaml(tiny_config):
     cfg = validate(tiny_config)
     assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_the_resolved_config_is_plain_data(tiny_config):
+    """Tuples become lists and typed arguments (a teacher, a distill term) mappings; YAML can write it."""
+    tiny_config["models"] = {"a": {"name": "mlp-tiny"}, "b": {"name": "mlp-tiny"}}
+    tiny_config["stages"] = [
+        {"stage": "stitch", "front": "a", "cuts": [[1, 2], [0, 1]]},
+        {"stage": "distill", "teacher": {"variant": "a"}, "losses": {"kd": {"loss": "logit_kd", "weight": 0.5}}},
+    ]
+    cfg = validate(tiny_config)
+    assert cfg.stages[0].args["cuts"] == [(1, 2), (0, 1)]
+    stitch, distill = cfg.to_dict()["stages"]
+    assert stitch["cuts"] == [[1, 2], [0, 1]] and all(type(c) is list for c in stitch["cuts"])
+    assert distill["teacher"] == {
+        "variant": "a",
+        "current": False,
+        "run": None,
+        "model": None,
+        "seed": None,
+        "checkpoint": None,
+        "pretrained": None,
+        "bert": None,
+    }
+    assert distill["losses"] == {
+        "kd": {
+            "loss": "logit_kd",
+            "weight": 0.5,
+            "args": {},
+            "student": "",
+            "teacher": "",
+            "student_io": "output",
+            "teacher_io": "output",
+            "adapter": False,
+        }
+    }
+    assert validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    for spec in cfg.stages:  # validated arguments (typed objects, which JSON cannot hold) validate to themselves
+        assert validate_args(spec.entry, spec.args, "s") == spec.args
 
 
 # -- settings types: flat keys in a config, one typed object in the callable ------------------------
@@ -261,6 +428,8 @@ def test_moe_settings_a_router_uses_pass(tiny_config):
         ({"regrow": "hebian"}, "regrow", "did you mean 'hebbian'"),
         ({"regrow": "random", "fraction": 1.5}, "fraction", "less than or equal to 1"),
         ({"regrow": "random", "window": 0}, "window", "greater than or equal to 1"),
+        ({"regrow": "random", "interval": 0}, "interval", "greater than or equal to 1"),  # int | "epoch"
+        ({"regrow": "random", "interval": "epochs"}, "interval", "valid integer (got 'epochs'); did you mean 'epoch'?"),
         ({"interval": 50}, "interval", "unused with regrow 'none'"),  # static wiring: it was silently ignored
     ],
 )
