@@ -5,23 +5,16 @@ and nothing in the run's folder is written or changed."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 import yaml
 
-from brickwork.cli import main
 from brickwork.experiment import RunStore, execute, validate
 from brickwork.persist import write_json
 
@@ -35,39 +28,11 @@ _spec.loader.exec_module(cases)
 
 #: Cases also run through the real console script (a fresh process: exit status and stderr as a
 #: shell sees them, no traceback from the interpreter); the others call the CLI's ``main`` in this
-#: process, which imports torch once instead of once per case.
+#: process (conftest's ``brickwork_cli``), which imports torch once instead of once per case.
 SUBPROCESS = {"csv-non-utf8", "npz-truncated", "model-truncated-safetensors", "state-nan-optimizer"}
 
 
-@dataclass
-class Result:
-    returncode: int
-    stderr: str
-
-
-def cli(*args: str, fresh_process: bool = False) -> Result:
-    """``brickwork ARGS``: in this process (``cli.main``, stdout and stderr captured, the signal
-    handlers and torch's thread count it sets restored), or as a fresh console-script process."""
-    if fresh_process:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        r = subprocess.run(
-            [sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, env=env, timeout=300
-        )
-        return Result(r.returncode, r.stderr)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        torch.set_num_threads(threads)
-    return Result(code, err.getvalue())
-
-
-def assert_one_line_refusal(r: Result, expected: str) -> None:
+def assert_one_line_refusal(r: Any, expected: str) -> None:
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -81,7 +46,8 @@ def test_the_corpus_has_at_least_20_bad_files():
 
 
 @pytest.mark.parametrize("name", sorted(cases.DATA))
-def test_bad_data_file_is_refused_by_run(tmp_path, tiny_config, name):
+def test_bad_data_file_is_refused_by_run(tmp_path, tiny_config, brickwork_cli, name):
+    cli = brickwork_cli
     case = cases.DATA[name]
     tiny_config["data"] = case.write(tmp_path)
     cfg = tmp_path / "c.yaml"
@@ -113,7 +79,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(cases.CHECKPOINT))
-def test_bad_checkpoint_is_refused(trained, tmp_path, name):
+def test_bad_checkpoint_is_refused(trained, tmp_path, brickwork_cli, name):
+    cli = brickwork_cli
     runs, rec = trained
     case = cases.CHECKPOINT[name]
     vdir, other = rec.dir / "sn" / "seed-0", rec.dir / "sn" / "seed-1"
@@ -147,7 +114,8 @@ def test_bad_checkpoint_is_refused(trained, tmp_path, name):
         shutil.copytree(backup, vdir)
 
 
-def test_the_undamaged_run_resumes_with_legacy_checkpoints(trained):
+def test_the_undamaged_run_resumes_with_legacy_checkpoints(trained, brickwork_cli):
+    cli = brickwork_cli
     # The control: the same run, with nothing spoiled, resumes and completes; seed 0's files are
     # turned into ones written before the metadata hash and the seed binding (format 1), which
     # must still resume, as runs made before this change do.

@@ -15,9 +15,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,13 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def cli_run(*args: str, **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, env=ENV, timeout=300, **kw
-    )
-
-
-def one_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
+def one_line(r: Any, code: int = 2) -> str:
+    """The one line of stderr of a refusal with status ``code`` (a CLI result or a finished process)."""
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -59,19 +55,20 @@ def one_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
         (lambda text: text.encode("latin-1") + b"# caf\xe9\n", "not UTF-8 text (byte 0xe9"),
     ],
 )
-def test_config_not_utf8_is_one_line_and_records_nothing(tmp_path, tiny_config, encode, expected):
+def test_config_not_utf8_is_one_line_and_records_nothing(tmp_path, tiny_config, brickwork_cli, encode, expected):
     path = tmp_path / "c.yaml"
     path.write_bytes(encode(yaml.safe_dump(tiny_config)))
+    fresh = expected == "UTF-16"  # one case as the console script, in its own interpreter
     for verb in (["validate"], ["--runs-dir", str(tmp_path / "runs"), "run"]):
-        line = one_line(cli_run(*verb, str(path)))
+        line = one_line(brickwork_cli(*verb, str(path), fresh_process=fresh))
         assert str(path) in line and expected in line
     assert not (tmp_path / "runs" / "runs.db").exists() or not RunStore(tmp_path / "runs").list()
 
 
-def test_config_with_utf8_bom_still_reads(tmp_path, tiny_config):
+def test_config_with_utf8_bom_still_reads(tmp_path, tiny_config, brickwork_cli):
     path = tmp_path / "c.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(tiny_config).encode())
-    r = cli_run("validate", str(path))
+    r = brickwork_cli("validate", str(path))
     assert r.returncode == 0, r.stderr
 
 
@@ -142,14 +139,14 @@ def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_full_disk_fails_the_run_with_one_line(tmp_path, tiny_config):
+def test_full_disk_fails_the_run_with_one_line(tmp_path, tiny_config, brickwork_cli):
     """A real full disk: a 1 MiB tmpfs, a model whose training state is ~4 MB."""
     tiny_config["models"]["mlp"].update(width=512)
     tiny_config["stages"][0].update(epochs=1)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config))
     with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
-        line = one_line(cli_run("--runs-dir", str(disk / "runs"), "run", str(cfg)))
+        line = one_line(brickwork_cli("--runs-dir", str(disk / "runs"), "run", str(cfg)))
         assert "no space left" in line.lower()
         (run,) = RunStore(disk / "runs").list()
         assert run.status == "failed" and "No space left" in (run.error or "")
@@ -171,7 +168,7 @@ def read_only(folder: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def _finished_run(tmp_path: Path, cfg: dict) -> tuple[Path, str]:
+def _finished_run(tmp_path: Path, cfg: dict, cli_run: Callable[..., Any]) -> tuple[Path, str]:
     """A completed one-epoch run of ``cfg``: the store's folder and the run's id."""
     runs = tmp_path / "runs"
     cfg["stages"][0].update(epochs=1)
@@ -183,27 +180,27 @@ def _finished_run(tmp_path: Path, cfg: dict) -> tuple[Path, str]:
     return runs, run.id
 
 
-def test_resume_in_a_read_only_run_folder(tmp_path, tiny_config):
-    runs, run_id = _finished_run(tmp_path, tiny_config)
+def test_resume_in_a_read_only_run_folder(tmp_path, tiny_config, brickwork_cli):
+    runs, run_id = _finished_run(tmp_path, tiny_config, brickwork_cli)
     progress = next((runs / run_id).rglob("progress.json"))
     write_json(progress, {**read_json(progress), "done": 1})  # as if killed before its last stage
     with sqlite3.connect(runs / "runs.db") as db:
         db.execute("UPDATE runs SET status = 'failed' WHERE id = ?", (run_id,))
     before = {p: p.read_bytes() for p in (runs / run_id).rglob("*") if p.is_file()}
     with read_only(runs / run_id):
-        line = one_line(cli_run("--runs-dir", str(runs), "run", "--resume", run_id))
+        line = one_line(brickwork_cli("--runs-dir", str(runs), "run", "--resume", run_id))
     assert "read-only" in line.lower() and str(runs / run_id) in line
     assert RunStore(runs).get(run_id).status == "failed"  # the resume never started: the run is as it was
     assert {p: p.read_bytes() for p in (runs / run_id).rglob("*") if p.is_file()} == before
 
 
-def test_slice_into_a_read_only_folder(tmp_path, tiny_config):
+def test_slice_into_a_read_only_folder(tmp_path, tiny_config, brickwork_cli):
     tiny_config["models"]["mlp"] = {"name": "nested_mlp", "width": 24, "depth": 3, "depths": [2, 3]}
-    runs, run_id = _finished_run(tmp_path, tiny_config)
+    runs, run_id = _finished_run(tmp_path, tiny_config, brickwork_cli)
     out = tmp_path / "out"
     out.mkdir()
     with read_only(out):
-        r = cli_run("--runs-dir", str(runs), "slice", run_id, "--width", "0.5", "--out", str(out / "small"))
+        r = brickwork_cli("--runs-dir", str(runs), "slice", run_id, "--width", "0.5", "--out", str(out / "small"))
     if r.returncode == 2 and "read-only" not in r.stderr.lower():
         pytest.skip(f"slice refused this run for another reason: {r.stderr.strip()}")
     assert "read-only" in one_line(r).lower()
@@ -213,16 +210,16 @@ def test_slice_into_a_read_only_folder(tmp_path, tiny_config):
 # --- report --out FILE ---------------------------------------------------------------------------
 
 
-def test_report_out_an_existing_file_is_refused_untouched(tmp_path, tiny_config):
-    runs, _ = _finished_run(tmp_path, tiny_config)
-    assert cli_run("--runs-dir", str(runs), "run", str(tmp_path / "c.yaml")).returncode == 0
+def test_report_out_an_existing_file_is_refused_untouched(tmp_path, tiny_config, brickwork_cli):
+    runs, _ = _finished_run(tmp_path, tiny_config, brickwork_cli)
+    assert brickwork_cli("--runs-dir", str(runs), "run", str(tmp_path / "c.yaml")).returncode == 0
     ids = [r.id for r in RunStore(runs).list()]
     target = tmp_path / "notes.md"
     target.write_text("my notes\n")
-    line = one_line(cli_run("--runs-dir", str(runs), "report", *ids, "--out", str(target)))
+    line = one_line(brickwork_cli("--runs-dir", str(runs), "report", *ids, "--out", str(target)))
     assert str(target) in line and "not a folder" in line
     assert target.read_text() == "my notes\n"
-    line = one_line(cli_run("--runs-dir", str(runs), "report", *ids, "--out", str(target / "sub")))
+    line = one_line(brickwork_cli("--runs-dir", str(runs), "report", *ids, "--out", str(target / "sub")))
     assert target.read_text() == "my notes\n"
 
 
@@ -284,7 +281,7 @@ def test_to_json_converts_numbers_and_refuses_the_rest():
         to_json({"mlp": {"model": torch.nn.Linear(1, 1)}})
 
 
-def test_metrics_files_and_store_are_strict_json(tmp_path):
+def test_metrics_files_and_store_are_strict_json(tmp_path, brickwork_cli):
     write_json(tmp_path / "metrics.json", {"mlp": {"test_loss": float("nan"), "acc": torch.tensor(0.75)}})
     text = (tmp_path / "metrics.json").read_text()
     assert json.loads(text, parse_constant=pytest.fail) == {"mlp": {"acc": 0.75, "test_loss": None}}
@@ -297,5 +294,5 @@ def test_metrics_files_and_store_are_strict_json(tmp_path):
     with sqlite3.connect(tmp_path / "runs" / "runs.db") as db:
         (cell,) = db.execute("SELECT metrics FROM runs").fetchone()
     assert json.loads(cell, parse_constant=pytest.fail) == {"mlp": {"test_accuracy": 0.5, "l": None}}
-    r = cli_run("--runs-dir", str(tmp_path / "runs"), "runs")  # a null metric still lists
+    r = brickwork_cli("--runs-dir", str(tmp_path / "runs"), "runs")  # a null metric still lists
     assert r.returncode == 0 and "acc 0.500" in r.stdout, r.stderr

@@ -22,11 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "brickwork", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
-
-
 def start(cfg: Path, runs: str, cwd: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "brickwork", "--runs-dir", runs, "run", str(cfg), "--no-progress"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=ENV)
@@ -46,7 +41,11 @@ def write(tmp_path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def test_killed_run_is_stale_and_resumes_in_its_folder_from_another_directory(tmp_path, tiny_config):
+def test_killed_run_is_stale_and_resumes_in_its_folder_from_another_directory(tmp_path, tiny_config, brickwork_cli):
+    """The killed run is a console-script process; the reference, the listing and the resume run in
+    this process (one torch thread in each, so the arithmetic is the same)."""
+    cli = brickwork_cli
+    tiny_config["threads"] = 1
     tiny_config["stages"][0]["epochs"] = 30
     cfg = write(tmp_path, tiny_config)
     reference = cli("--runs-dir", str(tmp_path / "ref"), "run", str(cfg), "--no-progress")
@@ -83,7 +82,8 @@ def test_killed_run_is_stale_and_resumes_in_its_folder_from_another_directory(tm
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_resume_of_a_live_run_is_refused(tmp_path, tiny_config):
+def test_resume_of_a_live_run_is_refused(tmp_path, tiny_config, brickwork_cli):
+    cli = brickwork_cli
     tiny_config["stages"][0]["epochs"] = 100_000  # runs until it is killed
     runs = tmp_path / "runs"
     proc = start(write(tmp_path, tiny_config), str(runs), cwd=tmp_path)

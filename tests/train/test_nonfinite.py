@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,6 @@ from brickwork.errors import BrickworkError
 from brickwork.experiment import RunStore
 from brickwork.train.loop import FitConfig, fit
 from brickwork.train.recipe import TrainSettings
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class PoisonedLoss:
@@ -87,19 +81,12 @@ def test_train_settings_carry_the_policy():
     assert TrainSettings(nonfinite="skip_batch").fit_config(seed=0).nonfinite == "skip_batch"
 
 
-def test_diverging_run_fails_with_one_line_and_status_failed(tmp_path, tiny_config):
+def test_diverging_run_fails_with_one_line_and_status_failed(tmp_path, tiny_config, brickwork_cli):
     """``lr: 1e6`` used to give NaN on every epoch, a bare NaN in metrics.json and status completed."""
     tiny_config["stages"][0].update(lr=1e6, epochs=2, optimizer="sgd")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        [sys.executable, "-m", "brickwork", "--runs-dir", str(tmp_path / "runs"), "run", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    r = brickwork_cli("--runs-dir", str(tmp_path / "runs"), "run", str(cfg))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
