@@ -13,11 +13,15 @@ demo: $(STAMP)
 # pyproject.toml), then the tests under coverage, then each core package's line coverage against
 # its floor (tools/coverage_floors.py; skipped when PYTEST_ARGS selects part of the suite).
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# The tests run in one pytest-xdist worker per core (PYTEST_WORKERS; a test file stays in one
+# worker, so its module fixtures are built once; each worker uses one torch thread, see
+# tests/conftest.py). PYTEST_WORKERS=0 runs them in this process.
 # The tutorials (docs/tutorials) run inside pytest (tests/test_tutorials.py). Then, for the whole
 # suite only: the documentation site must build without a warning, and the package must build
 # and install into a fresh venv (tools/check_package.sh).
+PYTEST_WORKERS ?= auto
 test: lint
-	$(BIN)/python -m pytest --cov=brickwork --cov-report= $(PYTEST_ARGS); s=$$?; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --cov=brickwork --cov-report= $(PYTEST_ARGS); s=$$?; \
 	if [ $$s -eq 5 ]; then exit 0; elif [ $$s -ne 0 ]; then exit $$s; fi; \
 	if [ -z "$(PYTEST_ARGS)" ]; then $(BIN)/python tools/coverage_floors.py; fi
 	if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory docs package-check; fi

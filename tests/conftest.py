@@ -28,6 +28,14 @@ TINY: dict[str, Any] = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs the suite in two pytest-xdist workers, one per core (most tests are tiny
+    # tensors in one Python thread, and the CLI ones wait on processes). One torch thread per
+    # worker keeps the two from oversubscribing the cores with OpenMP threads that spin-wait.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny_config() -> dict[str, Any]:
     return copy.deepcopy(TINY)
