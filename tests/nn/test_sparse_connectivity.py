@@ -58,3 +58,31 @@ def test_user_matrix_round_trips_with_padded_slots_marked():
 def test_top_k_picks_the_highest_scores():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [3.0, 1.0, 2.0, 4.0]])
     assert top_k(scores, 2).tolist() == [[1, 2], [0, 3]]
+
+
+def test_user_matrix_sources_list_the_connected_groups_then_the_padding_in_ascending_order():
+    """Stable order with many ties (an unstable sort shuffles them from about 20 on): the real
+    slots hold the connected groups ascending, the padded ones the rest ascending."""
+    conn = torch.zeros(2, 40, dtype=torch.bool)
+    conn[0, ::3] = True  # 14 groups
+    conn[1, 1::2] = True  # 20 groups: the largest in-degree
+    src, real = from_matrix(conn)
+    assert src[0].tolist() == list(range(0, 40, 3)) + [g for g in range(40) if g % 3][:6]
+    assert src[1].tolist() == list(range(1, 40, 2))
+    assert real.sum(1).tolist() == [14, 20] and real[0, :14].all() and not real[0, 14:].any()
+    with pytest.raises(ValueError, match=r"^from_matrix: every output group needs at least one input group$"):
+        from_matrix(torch.tensor([[True, False], [False, False]]))
+
+
+def test_small_world_draws_from_its_generator_only_and_rewires_a_tenth_by_default():
+    """The same generator seed gives the same wiring whatever the global RNG did; the default
+    rewiring probability is Watts and Strogatz's small p = 0.1 (here: 0.1 of 128 edges)."""
+    torch.manual_seed(0)
+    a = small_world(32, 32, 4, p=0.5, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    b = small_world(32, 32, 4, p=0.5, generator=torch.Generator().manual_seed(7))
+    assert a.equal(b) and not to_matrix(a, 32).equal(to_matrix(ring(32, 32, 4), 32))
+    default = small_world(32, 32, 4, generator=torch.Generator().manual_seed(7))
+    assert default.equal(small_world(32, 32, 4, p=0.1, generator=torch.Generator().manual_seed(7)))
+    moved = int((to_matrix(default, 32) & ~to_matrix(ring(32, 32, 4), 32)).sum())
+    assert 0 < moved < 32  # about 13 of the 128 edges moved, far from all of them

@@ -64,6 +64,36 @@ def test_banded_wiring_runs_without_a_gather():
     assert strided.fwd_band is not None and strided.bwd_band is None  # step 2: gradient takes the gather
 
 
+@pytest.mark.parametrize(
+    ("kw", "padded"),
+    [
+        (dict(d_out=8, groups=2, groups_in=4, density=0.5, pattern="band"), False),  # rows 0-15 exactly
+        (dict(groups=4, density=0.5, pattern="band"), True),  # runs past the end
+        (dict(groups=4, density=0.75, pattern="ring"), True),  # starts before row 0, both ways
+        (dict(d_out=8, groups=4, groups_in=8, density=0.25, pattern="ring"), True),  # step 2
+    ],
+)
+def test_band_views_are_the_gathered_rows_and_copy_nothing_inside_the_rows(kw, padded):
+    """A banded wiring's strided view holds exactly the rows the gather would take, forward and
+    (when banded) backward; a band that stays inside the rows is a view of the input itself, and
+    one that wraps pads cyclically. Batch 5 is neither a block nor the width."""
+    from brickwork.nn.sparse.kernel import _band_view
+
+    layer = GroupLinear(16, kw.pop("d_out", 16), **kw)
+    plan = layer.plan()
+    xt = torch.randn(16, 5)
+    view = _band_view(xt, plan.fwd_band, plan.groups_out, plan.block_in)
+    assert view is not None
+    torch.testing.assert_close(view, xt.index_select(0, plan.fwd_rows).view(plan.groups_out, -1, 5), rtol=0, atol=0)
+    assert (view.untyped_storage().data_ptr() == xt.untyped_storage().data_ptr()) == (not padded)
+    if plan.bwd_band is not None:
+        gyt = torch.randn(layer.d_out, 5)
+        dy = _band_view(gyt, plan.bwd_band, plan.groups_in, plan.block_out)
+        assert dy is not None
+        gathered = gyt.index_select(0, plan.bwd_rows).view(plan.groups_in, plan.m * plan.block_out, 5)
+        torch.testing.assert_close(dy, gathered, rtol=0, atol=0)
+
+
 def test_stacked_layers_and_token_inputs_match_reference():
     """The second layer reads the first one's transposed-view output; (B, T, D) inputs work."""
     a, b = GroupLinear(12, 8, groups=4, density=0.5), GroupLinear(8, 12, groups=2, groups_in=4, density=0.5)

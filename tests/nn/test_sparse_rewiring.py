@@ -246,3 +246,24 @@ def test_train_step_zeroes_the_optimizer_state_of_regrown_weights(level):
         assert (state[name][grown] == 0).all(), name
         live = ~grown if layer.mask is None else layer.mask & ~grown
         assert (state[name][live] != 0).any(), name  # only the regrown positions were reset
+
+
+def test_rigl_captures_the_dense_and_edge_gradients_of_the_update_step_only():
+    """What data parallelism averages over the ranks: on the step before an update, RigL's dense
+    (d_out, d_in) gradient and its edge gradient, which at every stored position (masked or not) is
+    the dense gradient there; on other steps, nothing. Summed over two forwards of one step."""
+    torch.manual_seed(0)
+    policy = Rewiring("gradient", "both", interval=2, fraction=0.25)
+    layer = GroupLinear(8, 8, groups=2, density=0.5, edge_density=0.5, in_perm=torch.randperm(8), rewiring=policy)
+    layer = layer.double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    assert policy.batch_gradients() == []  # step 1: no update due after it
+    layer.after_step()
+    (layer(x).square().sum() + layer(2 * x).sum()).backward()
+    dense, edge = policy.batch_gradients()
+    w = layer.dense_weight().clone().requires_grad_(True)
+    (F.linear(x, w, layer.bias).square().sum() + F.linear(2 * x, w, layer.bias).sum()).backward()
+    torch.testing.assert_close(dense, w.grad, rtol=0, atol=1e-12)
+    rows = layer.plan().fwd_rows.view(2, 1, -1).expand(2, 4, -1)
+    torch.testing.assert_close(edge, w.grad.view(2, 4, 8).gather(2, rows), rtol=0, atol=1e-12)
