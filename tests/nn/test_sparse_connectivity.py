@@ -39,6 +39,8 @@ def test_named_structures():
     assert block_diagonal(2, 4).tolist() == [[0, 1], [2, 3]]
     assert band(4, 4, 2).tolist() == [[0, 1], [1, 2], [2, 3], [3, 0]]
     assert ring(4, 4, 3).tolist() == [[3, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 0]]
+    assert ring(4, 4, 2).tolist() == [[3, 0], [0, 1], [1, 2], [2, 3]]  # even k: one more group before
+    assert ring(4, 4, 4).tolist()[0] == [2, 3, 0, 1]
     assert small_world(6, 6, 2, p=0.0).equal(ring(6, 6, 2).sort(1).values)
     rewired = small_world(16, 16, 2, p=1.0, generator=torch.Generator().manual_seed(0))
     assert not to_matrix(rewired, 16).equal(to_matrix(ring(16, 16, 2), 16))
@@ -86,3 +88,9 @@ def test_small_world_draws_from_its_generator_only_and_rewires_a_tenth_by_defaul
     assert default.equal(small_world(32, 32, 4, p=0.1, generator=torch.Generator().manual_seed(7)))
     moved = int((to_matrix(default, 32) & ~to_matrix(ring(32, 32, 4), 32)).sum())
     assert 0 < moved < 32  # about 13 of the 128 edges moved, far from all of them
+
+
+def test_to_matrix_stays_on_the_sources_device():
+    conn = to_matrix(torch.tensor([[0, 2], [1, 2]], device="meta"), 3)
+    assert conn.device.type == "meta" and conn.dtype == torch.bool and conn.shape == (2, 3)
+    assert to_matrix(torch.tensor([[0, 2], [1, 2]]), 3).tolist() == [[True, False, True], [False, True, True]]

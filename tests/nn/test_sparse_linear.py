@@ -71,17 +71,19 @@ def test_banded_wiring_runs_without_a_gather():
         (dict(groups=4, density=0.5, pattern="band"), True),  # runs past the end
         (dict(groups=4, density=0.75, pattern="ring"), True),  # starts before row 0, both ways
         (dict(d_out=8, groups=4, groups_in=8, density=0.25, pattern="ring"), True),  # step 2
+        (dict(d_out=8, groups=2, groups_in=4, connectivity=torch.tensor([[1], [3]])), False),  # from row 4
     ],
 )
 def test_band_views_are_the_gathered_rows_and_copy_nothing_inside_the_rows(kw, padded):
     """A banded wiring's strided view holds exactly the rows the gather would take, forward and
     (when banded) backward; a band that stays inside the rows is a view of the input itself, and
-    one that wraps pads cyclically. Batch 5 is neither a block nor the width."""
+    one that wraps pads cyclically. Batch 5 is neither a block nor the width; the input need not
+    start its storage."""
     from brickwork.nn.sparse.kernel import _band_view
 
     layer = GroupLinear(16, kw.pop("d_out", 16), **kw)
     plan = layer.plan()
-    xt = torch.randn(16, 5)
+    xt = torch.randn(32, 5)[16:]  # contiguous, at a storage offset (the lower half of a larger tensor)
     view = _band_view(xt, plan.fwd_band, plan.groups_out, plan.block_in)
     assert view is not None
     torch.testing.assert_close(view, xt.index_select(0, plan.fwd_rows).view(plan.groups_out, -1, 5), rtol=0, atol=0)
@@ -92,6 +94,28 @@ def test_band_views_are_the_gathered_rows_and_copy_nothing_inside_the_rows(kw, p
         assert dy is not None
         gathered = gyt.index_select(0, plan.bwd_rows).view(plan.groups_in, plan.m * plan.block_out, 5)
         torch.testing.assert_close(dy, gathered, rtol=0, atol=0)
+
+
+def test_band_starts_need_the_least_cyclic_padding():
+    """Every band a plan can hold (forward: start c in [0, G_in), step G_in / G_out; input
+    gradient: start -c - k + 1, step 1, for a shifted c) is moved by a multiple of the row count to a start whose
+    padding (rows before 0 plus rows past the end) is the least of all its cyclic equivalents."""
+    from brickwork.nn.sparse.kernel import Band, _least_padding
+
+    def padding(start: int, rows: int, step: int, width: int, n: int) -> int:
+        return max(0, -start) + max(0, start + (rows - 1) * step + width - n)
+
+    bands = []
+    for n in (4, 6):
+        for g_out in (d for d in range(1, n + 1) if n % d == 0):
+            bands += [(Band(c, n // g_out, k), g_out, n) for c in range(n) for k in range(1, n + 1)]
+        # c is the forward band's start after this very shift: it may be negative
+        bands += [(Band(-c - k + 1, 1, k), n, n) for c in range(1 - n, n) for k in range(1, n + 1)]
+    for band, rows, n in bands:
+        got = _least_padding(band, rows, n)
+        assert (got.step, got.width) == (band.step, band.width) and (got.start - band.start) % n == 0
+        least = min(padding(band.start + s * n, rows, band.step, band.width, n) for s in range(-4, 5))
+        assert padding(got.start, rows, band.step, band.width, n) == least, (band, rows, n)
 
 
 def test_stacked_layers_and_token_inputs_match_reference():

@@ -207,6 +207,7 @@ def test_rewiring_settings_rebuild_the_policy_and_refuse_unused_keys():
     }
     again = Rewiring(**policy.config())
     assert again.config() == policy.config() and again.edges and again.groups
+    assert RewiringSettings(regrow="hebbian", momentum=0.5).policy().config()["momentum"] == 0.5
     assert RewiringSettings(regrow="random").policy("edge").level == "edge"
     assert RewiringSettings(regrow="random").policy().level == "group"
     assert RewiringSettings().policy() is None
@@ -390,3 +391,55 @@ def test_group_linear_and_linear_act_declare_their_permutations_and_keep_the_fun
             torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-12)
     rewired = GroupLinear(8, 8, groups=4, density=0.5, rewiring=Rewiring("random", "group"))
     assert permutation_spec(nn.Sequential(nn.Linear(8, 8), LinearAct(rewired), nn.Linear(8, 8))).free() == []
+
+
+def test_a_one_row_edge_window_correlates_nothing():
+    """One sample has no variance: every correlation is 0 (not the +-1 of moments divided by 2)."""
+    layer = GroupLinear(8, 4, groups=2, density=0.5)
+    stats = ActivationStats(2, 2, tuple(layer.weight.shape), 8, 4).double()
+    plan = layer.plan()
+    xt, yt = torch.randn(8, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    stats.accumulate_edges(xt, yt, xt.index_select(0, plan.fwd_rows).view(2, -1, 1))
+    assert int(stats.e_n) == 1
+    assert torch.equal(stats.edge_correlation(plan.fwd_rows), torch.zeros(2, 2, 4, dtype=torch.float64))
+
+
+def test_group_conv_defaults_edge_cases_device_and_dtype():
+    """Defaults: 4 groups at density 0.5 (k = 2), 3x3, padding 1. One single connected pair is a
+    valid wiring; an empty one is refused with the layer's message. Parameters, the wiring and the
+    gathered channel index are made on the device and in the dtype asked for."""
+    torch.manual_seed(0)
+    conv = GroupConv2d(8, 8)
+    assert (conv.groups_out, conv.groups_in, conv.k, conv.weight.shape) == (4, 4, 2, (8, 4, 3, 3))
+    one = GroupConv2d(4, 4, groups=1, connectivity=torch.tensor([[0]]))
+    assert one.k == 1 and one(torch.randn(1, 4, 3, 3)).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError, match="rows of distinct groups"):
+        GroupConv2d(8, 8, groups=4, connectivity=torch.zeros(4, 0, dtype=torch.long))
+    meta = GroupConv2d(8, 8, groups=4, device="meta", dtype=torch.float64)
+    assert meta.bias is not None
+    for t in (meta.weight, meta.bias, meta.sources, meta.channel_index()):
+        assert t.device.type == "meta", t.shape
+    assert meta.weight.dtype == meta.bias.dtype == torch.float64
+    y = meta(torch.randn(2, 8, 5, 5, device="meta", dtype=torch.float64))
+    assert y.device.type == "meta" and y.shape == (2, 8, 5, 5)
+
+
+def test_activation_stats_defaults_and_exact_counters():
+    """The EMA factor defaults to 0.99; the batch and row counters are integers (exact for any
+    number of steps, and what a checkpoint stores)."""
+    stats = ActivationStats(2, 3, (3, 1, 4), 8, 3)
+    assert stats.momentum == 0.99
+    assert stats.g_seen.dtype == stats.e_n.dtype == torch.long
+    assert (stats.g_cross.shape, stats.e_xy.shape, stats.e_x.shape, stats.e_y.shape) == ((3, 2), (3, 1, 4), (8,), (3,))
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_correlations_do_not_depend_on_the_activations_scale(scale):
+    """Pearson correlation is scale-free: activities of variance 0.01 or 100 give torch.corrcoef's value."""
+    torch.manual_seed(0)
+    a_in, a_out = torch.randn(3, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    a_out[1] += a_in[2]
+    stats = ActivationStats(3, 2).double()
+    stats.update_groups(scale * a_in, scale * a_out)
+    corr = torch.corrcoef(torch.cat([a_out, a_in]))[:2, 2:]
+    torch.testing.assert_close(stats.group_correlation(), corr, rtol=0, atol=1e-10)

@@ -267,3 +267,41 @@ def test_rigl_captures_the_dense_and_edge_gradients_of_the_update_step_only():
     torch.testing.assert_close(dense, w.grad, rtol=0, atol=1e-12)
     rows = layer.plan().fwd_rows.view(2, 1, -1).expand(2, 4, -1)
     torch.testing.assert_close(edge, w.grad.view(2, 4, 8).gather(2, rows), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("level", "message"),
+    [
+        ("group", "rewiring: no gradient was captured on the update step (was backward run?)"),
+        ("edge", "rewiring: no weight gradient was captured on the update step"),
+    ],
+)
+def test_a_rigl_update_without_a_backward_says_so(level, message):
+    layer = GroupLinear(
+        16,
+        16,
+        groups=4,
+        density=0.25,
+        edge_density=0.5,
+        rewiring=Rewiring("gradient", level, interval=1, fraction=0.25),
+    )
+    layer(torch.randn(4, 16))  # the update step's forward, but no backward
+    with pytest.raises(RuntimeError) as err:
+        layer.after_step()
+    assert str(err.value) == message
+
+
+def test_hebbian_edge_statistics_are_gathered_on_the_window_before_each_update_only():
+    """interval 4, window 2, stop 0.5: the edge window holds the forwards of steps 3, 4 (reset by
+    the update after step 4), 7, 8, ...; none once progress reaches ``stop``."""
+    torch.manual_seed(0)
+    policy = Rewiring("hebbian", "edge", interval=4, fraction=0.25, window=2, stop=0.5)
+    layer = GroupLinear(8, 8, groups=2, density=0.25, edge_density=0.5, rewiring=policy)
+    rows = []
+    for step in range(1, 13):
+        policy.set_progress(0.5 if step >= 11 else step / 24)  # steps 11 and 12: at ``stop``
+        layer(torch.randn(3, 8))
+        assert policy.stats is not None
+        rows.append(int(policy.stats.e_n))
+        layer.after_step()
+    assert rows == [0, 0, 3, 6, 0, 0, 3, 6, 0, 0, 0, 0]
