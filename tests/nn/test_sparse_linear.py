@@ -194,3 +194,29 @@ def test_connectivity_mask_expands_the_user_matrix_block_by_block():
     layer = GroupLinear(16, 8, groups=4, connectivity=conn)
     expected = torch.kron(conn.long(), torch.ones(2, 4, dtype=torch.long)).bool()  # blocks of 2 x 4
     assert torch.equal(layer.connectivity_mask(), expected)
+
+
+@pytest.mark.parametrize("frozen", ["no bias", "bias", "weight"])
+def test_each_gradient_is_computed_for_what_needs_it(frozen):
+    """Without a bias or with it frozen the weight still gets its gradient; with the weight frozen
+    the input and the bias still get theirs (a frozen sparse layer inside a trained model)."""
+    torch.manual_seed(0)
+    layer = GroupLinear(16, 8, groups=4, density=0.5, bias=frozen != "no bias").double()
+    if frozen == "bias":
+        layer.bias.requires_grad_(False)
+    if frozen == "weight":
+        layer.weight.requires_grad_(False)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 8, dtype=torch.float64)
+    w = layer.dense_weight().clone().requires_grad_(frozen != "weight")
+    ref = F.linear(x, w, layer.bias)
+    leaves = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+    ref_leaves = [x] + ([w] if frozen != "weight" else []) + ([layer.bias] if frozen == "weight" else [])
+    got = torch.autograd.grad(layer(x), leaves, g)
+    want = torch.autograd.grad(ref, ref_leaves, g)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    if frozen != "weight":  # the dense gradient at the stored (compressed) positions
+        rows = layer.plan().fwd_rows.view(4, 1, -1).expand_as(layer.weight)
+        torch.testing.assert_close(got[1], want[1].view(4, 2, 16).gather(2, rows), rtol=0, atol=1e-12)
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)

@@ -443,3 +443,37 @@ def test_correlations_do_not_depend_on_the_activations_scale(scale):
     stats.update_groups(scale * a_in, scale * a_out)
     corr = torch.corrcoef(torch.cat([a_out, a_in]))[:2, 2:]
     torch.testing.assert_close(stats.group_correlation(), corr, rtol=0, atol=1e-10)
+
+
+def test_rewiring_defaults_buffers_and_what_bind_sizes():
+    """RigL's schedule at group level by default. Counters are integers and progress is float64
+    (0.75 - 1e-9 is still before ``stop`` 0.75). Seeds differ between policies, so two layers do
+    not regrow alike. A Hebbian group-level policy keeps no edge statistics; its statistics get the
+    policy's momentum and the layer's device."""
+    assert Rewiring().config() == {
+        "regrow": "gradient",
+        "level": "group",
+        "interval": 100,
+        "fraction": 0.3,
+        "decay": "cosine",
+        "stop": 0.75,
+        "window": 20,
+        "momentum": 0.99,
+    }
+    torch.manual_seed(0)
+    policy = Rewiring()
+    for name in ("step", "seed", "edges_moved", "blocks_moved"):
+        assert getattr(policy, name).dtype == torch.long, name
+    policy.set_progress(0.75 - 1e-9)
+    assert policy.progress.dtype == torch.float64 and float(policy.progress) < 0.75
+    assert len({int(Rewiring().seed) for _ in range(20)}) == 20
+    with pytest.raises(ValueError) as err:
+        GroupLinear(16, 8, groups=4, density=0.5, rewiring=Rewiring("random", "edge"))
+    assert str(err.value) == "edge-level rewiring needs an edge mask: build the layer with edge_density < 1"
+    group = GroupLinear(16, 16, groups=4, density=0.5, rewiring=Rewiring("hebbian", "group", momentum=0.5))
+    assert group.rewiring.stats is not None and not group.rewiring.stats.edges
+    assert group.rewiring.stats.momentum == 0.5 and not any(
+        k.startswith("rewiring.stats.e_") for k in group.state_dict()
+    )
+    meta = GroupLinear(16, 16, groups=4, density=0.5, device="meta", rewiring=Rewiring("hebbian", "group"))
+    assert meta.rewiring.stats is not None and meta.rewiring.stats.g_cross.device.type == "meta"
