@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from brickwork.analysis.compute import FlopMeter
-from brickwork.nn.sparse import GroupConv2d, GroupLinear, in_degree
+from brickwork.nn.sparse import GroupConv2d, GroupLinear, block_sparse_linear, in_degree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,3 +220,120 @@ def test_each_gradient_is_computed_for_what_needs_it(frozen):
         torch.testing.assert_close(got[1], want[1].view(4, 2, 16).gather(2, rows), rtol=0, atol=1e-12)
     else:
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+
+
+class _Timer:
+    """Runs each candidate (as a real timer does) and reports seconds from a table."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, name: str, fn) -> float:
+        self.calls.append(name)
+        fn()
+        return self.seconds[name]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_auto_path_times_each_candidate_on_the_calls_own_operands_outside_its_graph(monkeypatch, tmp_path, bias):
+    """Unpinned, with a table timer: the shape class is (batch bucket, d_in, d_out, G_in, G_out, k,
+    banded) in the call's dtype and pass; every applicable path runs as the real call would (same
+    plan, the operands' storage as new leaves, forward and backward when autograd records, the bias
+    if any) and the fastest is chosen; the caller's tensors get no gradient. Calls under the
+    tuner's FLOP floor, inside a compiled region and under a FLOP counter are not timed."""
+    from brickwork.analysis.compute import FlopMeter
+    from brickwork.kernels import autotune
+    from brickwork.nn.sparse import kernel
+
+    monkeypatch.delenv("BRICKWORK_BACKEND")
+    torch.manual_seed(0)
+    layer = GroupLinear(16, 8, groups=2, groups_in=4, density=0.5, pattern="band", bias=bias).double()
+    plan = layer.plan()
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    flops = 2 * 5 * layer.weight.numel()
+    seen = []
+    real = kernel.block_sparse_linear
+
+    def spy(xs, ws, bs, p, path="auto"):
+        seen.append((path, p is plan, xs.data_ptr() == x.data_ptr(), ws.data_ptr() == layer.weight.data_ptr()))
+        seen[-1] += (xs.requires_grad, ws.requires_grad, None if bs is None else (bs.requires_grad, bs is layer.bias))
+        y = real(xs, ws, bs, p, path=path)
+        if y.requires_grad:
+            y.register_hook(lambda g: seen.append(("backward", bool((g == 1).all()))))
+        return y
+
+    monkeypatch.setattr(kernel, "block_sparse_linear", spy)
+    timer = _Timer({"band": 2.0, "gather": 3.0, "dense": 1.0})
+    for floor, timed in ((flops + 1, False), (flops, True)):
+        tuner = autotune.Autotuner(tmp_path / f"{floor}.json", timer=timer, min_flops=floor)
+        monkeypatch.setattr(autotune, "TUNER", tuner)
+        choice = kernel.tuned_sparse_path(x, layer.weight, layer.bias, plan)
+        assert (choice, tuner.timings) == (("dense", 1) if timed else ("band", 0))
+    ((key, shape),) = tuner.shapes.items()
+    assert shape == autotune.ShapeClass("sparse", (8, 16, 8, 4, 2, 2, 1), "float64", "fwd+bwd", "cpu"), key
+    assert set(timer.calls) == {"band", "gather", "dense"} and x.grad is None and layer.weight.grad is None
+    calls = [s for s in seen if s[0] != "backward"]
+    assert {c[0] for c in calls} == {"band", "gather", "dense"} and len(seen) == 2 * len(calls)
+    b = (True, False) if bias else None
+    assert all(c[1:] == (True, True, True, True, True, b) for c in calls)
+    assert all(s == ("backward", True) for s in seen if s[0] == "backward")
+    seen.clear()
+    tuner = autotune.Autotuner(tmp_path / "fwd.json", timer=timer, min_flops=0)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    with torch.no_grad():
+        assert kernel.tuned_sparse_path(x, layer.weight, layer.bias, plan) == "dense"
+        assert list(tuner.shapes.values())[0].mode == "fwd" and all(not s[4] and not s[5] for s in seen)
+        with FlopMeter():
+            kernel.tuned_sparse_path(torch.randn(64, 16, dtype=torch.float64), layer.weight, layer.bias, plan)
+    assert tuner.timings == 1  # the call under the FLOP counter took the first path, untimed
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kernel.tuned_sparse_path(x, layer.weight, layer.bias, plan) == "band"
+    other = GroupLinear(16, 8, groups=2, groups_in=4, density=0.5, connectivity=torch.tensor([[0, 2], [1, 3]]))
+    assert kernel.tuned_sparse_path(x.float(), other.weight, other.bias, other.plan()) == "gather"
+
+
+def test_banded_paths_gather_nothing_the_plan_is_cached_and_only_needed_tensors_are_kept():
+    """The band path runs forward and backward on strided views (no ``index_select``), the gather
+    path gathers; the plan is built once per wiring; a feature-major view is read without a copy;
+    with the weight frozen the gathered input is not kept for the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from brickwork.nn.sparse.kernel import _rows
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = GroupLinear(16, 16, groups=4, density=0.5, pattern="ring")
+    plan = layer.plan()
+    assert plan.fwd_band is not None and plan.bwd_band is not None and layer.plan() is plan
+    x = torch.randn(5, 16, requires_grad=True)
+    for path, gathers in (("band", False), ("gather", True)):
+        ops = Ops()
+        with ops:
+            block_sparse_linear(x, layer.weight, layer.bias, plan, path).sum().backward()
+        assert ("index_select" in ops.names) == gathers, path
+    assert layer.plan() is plan  # nothing changed: the same plan
+    with torch.no_grad():
+        layer.sources[0, 0] = (layer.sources[0, 0] + 2) % 4
+    assert layer.plan() is not plan
+    xt = torch.randn(16, 5)
+    assert _rows(xt.t()).data_ptr() == xt.data_ptr() and _rows(xt).shape == (5, 16)
+    layer = GroupLinear(16, 16, groups=4, density=0.5)
+    kept: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(id(t))
+        return t
+
+    for frozen in (False, True):
+        layer.weight.requires_grad_(not frozen)
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block_sparse_linear(x, layer.weight, layer.bias, layer.plan(), "gather")
+        assert len(kept) == (1 if frozen else 2)  # the weight alone; else also the gathered input
