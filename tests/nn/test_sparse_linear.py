@@ -337,3 +337,63 @@ def test_banded_paths_gather_nothing_the_plan_is_cached_and_only_needed_tensors_
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             block_sparse_linear(x, layer.weight, layer.bias, layer.plan(), "gather")
         assert len(kept) == (1 if frozen else 2)  # the weight alone; else also the gathered input
+
+
+def test_plans_of_permuted_bands_unread_groups_and_single_output_groups():
+    """A band read through an input permutation is not a band of the stored order (it must gather);
+    an input group nobody reads (here the last one, with a single output group) gets a zero
+    gradient through a padded slot; the plan's m, padding flag and inverse permutation say what
+    the wiring needs and no more."""
+    torch.manual_seed(0)
+    cases = [
+        GroupLinear(16, 16, groups=4, density=0.5, pattern="ring", in_perm=torch.randperm(16)),
+        GroupLinear(8, 4, groups=1, groups_in=2, connectivity=torch.tensor([[0]])),
+        GroupLinear(16, 16, groups=4, density=0.25, pattern="block_diagonal"),
+    ]
+    for layer in cases:
+        x = torch.randn(5, layer.d_in, requires_grad=True)
+        y = layer(x)
+        y_ref, _ = reference(layer, x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(
+            torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0], rtol=1e-5, atol=1e-6
+        )
+    permuted, unread, diagonal = (layer.plan() for layer in cases)
+    assert permuted.fwd_band is None and permuted.inv_perm is not None
+    assert (unread.m, unread.padded) == (1, True) and unread.inv_perm is None
+    assert (diagonal.m, diagonal.padded, diagonal.inv_perm) == (1, False, None)
+
+
+def test_group_linear_defaults_messages_device_and_dtype():
+    torch.manual_seed(0)
+    default = GroupLinear(64, 64)
+    assert (default.groups_out, default.groups_in, default.k, default.density) == (16, 16, 4, 0.25)
+    torch.manual_seed(1)
+    a = GroupLinear(16, 16, groups=8, density=0.25, pattern="small_world")
+    torch.manual_seed(1)
+    assert a.sources.equal(
+        GroupLinear(16, 16, groups=8, density=0.25, pattern="small_world", small_world_p=0.1).sources
+    )
+    ring = GroupLinear(16, 16, groups=8, density=0.25, pattern="small_world", small_world_p=0.0)
+    assert ring.sources.equal(
+        torch.tensor([[0, 7], [0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]])
+    )  # rows sorted
+    assert not GroupLinear(16, 16, groups=8, density=0.25, pattern="small_world", small_world_p=1.0).sources.equal(
+        ring.sources
+    )
+    for kw, message in (
+        (
+            {"connectivity": torch.tensor([[0, 0], [1, 2], [2, 3], [3, 0]])},
+            "an output group lists the same input group twice",
+        ),
+        ({"in_perm": torch.zeros(16, dtype=torch.long)}, "in_perm is not a permutation of range(d_in)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            GroupLinear(16, 8, groups=4, density=0.5, **kw)
+        assert str(err.value) == f"group_linear: {message}"
+    meta = GroupLinear(16, 8, groups=4, density=0.5, device="meta", dtype=torch.float64)
+    assert meta.bias is not None
+    for t in (meta.weight, meta.bias, meta.sources, meta.in_perm):
+        assert t.device.type == "meta"
+    assert meta.weight.dtype == meta.bias.dtype == torch.float64
