@@ -94,3 +94,26 @@ def test_to_matrix_stays_on_the_sources_device():
     conn = to_matrix(torch.tensor([[0, 2], [1, 2]], device="meta"), 3)
     assert conn.device.type == "meta" and conn.dtype == torch.bool and conn.shape == (2, 3)
     assert to_matrix(torch.tensor([[0, 2], [1, 2]]), 3).tolist() == [[True, False, True], [False, True, True]]
+
+
+@pytest.mark.parametrize("pattern", ["random", "small_world"])
+def test_random_patterns_draw_from_the_generator_given_only(pattern):
+    """The same seed gives the same wiring whatever the global RNG did, also through
+    ``make_pattern`` and through random_pattern's repair swaps (8 x 8 at k = 5 needs many)."""
+    built = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        gen = torch.Generator().manual_seed(5)
+        built.append((make_pattern(pattern, 8, 8, 5, p=0.5, generator=gen), random_pattern(6, 9, 4, gen)))
+    assert all(a.equal(b) for a, b in zip(*built, strict=True))
+    default = make_pattern("small_world", 8, 8, 2, generator=torch.Generator().manual_seed(2))
+    assert default.equal(small_world(8, 8, 2, p=0.1, generator=torch.Generator().manual_seed(2)))
+
+
+def test_block_diagonal_names_the_density_it_can_give():
+    with pytest.raises(ValueError) as err:
+        make_pattern("block_diagonal", 4, 8, 3)
+    assert str(err.value) == (
+        "pattern 'block_diagonal' connects each of 4 output groups to G_in / G_out = 2 of 8 input groups, but the "
+        "density asks for 3; use density = 2/8 (times edge_density) or pattern 'band' for 3 consecutive groups"
+    )
