@@ -278,6 +278,10 @@ def test_the_auto_path_times_each_candidate_on_the_calls_own_operands_outside_it
     assert all(c[1:] == (True, True, True, True, True, b) for c in calls)
     assert all(s == ("backward", True) for s in seen if s[0] == "backward")
     seen.clear()
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(tmp_path / "via.json", timer=timer, min_flops=0))
+    real(x, layer.weight, layer.bias, plan)  # path "auto": the layer's own call hands its bias to the timing
+    assert seen and all(c[6] == b for c in seen if c[0] != "backward")
+    seen.clear()
     tuner = autotune.Autotuner(tmp_path / "fwd.json", timer=timer, min_flops=0)
     monkeypatch.setattr(autotune, "TUNER", tuner)
     with torch.no_grad():
