@@ -9,7 +9,7 @@ from torch import nn
 
 from brickwork.errors import ConfigError
 from brickwork.models.sparse_mlp import sparse_mlp
-from brickwork.nn.sparse import GroupLinear, RewiringSettings, edge_wired, to_matrix
+from brickwork.nn.sparse import GroupLinear, RewiringSettings, edge_wired, ring, to_matrix
 
 
 def layer_with(regrow: str, **kw) -> tuple[GroupLinear, torch.Tensor]:
@@ -118,3 +118,33 @@ def test_settings_default_to_each_papers_schedule_and_sparse_mlp_to_edges_anywhe
         assert [m.k for m in layers] == [k, k] and all(m.rewiring.level == level for m in layers)
         assert all(math.isclose(m.density, 0.25) for m in layers)
     assert all(to_matrix(m.sources, 4).all() for m in edge.modules() if isinstance(m, GroupLinear))
+
+
+def _blocks(layer: GroupLinear) -> torch.Tensor:
+    """(G_out, G_in) which blocks of an edge-wired layer have an active edge."""
+    g_out, b_out, _ = layer.mask.shape
+    return layer.mask.view(g_out, b_out, layer.groups_in, -1).any(3).any(1)
+
+
+def test_edge_wired_defaults_groups_in_and_the_small_world_pattern():
+    """Defaults: 16 groups each way, density 0.25. Every block is stored (slot j reads input group
+    j) also when input and output group counts differ; the initial edges are exactly the pattern's
+    blocks, and ``small_world_p`` reaches the pattern (0: the ring itself; 1: every edge moved;
+    default 0.1)."""
+    torch.manual_seed(0)
+    default = edge_wired(64, 64)
+    assert (default.groups_out, default.groups_in, default.k, default.density) == (16, 16, 16, 0.25)
+    uneven = edge_wired(16, 8, groups=4, groups_in=2, density=0.5)  # k = 1 of 2 input groups
+    assert (uneven.groups_out, uneven.groups_in, uneven.k) == (4, 2, 2) and uneven.density == 0.5
+    assert uneven.sources.tolist() == [[0, 1]] * 4 and (_blocks(uneven).sum(1) == 1).all()
+    half = edge_wired(16, 16, groups=4, density=0.5, pattern="ring", small_world_p=0.0)
+    assert half.k == 4 and half.sources.tolist() == [[0, 1, 2, 3]] * 4
+    assert torch.equal(_blocks(half), to_matrix(ring(4, 4, 2), 4)) and half.mask.view(4, 4, 4, 4).sum() == 128
+    lattice = to_matrix(ring(8, 8, 2), 8)
+    assert torch.equal(_blocks(edge_wired(32, 32, groups=8, pattern="small_world", small_world_p=0.0)), lattice)
+    moved = _blocks(edge_wired(32, 32, groups=8, pattern="small_world", small_world_p=1.0))
+    assert not torch.equal(moved, lattice) and (moved.sum(1) == 2).all()
+    torch.manual_seed(3)
+    default_p = edge_wired(32, 32, groups=8, pattern="small_world")
+    torch.manual_seed(3)
+    assert torch.equal(default_p.mask, edge_wired(32, 32, groups=8, pattern="small_world", small_world_p=0.1).mask)

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from brickwork.errors import ConfigError
 from brickwork.nn.sparse import (
     ActivationStats,
     GroupConv2d,
     GroupLinear,
+    LinearAct,
     PruneSchedule,
     Rewiring,
     RewiringSettings,
@@ -30,6 +32,7 @@ from brickwork.nn.sparse import (
 )
 from brickwork.nn.sparse.kernel import sparse_paths
 from brickwork.nn.sparse.rewire import swap_blocks, swap_edges
+from brickwork.ops.permutation import PermutationSpec, permutation_spec, permute, random_perms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,6 +82,7 @@ def test_patterns_refuse_impossible_shapes():
         (lambda: make_pattern("block_diagonal", 4, 8, 3), "G_in / G_out = 2"),
         (lambda: make_pattern("lattice", 4, 4, 2), "unknown connectivity pattern"),  # type: ignore[arg-type]
         (lambda: top_k(torch.zeros(2, 3), 4), "in-degree"),
+        (lambda: top_k(torch.zeros(0, 3), 1), "group counts"),  # no output group to wire
         (lambda: from_matrix(torch.ones(4, dtype=torch.bool)), "expected a"),
         (lambda: from_matrix(torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)), "at least one input group"),
     ):
@@ -203,6 +207,7 @@ def test_rewiring_settings_rebuild_the_policy_and_refuse_unused_keys():
     }
     again = Rewiring(**policy.config())
     assert again.config() == policy.config() and again.edges and again.groups
+    assert RewiringSettings(regrow="hebbian", momentum=0.5).policy().config()["momentum"] == 0.5
     assert RewiringSettings(regrow="random").policy("edge").level == "edge"
     assert RewiringSettings(regrow="random").policy().level == "group"
     assert RewiringSettings().policy() is None
@@ -218,6 +223,41 @@ def test_rewiring_settings_rebuild_the_policy_and_refuse_unused_keys():
     RewiringSettings(regrow="random", interval="epoch").check()
     with pytest.raises(ValueError, match="needs regrow 'random'"):
         Rewiring("gradient", interval="epoch")
+
+
+def test_rewiring_settings_messages_name_the_key_the_rule_and_the_value():
+    """The whole messages: the key path (with and without a prefix), why the value is refused, the
+    default to go back to and the value given. ``interval: epoch`` with ``regrow: none`` is an
+    unused setting, not a schedule that needs another regrowth."""
+    cases = (
+        (
+            RewiringSettings(regrow="hebbian", interval="epoch"),
+            "models.g",
+            "models.g.interval: 'epoch' (SET's schedule) needs regrow 'random'; hebbian needs a step count "
+            "(got 'epoch')",
+        ),
+        (
+            RewiringSettings(regrow="gradient", interval="epoch"),
+            "",
+            "interval: 'epoch' (SET's schedule) needs regrow 'random'; gradient needs a step count (got 'epoch')",
+        ),
+        (
+            RewiringSettings(interval="epoch"),
+            "",
+            "interval: is a rewiring setting, unused with regrow 'none' (static wiring); set regrow (random, "
+            "gradient or hebbian) or leave it at its default 100 (got 'epoch')",
+        ),
+        (
+            RewiringSettings(decay="linear"),
+            "m",
+            "m.decay: is a rewiring setting, unused with regrow 'none' (static wiring); set regrow (random, "
+            "gradient or hebbian) or leave it at its default 'cosine' (got 'linear')",
+        ),
+    )
+    for settings, path, message in cases:
+        with pytest.raises(ConfigError) as err:
+            settings.check(path)
+        assert str(err.value) == message
 
 
 def test_swaps_clip_to_what_can_move():
@@ -267,3 +307,173 @@ def test_edge_statistics_give_the_pearson_correlation_of_each_connected_pair_and
     torch.testing.assert_close(stats.edge_correlation(plan.fwd_rows), expected, rtol=0, atol=1e-10)
     stats.reset_edges()
     assert int(stats.e_n) == 0 and not stats.e_xy.any() and not stats.e_x.any() and not stats.e_yy.any()
+
+
+def test_linear_act_is_dropout_of_act_of_the_given_linear():
+    """Defaults: GELU, no dropout (also in training); ``act`` and ``dropout`` are applied in that order."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5, dtype=torch.float64)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    plain = LinearAct(linear).train()
+    assert plain.linear is linear and plain.act_name == "gelu"
+    torch.testing.assert_close(plain(x), F.gelu(linear(x)), rtol=0, atol=0)  # p = 0: even training keeps all
+    relu = LinearAct(linear, "relu", dropout=0.5).eval()
+    assert relu.act_name == "relu"
+    torch.testing.assert_close(relu(x), F.relu(linear(x)), rtol=0, atol=0)
+    relu.train()
+    y = relu(x)
+    kept = y != 0
+    assert 0 < int(kept.sum()) < int((F.relu(linear(x)) != 0).sum())  # some units dropped, the rest scaled by 2
+    torch.testing.assert_close(y[kept], 2 * F.relu(linear(x))[kept], rtol=0, atol=1e-15)
+
+
+def _declared(spec: PermutationSpec) -> dict[str, tuple[int, str | None, list[str], list[str]]]:
+    """Each free permutation: its size, parent, the axes it moves (``tensor:dim``, ``bN`` batched
+    over axis N, ``v`` remapped values) and where it is probed (``module:dim``)."""
+    out = {}
+    for n in spec.free():
+        p = spec.perms[n]
+        axes = sorted(
+            f"{a.tensor}:{a.dim}"
+            + (f"@{a.offset}" if a.offset else "")
+            + (f"b{a.batch_dim}" if a.batch_dim is not None else "")
+            + ("v" if a.values else "")
+            for a in spec.axes
+            if a.perm == n
+        )
+        probes = sorted(f"{q.module}:{q.dim}" + ("i" if q.input else "") for q in spec.probes if q.perm == n)
+        out[n] = (p.size, p.parent, axes, probes)
+    return out
+
+
+def test_group_linear_and_linear_act_declare_their_permutations_and_keep_the_function():
+    """Between two dense layers: the input units (absorbed by ``in_perm``'s values), the output
+    groups (sources, weight and mask rows) and the units inside each group (nested: weight and mask
+    batched over the groups, bias, the next layer's columns), probed at the layer's (and the
+    ``LinearAct``'s) output. A random one of them leaves the function unchanged; with rewiring
+    attached nothing is free."""
+    torch.manual_seed(0)
+    masked = GroupLinear(8, 8, groups=2, groups_in=4, density=0.25, edge_density=0.5, in_perm=torch.randperm(8))
+    with_act = nn.Sequential(nn.Linear(8, 8), LinearAct(masked, "relu"), nn.Linear(8, 8))
+    plain = nn.Sequential(nn.Linear(8, 8), GroupLinear(8, 8, groups=4, density=0.5, bias=False), nn.Linear(8, 8))
+    cases = {
+        "with_act": (
+            with_act,
+            {
+                "p1": (8, None, ["0.bias:0", "0.weight:0", "1.linear.in_perm:0v"], ["0:-1"]),
+                "1.linear.groups": (2, None, ["1.linear.mask:0", "1.linear.sources:0", "1.linear.weight:0"], []),
+                "1.linear.out": (
+                    4,
+                    "1.linear.groups",
+                    ["1.linear.bias:0", "1.linear.mask:1b0", "1.linear.weight:1b0", "2.weight:1"],
+                    ["1.linear:-1", "1:-1"],
+                ),
+            },
+        ),
+        "plain": (
+            plain,
+            {
+                "p1": (8, None, ["0.bias:0", "0.weight:0", "1.in_perm:0v"], ["0:-1"]),
+                "1.groups": (4, None, ["1.sources:0", "1.weight:0"], []),
+                "1.out": (2, "1.groups", ["1.weight:1b0", "2.weight:1"], ["1:-1"]),
+            },
+        ),
+    }
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for name, (model, expected) in cases.items():
+        model = model.double().eval()
+        spec = permutation_spec(model)
+        assert _declared(spec) == expected, name
+        other = permute(model, random_perms(spec, torch.Generator().manual_seed(1)), spec).eval()
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, other.state_dict()[k])]
+        assert {"0.weight", "2.weight"} <= set(moved), name
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-12)
+    rewired = GroupLinear(8, 8, groups=4, density=0.5, rewiring=Rewiring("random", "group"))
+    assert permutation_spec(nn.Sequential(nn.Linear(8, 8), LinearAct(rewired), nn.Linear(8, 8))).free() == []
+
+
+def test_a_one_row_edge_window_correlates_nothing():
+    """One sample has no variance: every correlation is 0 (not the +-1 of moments divided by 2)."""
+    layer = GroupLinear(8, 4, groups=2, density=0.5)
+    stats = ActivationStats(2, 2, tuple(layer.weight.shape), 8, 4).double()
+    plan = layer.plan()
+    xt, yt = torch.randn(8, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    stats.accumulate_edges(xt, yt, xt.index_select(0, plan.fwd_rows).view(2, -1, 1))
+    assert int(stats.e_n) == 1
+    assert torch.equal(stats.edge_correlation(plan.fwd_rows), torch.zeros(2, 2, 4, dtype=torch.float64))
+
+
+def test_group_conv_defaults_edge_cases_device_and_dtype():
+    """Defaults: 4 groups at density 0.5 (k = 2), 3x3, padding 1. One single connected pair is a
+    valid wiring; an empty one is refused with the layer's message. Parameters, the wiring and the
+    gathered channel index are made on the device and in the dtype asked for."""
+    torch.manual_seed(0)
+    conv = GroupConv2d(8, 8)
+    assert (conv.groups_out, conv.groups_in, conv.k, conv.weight.shape) == (4, 4, 2, (8, 4, 3, 3))
+    one = GroupConv2d(4, 4, groups=1, connectivity=torch.tensor([[0]]))
+    assert one.k == 1 and one(torch.randn(1, 4, 3, 3)).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError, match="rows of distinct groups"):
+        GroupConv2d(8, 8, groups=4, connectivity=torch.zeros(4, 0, dtype=torch.long))
+    meta = GroupConv2d(8, 8, groups=4, device="meta", dtype=torch.float64)
+    assert meta.bias is not None
+    for t in (meta.weight, meta.bias, meta.sources, meta.channel_index()):
+        assert t.device.type == "meta", t.shape
+    assert meta.weight.dtype == meta.bias.dtype == torch.float64
+    y = meta(torch.randn(2, 8, 5, 5, device="meta", dtype=torch.float64))
+    assert y.device.type == "meta" and y.shape == (2, 8, 5, 5)
+
+
+def test_activation_stats_defaults_and_exact_counters():
+    """The EMA factor defaults to 0.99; the batch and row counters are integers (exact for any
+    number of steps, and what a checkpoint stores)."""
+    stats = ActivationStats(2, 3, (3, 1, 4), 8, 3)
+    assert stats.momentum == 0.99
+    assert stats.g_seen.dtype == stats.e_n.dtype == torch.long
+    assert (stats.g_cross.shape, stats.e_xy.shape, stats.e_x.shape, stats.e_y.shape) == ((3, 2), (3, 1, 4), (8,), (3,))
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_correlations_do_not_depend_on_the_activations_scale(scale):
+    """Pearson correlation is scale-free: activities of variance 0.01 or 100 give torch.corrcoef's value."""
+    torch.manual_seed(0)
+    a_in, a_out = torch.randn(3, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    a_out[1] += a_in[2]
+    stats = ActivationStats(3, 2).double()
+    stats.update_groups(scale * a_in, scale * a_out)
+    corr = torch.corrcoef(torch.cat([a_out, a_in]))[:2, 2:]
+    torch.testing.assert_close(stats.group_correlation(), corr, rtol=0, atol=1e-10)
+
+
+def test_rewiring_defaults_buffers_and_what_bind_sizes():
+    """RigL's schedule at group level by default. Counters are integers and progress is float64
+    (0.75 - 1e-9 is still before ``stop`` 0.75). Seeds differ between policies, so two layers do
+    not regrow alike. A Hebbian group-level policy keeps no edge statistics; its statistics get the
+    policy's momentum and the layer's device."""
+    assert Rewiring().config() == {
+        "regrow": "gradient",
+        "level": "group",
+        "interval": 100,
+        "fraction": 0.3,
+        "decay": "cosine",
+        "stop": 0.75,
+        "window": 20,
+        "momentum": 0.99,
+    }
+    torch.manual_seed(0)
+    policy = Rewiring()
+    for name in ("step", "seed", "edges_moved", "blocks_moved"):
+        assert getattr(policy, name).dtype == torch.long, name
+    policy.set_progress(0.75 - 1e-9)
+    assert policy.progress.dtype == torch.float64 and float(policy.progress) < 0.75
+    assert len({int(Rewiring().seed) for _ in range(20)}) == 20
+    with pytest.raises(ValueError) as err:
+        GroupLinear(16, 8, groups=4, density=0.5, rewiring=Rewiring("random", "edge"))
+    assert str(err.value) == "edge-level rewiring needs an edge mask: build the layer with edge_density < 1"
+    group = GroupLinear(16, 16, groups=4, density=0.5, rewiring=Rewiring("hebbian", "group", momentum=0.5))
+    assert group.rewiring.stats is not None and not group.rewiring.stats.edges
+    assert group.rewiring.stats.momentum == 0.5 and not any(
+        k.startswith("rewiring.stats.e_") for k in group.state_dict()
+    )
+    meta = GroupLinear(16, 16, groups=4, density=0.5, device="meta", rewiring=Rewiring("hebbian", "group"))
+    assert meta.rewiring.stats is not None and meta.rewiring.stats.g_cross.device.type == "meta"

@@ -246,3 +246,136 @@ def test_train_step_zeroes_the_optimizer_state_of_regrown_weights(level):
         assert (state[name][grown] == 0).all(), name
         live = ~grown if layer.mask is None else layer.mask & ~grown
         assert (state[name][live] != 0).any(), name  # only the regrown positions were reset
+
+
+def test_rigl_captures_the_dense_and_edge_gradients_of_the_update_step_only():
+    """What data parallelism averages over the ranks: on the step before an update, RigL's dense
+    (d_out, d_in) gradient and its edge gradient, which at every stored position (masked or not) is
+    the dense gradient there; on other steps, nothing. Summed over two forwards of one step."""
+    torch.manual_seed(0)
+    policy = Rewiring("gradient", "both", interval=2, fraction=0.25)
+    layer = GroupLinear(8, 8, groups=2, density=0.5, edge_density=0.5, in_perm=torch.randperm(8), rewiring=policy)
+    layer = layer.double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    assert policy.batch_gradients() == []  # step 1: no update due after it
+    layer.after_step()
+    (layer(x).square().sum() + layer(2 * x).sum()).backward()
+    dense, edge = policy.batch_gradients()
+    w = layer.dense_weight().clone().requires_grad_(True)
+    (F.linear(x, w, layer.bias).square().sum() + F.linear(2 * x, w, layer.bias).sum()).backward()
+    torch.testing.assert_close(dense, w.grad, rtol=0, atol=1e-12)
+    rows = layer.plan().fwd_rows.view(2, 1, -1).expand(2, 4, -1)
+    torch.testing.assert_close(edge, w.grad.view(2, 4, 8).gather(2, rows), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("level", "message"),
+    [
+        ("group", "rewiring: no gradient was captured on the update step (was backward run?)"),
+        ("edge", "rewiring: no weight gradient was captured on the update step"),
+    ],
+)
+def test_a_rigl_update_without_a_backward_says_so(level, message):
+    layer = GroupLinear(
+        16,
+        16,
+        groups=4,
+        density=0.25,
+        edge_density=0.5,
+        rewiring=Rewiring("gradient", level, interval=1, fraction=0.25),
+    )
+    layer(torch.randn(4, 16))  # the update step's forward, but no backward
+    with pytest.raises(RuntimeError) as err:
+        layer.after_step()
+    assert str(err.value) == message
+
+
+def test_hebbian_edge_statistics_are_gathered_on_the_window_before_each_update_only():
+    """interval 4, window 2, stop 0.5: the edge window holds the forwards of steps 3, 4 (reset by
+    the update after step 4), 7, 8, ...; none once progress reaches ``stop``."""
+    torch.manual_seed(0)
+    policy = Rewiring("hebbian", "edge", interval=4, fraction=0.25, window=2, stop=0.5)
+    layer = GroupLinear(8, 8, groups=2, density=0.25, edge_density=0.5, rewiring=policy)
+    rows = []
+    for step in range(1, 13):
+        policy.set_progress(0.5 if step >= 11 else step / 24)  # steps 11 and 12: at ``stop``
+        layer(torch.randn(3, 8))
+        assert policy.stats is not None
+        rows.append(int(policy.stats.e_n))
+        layer.after_step()
+    assert rows == [0, 0, 3, 6, 0, 0, 3, 6, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("regrow", ["hebbian", "gradient"])
+def test_every_moved_block_goes_to_the_input_group_its_score_ranks_first(regrow):
+    """Four output groups each read one of 16 input groups; fraction 1 moves all four. Input group
+    8 + o carries output group o's signal: a copy of its input (Hebbian) or what its loss gradient is
+    made of (RigL), so each block must land there (random regrowth would match 1 in 15^4)."""
+    torch.manual_seed(0)
+    policy = Rewiring(regrow, "group", interval=1, fraction=1.0)
+    layer = GroupLinear(64, 16, groups=4, groups_in=16, connectivity=torch.arange(4)[:, None], rewiring=policy)
+    gen = torch.Generator().manual_seed(0)
+    if regrow == "hebbian":
+        with torch.no_grad():
+            layer.weight.fill_(1.0)  # output group o's mean activity is that of input group o
+        for _ in range(3):
+            x = torch.randn(64, 64, generator=gen)
+            x[:, 32:48] = x[:, 0:16]  # input groups 8..11 copy groups 0..3
+            layer(x)
+    else:
+        x = torch.randn(256, 64, generator=gen)
+        signal = x.view(256, 16, 4)[:, 8:12].sum(-1)  # (B, 4): dL/dy of output group o is input group 8 + o's sum
+        (layer(x).view(256, 4, 4) * signal[:, :, None]).sum().backward()
+    layer.after_step()
+    assert layer.sources.tolist() == [[8], [9], [10], [11]]
+    assert policy.record == {"step": 1, "fraction": 1.0, "edges_moved": 0, "blocks_moved": 4}
+
+
+def test_counters_records_and_regrown_positions_of_each_level():
+    """An edge-level update moves no block and a group-level one no edge; the record (collected
+    model-wide, absent before the first update) says what moved; the regrown positions are taken
+    once, and an update that moves nothing (fraction 0) or a static layer has none."""
+    from brickwork.nn.records import collect_records
+
+    torch.manual_seed(0)
+    edges = GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5, rewiring=Rewiring("random", "edge", 1))
+    assert collect_records(edges) == {}
+    before = edges.mask.clone()
+    edges.after_step()
+    n = round(0.3 * int(before.sum()))
+    assert (int(edges.rewiring.edges_moved), int(edges.rewiring.blocks_moved)) == (n, 0)
+    assert collect_records(edges) == {"rewiring": {"step": 1, "fraction": 0.3, "edges_moved": n, "blocks_moved": 0}}
+    ((param, grown),) = edges.take_regrown()
+    assert param is edges.weight and torch.equal(grown, edges.mask & ~before) and edges.take_regrown() == []
+    blocks = GroupLinear(16, 16, groups=4, density=0.5, rewiring=Rewiring("random", "group", 1, fraction=0.25))
+    blocks.after_step()
+    assert (int(blocks.rewiring.edges_moved), int(blocks.rewiring.blocks_moved)) == (0, 2)
+    still = GroupLinear(16, 16, groups=4, density=0.5, rewiring=Rewiring("random", "group", 1, fraction=0.0))
+    still.after_step()
+    assert still.rewiring.record == {"step": 1, "fraction": 0.0, "edges_moved": 0, "blocks_moved": 0}
+    assert still.take_regrown() == [] and GroupLinear(16, 16, groups=4, density=0.5).take_regrown() == []
+
+
+def test_blocks_are_dropped_by_the_rms_of_their_active_weights():
+    """Output group 0's first block has one active weight 0.35 (RMS 0.35), its second four of 0.3
+    (RMS 0.3, but the larger sum of squares): the RMS drops the second one."""
+    layer = GroupLinear(
+        16,
+        4,
+        groups=2,
+        groups_in=4,
+        density=0.25,
+        edge_density=0.5,
+        rewiring=Rewiring("random", "group", 1, fraction=0.25),  # one of 4 blocks moves
+    )
+    with torch.no_grad():
+        layer.sources.copy_(torch.tensor([[0, 1], [2, 3]]))
+        layer.mask.zero_()
+        layer.weight.zero_()
+        layer.mask[0, 0, 0], layer.weight[0, 0, 0] = True, 0.35  # slot 0 of output group 0 (columns 0-3)
+        layer.mask[0, :, 4:6], layer.weight[0, :, 4:6] = True, 0.3  # slot 1 (columns 4-7)
+        layer.mask[1], layer.weight[1] = True, 1.0
+    layer.after_step()
+    assert int(layer.rewiring.blocks_moved) == 1 and layer.sources[1].tolist() == [2, 3]
+    assert int(layer.sources[0, 0]) == 0 and int(layer.sources[0, 1]) in (2, 3)
