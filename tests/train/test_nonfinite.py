@@ -112,3 +112,20 @@ def test_diverging_run_fails_with_one_line_and_status_failed(tmp_path, tiny_conf
 
 def _refuse(token: str) -> None:
     pytest.fail(f"bare {token} in a JSON file")
+
+
+def test_the_message_suggests_skip_batch_only_to_a_run_that_stops():
+    hint = (
+        r"; training has diverged \(lower lr, set grad_clip, or set nonfinite: skip_batch on the stage to skip"
+        r" such batches\)$"
+    )
+    with pytest.raises(
+        BrickworkError, match=r"^train m: non-finite training loss \(nan\) at epoch 1 of 2, step 1 of 8" + hint
+    ):
+        _fit(PoisonedLoss())
+    with pytest.raises(
+        BrickworkError,
+        match=r"^train m: every batch of epoch 1 of 2 had a non-finite loss \(8 skipped\)"
+        r"; training has diverged \(lower lr, set grad_clip\)$",
+    ):
+        _fit(PoisonedLoss(), nonfinite="skip_batch")
