@@ -136,6 +136,7 @@ def test_rkd_distance_and_angle() -> None:
     want_a = sum(_huber(cos(s, a, b, c), cos(t, a, b, c)) for a in range(n) for b in range(n) for c in range(n)) / n**3
     assert abs(rkd_angle(s, t).item() - want_a) < TOL
     assert abs(relational_kd(s, t, 25.0, 50.0).item() - (25 * want_d + 50 * want_a)) < 1e-8
+    assert abs(relational_kd(s, t).item() - (25 * want_d + 50 * want_a)) < 1e-8  # the paper's lambdas by default
 
 
 def test_pairwise_distances_stay_on_the_input_device_and_dtype() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brickwork.errors import BrickworkError
-from brickwork.train.distill.flips import flips, transfer_stats
+from brickwork.train.distill.flips import Flips, flips, transfer_stats
 
 
 def test_flips_count_by_hand():
@@ -89,3 +89,9 @@ def test_transfer_stats_as_dict_is_every_field_as_a_float():
     ]
     assert all(type(v) is float for v in d.values())
     assert d["samples"] == 4.0 and d["teacher_accuracy"] == 0.75 and d["transferred_share"] == 0.5
+
+
+def test_a_single_sample_is_enough():
+    y = torch.tensor([2])
+    assert flips(torch.tensor([1]), y.clone(), y) == Flips(1.0, 0.0)
+    assert transfer_stats(torch.tensor([1]), y.clone(), y.clone(), y).transferred_share == 1.0
