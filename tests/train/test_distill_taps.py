@@ -12,6 +12,7 @@ from brickwork.errors import BrickworkError
 from brickwork.models import cnn, mlp, moe_mlp, nested_mlp, sparse_mlp, transformer_lm, vit
 from brickwork.nn.stack import StackModel
 from brickwork.train.distill import Distiller, Tap, TapRecorder, Term, adapter, frozen_teacher, module_at
+from brickwork.train.distill.taps import FlatProjection
 
 IMG = (1, 8, 8)
 
@@ -103,6 +104,24 @@ def test_adapter_maps_student_width_to_teacher_width() -> None:
     assert isinstance(adapter((4, 8, 8), (6, 8, 8)), nn.Conv2d)
     flat = adapter((16,), (8, 2, 2))
     assert flat(torch.randn(3, 16)).shape == (3, 8, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "kind"),
+    [
+        ((4, 8, 8), (6, 8, 8), nn.Conv2d),  # feature maps of one size: 1x1 convolution over channels
+        ((5, 16), (5, 24), nn.Linear),  # (B, T, D): a Linear on the last dim
+        ((16,), (24,), nn.Linear),
+        ((3, 4), (5, 6), FlatProjection),  # the same rank, but more than the last dim differs
+        ((4, 8, 8), (6, 4, 4), FlatProjection),
+    ],
+)
+def test_adapter_maps_the_student_shape_onto_the_teacher_shape(student, teacher, kind) -> None:
+    a = adapter(student, teacher)
+    assert type(a) is kind
+    assert a(torch.randn(2, *student)).shape == (2, *teacher)
+    if kind is nn.Conv2d:
+        assert a.weight.shape == (6, 4, 1, 1)
 
 
 def test_shape_mismatch_without_adapter_names_paths_and_shapes() -> None:
