@@ -134,3 +134,59 @@ def test_a_buffer_may_hold_inf_and_other_precisions_of_a_kind_load(tmp_path: Pat
     stem = _resaved(tmp_path, "w", torch.ones(2, 3, dtype=torch.float64))  # the same kind: cast on load
     load_model(stem, model)
     assert torch.equal(model.w, torch.ones(2, 3))
+
+
+def test_weights_of_another_model_name_what_differs(tmp_path: Path) -> None:
+    save_model(tmp_path / "m", torch.nn.Linear(3, 2))
+    many = torch.nn.Sequential(*[torch.nn.Linear(3, 2) for _ in range(3)])
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "m", many)
+    assert str(e.value) == (
+        f"{tmp_path / 'm'}: weights do not match the model (missing ['0.bias', '0.weight', '1.bias', '1.weight', "
+        "'2.bias'], unexpected ['bias', 'weight'], shape mismatches []); was it saved from a different config?"
+    )
+    save_model(tmp_path / "nobias", torch.nn.Linear(3, 2, bias=False))
+    with pytest.raises(CheckpointError, match=r"\(missing \['bias'\], unexpected \[\], shape mismatches \[\]\)"):
+        load_model(tmp_path / "nobias", torch.nn.Linear(3, 2))  # only missing: still this refusal
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "m", torch.nn.Linear(4, 2))
+    assert "(missing [], unexpected [], shape mismatches ['weight: (2, 3) vs (2, 4)'])" in str(e.value)
+
+
+def test_a_training_state_is_bound_and_needs_its_rng_and_optimizer_objects(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stem = tmp_path / "s"
+    save_training_state(stem, model, opt, {"epoch": 1, "history": []}, bind={"seed": 0})
+    with pytest.raises(CheckpointError, match="seed"):
+        load_training_state(stem, model, opt, expect={"seed": 1})
+    for edit, message in [
+        (lambda m: m.update(progress=[]), "metadata progress: expected a JSON object, got list []"),
+        (lambda m: m["progress"].update(history={}), "metadata progress.history: expected a list, got dict {}"),
+        (
+            lambda m: m["optimizer"].update(plain_state=[]),
+            "metadata optimizer.plain_state: expected a JSON object, got list []",
+        ),
+        (
+            lambda m: m["optimizer"].update(param_groups=[1]),
+            "metadata optimizer: expected param_groups and plain_state of JSON objects",
+        ),
+        (
+            lambda m: m["optimizer"].update(plain_state={"0": 1}),
+            "metadata optimizer: expected param_groups and plain_state of JSON objects",
+        ),
+    ]:
+        save_training_state(stem, model, opt, {"epoch": 1, "history": []})
+        _legacy_edit(stem, edit)
+        with pytest.raises(CheckpointError) as e:
+            _load(stem)
+        assert str(e.value) == f"{stem}: {message}"
+    save_training_state(stem, model, opt, {"epoch": 1, "history": []})
+    tensors, meta = load_tensors(stem)
+    for k in ("format", "sha256", "meta_sha256"):
+        meta.pop(k)
+    del tensors["rng.torch"]
+    save_tensors(stem, tensors, meta)
+    with pytest.raises(CheckpointError, match=r"no torch RNG state \('rng.torch', uint8\); not a training checkpoint$"):
+        _load(stem)

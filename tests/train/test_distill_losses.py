@@ -57,8 +57,18 @@ def test_logit_kd_is_alpha_ce_plus_beta_tau2_kl_batchmean() -> None:
 
 
 def test_logit_kd_refuses_another_output_space() -> None:
-    with pytest.raises(BrickworkError, match=r"\(2, 10\).*\(2, 5\).*output space"):
+    with pytest.raises(
+        BrickworkError,
+        match=r"^logit KD: student outputs \(2, 10\) and teacher outputs \(2, 5\) are not the same output space; "
+        r"logit distillation needs a teacher with the student's classes$",
+    ):
         kd_divergence(_gen(2, 10), _gen(2, 5), 2.0)
+
+
+def test_logit_kd_defaults_are_tau_4_and_equal_weights() -> None:
+    s, t, y = _gen(3, 4, seed=15), _gen(3, 4, seed=16), torch.tensor([2, 0, 1])
+    want = 0.5 * torch.nn.functional.cross_entropy(s, y) + 0.5 * kd_divergence(s, t, 4.0)
+    assert abs(logit_kd(s, t, y).item() - want.item()) < TOL
 
 
 def test_hint_is_mean_squared_error() -> None:
@@ -66,6 +76,8 @@ def test_hint_is_mean_squared_error() -> None:
     want = sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), t.flatten().tolist(), strict=True)) / 6
     assert abs(hint(s, t).item() - want) < TOL
     with pytest.raises(BrickworkError, match=r"\(2, 3\).*\(2, 4\).*adapter"):
+        hint(s, _gen(2, 4))
+    with pytest.raises(BrickworkError, match=r"differ; set adapter: true on the term to learn a projection$"):
         hint(s, _gen(2, 4))
 
 

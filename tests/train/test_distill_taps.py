@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -150,3 +151,49 @@ def test_a_bad_teacher_path_is_refused_before_training() -> None:
     term = Term(loss="hint", student="body.layers.1", teacher="body.layers.9")
     with pytest.raises(BrickworkError, match=r"losses.h.teacher: .*'body.layers.9'"):
         Distiller(mlp(IMG, 10, width=16), teacher, {"h": term}, y, x[:2])
+
+
+def _nested() -> nn.Module:
+    layers = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+    return nn.Sequential(OrderedDict(enc=nn.Sequential(OrderedDict(layers=layers)), head=nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("path", "nearest"),
+    [
+        ("enc.layers.9", "['enc.layers.6', 'enc.layers.5', 'enc.layers.4']"),  # the three closest names
+        ("hxxd", "['head']"),  # close enough (ratio 0.5)
+        ("enc.layers." + "q" * 50, "['enc.layers.0', 'enc.layers.1', 'enc.layers.2', 'enc.layers.3', 'enc.layers.4']"),
+        ("enc.nothere." + "q" * 50, "['enc.layers']"),  # the children of the deepest existing prefix
+        (
+            "enc.layers.nothere." + "q" * 50,
+            "['enc.layers.0', 'enc.layers.1', 'enc.layers.2', 'enc.layers.3', 'enc.layers.4']",
+        ),
+        ("q" * 50, "['enc', 'head']"),  # no prefix: the model's children
+    ],
+)
+def test_a_bad_path_names_the_nearest_existing_ones(path: str, nearest: str) -> None:
+    message = f"tap: Sequential has no module at path {path!r}; nearest existing paths: {nearest}"
+    with pytest.raises(BrickworkError) as e:
+        module_at(_nested(), path)
+    assert str(e.value) == message
+    with pytest.raises(BrickworkError) as e:
+        TapRecorder(_nested(), [Tap(path)])  # the recorder's default prefix is the same
+    assert str(e.value) == message
+
+
+class _Returns(nn.Module):
+    def __init__(self, value: object) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.value
+
+
+@pytest.mark.parametrize("value", [{"a": torch.ones(1)}, (1, 2), []], ids=["dict", "tuple-of-ints", "empty"])
+def test_a_tap_that_is_no_tensor_is_refused(value: object) -> None:
+    with pytest.raises(
+        BrickworkError, match=rf"^tap: expected a tensor \(or a tuple starting with one\), got {type(value).__name__}$"
+    ):
+        TapRecorder(_Returns(value), [Tap()]).run(torch.ones(1))
