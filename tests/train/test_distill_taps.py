@@ -170,6 +170,7 @@ def _nested() -> nn.Module:
             "['enc.layers.0', 'enc.layers.1', 'enc.layers.2', 'enc.layers.3', 'enc.layers.4']",
         ),
         ("q" * 50, "['enc', 'head']"),  # no prefix: the model's children
+        ("nothere." + "q" * 50, "['enc', 'head']"),  # a first component that does not exist either
     ],
 )
 def test_a_bad_path_names_the_nearest_existing_ones(path: str, nearest: str) -> None:
