@@ -57,8 +57,18 @@ def test_logit_kd_is_alpha_ce_plus_beta_tau2_kl_batchmean() -> None:
 
 
 def test_logit_kd_refuses_another_output_space() -> None:
-    with pytest.raises(BrickworkError, match=r"\(2, 10\).*\(2, 5\).*output space"):
+    with pytest.raises(
+        BrickworkError,
+        match=r"^logit KD: student outputs \(2, 10\) and teacher outputs \(2, 5\) are not the same output space; "
+        r"logit distillation needs a teacher with the student's classes$",
+    ):
         kd_divergence(_gen(2, 10), _gen(2, 5), 2.0)
+
+
+def test_logit_kd_defaults_are_tau_4_and_equal_weights() -> None:
+    s, t, y = _gen(3, 4, seed=15), _gen(3, 4, seed=16), torch.tensor([2, 0, 1])
+    want = 0.5 * torch.nn.functional.cross_entropy(s, y) + 0.5 * kd_divergence(s, t, 4.0)
+    assert abs(logit_kd(s, t, y).item() - want.item()) < TOL
 
 
 def test_hint_is_mean_squared_error() -> None:
@@ -66,6 +76,8 @@ def test_hint_is_mean_squared_error() -> None:
     want = sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), t.flatten().tolist(), strict=True)) / 6
     assert abs(hint(s, t).item() - want) < TOL
     with pytest.raises(BrickworkError, match=r"\(2, 3\).*\(2, 4\).*adapter"):
+        hint(s, _gen(2, 4))
+    with pytest.raises(BrickworkError, match=r"differ; set adapter: true on the term to learn a projection$"):
         hint(s, _gen(2, 4))
 
 
@@ -116,6 +128,12 @@ def test_rkd_distance_and_angle() -> None:
     ds, dt = normalised(s), normalised(t)
     want_d = sum(_huber(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n**2
     assert abs(rkd_distance(s, t).item() - want_d) < 1e-9  # the code's pdist clamps at 1e-12 and sqrt
+    # embeddings closer than 1 apart: the mean is over every pair i != j, the clamp only at 1e-12
+    small_s, small_t = s / 20, t / 30
+    ds, dt = normalised(small_s), normalised(small_t)
+    assert max(_dist(e, i, j) for e in (small_s, small_t) for i in range(n) for j in range(n)) < 1
+    want_small = sum(_huber(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n**2
+    assert abs(rkd_distance(small_s, small_t).item() - want_small) < 1e-9
 
     def cos(e: torch.Tensor, a: int, b: int, c: int) -> float:
         # angle at a between e_b - e_a and e_c - e_a; zero where a difference is zero
@@ -130,6 +148,15 @@ def test_rkd_distance_and_angle() -> None:
     want_a = sum(_huber(cos(s, a, b, c), cos(t, a, b, c)) for a in range(n) for b in range(n) for c in range(n)) / n**3
     assert abs(rkd_angle(s, t).item() - want_a) < TOL
     assert abs(relational_kd(s, t, 25.0, 50.0).item() - (25 * want_d + 50 * want_a)) < 1e-8
+    assert abs(relational_kd(s, t).item() - (25 * want_d + 50 * want_a)) < 1e-8  # the paper's lambdas by default
+
+
+def test_pairwise_distances_stay_on_the_input_device_and_dtype() -> None:
+    from brickwork.train.distill.losses import _pairwise_distances
+
+    e = torch.empty(3, 2, device="meta", dtype=torch.float64)
+    d = _pairwise_distances(e)
+    assert d.device.type == "meta" and d.dtype == torch.float64 and d.shape == (3, 3)
 
 
 def test_dist_inter_and_intra_class_correlation() -> None:
@@ -149,6 +176,45 @@ def test_dist_inter_and_intra_class_correlation() -> None:
     intra = 1 - sum(pearson(cols_s[k], cols_t[k]) for k in range(4)) / 4
     want = tau**2 * (0.5 * inter + 2.0 * intra)
     assert abs(dist_kd(s, t, tau, inter=0.5, intra=2.0).item() - want) < TOL
+
+
+def _dist_by_hand(s: torch.Tensor, t: torch.Tensor, tau: float, inter_w: float, intra_w: float) -> float:
+    ys = [_softmax(r, tau) for r in s.tolist()]
+    yt = [_softmax(r, tau) for r in t.tolist()]
+
+    def pearson(a: list[float], b: list[float]) -> float:
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        a2, b2 = [v - ma for v in a], [v - mb for v in b]
+        num = sum(p * q for p, q in zip(a2, b2, strict=True))
+        return num / (math.sqrt(sum(p * p for p in a2)) * math.sqrt(sum(q * q for q in b2)) + 1e-8)
+
+    n, k = len(ys), len(ys[0])
+    inter = 1 - sum(pearson(ys[i], yt[i]) for i in range(n)) / n
+    intra = 1 - sum(pearson([r[c] for r in ys], [r[c] for r in yt]) for c in range(k)) / k
+    return tau**2 * (inter_w * inter + intra_w * intra)
+
+
+def test_dist_defaults_are_unit_temperature_and_weights_and_scale_by_tau_squared() -> None:
+    s, t = _gen(3, 4, seed=13), _gen(3, 4, seed=14)
+    assert abs(dist_kd(s, t).item() - _dist_by_hand(s, t, 1.0, 1.0, 1.0)) < TOL
+    assert abs(dist_kd(s, t, 3.0).item() - _dist_by_hand(s, t, 3.0, 1.0, 1.0)) < TOL  # tau^2 = 9, not 2 tau
+    # a language model's (B, T, V) logits: every position is a row
+    assert abs(dist_kd(s.reshape(1, 3, 4), t.reshape(1, 3, 4)).item() - _dist_by_hand(s, t, 1.0, 1.0, 1.0)) < TOL
+
+
+def test_refusals_name_the_loss_and_both_shapes() -> None:
+    with pytest.raises(BrickworkError, match=r"^DIST: student outputs \(2, 10\) and teacher outputs \(2, 5\)"):
+        dist_kd(_gen(2, 10), _gen(2, 5))
+    with pytest.raises(
+        BrickworkError,
+        match=r"^attention transfer: student positions \(2, 3, 2, 2\) and teacher positions \(2, 3, 4, 4\) differ; "
+        "tap layers of the same spatial size$",
+    ):
+        attention_transfer(_gen(2, 3, 2, 2), _gen(2, 3, 4, 4))
+    with pytest.raises(
+        BrickworkError, match=r"\(2, 3\) have no spatial positions; tap a \(B, C, H, W\) or \(B, T, D\) tensor$"
+    ):
+        attention_transfer(_gen(2, 3), _gen(2, 3))
 
 
 def test_registered_terms_call_the_functions_with_their_arguments() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from brickwork.errors import BrickworkError
 from brickwork.models import cnn, mlp, moe_mlp, nested_mlp, sparse_mlp, transformer_lm, vit
 from brickwork.nn.stack import StackModel
 from brickwork.train.distill import Distiller, Tap, TapRecorder, Term, adapter, frozen_teacher, module_at
+from brickwork.train.distill.taps import FlatProjection
 
 IMG = (1, 8, 8)
 
@@ -105,6 +107,24 @@ def test_adapter_maps_student_width_to_teacher_width() -> None:
     assert flat(torch.randn(3, 16)).shape == (3, 8, 2, 2)
 
 
+@pytest.mark.parametrize(
+    ("student", "teacher", "kind"),
+    [
+        ((4, 8, 8), (6, 8, 8), nn.Conv2d),  # feature maps of one size: 1x1 convolution over channels
+        ((5, 16), (5, 24), nn.Linear),  # (B, T, D): a Linear on the last dim
+        ((16,), (24,), nn.Linear),
+        ((3, 4), (5, 6), FlatProjection),  # the same rank, but more than the last dim differs
+        ((4, 8, 8), (6, 4, 4), FlatProjection),
+    ],
+)
+def test_adapter_maps_the_student_shape_onto_the_teacher_shape(student, teacher, kind) -> None:
+    a = adapter(student, teacher)
+    assert type(a) is kind
+    assert a(torch.randn(2, *student)).shape == (2, *teacher)
+    if kind is nn.Conv2d:
+        assert a.weight.shape == (6, 4, 1, 1)
+
+
 def test_shape_mismatch_without_adapter_names_paths_and_shapes() -> None:
     teacher = frozen_teacher(mlp(IMG, 10, width=24))
     x, y = torch.randn(4, *IMG), torch.randint(0, 10, (4,))
@@ -131,3 +151,50 @@ def test_a_bad_teacher_path_is_refused_before_training() -> None:
     term = Term(loss="hint", student="body.layers.1", teacher="body.layers.9")
     with pytest.raises(BrickworkError, match=r"losses.h.teacher: .*'body.layers.9'"):
         Distiller(mlp(IMG, 10, width=16), teacher, {"h": term}, y, x[:2])
+
+
+def _nested() -> nn.Module:
+    layers = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+    return nn.Sequential(OrderedDict(enc=nn.Sequential(OrderedDict(layers=layers)), head=nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("path", "nearest"),
+    [
+        ("enc.layers.9", "['enc.layers.6', 'enc.layers.5', 'enc.layers.4']"),  # the three closest names
+        ("hxxd", "['head']"),  # close enough (ratio 0.5)
+        ("enc.layers." + "q" * 50, "['enc.layers.0', 'enc.layers.1', 'enc.layers.2', 'enc.layers.3', 'enc.layers.4']"),
+        ("enc.nothere." + "q" * 50, "['enc.layers']"),  # the children of the deepest existing prefix
+        (
+            "enc.layers.nothere." + "q" * 50,
+            "['enc.layers.0', 'enc.layers.1', 'enc.layers.2', 'enc.layers.3', 'enc.layers.4']",
+        ),
+        ("q" * 50, "['enc', 'head']"),  # no prefix: the model's children
+        ("nothere." + "q" * 50, "['enc', 'head']"),  # a first component that does not exist either
+    ],
+)
+def test_a_bad_path_names_the_nearest_existing_ones(path: str, nearest: str) -> None:
+    message = f"tap: Sequential has no module at path {path!r}; nearest existing paths: {nearest}"
+    with pytest.raises(BrickworkError) as e:
+        module_at(_nested(), path)
+    assert str(e.value) == message
+    with pytest.raises(BrickworkError) as e:
+        TapRecorder(_nested(), [Tap(path)])  # the recorder's default prefix is the same
+    assert str(e.value) == message
+
+
+class _Returns(nn.Module):
+    def __init__(self, value: object) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.value
+
+
+@pytest.mark.parametrize("value", [{"a": torch.ones(1)}, (1, 2), []], ids=["dict", "tuple-of-ints", "empty"])
+def test_a_tap_that_is_no_tensor_is_refused(value: object) -> None:
+    with pytest.raises(
+        BrickworkError, match=rf"^tap: expected a tensor \(or a tuple starting with one\), got {type(value).__name__}$"
+    ):
+        TapRecorder(_Returns(value), [Tap()]).run(torch.ones(1))

@@ -99,3 +99,45 @@ def test_diverging_run_fails_with_one_line_and_status_failed(tmp_path, tiny_conf
 
 def _refuse(token: str) -> None:
     pytest.fail(f"bare {token} in a JSON file")
+
+
+def test_the_message_suggests_skip_batch_only_to_a_run_that_stops():
+    hint = (
+        r"; training has diverged \(lower lr, set grad_clip, or set nonfinite: skip_batch on the stage to skip"
+        r" such batches\)$"
+    )
+    with pytest.raises(
+        BrickworkError, match=r"^train m: non-finite training loss \(nan\) at epoch 1 of 2, step 1 of 8" + hint
+    ):
+        _fit(PoisonedLoss())
+    with pytest.raises(
+        BrickworkError,
+        match=r"^train m: every batch of epoch 1 of 2 had a non-finite loss \(8 skipped\)"
+        r"; training has diverged \(lower lr, set grad_clip\)$",
+    ):
+        _fit(PoisonedLoss(), nonfinite="skip_batch")
+
+
+def test_a_log_window_of_only_skipped_steps_logs_the_rate_alone():
+    from brickwork.train.loop import run_epoch
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    train, _ = _splits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = FitConfig(epochs=1, batch_size=4, seed=0, schedule="constant", nonfinite="skip_batch")
+    logs: list[tuple[int, dict]] = []
+    data = [(train.x[i : i + 4], train.y[i : i + 4]) for i in range(0, 32, 4)]
+    loss, aux = run_epoch(
+        model,
+        data,
+        PoisonedLoss(),
+        opt,
+        cfg,
+        step0=0,
+        total_steps=8,
+        on_log=lambda s, v: logs.append((s, v)),
+        log_every=4,
+    )
+    assert logs == [(4, {"lr": 0.1}), (8, {"lr": 0.1})]  # no loss: no step of the window was applied
+    assert (loss, aux) == (0.0, {})

@@ -86,3 +86,12 @@ def test_without_the_extra_a_run_works_and_says_once_that_curves_need_it(tiny_co
         rec = execute(validate(tiny_config), RunStore(tmp_path / f"r{i}"), progress=False, echo=said.append)
         assert rec.status == "completed" and not (rec.dir / "tb").exists()
     assert said.count(tensorboard.NEEDS_EXTRA) == 1
+
+
+def test_write_scalars_writes_one_evaluation_at_its_step(tmp_path, tb_scalars):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
+    tensorboard.write_scalars(tmp_path / "eval", {"accuracy": 0.5, "loss": float("nan")}, "test", step=7)
+    assert tb_scalars(tmp_path / "eval") == {"test/accuracy": [(7, 0.5)]}  # non-finite values are skipped
+    tensorboard.write_scalars(tmp_path / "eval", {"accuracy": 0.75}, "test", step=7)  # a later attempt
+    assert tb_scalars(tmp_path / "eval") == {"test/accuracy": [(7, 0.75)]}  # replaces the earlier one
+    tensorboard.write_scalars(None, {"accuracy": 0.5}, "test")  # no folder: nothing to write, no error

@@ -1,6 +1,7 @@
 """Data-partitioned knowledge transfer (Roth et al., 2024): the partition and the objective by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -9,14 +10,16 @@ from torch import nn
 from brickwork.data.base import Split
 from brickwork.data.batching import epoch_order
 from brickwork.errors import BrickworkError
+from brickwork.train.distill.objective import Term
 from brickwork.train.distill.transfer import (
+    TeacherAndSelf,
     partitioned_kd,
     partitioned_targets,
     teacher_mask,
     transfer,
     transfer_terms,
 )
-from brickwork.train.recipe import TrainSettings
+from brickwork.train.recipe import TrainSettings, train_with
 
 
 def _softmax_row(row: list[float]) -> list[float]:
@@ -170,3 +173,75 @@ def test_cached_and_live_teachers_give_the_same_student(method):
     transfer(b, _mlp(1), train, val, method, SETTINGS, seed=0, cache=False)
     assert all(torch.allclose(v, b.state_dict()[k], atol=1e-6, rtol=0) for k, v in a.state_dict().items())
     assert not torch.allclose(a[0].weight, _mlp(2)[0].weight, atol=1e-3)
+
+
+def test_refusals_name_the_shapes():
+    t = torch.zeros(4, 3)
+    with pytest.raises(BrickworkError, match=r"labels must be \(4,\); got \(3,\)$"):
+        teacher_mask(t, t, torch.zeros(3), "supervised")
+    for pair in (torch.zeros(3, 3, 4), torch.zeros(3, 2)):  # three models, or a plain (B, K) tensor
+        with pytest.raises(
+            BrickworkError,
+            match=r"^kl_dp: the teacher tensor must be \(B, 2, K\) \(the teacher and the student's initial self\); "
+            rf"got {re.escape(str(tuple(pair.shape)))}$",
+        ):
+            partitioned_kd(torch.zeros(3, 4), pair, torch.zeros(3), 1.0, "supervised")
+    with pytest.raises(BrickworkError, match=r"^kl_dp: student outputs \(3, 5\) and teacher outputs \(3, 4\)"):
+        partitioned_kd(torch.zeros(3, 5), torch.zeros(3, 2, 4), torch.zeros(3), 1.0, "supervised")
+    with pytest.raises(
+        BrickworkError,
+        match=r"^transfer: teacher outputs \(2, 3\) and student outputs \(2, 4\) are not the same output space; "
+        "transfer needs two models of the same classes$",
+    ):
+        TeacherAndSelf(nn.Linear(5, 3), nn.Linear(5, 4))(torch.zeros(2, 5))
+
+
+def test_transfer_terms_defaults_and_the_labels_control():
+    assert transfer_terms("xekl")["xekl"].args == {"temperature": 1.0, "alpha": 0.5, "beta": 0.5}
+    assert transfer_terms("kl_dp")["kl_dp"].args == {"temperature": 1.0, "rule": "supervised"}
+    assert transfer_terms("labels") == {"labels": Term("labels")}
+
+
+class Counting(nn.Module):
+    """A teacher that counts the rows it is run on (a plain int: kept across ``frozen_teacher``)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.net, self.rows = _mlp(seed), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return self.net(x)
+
+
+def _teacher_rows(method: str, epochs: int, **kw: object) -> int:
+    train, val = _data()
+    teacher = Counting(1)
+    settings = TrainSettings(epochs=epochs, batch_size=16, optimizer="sgd", lr=0.5, weight_decay=0.0)
+    transfer(_mlp(2), teacher, train, val, method, settings, seed=0, **kw)  # type: ignore[arg-type]
+    return teacher.rows
+
+
+def test_the_teacher_runs_once_over_the_data_by_default_and_every_step_without_the_cache():
+    assert _teacher_rows("xekl", 1) == _teacher_rows("xekl", 2)  # the cache's one pass, whatever the epochs
+    assert _teacher_rows("xekl", 2, cache=False) - _teacher_rows("xekl", 1, cache=False) == 48  # an epoch's rows
+    assert _teacher_rows("labels", 2) == 0  # the control never runs the teacher
+
+
+def test_the_labels_control_is_plain_training_for_as_many_steps():
+    train, val = _data()
+    a, b = _mlp(2), _mlp(2)
+    history = transfer(a, Counting(1), train, val, "labels", SETTINGS, seed=3)
+    expected = train_with(b, train, val, SETTINGS, seed=3)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in expected]
+    assert [r["val_loss"] for r in history] == [r["val_loss"] for r in expected]
+
+
+def test_xekl_with_all_weight_on_the_kl_is_kl_dist_at_the_default_temperature(capsys):
+    train, val = _data()
+    a, b = _mlp(2), _mlp(2)
+    transfer(a, _mlp(1), train, val, "kl", SETTINGS, seed=0, progress=True)
+    transfer(b, _mlp(1), train, val, "xekl", SETTINGS, seed=0, alpha=1.0, temperature=1.0)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert re.search(r"(^|\r)transfer: ", capsys.readouterr().err)  # the progress bar's default label

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brickwork.errors import BrickworkError
-from brickwork.train.distill.flips import flips, transfer_stats
+from brickwork.train.distill.flips import Flips, flips, transfer_stats
 
 
 def test_flips_count_by_hand():
@@ -57,5 +57,41 @@ def test_no_complementary_knowledge_gives_nan_share():
 def test_mismatched_predictions_are_refused_with_shapes():
     with pytest.raises(BrickworkError, match=r"\(3,\).*\(4,\)"):
         flips(torch.zeros(3), torch.zeros(4), torch.zeros(3))
+    with pytest.raises(BrickworkError, match=r"'y': \(4,\)"):  # the labels are checked too
+        flips(torch.zeros(3), torch.zeros(3), torch.zeros(4))
     with pytest.raises(BrickworkError, match="non-empty 1-D"):
         transfer_stats(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("wrong", ["before", "after", "teacher", "y"])
+def test_transfer_stats_checks_each_of_its_four_inputs(wrong):
+    preds = {k: torch.zeros(3, dtype=torch.long) for k in ("before", "after", "teacher", "y")}
+    preds[wrong] = torch.zeros(4, dtype=torch.long)  # a length the others do not have
+    with pytest.raises(BrickworkError, match=rf"'{wrong}': \(4,\)"):
+        transfer_stats(**preds)
+
+
+def test_transfer_stats_as_dict_is_every_field_as_a_float():
+    y = torch.tensor([0, 1, 2, 3])
+    s = transfer_stats(torch.tensor([0, 1, 0, 0]), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 0, 2, 3]), y)
+    d = s.as_dict()
+    assert list(d) == [
+        "samples",
+        "teacher_accuracy",
+        "accuracy_before",
+        "accuracy_after",
+        "transfer_delta",
+        "knowledge_gain",
+        "knowledge_loss",
+        "complementary",
+        "complementary_left",
+        "transferred_share",
+    ]
+    assert all(type(v) is float for v in d.values())
+    assert d["samples"] == 4.0 and d["teacher_accuracy"] == 0.75 and d["transferred_share"] == 0.5
+
+
+def test_a_single_sample_is_enough():
+    y = torch.tensor([2])
+    assert flips(torch.tensor([1]), y.clone(), y) == Flips(1.0, 0.0)
+    assert transfer_stats(torch.tensor([1]), y.clone(), y.clone(), y).transferred_share == 1.0
