@@ -31,16 +31,15 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, total: int
             check(x)
 
 
+def quarter_dense_16(rewiring: Rewiring) -> GroupLinear:
+    """The rewired layer most tests here use: 16 -> 16 in 4 groups, a quarter of the blocks, half
+    the edges inside each."""
+    return GroupLinear(16, 16, groups=4, density=0.25, edge_density=0.5, rewiring=rewiring)
+
+
 @pytest.mark.parametrize("regrow", ["random", "gradient", "hebbian"])
 def test_prune_regrow_cycles_hold_density_and_in_degree(regrow):
-    layer = GroupLinear(
-        16,
-        16,
-        groups=4,
-        density=0.25,
-        edge_density=0.5,
-        rewiring=Rewiring(regrow, "both", interval=2, fraction=0.5, window=2),
-    )
+    layer = quarter_dense_16(Rewiring(regrow, "both", interval=2, fraction=0.5, window=2))
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
     edges, sources0, mask0 = int(layer.mask.sum()), layer.sources.clone(), layer.mask.clone()
     before = {"sources": layer.sources.clone(), "mask": layer.mask.clone()}
@@ -185,14 +184,7 @@ def test_rigl_block_scores_are_the_dense_gradient_and_pick_its_largest_block():
 def test_resume_from_a_checkpoint_reproduces_the_topology_exactly():
     def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(seed)
-        layer = GroupLinear(
-            16,
-            16,
-            groups=4,
-            density=0.25,
-            edge_density=0.5,
-            rewiring=Rewiring("random", "both", interval=2, fraction=0.5),
-        )
+        layer = quarter_dense_16(Rewiring("random", "both", interval=2, fraction=0.5))
         model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 3))
         return model, torch.optim.AdamW(model.parameters(), lr=0.01)
 
@@ -277,14 +269,7 @@ def test_rigl_captures_the_dense_and_edge_gradients_of_the_update_step_only():
     ],
 )
 def test_a_rigl_update_without_a_backward_says_so(level, message):
-    layer = GroupLinear(
-        16,
-        16,
-        groups=4,
-        density=0.25,
-        edge_density=0.5,
-        rewiring=Rewiring("gradient", level, interval=1, fraction=0.25),
-    )
+    layer = quarter_dense_16(Rewiring("gradient", level, interval=1, fraction=0.25))
     layer(torch.randn(4, 16))  # the update step's forward, but no backward
     with pytest.raises(RuntimeError) as err:
         layer.after_step()

@@ -161,20 +161,7 @@ def test_pairwise_distances_stay_on_the_input_device_and_dtype() -> None:
 
 def test_dist_inter_and_intra_class_correlation() -> None:
     s, t, tau = _gen(3, 4, seed=9), _gen(3, 4, seed=10), 2.0
-    ys = [_softmax(r, tau) for r in s.tolist()]
-    yt = [_softmax(r, tau) for r in t.tolist()]
-
-    def pearson(a: list[float], b: list[float]) -> float:
-        ma, mb = sum(a) / len(a), sum(b) / len(b)
-        a2, b2 = [v - ma for v in a], [v - mb for v in b]
-        num = sum(p * q for p, q in zip(a2, b2, strict=True))
-        return num / (math.sqrt(sum(p * p for p in a2)) * math.sqrt(sum(q * q for q in b2)) + 1e-8)
-
-    inter = 1 - sum(pearson(ys[i], yt[i]) for i in range(3)) / 3
-    cols_s = [[ys[i][k] for i in range(3)] for k in range(4)]
-    cols_t = [[yt[i][k] for i in range(3)] for k in range(4)]
-    intra = 1 - sum(pearson(cols_s[k], cols_t[k]) for k in range(4)) / 4
-    want = tau**2 * (0.5 * inter + 2.0 * intra)
+    want = _dist_by_hand(s, t, tau, 0.5, 2.0)  # rows: inter-class; columns: intra-class
     assert abs(dist_kd(s, t, tau, inter=0.5, intra=2.0).item() - want) < TOL
 
 
