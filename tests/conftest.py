@@ -34,6 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # worker keeps the two from oversubscribing the cores with OpenMP threads that spin-wait.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+        # xdist's workers ignore SIGINT (Ctrl-C is the controller's); the tests of interrupts need
+        # what a user's interpreter has: Python's handler, which raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
