@@ -165,7 +165,11 @@ def run_cli(*args: str, cwd: Path | None = None, fresh_process: bool = False) ->
     so only the tests of what a shell sees (the interpreter's own exit, no traceback from it, signals,
     pipes, warnings printed at import) ask for ``fresh_process``: the console script as a user runs it."""
     if fresh_process:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # mutmut's stats pass runs the tests with MUTANT_UNDER_TEST=stats, and a child process in
+        # another working directory then fails looking for mutmut's config (its hits would not be
+        # recorded anyway).
+        env = {k: v for k, v in os.environ.items() if (k, v) != ("MUTANT_UNDER_TEST", "stats")}
+        env["PYTHONPATH"] = str(ROOT)
         r = subprocess.run(
             [sys.executable, "-m", "brickwork", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
         )

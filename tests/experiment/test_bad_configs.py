@@ -9,10 +9,7 @@ next to the configs in a temporary folder, which is also the working directory.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -101,23 +98,12 @@ def test_both_verbs_refuse_with_one_line_and_write_nothing(
 
 
 @pytest.mark.parametrize("name", SUBPROCESS)
-def test_the_console_script_refuses(name: str, workdir: Path) -> None:
+def test_the_console_script_refuses(name: str, workdir: Path, brickwork_cli) -> None:
     path = CORPUS / f"{name}.yaml"
     expect, args = _header(path)
     before = _files(workdir)
-    # mutmut's stats pass runs the tests with MUTANT_UNDER_TEST=stats, and a child process in another
-    # working directory then fails looking for mutmut's config (its hits would not be recorded anyway).
-    env = {k: v for k, v in os.environ.items() if (k, v) != ("MUTANT_UNDER_TEST", "stats")}
-    env["PYTHONPATH"] = str(ROOT)
     for verb in ("validate", "run"):
-        r = subprocess.run(
-            [sys.executable, "-m", "brickwork", "--runs-dir", str(workdir / "runs"), verb, path.name, *args],
-            capture_output=True,
-            text=True,
-            cwd=workdir,
-            env=env,
-            timeout=300,
-        )
+        r = brickwork_cli("--runs-dir", str(workdir / "runs"), verb, path.name, *args, cwd=workdir, fresh_process=True)
         _check_refused(r.stderr, r.returncode, expect, f"{verb} {name}")
     _check_nothing_written(workdir, before)
 
